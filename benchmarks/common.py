@@ -1,0 +1,148 @@
+"""Shared measuring and reporting for the benchmark scripts.
+
+Every script compares this library against the baseline a user would otherwise run, in the same
+process, on the same inputs, and appends its rows to ``benchmarks/results/<name>.csv`` keyed by
+the machine and the library's commit, so that ``python -m benchmarks.plot`` can draw them.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_name(device: str | torch.device = "cpu") -> str:
+    """The GPU's name for CUDA devices, else the CPU model and the thread count torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(
+    fn: Callable[[int], object],
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int = 1,
+    repeats: int = 5,
+    rotate: int = 1,
+) -> float:
+    """Median wall time of ``fn(i)`` in seconds, after ``warmup`` calls.
+
+    ``fn`` takes the index of the input set to use (``i % rotate``), so that a script can rotate
+    through several input sets and caches do not flatter the result. On CUDA, device events
+    bracket each call.
+    """
+    device = torch.device(device)
+    for i in range(warmup):
+        fn(i % rotate)
+    _sync(device)
+    times = []
+    for i in range(repeats):
+        k = i % rotate
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(k)
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(k)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Print rows as a Markdown table (so it can be pasted into the README) and return it."""
+    rows = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(str(c)), *(len(r[i]) for r in rows)) if rows else len(str(c)) for i, c in enumerate(columns)]
+    lines = [
+        "| " + " | ".join(str(c).ljust(w) for c, w in zip(columns, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in rows]
+    text = f"\n{title}\n" + "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def append_results(name: str, rows: Sequence[dict], device: str | torch.device = "cpu") -> Path:
+    """Append ``rows`` to ``benchmarks/results/<name>.csv`` with machine, commit and date.
+
+    The file is rewritten through a temporary file and an atomic rename, so that an interrupted
+    run never leaves a half-written CSV behind.
+    """
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.csv"
+    stamp = {
+        "machine": machine_name(device),
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+    }
+    new_rows = [{**stamp, **row} for row in rows]
+    old_rows: list[dict] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            old_rows = list(csv.DictReader(f))
+    fields: list[str] = []
+    for row in old_rows + new_rows:
+        for k in row:
+            if k not in fields:
+                fields.append(k)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in old_rows + new_rows:
+            writer.writerow(row)
+    os.replace(tmp, path)
+    return path
