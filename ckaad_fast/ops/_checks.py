@@ -1,0 +1,64 @@
+"""Argument checks that run before any kernel: errors name the argument and the shapes."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_pair(a, b, name_a: str, name_b: str, ndim: int | None = None) -> None:
+    check_float_tensor(a, name_a)
+    check_float_tensor(b, name_b)
+    if ndim is not None and a.dim() != ndim:
+        raise ValueError(f"{name_a} must have {ndim} dims (B, C, H, W), got shape {tuple(a.shape)}")
+    if a.dim() < 1:
+        raise ValueError(f"{name_a} needs a batch dim, got a 0-d tensor")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_layer_lists(xs, ys, name_x: str, name_y: str) -> tuple[list, list]:
+    if isinstance(xs, torch.Tensor):
+        xs = [xs]
+    if isinstance(ys, torch.Tensor):
+        ys = [ys]
+    xs, ys = list(xs), list(ys)
+    if len(xs) == 0:
+        raise ValueError(f"{name_x} is empty: pass one tensor per layer")
+    if len(xs) != len(ys):
+        raise ValueError(f"{name_x} and {name_y} must have one tensor per layer each, got {len(xs)} and {len(ys)}")
+    return xs, ys
+
+
+def check_same_batch(tensors: Sequence[torch.Tensor], name: str) -> None:
+    sizes = [t.shape[0] for t in tensors]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"every tensor in {name} must have the same batch size, got {sizes}")
+
+
+def out_size_pair(out_size) -> tuple[int, int]:
+    if isinstance(out_size, int) and not isinstance(out_size, bool):
+        pair = (out_size, out_size)
+    else:
+        try:
+            pair = tuple(int(v) for v in out_size)
+        except TypeError:
+            raise ValueError(f"out_size must be an int or an (h, w) pair, got {out_size!r}") from None
+        if len(pair) != 2:
+            raise ValueError(f"out_size must be an int or an (h, w) pair, got {out_size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"out_size must be >= 1, got {out_size!r}")
+    return pair

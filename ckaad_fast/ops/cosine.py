@@ -1,0 +1,234 @@
+"""Cosine error maps and the cosine reconstruction loss, as differentiable torch ops.
+
+Each op is a ``torch.library.custom_op`` with a CPU and a CUDA implementation, a fake
+implementation (so ``torch.compile(fullgraph=True)`` traces through it) and an autograd formula
+whose backward is itself an op. The CUDA implementation runs the Triton kernels; the CPU one runs
+a vectorised PyTorch path, or the kernels under Triton's interpreter (see ``_backend``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._backend import cosine_kernels, use_triton
+from ._checks import check_layer_lists, check_pair
+from ._layout import rows_in_memory_order
+
+_DEVICES = ("cpu", "cuda")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Per-position error map: 1 - cos(a[:, :, h, w], b[:, :, h, w])
+# --------------------------------------------------------------------------------------------
+def _cosine_map_torch(a: torch.Tensor, b: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    """The CPU path: the three channel reductions, a slab of channels at a time.
+
+    Whole-tensor products would each allocate a temporary as large as the features, and on the
+    CPU those page faults cost more than the arithmetic; slabs of ~64K elements per image stay in
+    cache. The loop runs over channel slabs, never over images.
+    """
+    N, C, H, W = a.shape
+    acc = _acc_dtype(a.dtype)
+    sums = a.new_zeros((3, N, H, W), dtype=acc)
+    step = max(1, min(C, 65536 // max(1, H * W)))
+    for c0 in range(0, C, step):
+        x = a[:, c0:c0 + step].to(acc)
+        y = b[:, c0:c0 + step].to(acc)
+        sums[0] += (x * y).sum(1)
+        sums[1] += (x * x).sum(1)
+        sums[2] += (y * y).sum(1)
+    na, nb = sums[1].sqrt_(), sums[2].sqrt_()
+    cos = sums[0].div_(na.clamp_min(eps) * nb.clamp_min(eps))
+    return (1 - cos).to(out_dtype), sums  # sums now holds (cos, |a|, |b|)
+
+
+def _cosine_map_backward_torch(a, b, grad_err, stats, eps: float):
+    acc = stats.dtype
+    cos, na, nb = stats[0], stats[1], stats[2]
+    g = grad_err.to(acc)
+    na_c, nb_c = na.clamp_min(eps), nb.clamp_min(eps)
+    k_ab = (-g / (na_c * nb_c)).unsqueeze(1)
+    k_aa = torch.where(na > eps, g * cos / (na_c * na_c), 0).unsqueeze(1)
+    k_bb = torch.where(nb > eps, g * cos / (nb_c * nb_c), 0).unsqueeze(1)
+    x, y = a.to(acc), b.to(acc)
+    # empty_like keeps the inputs' layout, as the Triton path does.
+    grad_a = torch.empty_like(a).copy_(k_ab * y + k_aa * x)
+    grad_b = torch.empty_like(b).copy_(k_ab * x + k_bb * y)
+    return grad_a, grad_b
+
+
+@torch.library.custom_op("ckaad_fast::cosine_error_map", mutates_args=(), device_types=_DEVICES)
+def _cosine_map_op(a: torch.Tensor, b: torch.Tensor, eps: float, float32_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out_dtype = _acc_dtype(a.dtype) if float32_out else a.dtype
+    if use_triton(a):
+        return cosine_kernels.cosine_map_forward(a, b, eps, out_dtype)
+    return _cosine_map_torch(a, b, eps, out_dtype)
+
+
+@_cosine_map_op.register_fake
+def _(a, b, eps, float32_out):
+    N, C, H, W = a.shape
+    out_dtype = _acc_dtype(a.dtype) if float32_out else a.dtype
+    return a.new_empty((N, H, W), dtype=out_dtype), a.new_empty((3, N, H, W), dtype=_acc_dtype(a.dtype))
+
+
+@torch.library.custom_op("ckaad_fast::cosine_error_map_backward", mutates_args=(), device_types=_DEVICES)
+def _cosine_map_backward_op(
+    a: torch.Tensor, b: torch.Tensor, grad_err: torch.Tensor, stats: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(a):
+        return cosine_kernels.cosine_map_backward(a, b, grad_err, stats, eps)
+    return _cosine_map_backward_torch(a, b, grad_err, stats, eps)
+
+
+@_cosine_map_backward_op.register_fake
+def _(a, b, grad_err, stats, eps):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _cosine_map_setup(ctx, inputs, output):
+    a, b, eps, _ = inputs
+    ctx.save_for_backward(a, b, output[1])
+    ctx.eps = eps
+
+
+def _cosine_map_backward(ctx, grad_err, _grad_stats):
+    a, b, stats = ctx.saved_tensors
+    if grad_err is None:
+        return None, None, None, None
+    grad_a, grad_b = _cosine_map_backward_op(a, b, grad_err, stats, ctx.eps)
+    return grad_a, grad_b, None, None
+
+
+_cosine_map_op.register_autograd(_cosine_map_backward, setup_context=_cosine_map_setup)
+
+
+def cosine_error_map(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    r"""Per-position cosine error over channels.
+
+    .. math:: E[n, h, w] = 1 - \frac{\sum_c a_{nchw} b_{nchw}}{\max(\|a_{n:hw}\|, \epsilon)\,\max(\|b_{n:hw}\|, \epsilon)}
+
+    Equal to ``1 - F.cosine_similarity(a, b, dim=1, eps=eps)``, computed in one pass over both
+    inputs (accumulating in float32), differentiable in both. ``a`` and ``b``: (B, C, H, W) of
+    float32, float16 or bfloat16 (float64 too, for gradcheck), any layout. Returns (B, H, W) in the
+    inputs' dtype.
+    """
+    check_pair(a, b, "a", "b", ndim=4)
+    return _cosine_map_op(a, b, float(eps), False)[0]
+
+
+def cosine_error_map_float32(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`cosine_error_map` returned in float32 whatever the input dtype (for scoring)."""
+    check_pair(a, b, "a", "b", ndim=4)
+    return _cosine_map_op(a, b, float(eps), True)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Flattened cosine loss: mean over the batch of 1 - cos(flatten(out_i), flatten(in_i))
+# --------------------------------------------------------------------------------------------
+def _flat_sums_torch(a2d: torch.Tensor, b2d: torch.Tensor) -> torch.Tensor:
+    # Batched dot products go to BLAS: no temporaries as large as the features.
+    acc = _acc_dtype(a2d.dtype)
+    x, y = a2d.to(acc).unsqueeze(1), b2d.to(acc).unsqueeze(1)
+    dot = torch.bmm(x, y.transpose(1, 2)).reshape(-1)
+    aa = torch.bmm(x, x.transpose(1, 2)).reshape(-1)
+    bb = torch.bmm(y, y.transpose(1, 2)).reshape(-1)
+    return torch.stack([dot, aa, bb], dim=1)
+
+
+def _flat_cos_from_sums(sums: torch.Tensor, eps: float):
+    na, nb = sums[:, 1].sqrt(), sums[:, 2].sqrt()
+    cos = sums[:, 0] / (na.clamp_min(eps) * nb.clamp_min(eps))
+    return cos, na, nb
+
+
+@torch.library.custom_op("ckaad_fast::flat_cosine_loss", mutates_args=(), device_types=_DEVICES)
+def _flat_cosine_loss_op(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a2d, b2d, _ = rows_in_memory_order(a, b)
+    if use_triton(a):
+        sums = cosine_kernels.flat_cosine_sums(a2d, b2d)
+    else:
+        sums = _flat_sums_torch(a2d, b2d)
+    cos, _, _ = _flat_cos_from_sums(sums, eps)
+    return (1 - cos).mean(), sums
+
+
+@_flat_cosine_loss_op.register_fake
+def _(a, b, eps):
+    acc = _acc_dtype(a.dtype)
+    return a.new_empty((), dtype=acc), a.new_empty((a.shape[0], 3), dtype=acc)
+
+
+@torch.library.custom_op("ckaad_fast::flat_cosine_loss_backward", mutates_args=(), device_types=_DEVICES)
+def _flat_cosine_loss_backward_op(
+    a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a2d, b2d, restore = rows_in_memory_order(a, b)
+    cos, na, nb = _flat_cos_from_sums(sums, eps)
+    na_c, nb_c = na.clamp_min(eps), nb.clamp_min(eps)
+    g = grad.to(sums.dtype) / a.shape[0]
+    # Per-sample coefficients of grad_a = k_ab b + k_aa a and grad_b = k_ab a + k_bb b.
+    coef = torch.stack(
+        [
+            -g / (na_c * nb_c),
+            torch.where(na > eps, g * cos / (na_c * na_c), 0),
+            torch.where(nb > eps, g * cos / (nb_c * nb_c), 0),
+        ],
+        dim=1,
+    )
+    if use_triton(a):
+        ga2d, gb2d = cosine_kernels.flat_cosine_backward(a2d, b2d, coef)
+    else:
+        acc = sums.dtype
+        x, y = a2d.to(acc), b2d.to(acc)
+        ga2d = (coef[:, 0:1] * y + coef[:, 1:2] * x).to(a.dtype)
+        gb2d = (coef[:, 0:1] * x + coef[:, 2:3] * y).to(b.dtype)
+    return restore(ga2d), restore(gb2d)
+
+
+@_flat_cosine_loss_backward_op.register_fake
+def _(a, b, grad, sums, eps):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _flat_setup(ctx, inputs, output):
+    a, b, eps = inputs
+    ctx.save_for_backward(a, b, output[1])
+    ctx.eps = eps
+
+
+def _flat_backward(ctx, grad, _grad_sums):
+    a, b, sums = ctx.saved_tensors
+    if grad is None:
+        return None, None, None
+    grad_a, grad_b = _flat_cosine_loss_backward_op(a, b, grad, sums, ctx.eps)
+    return grad_a, grad_b, None
+
+
+_flat_cosine_loss_op.register_autograd(_flat_backward, setup_context=_flat_setup)
+
+
+def cosine_reconstruction_loss(
+    inputs: Sequence[torch.Tensor] | torch.Tensor, outputs: Sequence[torch.Tensor] | torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    r"""Eq. 2 of CKAAD (and RD4AD's loss): for each layer, the batch mean of 1 - cos between the
+    flattened (C·H·W) input and output maps, summed over layers.
+
+    .. math:: L = \sum_s \frac{1}{B} \sum_i \left(1 - \cos(\mathrm{flat}(\tilde F^s_i), \mathrm{flat}(F^s_i))\right)
+
+    ``inputs`` and ``outputs``: one tensor per layer (or a single tensor), (B, ...) each, any
+    float dtype and layout. Forward and backward are one fused pass over the features each.
+    Returns a 0-d float32 tensor (float64 for float64 inputs).
+    """
+    inputs, outputs = check_layer_lists(inputs, outputs, "inputs", "outputs")
+    total = None
+    for i, (x, y) in enumerate(zip(inputs, outputs)):
+        check_pair(x, y, f"inputs[{i}]", f"outputs[{i}]")
+        loss = _flat_cosine_loss_op(y, x, float(eps))[0]
+        total = loss if total is None else total + loss
+    return total

@@ -1,0 +1,242 @@
+"""Scoring ops: the fused anomaly map (cosine error + bilinear upsampling + Gaussian blur) and the
+top-k image score.
+
+Upsampling with align_corners=True and a Gaussian blur are both linear and separable, so the
+blurred, upsampled map of a layer is R @ M @ C^T with two small matrices per size (R: out_h x h,
+C: out_w x w) that fold interpolation and the border-aware blur together. They are built once in
+float64 from scipy's exact rules and cached, and each image then costs a few tiny matrix products.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..profiling import nvtx_range
+from ._backend import upsample_blur_kernels, use_triton
+from ._checks import check_layer_lists, check_pair, check_same_batch, out_size_pair
+from .cosine import cosine_error_map_float32
+
+BORDERS = ("reflect", "mirror")
+_DEVICES = ("cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# The matrices
+# --------------------------------------------------------------------------------------------
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of 1-D linear interpolation with align_corners=True:
+    output i samples input position i (n_in - 1) / (n_out - 1); a size-1 input is a constant."""
+    U = np.zeros((n_out, n_in))
+    if n_in == 1:
+        U[:, 0] = 1.0
+        return U
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    pos = np.arange(n_out) * scale
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = pos - i0
+    rows = np.arange(n_out)
+    np.add.at(U, (rows, i0), 1.0 - frac)
+    np.add.at(U, (rows, i1), frac)
+    return U
+
+
+def _border_index(j: np.ndarray, n: int, border: str) -> np.ndarray:
+    """Where scipy.ndimage reads index j of a length-n line extended with ``border``.
+
+    'reflect' repeats the edge pixel (d c b a | a b c d), period 2n; 'mirror' does not
+    (d c b | a b c d), period 2n - 2. Radii larger than the line reflect again, as scipy does.
+    """
+    if border == "reflect":
+        j = np.mod(j, 2 * n)
+        return np.where(j >= n, 2 * n - 1 - j, j)
+    if n == 1:
+        return np.zeros_like(j)
+    period = 2 * n - 2
+    j = np.mod(j, period)
+    return np.where(j >= n, period - j, j)
+
+
+def gaussian_matrix(n: int, sigma: float, truncate: float = 4.0, border: str = "reflect") -> np.ndarray:
+    """(n, n) matrix of scipy.ndimage.gaussian_filter1d along a line of length n."""
+    if sigma == 0:
+        return np.eye(n)
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    taps /= taps.sum()
+    G = np.zeros((n, n))
+    rows = np.repeat(np.arange(n), x.size)
+    src = _border_index(np.arange(n)[:, None] + x[None, :], n, border).reshape(-1)
+    np.add.at(G, (rows, src), np.tile(taps, n))
+    return G
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix_np(n_in: int, n_out: int, sigma: float, truncate: float, border: str) -> np.ndarray:
+    return gaussian_matrix(n_out, sigma, truncate, border) @ bilinear_matrix(n_in, n_out)
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix(n_in, n_out, sigma, truncate, border, device: torch.device, dtype: torch.dtype, transpose: bool):
+    # Cached per device, so that steady-state calls (and CUDA-graph replays) copy nothing.
+    m = _axis_matrix_np(n_in, n_out, sigma, truncate, border)
+    return torch.from_numpy(m.T.copy() if transpose else m).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The op: sum_s R_s M_s C_s^T
+# --------------------------------------------------------------------------------------------
+def _upsample_blur_torch(maps, out_h, out_w, sigma, truncate, border):
+    out = None
+    for m in maps:
+        dev, dt = m.device, m.dtype
+        R = _axis_matrix(m.shape[1], out_h, sigma, truncate, border, dev, dt, False)
+        CT = _axis_matrix(m.shape[2], out_w, sigma, truncate, border, dev, dt, True)
+        term = torch.matmul(R, torch.matmul(m, CT))
+        out = term if out is None else out.add_(term)
+    return out
+
+
+@torch.library.custom_op("ckaad_fast::upsample_blur_sum", mutates_args=(), device_types=_DEVICES)
+def _upsample_blur_op(
+    maps: list[torch.Tensor], out_h: int, out_w: int, sigma: float, truncate: float, border: str
+) -> torch.Tensor:
+    if use_triton(maps[0]) and maps[0].dtype == torch.float32:
+        dev = maps[0].device
+        rows = [_axis_matrix(m.shape[1], out_h, sigma, truncate, border, dev, torch.float32, False) for m in maps]
+        cols_t = [_axis_matrix(m.shape[2], out_w, sigma, truncate, border, dev, torch.float32, True) for m in maps]
+        return upsample_blur_kernels.upsample_blur_sum(maps, rows, cols_t, out_h, out_w)
+    # float64 (gradcheck) stays on the exact PyTorch path.
+    return _upsample_blur_torch(maps, out_h, out_w, sigma, truncate, border)
+
+
+@_upsample_blur_op.register_fake
+def _(maps, out_h, out_w, sigma, truncate, border):
+    return maps[0].new_empty((maps[0].shape[0], out_h, out_w))
+
+
+@torch.library.custom_op("ckaad_fast::upsample_blur_sum_backward", mutates_args=(), device_types=_DEVICES)
+def _upsample_blur_backward_op(
+    grad: torch.Tensor, sizes: list[int], sigma: float, truncate: float, border: str
+) -> list[torch.Tensor]:
+    # The adjoint of R M C^T is R^T G C.
+    out_h, out_w = grad.shape[1], grad.shape[2]
+    grads = []
+    for h, w in zip(sizes[0::2], sizes[1::2]):
+        R = _axis_matrix(h, out_h, sigma, truncate, border, grad.device, grad.dtype, False)
+        C = _axis_matrix(w, out_w, sigma, truncate, border, grad.device, grad.dtype, False)
+        grads.append(torch.matmul(R.t(), torch.matmul(grad, C)))
+    return grads
+
+
+@_upsample_blur_backward_op.register_fake
+def _(grad, sizes, sigma, truncate, border):
+    return [grad.new_empty((grad.shape[0], h, w)) for h, w in zip(sizes[0::2], sizes[1::2])]
+
+
+def _setup(ctx, inputs, output):
+    maps, _, _, sigma, truncate, border = inputs
+    ctx.sizes = [v for m in maps for v in (m.shape[1], m.shape[2])]
+    ctx.args = (sigma, truncate, border)
+
+
+def _backward(ctx, grad):
+    grads = _upsample_blur_backward_op(grad.contiguous(), ctx.sizes, *ctx.args)
+    return list(grads), None, None, None, None, None
+
+
+_upsample_blur_op.register_autograd(_backward, setup_context=_setup)
+
+
+def upsample_blur_sum(
+    maps: Sequence[torch.Tensor], out_size=256, sigma: float = 4.0, truncate: float = 4.0, border: str = "reflect"
+) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=True) of each (B, h_s, w_s) map to ``out_size``, summed
+    over maps, then a Gaussian blur (scipy's gaussian_filter semantics, see :func:`anomaly_map`).
+
+    Returns (B, out_h, out_w) in float32 (float64 for float64 maps). Differentiable.
+    """
+    maps = [maps] if isinstance(maps, torch.Tensor) else list(maps)
+    if not maps:
+        raise ValueError("maps is empty: pass one (B, h, w) map per layer")
+    for i, m in enumerate(maps):
+        if not isinstance(m, torch.Tensor) or m.dim() != 3:
+            raise ValueError(f"maps[{i}] must be a (B, h, w) tensor, got {getattr(m, 'shape', type(m))}")
+    check_same_batch(maps, "maps")
+    out_h, out_w = out_size_pair(out_size)
+    _check_blur(sigma, truncate, border)
+    dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
+    maps = [m.to(dtype) for m in maps]
+    return _upsample_blur_op(maps, out_h, out_w, float(sigma), float(truncate), border)
+
+
+def _check_blur(sigma, truncate, border) -> None:
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if not (isinstance(truncate, (int, float)) and math.isfinite(truncate) and truncate > 0):
+        raise ValueError(f"truncate must be a finite number > 0, got {truncate!r}")
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+
+
+def anomaly_map(
+    fs_list: Sequence[torch.Tensor],
+    ft_list: Sequence[torch.Tensor],
+    out_size=256,
+    sigma: float = 4.0,
+    truncate: float = 4.0,
+    border: str = "reflect",
+) -> torch.Tensor:
+    r"""The anomaly map of CKAAD's Eq. 14 (and RD4AD, RD++, ReContrast, anomalib's RD):
+
+    .. math:: S = \mathrm{blur}_\sigma\Big(\sum_s \mathrm{up}\big(1 - \cos(F^s, \tilde F^s)\big)\Big)
+
+    per layer the cosine error over channels, bilinear upsampling (align_corners=True) to
+    ``out_size`` (an int or an (h, w) pair), the sum over layers, then a Gaussian blur with radius
+    ``int(truncate * sigma + 0.5)``. ``border='reflect'`` is scipy's 'reflect' (edge pixel
+    repeated: what CKAAD, RD4AD, RD++ and ReContrast compute with scipy on the CPU);
+    ``border='mirror'`` is scipy's 'mirror', i.e. torch's F.pad 'reflect' (anomalib).
+    ``sigma=0`` means no blur.
+
+    ``fs_list``/``ft_list``: one (B, C_s, h_s, w_s) tensor per layer each. Returns (B, out_h, out_w)
+    float32 (float64 for float64 features): the error maps are kept in float32 whatever the
+    features' dtype.
+    """
+    fs_list, ft_list = check_layer_lists(fs_list, ft_list, "fs_list", "ft_list")
+    for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
+        check_pair(fs, ft, f"fs_list[{i}]", f"ft_list[{i}]", ndim=4)
+    check_same_batch(fs_list, "fs_list")
+    out_h, out_w = out_size_pair(out_size)
+    _check_blur(sigma, truncate, border)
+    with nvtx_range("error map"):
+        maps = [cosine_error_map_float32(fs, ft) for fs, ft in zip(fs_list, ft_list)]
+    with nvtx_range("upsample+blur"):
+        return _upsample_blur_op(maps, out_h, out_w, float(sigma), float(truncate), border)
+
+
+def image_score(amap: torch.Tensor, topk: int | None = 100) -> torch.Tensor:
+    """Image-level score: the mean of the ``topk`` largest values of each map (``topk=1`` is the
+    max; ``topk=None`` the mean of the whole map, the ISIC protocol).
+
+    ``amap``: (B, H, W) or (B, 1, H, W). Returns (B,) float32 (float64 for float64 maps).
+    """
+    if not isinstance(amap, torch.Tensor):
+        raise TypeError(f"amap must be a torch.Tensor, got {type(amap).__name__}")
+    if not amap.is_floating_point():
+        raise TypeError(f"amap must be a floating-point tensor, got {amap.dtype}")
+    if amap.dim() not in (3, 4) or (amap.dim() == 4 and amap.shape[1] != 1):
+        raise ValueError(f"amap must be (B, H, W) or (B, 1, H, W), got shape {tuple(amap.shape)}")
+    flat = amap.reshape(amap.shape[0], -1)
+    if flat.dtype != torch.float64:
+        flat = flat.float()
+    with nvtx_range("top-k"):
+        if topk is None:
+            return flat.mean(1)
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= flat.shape[1]:
+            raise ValueError(f"topk must be an int in [1, H*W = {flat.shape[1]}] or None, got {topk!r}")
+        return torch.topk(flat, topk, dim=1, sorted=False).values.mean(1)
