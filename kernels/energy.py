@@ -69,9 +69,9 @@ def energy_sum(flat: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
     return partials.sum()
 
 
-def energy_backward(flat: torch.Tensor, scale: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
+def energy_backward(flat: torch.Tensor, scale: torch.Tensor, margin: float, high: bool, grad=None) -> torch.Tensor:
     """Gradient of the energy sum times ``scale`` (a 0-d tensor), same shape as ``flat``."""
-    grad = torch.empty_like(flat)
+    grad = torch.empty_like(flat) if grad is None else grad
     N = flat.numel()
     if N == 0:
         return grad

@@ -61,13 +61,14 @@ def _block(n: int, cap: int) -> int:
 
 
 def upsample_blur_sum(maps: list[torch.Tensor], row_mats: list[torch.Tensor], col_mats_t: list[torch.Tensor],
-                      out_h: int, out_w: int) -> torch.Tensor:
+                      out_h: int, out_w: int, out=None) -> torch.Tensor:
     """sum_s R_s @ maps[s] @ CT_s for float32 maps (B, h_s, w_s) -> (B, out_h, out_w) float32.
 
     ``row_mats[s]`` is (out_h, h_s) and ``col_mats_t[s]`` is (w_s, out_w), both contiguous float32.
     """
     N = maps[0].shape[0]
-    out = maps[0].new_empty((N, out_h, out_w), dtype=torch.float32)
+    if out is None:
+        out = maps[0].new_empty((N, out_h, out_w), dtype=torch.float32)
     if out.numel() == 0:
         return out
     block_m, block_n = _block(out_h, 64), _block(out_w, 64)

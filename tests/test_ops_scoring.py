@@ -1,0 +1,161 @@
+"""anomaly_map, upsample_blur_sum and image_score against the reference pipeline and scipy."""
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ckaad_fast.ops as ops
+from ckaad_fast.kernels import upsample_blur as kub
+from ckaad_fast.ops import reference as ref
+from ckaad_fast.ops.scoring import bilinear_matrix, gaussian_matrix
+
+from helpers import LAYOUTS, assert_close_to_ref, assert_guards_intact, feature_pair, guarded
+
+BACKENDS = ("triton", "torch")
+
+
+@pytest.mark.parametrize("border", ["reflect", "mirror"])
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 40])
+@pytest.mark.parametrize("sigma", [0.0, 0.7, 4.0, 13.0])
+def test_gaussian_matrix_is_scipys_filter(border, n, sigma):
+    # Includes radius >= n, where the reflection repeats.
+    x = np.random.default_rng(n).standard_normal((n, 3))
+    expected = scipy.ndimage.gaussian_filter1d(x, sigma, axis=0, mode=border, truncate=4.0) if sigma else x
+    np.testing.assert_allclose(gaussian_matrix(n, sigma, 4.0, border) @ x, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(1, 5), (4, 1), (3, 3), (7, 16), (16, 7), (64, 256)])
+def test_bilinear_matrix_is_torchs_interpolate(n_in, n_out):
+    x = torch.randn(1, 1, n_in, 2, dtype=torch.float64)
+    expected = F.interpolate(x, size=(n_out, 2), mode="bilinear", align_corners=True)[0, 0]
+    torch.testing.assert_close(torch.from_numpy(bilinear_matrix(n_in, n_out)) @ x[0, 0], expected)
+
+
+layer = st.tuples(st.integers(1, 12), st.integers(1, 9), st.integers(1, 9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(
+    batch=st.integers(1, 3),
+    layers=st.lists(layer, min_size=1, max_size=4),
+    out_size=st.one_of(st.integers(1, 40), st.tuples(st.integers(1, 40), st.integers(1, 40))),
+    sigma=st.sampled_from([0.0, 1.0, 4.0]),
+    border=st.sampled_from(["reflect", "mirror"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+)
+def test_anomaly_map_matches_reference_pipeline(backend, batch, layers, out_size, sigma, border, dtype, layout, seed):
+    if backend == "triton" and dtype == torch.bfloat16:
+        return  # bf16 arithmetic is wrong in Triton's interpreter (DESIGN.md section 5)
+    pairs = [feature_pair((batch, *s), dtype, layout, "contiguous", seed + i) for i, s in enumerate(layers)]
+    fs, ft = [p[0] for p in pairs], [p[1] for p in pairs]
+    with ops.backend(backend):
+        out = ops.anomaly_map(fs, ft, out_size=out_size, sigma=sigma, border=border)
+    expected = ref.anomaly_map(fs, ft, out_size=out_size, sigma=sigma, border=border)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    # The maps stay in float32 after the dtype's own rounding of the features.
+    assert_close_to_ref(out, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anomaly_map_equals_scipy_gaussian_filter(backend):
+    # The reference code's own pipeline, literally: eager cosine, interpolate, scipy per image.
+    fs = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    ft = [f + 0.3 * torch.randn_like(f) for f in fs]
+    with ops.backend(backend):
+        out = ops.anomaly_map(fs, ft, out_size=32, sigma=4)
+    total = sum(
+        F.interpolate((1 - F.cosine_similarity(a, b)).unsqueeze(1), size=32, mode="bilinear", align_corners=True)
+        for a, b in zip(fs, ft)
+    )[:, 0].numpy()
+    expected = np.stack([scipy.ndimage.gaussian_filter(m, sigma=4) for m in total])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_anomaly_map_realistic_sizes_cpu_path():
+    shapes = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
+    pairs = [feature_pair((2, *s), torch.float32, "contiguous", "contiguous", i) for i, s in enumerate(shapes)]
+    fs, ft = [p[0] for p in pairs], [p[1] for p in pairs]
+    with ops.backend("torch"):
+        out = ops.anomaly_map(fs, ft, out_size=256)
+    assert_close_to_ref(out, ref.anomaly_map(fs, ft, out_size=256), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upsample_blur_gradcheck(backend):
+    maps = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)]
+    with ops.backend(backend):
+        assert torch.autograd.gradcheck(lambda *m: ops.upsample_blur_sum(m, out_size=(9, 7), sigma=1.5), maps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anomaly_map_gradcheck(backend):
+    fs = [torch.randn(1, 3, 3, 4, dtype=torch.float64, requires_grad=True)]
+    ft = [torch.randn(1, 3, 3, 4, dtype=torch.float64, requires_grad=True)]
+    with ops.backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: ops.anomaly_map([a], [b], out_size=8, sigma=1.0), (*fs, *ft))
+
+
+def test_upsample_blur_kernel_writes_exactly_its_output():
+    maps = [torch.randn(2, 5, 7), torch.randn(2, 3, 3)]
+    rows = [torch.from_numpy(gaussian_matrix(37, 2.0) @ bilinear_matrix(m.shape[1], 37)).float() for m in maps]
+    cols_t = [torch.from_numpy((gaussian_matrix(19, 2.0) @ bilinear_matrix(m.shape[2], 19)).T.copy()).float() for m in maps]
+    buf, out = guarded((2, 37, 19), torch.float32)
+    kub.upsample_blur_sum(maps, rows, cols_t, 37, 19, out=out)
+    assert_guards_intact(buf)
+    expected = sum(r @ m @ c for r, m, c in zip(rows, maps, cols_t))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anomaly_map_nan_stays_in_its_image(backend):
+    # The map is a dense linear operator of the error map, so a NaN in an image's features
+    # poisons that image's whole map (and score) and no other image.
+    fs = [torch.randn(2, 4, 5, 5)]
+    ft = [torch.randn(2, 4, 5, 5)]
+    fs[0][1, 2, 3, 3] = float("nan")
+    with ops.backend(backend):
+        out = ops.anomaly_map(fs, ft, out_size=16)
+    assert not torch.isnan(out[0]).any() and torch.isnan(out[1]).all()
+    assert torch.isnan(ops.image_score(out, 10)).tolist() == [False, True]
+
+
+@given(
+    batch=st.integers(1, 3), h=st.integers(1, 20), w=st.integers(1, 20), data=st.data(), seed=st.integers(0, 2**16)
+)
+def test_image_score_matches_reference(batch, h, w, data, seed):
+    amap = torch.randn(batch, h, w, generator=torch.Generator().manual_seed(seed))
+    topk = data.draw(st.one_of(st.none(), st.integers(1, h * w)))
+    torch.testing.assert_close(ops.image_score(amap, topk).double(), ref.image_score(amap, topk), rtol=1e-5, atol=1e-6)
+    if topk == 1:
+        torch.testing.assert_close(ops.image_score(amap, 1), amap.reshape(batch, -1).max(1).values)
+
+
+def test_scoring_bad_input():
+    f = [torch.randn(2, 3, 4, 4)]
+    with pytest.raises(ValueError, match="fs_list is empty"):
+        ops.anomaly_map([], [])
+    with pytest.raises(ValueError, match="one tensor per layer each, got 1 and 2"):
+        ops.anomaly_map(f, f + f)
+    with pytest.raises(ValueError, match=r"fs_list\[0\] and ft_list\[0\] must have the same shape"):
+        ops.anomaly_map(f, [torch.randn(2, 3, 4, 5)])
+    with pytest.raises(ValueError, match=r"every tensor in fs_list must have the same batch size, got \[2, 3\]"):
+        ops.anomaly_map(f + [torch.randn(3, 3, 2, 2)], f + [torch.randn(3, 3, 2, 2)])
+    with pytest.raises(ValueError, match="out_size must be >= 1"):
+        ops.anomaly_map(f, f, out_size=0)
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+        ops.anomaly_map(f, f, sigma=-1)
+    with pytest.raises(ValueError, match="border must be one of"):
+        ops.anomaly_map(f, f, border="wrap")
+    with pytest.raises(TypeError, match=r"fs_list\[0\] must be float32"):
+        ops.anomaly_map([f[0].int()], [f[0].int()])
+    with pytest.raises(ValueError, match=r"topk must be an int in \[1, H\*W = 16\]"):
+        ops.image_score(torch.randn(2, 4, 4), 17)
+    with pytest.raises(ValueError, match="topk must be"):
+        ops.image_score(torch.randn(2, 4, 4), 0)
+    with pytest.raises(ValueError, match=r"amap must be \(B, H, W\)"):
+        ops.image_score(torch.randn(16), 1)
