@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ckaad_fast.models.autoencoder import FeatureAutoEncoder, interp_channels
+from ckaad_fast.models.autoencoder import FeatureAutoEncoder, InstanceNorm2d, interp_channels
 from ckaad_fast.models.discriminator import (
     ImageEnergyDiscriminator,
     MultiLayerImageDiscriminator,
@@ -137,6 +137,27 @@ def test_channels_last_matches_contiguous():
         assert rel(o, r) <= 2 * rel(c, r) + 1e-5
 
 
+def test_instance_norm_matches_torch_and_keeps_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 7, dtype=torch.float64)
+    ours = InstanceNorm2d(8).double()
+    ref = torch.nn.InstanceNorm2d(8, affine=True).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(InstanceNorm2d(8, affine=False).double()(x),
+                               torch.nn.functional.instance_norm(x))
+    xc = x.to(memory_format=torch.channels_last)
+    assert ours(xc).is_contiguous(memory_format=torch.channels_last)
+    # Even sizes crop nothing, so the whole auto-encoder stays channels_last.
+    ae = FeatureAutoEncoder((16, 32), (8, 16)).to(memory_format=torch.channels_last)
+    feats = [f.to(memory_format=torch.channels_last) for f in feats_for((16, 32), (8, 16))]
+    with torch.no_grad():
+        assert all(o.is_contiguous(memory_format=torch.channels_last) for o in ae(feats))
+
+
 def test_autocast_bf16_cpu():
     torch.manual_seed(0)
     ae = FeatureAutoEncoder((32, 64, 128), (4, 8, 16))
@@ -232,6 +253,8 @@ def test_bad_forward_inputs():
         ae([torch.rand(1, 16, 8, 8), torch.rand(1, 31, 4, 4)])
     with pytest.raises(ValueError, match="batch size"):
         ae([torch.rand(1, 16, 8, 8), torch.rand(2, 32, 4, 4)])
+    with pytest.raises(ValueError, match="larger than 2x2"):
+        ae([torch.rand(1, 16, 4, 4), torch.rand(1, 32, 2, 2)])
     with pytest.raises(ValueError, match="arch"):
         FeatureAutoEncoder.for_resnet("vgg16", (1, 2))
     with pytest.raises(ValueError, match="layers"):

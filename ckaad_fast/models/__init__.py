@@ -1,7 +1,25 @@
 """Networks of CKAAD: frozen backbones, auto-encoder, discriminators."""
 
+from .autoencoder import FeatureAutoEncoder, InstanceNorm2d
 from .backbone import BACKBONES, FeatureExtractor, build_backbone, lite0_weights_path
+from .discriminator import (
+    ImageEnergyDiscriminator,
+    MultiLayerImageDiscriminator,
+    MultiLayerPatchDiscriminator,
+    PatchEnergyDiscriminator,
+)
 from .efficientnet_lite import EfficientNetLite0
 
-__all__ = ["BACKBONES", "EfficientNetLite0", "FeatureExtractor", "build_backbone",
-           "lite0_weights_path"]
+__all__ = [
+    "BACKBONES",
+    "EfficientNetLite0",
+    "FeatureAutoEncoder",
+    "FeatureExtractor",
+    "ImageEnergyDiscriminator",
+    "InstanceNorm2d",
+    "MultiLayerImageDiscriminator",
+    "MultiLayerPatchDiscriminator",
+    "PatchEnergyDiscriminator",
+    "build_backbone",
+    "lite0_weights_path",
+]
