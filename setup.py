@@ -31,6 +31,7 @@ setup(
         "scikit-image",
         "tqdm",
     ],
+    entry_points={"console_scripts": ["ckaad-fast = ckaad_fast.cli:main"]},
     extras_require={
         "test": ["pytest", "hypothesis"],
     },
