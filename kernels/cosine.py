@@ -119,12 +119,18 @@ def _map_blocks(a: torch.Tensor) -> tuple[int, int]:
     Where channels are the contiguous dim (channels_last), a wide channel block gives long
     contiguous loads; where positions are (NCHW), a wide position block does.
     """
-    C = a.shape[1]
+    N, C, H, W = a.shape
     if a.stride(1) == 1 and C > 1:
         block_c = min(64, triton.next_power_of_2(C))
         return max(16, 4096 // block_c), block_c
-    block_c = min(16, triton.next_power_of_2(C))
-    return 256, block_c
+    # Deep layers have few positions (16x16 at 256 px): shrink the position block so that a batch
+    # still spreads over a few hundred programs, and widen the channel block to keep each tile big.
+    positions = N * H * W
+    block_p = 256
+    while block_p > 32 and positions // block_p < 512:
+        block_p //= 2
+    block_c = min(4096 // block_p, 64, triton.next_power_of_2(C))
+    return block_p, max(1, block_c)
 
 
 def cosine_map_forward(a: torch.Tensor, b: torch.Tensor, eps: float, out_dtype: torch.dtype, err=None, stats=None):
