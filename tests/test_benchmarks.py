@@ -1,0 +1,30 @@
+"""Every benchmark script runs in its --quick mode, and the GPU check in its --cpu-smoke mode, so
+that none of them can rot before a GPU is lent. Nothing here is timed."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", QUICK_SCRIPTS)
+def test_benchmark_quick_mode_runs(script, tmp_path):
+    out = _run(["-m", f"benchmarks.{script}", "--quick"], tmp_path)
+    assert "|" in out  # printed its table
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    out = _run(["benchmarks/gpu_check.py", "--cpu-smoke"], tmp_path)
+    assert "FAIL" not in out and "| PASS" in out
+    assert (tmp_path / "gpu_check.csv").exists() and (tmp_path / "gpu_check.log").exists()
