@@ -28,3 +28,16 @@ def test_gpu_check_cpu_smoke(tmp_path):
     out = _run(["benchmarks/gpu_check.py", "--cpu-smoke"], tmp_path)
     assert "FAIL" not in out and "| PASS" in out
     assert (tmp_path / "gpu_check.csv").exists() and (tmp_path / "gpu_check.log").exists()
+
+
+def test_plot_draws_each_csv(tmp_path):
+    (tmp_path / "ops.csv").write_text(
+        "machine,commit,date,torch,bench,path,ms_per_image\n"
+        "cpu,abc,2026-01-01,2.14,anomaly_map,ours,1.0\n"
+        "cpu,abc,2026-01-01,2.14,anomaly_map,reference,22.0\n"
+    )
+    _run(["-m", "benchmarks.plot", "--results", str(tmp_path)], tmp_path)
+    from PIL import Image
+
+    with Image.open(tmp_path / "ops.png") as img:
+        assert img.size[0] > 500 and img.size[1] > 60
