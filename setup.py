@@ -33,6 +33,7 @@ setup(
     ],
     entry_points={"console_scripts": ["ckaad-fast = ckaad_fast.cli:main"]},
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        # scikit-learn: the metrics are checked against sklearn's and timed against them.
+        "test": ["pytest", "hypothesis", "scikit-learn"],
     },
 )

@@ -204,7 +204,8 @@ def test_image_metrics_accept_torch():
     scores = torch.tensor([0.2, 0.9, 0.4, 0.5, 0.1], dtype=torch.bfloat16)
     ref = skm.roc_auc_score(labels.numpy(), scores.float().numpy())
     assert image_auroc(labels, scores) == pytest.approx(ref)
-    assert image_f1_acc(labels, scores) == pytest.approx(image_f1_acc(labels.numpy(), scores.float().numpy()))
+    expected = image_f1_acc(labels.numpy(), scores.float().numpy())
+    assert image_f1_acc(labels, scores) == pytest.approx(expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +234,13 @@ def test_pixel_auroc_larger_and_torch():
 @given(pixel_data(), st.sampled_from([0.3, 0.05, 0.5, 1.0]))
 def test_aupro_matches_brute_force(data, limit):
     masks, maps = data
-    assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref_aupro(masks, maps, limit), abs=1e-10)
+    ref = ref_aupro(masks, maps, limit)
+    assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(ref, abs=1e-10)
+    # evaluate() reuses the sorted normal pixels of the pixel AUROC: the same number
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # per-image AUPRO of tiny images
+        out = evaluate([0, 1], [0.0, 1.0], masks, maps, fpr_limit=limit)
+    assert out["aupro"] == pytest.approx(ref, abs=1e-10)
 
 
 @settings(max_examples=4)
@@ -279,6 +286,29 @@ def _ours_per_image(masks, maps, num_th=200, limit=0.3):
     labels, _ = ndimage.label(m, structure=metrics._STRUCTURE_3D)
     values, _ = metrics._aupro_per_image_values(m, maps, labels, num_th, limit)
     return values
+
+
+@given(
+    st.floats(-1e6, 1e6, width=32),
+    st.floats(1e-30, 1e3),
+    st.integers(1, 300),
+    st.integers(0, 2**32 - 1),
+)
+def test_count_thresholds_below_equals_searchsorted(lo, span, num, seed):
+    # Includes grids whose step is below the float32 spacing at lo, where thresholds repeat.
+    rng = np.random.default_rng(seed)
+    values = (lo + span * rng.random(200)).astype(np.float32)
+    values[:3] = values.min(), values.max(), np.float32(lo)
+    vlo, vhi = values.min(), values.max()
+    if not vhi > vlo:
+        return
+    step = (vhi - vlo) / num
+    grid = np.arange(vlo, vhi, step)
+    got = metrics._count_thresholds_below(grid, values, vlo, step)
+    np.testing.assert_array_equal(got, np.searchsorted(grid, values, side="left"))
+    values = np.concatenate([values, grid.astype(np.float32)])  # values on the grid points
+    got = metrics._count_thresholds_below(grid, values, vlo, step)
+    np.testing.assert_array_equal(got, np.searchsorted(grid, values, side="left"))
 
 
 @given(pixel_data(max_hw=9), st.sampled_from([200, 17]), st.sampled_from([0.3, 0.6]))
@@ -329,7 +359,7 @@ def test_evaluate():
     masks, maps = _blobs(5, 32, 32, seed=11)
     labels = masks.reshape(5, -1).any(1)
     scores = maps.reshape(5, -1).max(1)
-    out = evaluate(torch.from_numpy(labels), torch.from_numpy(scores), torch.from_numpy(masks), torch.from_numpy(maps))
+    out = evaluate(*(torch.from_numpy(x) for x in (labels, scores, masks, maps)))
     assert set(out) == {"image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image"}
     assert out["image_auroc"] == pytest.approx(image_auroc(labels, scores))
     assert (out["image_f1"], out["image_acc"]) == pytest.approx(image_f1_acc(labels, scores)[:2])
@@ -353,7 +383,10 @@ def test_evaluate():
         (lambda: image_auroc([0, 2], [0.1, 0.2]), "labels must be binary"),
         (lambda: image_auroc([0, 1], [0.1, float("nan")]), "scores must be finite"),
         (lambda: image_auroc(np.zeros((2, 2)), np.zeros((2, 2))), "1-D"),
-        (lambda: pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5))), r"masks.shape=\(2, 4, 4\).*maps.shape=\(2, 4, 5\)"),
+        (
+            lambda: pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5))),
+            r"masks.shape=\(2, 4, 4\).*maps.shape=\(2, 4, 5\)",
+        ),
         (lambda: pixel_auroc(np.zeros((4, 4)), np.zeros((4, 4))), r"\(N, H, W\)"),
         (lambda: pixel_auroc(np.full((1, 2, 2), 0.5), np.zeros((1, 2, 2))), "masks must be binary"),
         (lambda: pixel_auroc(np.zeros((1, 2, 2)), np.zeros((1, 2, 2))), "no anomalous pixel"),
