@@ -7,7 +7,7 @@ and CUDA graphs go through it.
 """
 from . import reference
 from ._backend import BACKENDS, backend, current_backend
-from .cosine import cosine_error_map, cosine_reconstruction_loss
+from .cosine import cosine_error_map, cosine_error_map_float32, cosine_reconstruction_loss
 from .energy import discriminator_loss, energy_hinge_loss, generator_loss
 from .scoring import anomaly_map, image_score, upsample_blur_sum
 
@@ -16,6 +16,7 @@ __all__ = [
     "anomaly_map",
     "backend",
     "cosine_error_map",
+    "cosine_error_map_float32",
     "cosine_reconstruction_loss",
     "current_backend",
     "discriminator_loss",

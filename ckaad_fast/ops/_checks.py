@@ -1,6 +1,7 @@
 """Argument checks that run before any kernel: errors name the argument and the shapes."""
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -49,16 +50,23 @@ def check_same_batch(tensors: Sequence[torch.Tensor], name: str) -> None:
         raise ValueError(f"every tensor in {name} must have the same batch size, got {sizes}")
 
 
+def _as_int(v):
+    # NumPy integers and 0-d integer tensors (what evaluation loops pass) count as ints.
+    if isinstance(v, bool):
+        raise TypeError
+    return operator.index(v)
+
+
 def out_size_pair(out_size) -> tuple[int, int]:
-    if isinstance(out_size, int) and not isinstance(out_size, bool):
-        pair = (out_size, out_size)
-    else:
+    try:
+        pair = (_as_int(out_size),) * 2
+    except TypeError:
         try:
-            pair = tuple(int(v) for v in out_size)
+            pair = tuple(_as_int(v) for v in out_size)
         except TypeError:
-            raise ValueError(f"out_size must be an int or an (h, w) pair, got {out_size!r}") from None
+            raise ValueError(f"out_size must be an int or an (h, w) pair of ints, got {out_size!r}") from None
         if len(pair) != 2:
-            raise ValueError(f"out_size must be an int or an (h, w) pair, got {out_size!r}")
+            raise ValueError(f"out_size must be an int or an (h, w) pair of ints, got {out_size!r}")
     if min(pair) < 1:
         raise ValueError(f"out_size must be >= 1, got {out_size!r}")
     return pair
