@@ -174,7 +174,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here means the same thing to a user
         raise ValueError(
-            f"{str(path)!r} is not a loadable ckaad_fast checkpoint ({type(e).__name__}: {str(e)[:300]}); "
+            f"{str(path)!r} is not a loadable ckaad_fast checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
             "checkpoints are loaded with weights_only=True, so files holding arbitrary Python objects are refused"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
