@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order --help lists them.
-_COMMANDS = ()
+_COMMANDS = ("train", "eval", "score", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

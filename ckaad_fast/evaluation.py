@@ -1,0 +1,112 @@
+"""Scoring a test set with a trained detector and computing the paper's metrics.
+
+:func:`predict_dataset` runs the model over a data set (eval mode, ``torch.inference_mode``) and
+collects image scores, labels, anomaly maps and, where the data set has them, ground-truth masks;
+:func:`evaluate_model` passes them to :func:`ckaad_fast.metrics.evaluate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .metrics import evaluate
+
+__all__ = ["Predictions", "evaluate_model", "predict_dataset"]
+
+
+@dataclass
+class Predictions:
+    """Outputs of :func:`predict_dataset` (CPU, numpy): ``scores`` (N,) float32, ``labels`` (N,)
+    int64, ``maps`` (N, H, W) float32, ``masks`` (N, H, W) bool or None, ``paths`` (N,)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray | None
+    paths: list[str]
+
+
+def _split_item(batch):
+    """(images, labels, masks or None, paths) from a collated batch of any of the library's test
+    sets: (image, label, mask, path) (MVTec, VisA) or (image, label, path) (class folders)."""
+    if not isinstance(batch, (list, tuple)) or len(batch) not in (3, 4):
+        raise ValueError("test set items must be (image, label, mask, path) or (image, label, path), "
+                         f"got {type(batch).__name__} of {len(batch) if isinstance(batch, (list, tuple)) else '?'}")
+    images, labels = batch[0], batch[1]
+    masks = batch[2] if len(batch) == 4 else None
+    paths = list(batch[-1]) if isinstance(batch[-1], (list, tuple)) else [""] * len(images)
+    return images, torch.as_tensor(labels), masks, paths
+
+
+def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
+                    num_workers: int = 0) -> Predictions:
+    """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
+    training mode it had). Masks are resized (nearest) to the maps' size when they differ."""
+    if len(dataset) == 0:
+        raise ValueError("the test set is empty")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    scores, labels, maps, masks, paths = [], [], [], [], []
+    has_masks = None
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="scoring", disable=not progress, leave=False, dynamic_ncols=True):
+                images, lab, mask, p = _split_item(batch)
+                images = images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                s, m = model(images)
+                m = m.float().cpu()
+                scores.append(s.float().cpu())
+                maps.append(m)
+                labels.append(lab.long().cpu())
+                paths.extend(p)
+                has_masks = mask is not None if has_masks is None else has_masks
+                if has_masks:
+                    mask = mask.float()
+                    if mask.dim() == 3:
+                        mask = mask[:, None]
+                    if tuple(mask.shape[-2:]) != tuple(m.shape[-2:]):
+                        mask = F.interpolate(mask, size=tuple(m.shape[-2:]), mode="nearest")
+                    masks.append(mask[:, 0] > 0.5)
+    finally:
+        model.train(was_training)
+    return Predictions(
+        scores=torch.cat(scores).numpy(),
+        labels=torch.cat(labels).numpy(),
+        maps=torch.cat(maps).numpy(),
+        masks=torch.cat(masks).numpy() if has_masks else None,
+        paths=paths,
+    )
+
+
+def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
+                   num_workers: int = 0) -> dict:
+    """Image AUROC, best F1 and its accuracy, and, where the data set has masks with anomalous
+    pixels, pixel AUROC, AUPRO (standard) and AUPRO (reference per-image protocol), plus
+    ``num_images`` and ``num_anomalous``. See :func:`ckaad_fast.metrics.evaluate`."""
+    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
+                           num_workers=num_workers)
+    labels = pred.labels
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the test set must hold both normal and anomalous images to compute AUROC, "
+                         f"got only label {int(labels[0])}")
+    masks = pred.masks
+    if masks is not None and not masks.any():
+        masks = None  # no anomalous pixel anywhere: image metrics only
+    metrics = evaluate(labels, pred.scores, masks, pred.maps if masks is not None else None)
+    out = {k: float(v) for k, v in metrics.items()}
+    out["num_images"] = int(len(labels))
+    out["num_anomalous"] = int(labels.sum())
+    return out
