@@ -22,9 +22,9 @@ def _cases():
     return [
         ("cosine_error_map", (a.requires_grad_(True), b.requires_grad_(True), 1e-8, False)),
         ("cosine_error_map", (a.detach().double(), b.double(), 1e-8, True)),
-        ("flat_cosine_loss", (a.detach().requires_grad_(True), b.detach().requires_grad_(True), 1e-8)),
-        ("energy_hinge_loss", (s.requires_grad_(True), 5.0, True)),
-        ("energy_hinge_loss", (s.detach().requires_grad_(True), 5.0, False)),
+        ("flat_cosine_loss", ([a.detach().requires_grad_(True), a.detach()[:1, :2]], [b.detach().requires_grad_(True), b[:1, :2]], 1e-8)),
+        ("energy_loss", ([s.requires_grad_(True)], [1.0], [True], 5.0)),
+        ("energy_loss", ([s.detach().requires_grad_(True), s.detach()[:1].requires_grad_(True)], [0.3, 0.7], [False, True], 4.0)),
         ("upsample_blur_sum", ([m.requires_grad_(True) for m in maps], 9, 7, 1.5, 4.0, "reflect")),
         ("upsample_blur_sum_backward", (grad_map, [3, 4, 2, 2], 1.5, 4.0, "mirror")),
     ]

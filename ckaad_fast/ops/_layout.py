@@ -38,7 +38,7 @@ def rows_in_memory_order(a: torch.Tensor, b: torch.Tensor):
 
 def flat_in_memory_order(t: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """A 1-D view of ``t`` in memory order (a copy only when ``t`` is not dense), and the way back."""
-    if t.dim() == 0:
-        return t.reshape(1), lambda g: g.reshape(())
+    if t.is_contiguous():
+        return t.view(-1), lambda g: g.view(t.shape)
     flat2d, _, restore = rows_in_memory_order(t.unsqueeze(0), t.unsqueeze(0))
     return flat2d.reshape(-1), lambda g: restore(g.reshape(1, -1)).squeeze(0)

@@ -147,32 +147,34 @@ def _flat_cos_from_sums(sums: torch.Tensor, eps: float):
     return cos, na, nb
 
 
+# One op takes every layer, so that the loss costs one dispatch whatever the number of layers.
 @torch.library.custom_op("ckaad_fast::flat_cosine_loss", mutates_args=(), device_types=_DEVICES)
-def _flat_cosine_loss_op(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    a2d, b2d, _ = rows_in_memory_order(a, b)
-    if use_triton(a):
-        sums = cosine_kernels.flat_cosine_sums(a2d, b2d)
-    else:
-        sums = _flat_sums_torch(a2d, b2d)
-    cos, _, _ = _flat_cos_from_sums(sums, eps)
-    return (1 - cos).mean(), sums
+def _flat_cosine_loss_op(a: list[torch.Tensor], b: list[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over layers of mean_i (1 - cos(flatten(a_i), flatten(b_i))), and the per-sample sums
+    (a.b, |a|^2, |b|^2) of every layer stacked along dim 0, for the backward."""
+    all_sums, total = [], None
+    for x, y in zip(a, b):
+        x2d, y2d, _ = rows_in_memory_order(x, y)
+        sums = cosine_kernels.flat_cosine_sums(x2d, y2d) if use_triton(x) else _flat_sums_torch(x2d, y2d)
+        cos, _, _ = _flat_cos_from_sums(sums, eps)
+        loss = (1 - cos).mean()
+        total = loss if total is None else total + loss
+        all_sums.append(sums)
+    return total, torch.cat(all_sums)
 
 
 @_flat_cosine_loss_op.register_fake
 def _(a, b, eps):
-    acc = _acc_dtype(a.dtype)
-    return a.new_empty((), dtype=acc), a.new_empty((a.shape[0], 3), dtype=acc)
+    acc = _acc_dtype(a[0].dtype)
+    return a[0].new_empty((), dtype=acc), a[0].new_empty((sum(x.shape[0] for x in a), 3), dtype=acc)
 
 
-@torch.library.custom_op("ckaad_fast::flat_cosine_loss_backward", mutates_args=(), device_types=_DEVICES)
-def _flat_cosine_loss_backward_op(
-    a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    a2d, b2d, restore = rows_in_memory_order(a, b)
+def _flat_grads(x, y, grad, sums, eps):
+    x2d, y2d, restore = rows_in_memory_order(x, y)
     cos, na, nb = _flat_cos_from_sums(sums, eps)
     na_c, nb_c = na.clamp_min(eps), nb.clamp_min(eps)
-    g = grad.to(sums.dtype) / a.shape[0]
-    # Per-sample coefficients of grad_a = k_ab b + k_aa a and grad_b = k_ab a + k_bb b.
+    g = grad.to(sums.dtype) / x.shape[0]
+    # Per-sample coefficients of grad_x = k_xy y + k_xx x and grad_y = k_xy x + k_yy y.
     coef = torch.stack(
         [
             -g / (na_c * nb_c),
@@ -181,33 +183,48 @@ def _flat_cosine_loss_backward_op(
         ],
         dim=1,
     )
-    if use_triton(a):
-        ga2d, gb2d = cosine_kernels.flat_cosine_backward(a2d, b2d, coef)
+    if use_triton(x):
+        gx2d, gy2d = cosine_kernels.flat_cosine_backward(x2d, y2d, coef)
     else:
         acc = sums.dtype
-        x, y = a2d.to(acc), b2d.to(acc)
-        ga2d = (coef[:, 0:1] * y + coef[:, 1:2] * x).to(a.dtype)
-        gb2d = (coef[:, 0:1] * x + coef[:, 2:3] * y).to(b.dtype)
-    return restore(ga2d), restore(gb2d)
+        xa, ya = x2d.to(acc), y2d.to(acc)
+        gx2d = (coef[:, 0:1] * ya + coef[:, 1:2] * xa).to(x.dtype)
+        gy2d = (coef[:, 0:1] * xa + coef[:, 2:3] * ya).to(y.dtype)
+    return restore(gx2d), restore(gy2d)
+
+
+@torch.library.custom_op("ckaad_fast::flat_cosine_loss_backward", mutates_args=(), device_types=_DEVICES)
+def _flat_cosine_loss_backward_op(
+    a: list[torch.Tensor], b: list[torch.Tensor], grad: torch.Tensor, sums: torch.Tensor, eps: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    grads_a, grads_b, row = [], [], 0
+    for x, y in zip(a, b):
+        gx, gy = _flat_grads(x, y, grad, sums[row:row + x.shape[0]], eps)
+        grads_a.append(gx)
+        grads_b.append(gy)
+        row += x.shape[0]
+    return grads_a, grads_b
 
 
 @_flat_cosine_loss_backward_op.register_fake
 def _(a, b, grad, sums, eps):
-    return torch.empty_like(a), torch.empty_like(b)
+    return [torch.empty_like(x) for x in a], [torch.empty_like(y) for y in b]
 
 
 def _flat_setup(ctx, inputs, output):
     a, b, eps = inputs
-    ctx.save_for_backward(a, b, output[1])
+    ctx.n_layers = len(a)
+    ctx.save_for_backward(*a, *b, output[1])
     ctx.eps = eps
 
 
 def _flat_backward(ctx, grad, _grad_sums):
-    a, b, sums = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    n = ctx.n_layers
     if grad is None:
         return None, None, None
-    grad_a, grad_b = _flat_cosine_loss_backward_op(a, b, grad, sums, ctx.eps)
-    return grad_a, grad_b, None
+    grads_a, grads_b = _flat_cosine_loss_backward_op(list(saved[:n]), list(saved[n:2 * n]), grad, saved[-1], ctx.eps)
+    return list(grads_a), list(grads_b), None
 
 
 _flat_cosine_loss_op.register_autograd(_flat_backward, setup_context=_flat_setup)
@@ -226,9 +243,9 @@ def cosine_reconstruction_loss(
     Returns a 0-d float32 tensor (float64 for float64 inputs).
     """
     inputs, outputs = check_layer_lists(inputs, outputs, "inputs", "outputs")
-    total = None
     for i, (x, y) in enumerate(zip(inputs, outputs)):
         check_pair(x, y, f"inputs[{i}]", f"outputs[{i}]")
-        loss = _flat_cosine_loss_op(y, x, float(eps))[0]
-        total = loss if total is None else total + loss
-    return total
+    if len({x.dtype for x in inputs}) > 1 or len({x.device for x in inputs}) > 1:
+        found = sorted({f"{x.dtype} on {x.device}" for x in inputs})
+        raise ValueError(f"every layer in inputs must share one dtype and device, got {found}")
+    return _flat_cosine_loss_op(list(outputs), list(inputs), float(eps))[0]

@@ -2,7 +2,8 @@
 
 The energy of a patch is |s|, the absolute raw score of the discriminator. Normal features should
 get low energy (the loss is mean |s|), generated and anomalous ones at least the margin (the loss
-is mean max(0, margin - |s|)). Each term is one op with a fused one-pass forward and backward.
+is mean max(0, margin - |s|)). A whole loss is one op whose forward and backward make one fused
+pass over each score tensor.
 """
 from __future__ import annotations
 
@@ -21,54 +22,85 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("ckaad_fast::energy_hinge_loss", mutates_args=(), device_types=_DEVICES)
-def _energy_op(scores: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
-    flat, _ = flat_in_memory_order(scores)
-    if use_triton(scores):
-        total = energy_kernels.energy_sum(flat, margin, high)
-    else:
-        e = flat.to(_acc_dtype(flat.dtype)).abs()
-        total = torch.relu(margin - e).sum() if high else e.sum()
-    return total / scores.numel()
+def _energy_sum(flat: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
+    if use_triton(flat):
+        return energy_kernels.energy_sum(flat, margin, high)
+    e = flat.to(_acc_dtype(flat.dtype)).abs()
+    return torch.relu(margin - e).sum() if high else e.sum()
+
+
+def _energy_grad(flat: torch.Tensor, scale: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
+    if use_triton(flat):
+        return energy_kernels.energy_backward(flat, scale, margin, high)
+    s = flat.to(scale.dtype)
+    g = torch.sign(s)
+    if high:
+        g = torch.where(margin - s.abs() > 0, -g, torch.where(s.isnan(), s, 0))
+    return (g * scale).to(flat.dtype)
+
+
+# One op takes every term of a loss (all layers, all three kinds of scores), so that a
+# discriminator loss costs one dispatch instead of three per layer: the op call, not the
+# arithmetic, dominates at the score maps' small sizes.
+@torch.library.custom_op("ckaad_fast::energy_loss", mutates_args=(), device_types=_DEVICES)
+def _energy_op(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float) -> torch.Tensor:
+    total = None
+    for s, w, h in zip(scores, weights, high):
+        flat, _ = flat_in_memory_order(s)
+        term = _energy_sum(flat, margin, h) * (w / s.numel())
+        total = term if total is None else total + term
+    return total
 
 
 @_energy_op.register_fake
-def _(scores, margin, high):
-    return scores.new_empty((), dtype=_acc_dtype(scores.dtype))
+def _(scores, weights, high, margin):
+    return scores[0].new_empty((), dtype=_acc_dtype(scores[0].dtype))
 
 
-@torch.library.custom_op("ckaad_fast::energy_hinge_loss_backward", mutates_args=(), device_types=_DEVICES)
-def _energy_backward_op(scores: torch.Tensor, grad: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
-    flat, restore = flat_in_memory_order(scores)
-    scale = grad.to(_acc_dtype(scores.dtype)) / scores.numel()
-    if use_triton(scores):
-        g = energy_kernels.energy_backward(flat, scale, margin, high)
-    else:
-        s = flat.to(scale.dtype)
-        g = torch.sign(s)
-        if high:
-            g = torch.where(margin - s.abs() > 0, -g, torch.where(s.isnan(), s, 0))
-        g = (g * scale).to(scores.dtype)
-    return restore(g)
+@torch.library.custom_op("ckaad_fast::energy_loss_backward", mutates_args=(), device_types=_DEVICES)
+def _energy_backward_op(
+    scores: list[torch.Tensor], grad: torch.Tensor, weights: list[float], high: list[bool], margin: float
+) -> list[torch.Tensor]:
+    grads = []
+    for s, w, h in zip(scores, weights, high):
+        flat, restore = flat_in_memory_order(s)
+        scale = grad.to(_acc_dtype(s.dtype)) * (w / s.numel())
+        grads.append(restore(_energy_grad(flat, scale, margin, h)))
+    return grads
 
 
 @_energy_backward_op.register_fake
-def _(scores, grad, margin, high):
-    return torch.empty_like(scores)
+def _(scores, grad, weights, high, margin):
+    return [torch.empty_like(s) for s in scores]
 
 
 def _setup(ctx, inputs, output):
-    scores, margin, high = inputs
-    ctx.save_for_backward(scores)
-    ctx.margin, ctx.high = margin, high
+    scores, weights, high, margin = inputs
+    ctx.save_for_backward(*scores)
+    ctx.args = (weights, high, margin)
 
 
 def _backward(ctx, grad):
-    (scores,) = ctx.saved_tensors
-    return _energy_backward_op(scores, grad, ctx.margin, ctx.high), None, None
+    grads = _energy_backward_op(list(ctx.saved_tensors), grad, *ctx.args)
+    return list(grads), None, None, None
 
 
 _energy_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_scores(groups: dict[str, list]) -> list:
+    """Check each layer's score tensor, naming it; return them all, in order, as one list."""
+    scores = []
+    for name, layers in groups.items():
+        for i, s in enumerate(layers):
+            check_float_tensor(s, f"{name}[{i}]")
+            if s.numel() == 0:
+                raise ValueError(f"{name}[{i}] is empty (shape {tuple(s.shape)}): the mean is undefined")
+            scores.append(s)
+    if len({s.dtype for s in scores}) > 1 or len({s.device for s in scores}) > 1:
+        found = sorted({f"{s.dtype} on {s.device}" for s in scores})
+        raise ValueError(f"the score tensors of {', '.join(groups)} must share one dtype and device, got {found}")
+    return scores
 
 
 def energy_hinge_loss(scores: torch.Tensor, high: bool, margin: float = 5.0) -> torch.Tensor:
@@ -80,7 +112,7 @@ def energy_hinge_loss(scores: torch.Tensor, high: bool, margin: float = 5.0) -> 
     check_float_tensor(scores, "scores")
     if scores.numel() == 0:
         raise ValueError(f"scores is empty (shape {tuple(scores.shape)}): the mean is undefined")
-    return _energy_op(scores, float(margin), bool(high))
+    return _energy_op([scores], [1.0], [bool(high)], float(margin))
 
 
 def _as_layers(x, name: str) -> list:
@@ -114,21 +146,14 @@ def discriminator_loss(
         )
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-    total = None
-    for n, a, g in zip(normal, anomalous, generated):
-        term = (
-            energy_hinge_loss(n, False, margin)
-            + (1 - gamma) * energy_hinge_loss(a, True, margin)
-            + gamma * energy_hinge_loss(g, True, margin)
-        )
-        total = term if total is None else total + term
-    return total
+    L = len(normal)
+    scores = _check_scores({"s_normal": normal, "s_anomalous": anomalous, "s_generated": generated})
+    weights = [1.0] * L + [1.0 - gamma] * L + [float(gamma)] * L
+    high = [False] * L + [True] * 2 * L
+    return _energy_op(scores, weights, high, float(margin))
 
 
 def generator_loss(s_generated: Sequence[torch.Tensor]) -> torch.Tensor:
     r"""The auto-encoder's adversarial loss, Eq. 12: :math:`\sum_s \mathrm{mean}|\tilde s|` over layers."""
-    total = None
-    for s in _as_layers(s_generated, "s_generated"):
-        term = energy_hinge_loss(s, False)
-        total = term if total is None else total + term
-    return total
+    scores = _check_scores({"s_generated": _as_layers(s_generated, "s_generated")})
+    return _energy_op(scores, [1.0] * len(scores), [False] * len(scores), 5.0)
