@@ -237,6 +237,159 @@ def time_ops(chk: Check, device, smoke: bool, csv_rows: list):
 
 
 # ------------------------------------------------------------------------------------------------
+# 2. torch.compile(fullgraph=True) and CUDA graphs
+# ------------------------------------------------------------------------------------------------
+def _tiny_or_real(smoke):
+    # (backbone, layers, image size, batch)
+    return ("resnet18", (1, 2), 64, 2) if smoke else ("resnet18", (2, 3), 256, 32)
+
+
+def check_compile_and_graphs(chk: Check, device, smoke: bool):
+    from benchmarks.bench_scoring import build_model
+    from ckaad_fast.model import CKAAD
+    from ckaad_fast.scorer import Scorer
+    from ckaad_fast.training import TrainConfig
+
+    backend = "aot_eager" if smoke else "inductor"
+    backbone, layers, size, batch = _tiny_or_real(smoke)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(5)).to(device)
+
+    with chk.item("compile", f"scoring forward, fullgraph=True ({backend}), {backbone}/{size}") as row:
+        torch._dynamo.reset()
+        model = build_model(backbone, layers, size).to(device)
+        with torch.inference_mode():
+            s_eager, m_eager = model(x)
+            s_comp, m_comp = torch.compile(model, fullgraph=True, backend=backend)(x)
+        torch.testing.assert_close(m_comp, m_eager, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(s_comp, s_eager, rtol=1e-3, atol=1e-4)
+        row["detail"] = f"max map diff {(m_comp - m_eager).abs().max().item():.2e}"
+
+    with chk.item("compile", f"training step (features -> AE -> D -> losses -> backward), fullgraph=True ({backend})") as row:
+        torch._dynamo.reset()
+        cfg = TrainConfig(strategy="cka_patch", backbone=backbone, layers=layers, weights="none", image_size=size,
+                          batch_size=batch, device=str(device))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = CKAAD(cfg.model_config(), weights="none").to(device)
+
+        def losses(images):
+            feats = model.features(images)
+            recon = model.reconstruct(feats)
+            d = model.discriminator
+            d_loss = ops.discriminator_loss(d([f.detach() for f in feats]), d([f.detach() for f in feats]),
+                                            d([r.detach() for r in recon]))
+            g_loss = ops.cosine_reconstruction_loss(feats, recon) + 0.02 * ops.generator_loss(d(recon))
+            return d_loss, g_loss
+
+        eager = losses(x)
+        g_eager = torch.autograd.grad(eager[0] + eager[1], list(model.autoencoder.parameters())[:3])
+        compiled = torch.compile(losses, fullgraph=True, backend=backend)(x)
+        g_comp = torch.autograd.grad(compiled[0] + compiled[1], list(model.autoencoder.parameters())[:3])
+        for e, c in zip(eager, compiled):
+            torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-5)
+        for e, c in zip(g_eager, g_comp):
+            torch.testing.assert_close(c, e, rtol=1e-2, atol=1e-5)
+        row["detail"] = f"losses {eager[0].item():.4f}, {eager[1].item():.4f}"
+
+    if device.type != "cuda":
+        chk.rows.append({"section": "graphs", "check": "CUDA graphs", "verdict": "SKIP", "detail": "no CUDA device", "seconds": "0"})
+        return
+
+    with chk.item("graphs", "Scorer bf16 + compile + CUDA graphs equals eager, padded last batch") as row:
+        torch._dynamo.reset()
+        model = build_model(backbone, layers, size)
+        eager = Scorer(build_model(backbone, layers, size), device=device, dtype="bfloat16", batch_size=batch)
+        graphed = Scorer(model, device=device, dtype="bfloat16", compile=True, cuda_graphs=True, batch_size=batch)
+        s_e, m_e = eager(x)
+        s_g, m_g = graphed(x)
+        s_short, _ = graphed(x[: batch - 1])  # padded to the captured shape; the padding is dropped
+        torch.testing.assert_close(s_g, s_e, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(s_short, s_g[: batch - 1], rtol=1e-5, atol=1e-6)
+        row["detail"] = f"{len(graphed._graphs)} graph(s), max score diff {(s_g - s_e).abs().max().item():.2e}"
+
+    with chk.item("graphs", "torch.compile(mode='reduce-overhead'): zero cudagraph skips") as row:
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        model = build_model(backbone, layers, size).to(device)
+        fn = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        with torch.inference_mode():
+            for _ in range(3):
+                s, m = fn(x)
+            s_eager, _ = model(x)
+        skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+        if skips:
+            raise AssertionError(f"{skips} cudagraph skip(s): {dict(counters['inductor'])}")
+        torch.testing.assert_close(s, s_eager, rtol=1e-3, atol=1e-4)
+        row["detail"] = "0 skips"
+
+
+# ------------------------------------------------------------------------------------------------
+# 3b. Scorer throughput and the training step
+# ------------------------------------------------------------------------------------------------
+def time_scorer_and_training(chk: Check, device, smoke: bool, csv_rows: list, deadline: float):
+    from types import SimpleNamespace
+
+    from benchmarks import bench_scoring, bench_train_step
+
+    if smoke:
+        models = [("resnet18", (1, 2), 64, 2)]
+        configs = [("Scorer fp32 eager", {})]
+    else:
+        models = [("resnet18", (2, 3), 256, 128), ("wide_resnet50_2", (1, 2, 3), 256, 128)]
+        configs = [
+            ("Scorer bf16 eager", {"dtype": "bfloat16"}),
+            ("Scorer bf16 + compile + CUDA graphs", {"dtype": "bfloat16", "compile": True, "cuda_graphs": True}),
+        ]
+    for backbone, layers, size, batch in models:
+        if time.perf_counter() > deadline:
+            chk.rows.append({"section": "timings", "check": f"Scorer {backbone}", "verdict": "SKIP",
+                             "detail": "time budget spent", "seconds": "0"})
+            continue
+        with chk.item("timings", f"Scorer images/s, {backbone}/{size}, batch {batch}") as row:
+            torch._dynamo.reset()
+            args = SimpleNamespace(batch=batch, quick=smoke, repeats=3, no_stream=True)
+            rows = bench_scoring.bench_model(args, device, backbone, layers, size, configs)
+            csv_rows.extend(rows)
+            best = max(rows[1:], key=lambda r: float(r["images_per_s"]) if r["images_per_s"] != "nan" else -1)
+            ips, speedup = float(best["images_per_s"]), float(best["speedup"])
+            row["detail"] = (f"{best['path']}: {ips:.0f} img/s, {speedup:.1f}x the reference "
+                             f"({float(rows[0]['images_per_s']):.0f} img/s)")
+            if any("FAILED" in r["note"] for r in rows):
+                raise AssertionError("; ".join(r["note"] for r in rows if "FAILED" in r["note"]))
+            if backbone == "wide_resnet50_2" and not (ips >= 2000 and speedup >= 20):
+                row["verdict"] = "MISS"
+                row["detail"] += " (target: >= 2000 img/s and >= 20x)"
+
+    if time.perf_counter() > deadline:
+        return
+    with chk.item("timings", "training step, fused vs eager losses") as row:
+        from ckaad_fast.model import CKAAD
+        from ckaad_fast.training import FusedLosses, TrainConfig
+
+        backbone, layers, size, batch, amp = (("resnet18", (1, 2), 64, 2, None) if smoke
+                                              else ("wide_resnet50_2", (1, 2, 3), 256, 16, "bf16"))
+        cfg = TrainConfig(strategy="cka_patch", backbone=backbone, layers=layers, weights="none", image_size=size,
+                          batch_size=batch, amp=amp, device=str(device))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = CKAAD(cfg.model_config(), weights="none").to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        inputs = [bench_train_step._inputs(batch, size, device, seed) for seed in range(2)]
+        reps = 2 if smoke else 10
+        t_eager = bench_train_step._time_steps(model, cfg, bench_train_step.EagerLosses(), inputs, reps, device)
+        t_fused = bench_train_step._time_steps(model, cfg, FusedLosses(), inputs, reps, device)
+        row["detail"] = (f"{backbone}/{size} batch {batch} {amp or 'fp32'}: fused {t_fused * 1e3:.1f} ms, "
+                         f"eager {t_eager * 1e3:.1f} ms, {t_eager / t_fused:.2f}x")
+        csv_rows.append({"bench": "train_step", "name": f"{backbone}/{size}", "fused_ms": f"{t_fused * 1e3:.3f}",
+                         "eager_ms": f"{t_eager * 1e3:.3f}", "speedup": f"{t_eager / t_fused:.3f}"})
+
+
+# ------------------------------------------------------------------------------------------------
 # 4. NVTX
 # ------------------------------------------------------------------------------------------------
 def check_nvtx(chk: Check, device, smoke: bool):
@@ -260,7 +413,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="One prepared GPU check: correctness, compile, CUDA graphs, timings, NVTX.")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, kernels in Triton's interpreter (for the test suite)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.log and gpu_check.csv (default: $OUT)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "timings", "nvtx"], help="sections to skip")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "compile", "timings", "scorer", "nvtx"],
+                        help="sections to skip")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds after which the remaining throughput measurements are skipped (default 420)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -279,8 +435,15 @@ def main(argv=None):
     csv_rows: list[dict] = []
     if "kernels" not in args.skip:
         check_kernels(chk, device, smoke)
+    if "compile" not in args.skip:
+        check_compile_and_graphs(chk, device, smoke)
     if "timings" not in args.skip:
         time_ops(chk, device, smoke, csv_rows)
+    if "scorer" not in args.skip:
+        # The kernels were checked above; on the CPU smoke run the models' timings use the PyTorch
+        # paths, since whole networks through the interpreter would only measure the interpreter.
+        with ops.backend("torch") if smoke else contextlib.nullcontext():
+            time_scorer_and_training(chk, device, smoke, csv_rows, t0 + args.budget)
     if "nvtx" not in args.skip:
         check_nvtx(chk, device, smoke)
     chk.say(f"\ntotal {time.perf_counter() - t0:.1f} s\n")
@@ -295,8 +458,9 @@ def main(argv=None):
             w.writeheader()
             w.writerows(chk.rows)
         if csv_rows:
+            fields = list(dict.fromkeys(k for r in csv_rows for k in r))
             with open(out_dir / "gpu_timings.csv", "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+                w = csv.DictWriter(f, fieldnames=fields, restval="")
                 w.writeheader()
                 w.writerows(csv_rows)
         log.close()
