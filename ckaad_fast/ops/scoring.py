@@ -92,14 +92,13 @@ def _axis_matrix(n_in, n_out, sigma, truncate, border, device: torch.device, dty
 # The op: sum_s R_s M_s C_s^T
 # --------------------------------------------------------------------------------------------
 def _upsample_blur_torch(maps, out_h, out_w, sigma, truncate, border):
-    out = None
-    for m in maps:
-        dev, dt = m.device, m.dtype
-        R = _axis_matrix(m.shape[1], out_h, sigma, truncate, border, dev, dt, False)
-        CT = _axis_matrix(m.shape[2], out_w, sigma, truncate, border, dev, dt, True)
-        term = torch.matmul(R, torch.matmul(m, CT))
-        out = term if out is None else out.add_(term)
-    return out
+    # sum_s R_s M_s C_s^T = [R_1 M_1 | ... | R_S M_S] @ [C_1^T; ...; C_S^T]: the layers' sum is the
+    # inner dimension of one large matmul (batch folded into its rows), instead of S full-size
+    # products and S - 1 additions of output-sized tensors.
+    dev, dt = maps[0].device, maps[0].dtype
+    left = torch.cat([torch.matmul(_axis_matrix(m.shape[1], out_h, sigma, truncate, border, dev, dt, False), m) for m in maps], 2)
+    right = torch.cat([_axis_matrix(m.shape[2], out_w, sigma, truncate, border, dev, dt, True) for m in maps], 0)
+    return torch.matmul(left, right)
 
 
 @torch.library.custom_op("ckaad_fast::upsample_blur_sum", mutates_args=(), device_types=_DEVICES)
