@@ -3,6 +3,11 @@
 :func:`predict_dataset` runs the model over a data set (eval mode, ``torch.inference_mode``) and
 collects image scores, labels, anomaly maps and, where the data set has them, ground-truth masks;
 :func:`evaluate_model` passes them to :func:`ckaad_fast.metrics.evaluate`.
+
+Under torchrun (``distributed=True``, on every rank of the process group): each rank predicts a
+contiguous shard of whole batches of the data set, the shards are gathered on rank 0 in data-set order, and the
+metrics, computed there from exactly the arrays a single process would have, are handed to every
+rank.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .metrics import evaluate
 
@@ -43,13 +48,32 @@ def _split_item(batch):
 
 
 def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                    num_workers: int = 0) -> Predictions:
+                    num_workers: int = 0, distributed: bool = False) -> Predictions | None:
     """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
-    training mode it had). Masks are resized (nearest) to the maps' size when they differ."""
+    training mode it had). Masks are resized (nearest) to the maps' size when they differ.
+
+    ``distributed=True`` (call it on every rank of a process group): each rank scores its
+    contiguous shard of whole batches (:func:`ckaad_fast.distributed.shard` with ``block=batch_size``,
+    so that its batches are those of one process and the outputs the same) and rank 0 gets the
+    whole data set's predictions, in order; the other ranks get None.
+    Without a process group of more than one process it is the single-process call."""
     if len(dataset) == 0:
         raise ValueError("the test set is empty")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if distributed:
+        from . import distributed as ddp
+
+        if ddp.is_distributed():
+            start, stop = ddp.shard_bounds(len(dataset), block=batch_size)
+            part = None
+            if stop > start:
+                part = predict_dataset(model, Subset(dataset, range(start, stop)), batch_size=batch_size,
+                                       device=device, progress=progress and ddp.is_main(), num_workers=num_workers)
+            parts = ddp.gather_object(part)
+            if parts is None:
+                return None
+            return _concat([p for p in parts if p is not None])
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -91,13 +115,42 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     )
 
 
+def _concat(parts: list[Predictions]) -> Predictions:
+    """The predictions of consecutive shards, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    has_masks = all(p.masks is not None for p in parts)
+    return Predictions(
+        scores=np.concatenate([p.scores for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        maps=np.concatenate([p.maps for p in parts]),
+        masks=np.concatenate([p.masks for p in parts]) if has_masks else None,
+        paths=[x for p in parts for x in p.paths],
+    )
+
+
 def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                   num_workers: int = 0) -> dict:
+                   num_workers: int = 0, distributed: bool = False) -> dict:
     """Image AUROC, best F1 and its accuracy, and, where the data set has masks with anomalous
     pixels, pixel AUROC, AUPRO (standard) and AUPRO (reference per-image protocol), plus
-    ``num_images`` and ``num_anomalous``. See :func:`ckaad_fast.metrics.evaluate`."""
+    ``num_images`` and ``num_anomalous``. See :func:`ckaad_fast.metrics.evaluate`.
+
+    ``distributed=True``: call it on every rank of a process group (e.g. under torchrun); the
+    data set is sharded over the ranks (see :func:`predict_dataset`), the metrics are computed on
+    rank 0 and every rank returns them (an error there is raised on every rank)."""
+    if distributed:
+        from . import distributed as ddp
+
+        if ddp.is_distributed():
+            pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
+                                   num_workers=num_workers, distributed=True)
+            return ddp.run_on_main(lambda: _metrics(pred))
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
                            num_workers=num_workers)
+    return _metrics(pred)
+
+
+def _metrics(pred: Predictions) -> dict:
     labels = pred.labels
     if len(np.unique(labels)) < 2:
         raise ValueError("the test set must hold both normal and anomalous images to compute AUROC, "

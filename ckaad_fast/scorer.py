@@ -46,7 +46,8 @@ from .data import _size_hw, _to_rgb_float01, list_images
 from .model import CKAAD, load_checkpoint, model_from_checkpoint
 from .profiling import enable_nvtx, nvtx_enabled, nvtx_range
 
-__all__ = ["Scorer", "ScoreResult", "ScoreSummary", "decode_image", "resolve_dtype", "score_to_folder", "read_scores_csv"]
+__all__ = ["Scorer", "ScoreResult", "ScoreSummary", "decode_image", "resolve_dtype", "score_to_folder", "read_scores_csv",
+           "part_name"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -219,7 +220,8 @@ class Scorer:
         cuda_graphs: capture the forward into a CUDA graph per batch shape (CUDA only).
         batch_size: images per batch for :meth:`score_paths`.
         num_workers: decoding processes for :meth:`score_paths`; None picks a number from the
-            CPU count (0 decodes in this process).
+            CPU count (shared by the processes torchrun starts on the machine; 0 decodes in this
+            process).
         topk: the image score is the mean of the ``topk`` largest map values; None takes the
             model's (``model.config.topk``); "mean" is the mean of the whole map.
         pad_batches: pad short batches to ``batch_size`` (repeating the last image; the padding's
@@ -424,6 +426,11 @@ class Scorer:
         if n_paths <= self.batch_size:
             return 0  # starting processes costs more than decoding one batch
         cpus = os.cpu_count() or 1
+        try:
+            # Under torchrun the machine's cores are shared by its LOCAL_WORLD_SIZE processes.
+            cpus = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        except ValueError:
+            pass
         if self.device.type == "cuda":
             return max(1, min(8, cpus - 1))
         # On the CPU the model needs the cores far more than decoding does (a few ms per image
@@ -566,6 +573,18 @@ CSV_NAME = "scores.csv"
 MAPS_DIR = "maps"
 SCALE_NAME = "colour_scale.json"
 MAP_FORMATS = ("none", "npy", "png")
+#: Where the ranks of a sharded (torchrun) run put their rows: OUT/parts/scores.rank{r}-of-{n}.csv.
+PARTS_DIR = "parts"
+
+
+def part_name(rank: int, world: int) -> str:
+    """The file name of rank ``rank``'s rows in a run of ``world`` processes."""
+    return f"scores.rank{rank}-of-{world}.csv"
+
+
+def _part_files(out: Path) -> list[Path]:
+    d = out / PARTS_DIR
+    return sorted(d.glob("scores.rank*-of-*.csv")) if d.is_dir() else []
 
 
 @dataclass
@@ -652,6 +671,48 @@ def map_names(paths: Sequence[str], ext: str) -> dict[str, str]:
     return {p: (st if counts[st] == 1 else r) + ext for p, r, st in zip(paths, rel, stems)}
 
 
+def _previous_rows(out: Path) -> list[dict]:
+    """The rows of an earlier run: OUT/scores.csv and the parts an interrupted sharded run left
+    in OUT/parts/, one row per path (a scored row wins over a row with an error, a later file
+    over an earlier one), in the order first seen."""
+    files = ([out / CSV_NAME] if (out / CSV_NAME).exists() else []) + _part_files(out)
+    best: dict[str, dict] = {}
+    for f in files:
+        for r in read_scores_csv(f):
+            p = r["path"]
+            if p not in best or _row_done(r) or not _row_done(best[p]):
+                best[p] = r
+    return list(best.values())
+
+
+def _unlink_parts(out: Path) -> None:
+    d = out / PARTS_DIR
+    # The parts, and the temporary files of a rank killed while it wrote its part.
+    for f in _part_files(out) + (sorted(d.glob(".scores.rank*-of-*.csv.*.tmp")) if d.is_dir() else []):
+        f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (out / PARTS_DIR).rmdir()
+
+
+def _finish_row(r: dict, threshold: float | None) -> dict:
+    r = {"path": r["path"], "score": r.get("score", ""), "error": r.get("error", "")}
+    if threshold is not None:
+        try:
+            r["is_anomalous"] = str(float(r["score"]) >= threshold) if r["score"] != "" else ""
+        except ValueError:
+            r["is_anomalous"] = ""
+    return r
+
+
+def _exists_error(csv_path: Path, parts: list[Path]) -> FileExistsError:
+    what = repr(str(csv_path)) if csv_path.exists() else \
+        f"{str(csv_path.parent / PARTS_DIR)!r} (the partial results of an interrupted run)"
+    return FileExistsError(
+        f"{what} already exists: pass --resume to score only what is missing, "
+        "or --overwrite to score everything again"
+    )
+
+
 def _csv_text(rows: Sequence[dict], with_threshold: bool) -> str:
     cols = ["path", "score", "error"] + (["is_anomalous"] if with_threshold else [])
     buf = io.StringIO()
@@ -674,6 +735,7 @@ def score_to_folder(
     progress: bool = True,
     flush_seconds: float = 2.0,
     on_batch: Callable[[], None] | None = None,
+    distributed: bool | None = None,
 ) -> ScoreSummary:
     """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.
 
@@ -691,11 +753,44 @@ def score_to_folder(
     atomically too, before the row that reports them.
 
     ``resume``: keep the rows of an existing scores.csv that were scored (and whose map file
-    exists when maps are asked for) and score the rest; rows with an error are retried. Without
-    ``resume`` an existing scores.csv raises FileExistsError unless ``overwrite``.
-    """
-    from .report import overlay, save_png
+    exists when maps are asked for) and score the rest; rows with an error are retried. Rows an
+    interrupted sharded run left in ``out_dir/parts/`` count too (they are folded into scores.csv
+    and the part files removed). Without ``resume`` an existing scores.csv (or parts) raises
+    FileExistsError unless ``overwrite`` (which removes stale parts).
 
+    ``distributed`` (None: when a process group of more than one process runs, e.g. under
+    torchrun; call it on every rank with the same arguments): the images still to score are
+    split into contiguous shards of whole batches, one per rank (so that every batch is one a
+    single process runs, and the results are the same bit for bit); each rank writes its rows to
+    ``out_dir/parts/scores.rank{r}-of-{n}.csv`` (atomically, as above) and its maps straight into
+    ``out_dir/maps/``; then rank 0 merges the parts into ``out_dir/scores.csv`` in input order
+    (the same file a single process writes) and removes them. When a rank dies, the rows its
+    part holds and those of the other ranks' finished parts are kept by ``resume``, with any
+    number of processes. Rank 0 fixes the PNG colour range (from the first batch, as a single
+    process does) before the others start. Every rank returns the summary of the whole run.
+    ``out_dir`` must be one folder seen by every rank (a shared file system across machines).
+    """
+    _check_arguments(maps, threshold, map_range)
+    if map_range is not None:
+        map_range = tuple(float(v) for v in map_range)
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("no images to score")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    from . import distributed as ddp
+
+    if distributed is None:
+        distributed = ddp.is_distributed()
+    if distributed and ddp.is_distributed():
+        return _score_sharded(scorer, paths, out, maps, threshold, resume, overwrite, map_range, progress,
+                              flush_seconds, on_batch)
+    return _score_local(scorer, paths, out, maps, threshold, resume, overwrite, map_range, progress,
+                        flush_seconds, on_batch)
+
+
+def _check_arguments(maps, threshold, map_range) -> None:
     if maps not in MAP_FORMATS:
         raise ValueError(f"maps must be one of {MAP_FORMATS}, got {maps!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
@@ -704,26 +799,46 @@ def score_to_folder(
         lo, hi = (float(v) for v in map_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"map_range must be two finite numbers LO < HI, got {map_range!r}")
-        map_range = (lo, hi)
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
-        raise ValueError("no images to score")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    csv_path = out / CSV_NAME
+
+
+def _score_local(
+    scorer: Scorer,
+    paths: list[str],
+    out: Path,
+    maps: str,
+    threshold: float | None,
+    resume: bool,
+    overwrite: bool,
+    map_range: tuple[float, float] | None,
+    progress: bool,
+    flush_seconds: float,
+    on_batch: Callable[[], None] | None,
+    part: tuple[int, int] | None = None,
+    all_paths: list[str] | None = None,
+) -> ScoreSummary:
+    """The work of :func:`score_to_folder` in one process. ``part=(rank, world)``: score
+    ``paths`` (this rank's share of what is left to do) into OUT/parts/<part_name>, naming the
+    maps after ``all_paths`` (the whole input); resume and overwrite are the caller's job then."""
+    from .report import overlay, save_png
+
     old_rows: list[dict] = []
-    if csv_path.exists():
-        if resume:
-            old_rows = read_scores_csv(csv_path)
-        elif not overwrite:
-            raise FileExistsError(
-                f"{str(csv_path)!r} already exists: pass --resume to score only what is missing, "
-                "or --overwrite to score everything again"
-            )
+    parts: list[Path] = []
+    if part is not None:
+        csv_path = out / PARTS_DIR / part_name(*part)
+    else:
+        csv_path = out / CSV_NAME
+        parts = _part_files(out)
+        if csv_path.exists() or parts:
+            if resume:
+                old_rows = _previous_rows(out)
+            elif not overwrite:
+                raise _exists_error(csv_path, parts)
+            else:
+                _unlink_parts(out)  # stale rows of an earlier run must not come back on a resume
+                parts = []
     out.mkdir(parents=True, exist_ok=True)
     maps_dir = out / MAPS_DIR
-    names = map_names(paths, "." + maps) if maps != "none" else {}
+    names = map_names(all_paths if all_paths is not None else paths, "." + maps) if maps != "none" else {}
 
     scale_path = maps_dir / SCALE_NAME
     if maps == "png" and map_range is None and resume and scale_path.is_file():
@@ -744,15 +859,6 @@ def score_to_folder(
     new: dict[str, dict] = {}
     summary = ScoreSummary(csv_path=csv_path, skipped=len(done))
 
-    def finish_row(r: dict) -> dict:
-        r = {"path": r["path"], "score": r.get("score", ""), "error": r.get("error", "")}
-        if threshold is not None:
-            try:
-                r["is_anomalous"] = str(float(r["score"]) >= threshold) if r["score"] != "" else ""
-            except ValueError:
-                r["is_anomalous"] = ""
-        return r
-
     def flush() -> None:
         rows = []
         for p in paths:
@@ -761,7 +867,12 @@ def score_to_folder(
             elif p in old:
                 rows.append(old[p])
         rows += extra_old
-        _atomic_write_text(csv_path, _csv_text([finish_row(r) for r in rows], threshold is not None))
+        _atomic_write_text(csv_path, _csv_text([_finish_row(r, threshold) for r in rows], threshold is not None))
+
+    if parts:
+        # Fold an interrupted sharded run's parts into scores.csv, then drop them.
+        flush()
+        _unlink_parts(out)
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) if maps != "none" else None
     futures: list[tuple[concurrent.futures.Future, dict]] = []
@@ -809,6 +920,25 @@ def score_to_folder(
             else:
                 keep.append((fut, row))
         futures = keep
+
+    if os.environ.get("CKAAD_FAST_TEST_DIE_AFTER_BATCHES"):
+        # Test-only fault injection (see ckaad_fast.distributed): die after a periodic save.
+        from .distributed import maybe_die_for_test
+
+        batches_done = 0
+        user_on_batch = on_batch
+
+        def save_now() -> None:
+            if pool is not None:
+                settle(True)
+            flush()
+
+        def on_batch() -> None:
+            nonlocal batches_done
+            batches_done += 1
+            if user_on_batch is not None:
+                user_on_batch()
+            maybe_die_for_test(batches_done, save_now)
 
     if maps == "png" and map_range is not None:
         save_scale()
@@ -872,3 +1002,120 @@ def score_to_folder(
         summary.anomalous = sum(1 for v in scores if v >= threshold)
     summary.map_range = map_range if maps == "png" else None
     return summary
+
+
+def _score_sharded(
+    scorer: Scorer,
+    paths: list[str],
+    out: Path,
+    maps: str,
+    threshold: float | None,
+    resume: bool,
+    overwrite: bool,
+    map_range: tuple[float, float] | None,
+    progress: bool,
+    flush_seconds: float,
+    on_batch: Callable[[], None] | None,
+) -> ScoreSummary:
+    """:func:`score_to_folder` on every rank of a process group (see there)."""
+    from . import distributed as ddp
+
+    rank, world = ddp.rank(), ddp.world_size()
+    t0 = time.perf_counter()
+    csv_path = out / CSV_NAME
+    maps_dir = out / MAPS_DIR
+    names = map_names(paths, "." + maps) if maps != "none" else {}
+    kept: dict = {}  # rank 0: the earlier run's rows
+
+    def prepare():
+        parts = _part_files(out)
+        old_rows: list[dict] = []
+        if csv_path.exists() or parts:
+            if resume:
+                old_rows = _previous_rows(out)
+            elif not overwrite:
+                raise _exists_error(csv_path, parts)
+        out.mkdir(parents=True, exist_ok=True)
+        in_input = set(paths)
+        old = {r["path"]: r for r in old_rows}
+        extra = [r for r in old_rows if r["path"] not in in_input]  # kept: results are never dropped
+        if parts or (overwrite and not resume and csv_path.exists()):
+            # One scores.csv with what is kept (nothing, with overwrite), and no parts: the parts
+            # this run writes are then all new, and a crash leaves nothing stale behind.
+            rows = [old[p] for p in paths if p in old] + extra
+            _atomic_write_text(csv_path, _csv_text([_finish_row(r, threshold) for r in rows], threshold is not None))
+            _unlink_parts(out)
+        rng = map_range
+        scale_path = maps_dir / SCALE_NAME
+        if maps == "png" and rng is None and resume and scale_path.is_file():
+            try:
+                saved = json.loads(scale_path.read_text())
+                rng = (float(saved["lo"]), float(saved["hi"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                rng = None
+        done = {
+            p for p in paths
+            if p in old and _row_done(old[p]) and (maps == "none" or (maps_dir / names[p]).is_file())
+        }
+        kept.update(old=old, extra=extra, done=done)
+        return [p for p in paths if p not in done], len(done), rng
+
+    todo, skipped, map_range = ddp.run_on_main(prepare)
+
+    if maps == "png" and map_range is None and todo:
+        # The colour range of the first batch's maps, as one process takes it, for every rank.
+        def first_range():
+            seen: list[np.ndarray] = []
+            stream = scorer.score_paths(todo, return_maps=True)
+            try:
+                for r in stream:
+                    if r.ok:
+                        seen.append(r.map)
+                        if len(seen) >= scorer.batch_size:
+                            break
+            finally:
+                stream.close()
+            if not seen:
+                return None
+            lo = float(min(m.min() for m in seen))
+            hi = float(max(m.max() for m in seen))
+            return (lo, hi if hi > lo else lo + 1e-6)
+
+        map_range = ddp.run_on_main(first_range)
+
+    # Whole batches of the single-process order per rank: the same batches, the same results.
+    mine = ddp.shard(todo, rank, world, block=scorer.batch_size)
+    if mine:
+        local = _score_local(scorer, mine, out, maps, threshold, False, True, map_range, progress and rank == 0,
+                             flush_seconds, on_batch, part=(rank, world), all_paths=paths)
+    else:
+        local = ScoreSummary(csv_path=out / PARTS_DIR / part_name(rank, world))
+    ddp.barrier()
+    stats = ddp.gather_object((local.scored, local.failed, local.errors))
+
+    def merge() -> ScoreSummary:
+        new: dict[str, dict] = {}
+        for f in _part_files(out):
+            for r in read_scores_csv(f):
+                new[r["path"]] = r
+        old, extra = kept["old"], kept["extra"]
+        rows = [new[p] if p in new else old[p] for p in paths if p in new or p in old] + extra
+        final = [_finish_row(r, threshold) for r in rows]
+        _atomic_write_text(csv_path, _csv_text(final, threshold is not None))
+        _unlink_parts(out)
+        index = {p: i for i, p in enumerate(paths)}
+        summary = ScoreSummary(
+            csv_path=csv_path,
+            scored=sum(s[0] for s in stats),
+            failed=sum(s[1] for s in stats),
+            skipped=skipped,
+            errors=sorted((e for s in stats for e in s[2]), key=lambda e: index.get(e[0], len(index))),
+            map_range=map_range if maps == "png" else None,
+        )
+        if threshold is not None:
+            summary.anomalous = sum(1 for r in final[:len(final) - len(extra)]
+                                    if _row_done(r) and float(r["score"]) >= threshold)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    return ddp.run_on_main(merge)

@@ -43,6 +43,22 @@ elastic distortion (:class:`ckaad_fast.data.PseudoAnomalyDataset`, redrawn each 
 coarse anomaly set (the medical protocol) a separate loader of batch ``min(batch_size, n)``
 cycles, reshuffled at every pass. The normal loader drops its last incomplete batch.
 
+Several processes (``torchrun``; see :mod:`ckaad_fast.distributed`): :func:`train` called on every
+rank of a process group (it joins the one torchrun describes when none is running yet) trains one
+model with DistributedDataParallel. ``batch_size`` stays the *global* batch: each of the N
+processes takes ``batch_size / N`` images of every global batch (``batch_size`` must be a multiple
+of N), and the anomaly batch is ``min(batch_size, n_anomalies)`` rounded down to a multiple of N.
+The loaders (a :class:`~ckaad_fast.distributed.GlobalBatchSampler` each, the normal one and the
+anomalous one cycling independently) deal the global batches a single process would draw, and
+DDP averages the gradients of the per-rank mean losses, which is the gradient of the global mean.
+So the same configuration gives the same training on 1 or N processes (up to float rounding), the
+learning rates need no change, and a checkpoint resumes on any number of processes. The
+auto-encoder and the discriminator have a DDP wrapper each: the discriminator step goes through
+D's wrapper; the generator step calls the bare D (frozen), so no gradient of D is synchronised
+there. Logged losses are averaged over the ranks (equal to the single-process ones); evaluation is
+sharded and gathered (:func:`ckaad_fast.evaluation.evaluate_model` with ``distributed=True``);
+rank 0 alone reads the checkpoint (and broadcasts it) and writes the checkpoint and the log.
+
 Reproducibility: the seed fixes the model's initialisation, every loader's order (a generator
 seeded from (seed, epoch)), the pseudo-anomalies and the global RNGs. ``out_dir/checkpoint.pt``
 (written atomically after every epoch) holds the weights, both configurations, the optimiser and
@@ -138,6 +154,11 @@ class TrainConfig:
         image_size: input size (int or (h, w)); the data sets must produce images of this size.
         epochs: total number of epochs (a resumed run continues up to this number).
         batch_size: normal images per step (the anomaly batch has min(batch_size, n_anomalies)).
+            Under torchrun this is the global batch over all processes: each of the N processes
+            takes batch_size / N of it (batch_size must be a multiple of N), so the effective batch
+            and the training are those of one process with the same batch_size. To use more GPUs
+            at the same per-GPU load, raise batch_size with them; then raise the learning rates
+            too, by about sqrt(k) for a k times larger batch (Adam), and check the losses.
         ae_lr, d_lr: Adam learning rates of the auto-encoder and the discriminator.
         lam: lambda, the weight of the adversarial loss (of the anomalies' reconstruction loss for
             ``recon_sub``).
@@ -336,9 +357,15 @@ class Trainer:
     ``step(normal, anomalous)`` runs one D step (adversarial strategies) and one G step on a batch
     of normalised images and returns the detached losses ``(d_loss, g_loss, recon_loss)`` as one
     float32 tensor on the device, without synchronising (``d_loss`` is 0 without a discriminator).
+
+    ``distributed=True`` (in a process group, e.g. under torchrun) wraps the auto-encoder and the
+    discriminator in a DistributedDataParallel each, so that their gradients are averaged over the
+    ranks. The discriminator step runs through D's wrapper; the generator step calls the bare,
+    frozen D (its parameters get no gradient there, so DDP has nothing to synchronise). The
+    returned losses are this rank's; average them over the ranks for the global ones.
     """
 
-    def __init__(self, model: CKAAD, config: TrainConfig, losses: Any = None):
+    def __init__(self, model: CKAAD, config: TrainConfig, losses: Any = None, *, distributed: bool = False):
         self.model = model
         self.config = config
         self.losses = FusedLosses() if losses is None else losses
@@ -356,13 +383,26 @@ class Trainer:
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
         self.channels_last = self.device.type == "cuda"
+        self.distributed = bool(distributed)
         self._ae = model.autoencoder
         self._d = self.discriminator
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ae = DDP(model.autoencoder, device_ids=ids)
+            if self.discriminator is not None:
+                self._d = DDP(self.discriminator, device_ids=ids)
+        # The generator step's D: frozen, so never the DDP wrapper.
+        self._d_frozen = self.discriminator
         if config.compile:
             backend = "inductor" if config.compile is True else config.compile
-            self._ae = torch.compile(model.autoencoder, backend=backend)
+            self._ae = torch.compile(self._ae, backend=backend)
             if self.discriminator is not None:
-                self._d = torch.compile(self.discriminator, backend=backend)
+                self._d = torch.compile(self._d, backend=backend)
+                self._d_frozen = torch.compile(self.discriminator, backend=backend) if self.distributed else self._d
+        elif not self.distributed:
+            self._d_frozen = self._d
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -433,10 +473,10 @@ class Trainer:
             with self._autocast():
                 rec = losses.reconstruction(feats_n, recon_n)
                 if self.strategy in ("cka_patch", "cka_img"):
-                    adv = _mixture(losses.generator, D(recon), n, cfg.alpha)
+                    adv = _mixture(losses.generator, self._d_frozen(recon), n, cfg.alpha)
                     g_loss = rec + cfg.lam * adv
                 elif self.strategy == "gan":
-                    adv = _mixture(lambda s: _bce_sum(s, 1.0), D(recon), n, cfg.alpha)
+                    adv = _mixture(lambda s: _bce_sum(s, 1.0), self._d_frozen(recon), n, cfg.alpha)
                     g_loss = rec + cfg.lam * adv
                 elif self.strategy == "recon_sub":
                     rec_anom = losses.reconstruction([f[n:] for f in feats], [r[n:] for r in recon])
@@ -510,14 +550,21 @@ def _seed_worker(_worker_id: int) -> None:
     random.seed(s)
 
 
-def _loader(dataset, batch_size: int, cfg: TrainConfig, epoch: int, stream: int, drop_last: bool) -> DataLoader:
+def _loader(dataset, batch_size: int, cfg: TrainConfig, epoch: int, stream: int, drop_last: bool,
+            world: int = 1) -> DataLoader:
+    """The shuffled loader of one epoch; ``batch_size`` is the global batch. With ``world`` > 1
+    processes, this rank's part (``batch_size // world`` images) of the same global batches."""
     g = torch.Generator()
     g.manual_seed(_derived_seed(cfg.seed, epoch, stream))
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.num_workers,
-        generator=g, worker_init_fn=_seed_worker if cfg.num_workers else None,
-        pin_memory=torch.device(cfg.device).type == "cuda",
-    )
+    common = dict(num_workers=cfg.num_workers, generator=g, worker_init_fn=_seed_worker if cfg.num_workers else None,
+                  pin_memory=torch.device(cfg.device).type == "cuda")
+    if world == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, **common)
+    from .distributed import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(dataset, batch_size, g, drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, drop_last=drop_last, **common)
 
 
 def _cycle(loader: DataLoader):
@@ -653,11 +700,17 @@ def train(
         progress: show a tqdm bar per epoch with the running losses.
         overwrite: start afresh even if ``out_dir`` already holds a checkpoint.
 
+    Under torchrun, call it on every rank (it joins torchrun's process group when none is running):
+    see the module's docstring. ``config.batch_size`` is then the global batch, a CUDA device means
+    ``cuda:LOCAL_RANK``, and only rank 0 reads and writes ``out_dir``; every rank returns the
+    same history and its copy of the model.
+
     Each log line: ``{"epoch", "d_loss" (None without a discriminator), "g_loss", "recon_loss",
     "steps", "seconds", "eval": {metrics} or absent}``. Raises ValueError for bad data or
     configuration, FileExistsError / FileNotFoundError for the checkpoint, RuntimeError when a
     loss becomes non-finite (the last good checkpoint is kept).
     """
+    from . import distributed as ddp
     from .evaluation import evaluate_model
 
     if not isinstance(config, TrainConfig):
@@ -666,20 +719,34 @@ def train(
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} was asked for but CUDA is not available")
+    dinfo = ddp.init_distributed(device)  # a no-op outside torchrun
+    world, main = dinfo.world_size, dinfo.is_main
+    device = ddp.local_device(device)
     out = Path(out_dir)
     ckpt_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {str(ckpt_path)!r} does not exist (run without resume first)")
-    if not resume and ckpt_path.exists() and not overwrite:
-        raise FileExistsError(f"{str(out)!r} already holds a checkpoint: resume it (resume=True / --resume), "
-                              "choose another output folder, or pass overwrite=True")
+
+    def check_files() -> None:
+        if resume and not ckpt_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {str(ckpt_path)!r} does not exist (run without resume first)")
+        if not resume and ckpt_path.exists() and not overwrite:
+            raise FileExistsError(f"{str(out)!r} already holds a checkpoint: resume it (resume=True / --resume), "
+                                  "choose another output folder, or pass overwrite=True")
+
+    ddp.run_on_main(check_files)  # rank 0's files decide, and every rank raises the same error
     if train_set is None or len(train_set) == 0:
         raise ValueError("train_set is empty")
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"TrainConfig.batch_size ({cfg.batch_size}) is larger than the training set "
                          f"({len(train_set)} images): the loader drops incomplete batches, so no step would run")
+    if cfg.batch_size % world:
+        raise ValueError(f"TrainConfig.batch_size ({cfg.batch_size}) is the global batch and must be a multiple "
+                         f"of the number of processes ({world}): each takes batch_size / {world} images")
     if anomaly_set is not None and len(anomaly_set) == 0:
         raise ValueError("anomaly_set is empty: pass None to use elastic pseudo-anomalies")
+    if cfg.uses_anomalies and anomaly_set is not None and len(anomaly_set) < world and not (
+            isinstance(anomaly_set, PseudoAnomalyDataset) and anomaly_set.normal_dataset is train_set):
+        raise ValueError(f"anomaly_set has {len(anomaly_set)} images, fewer than the {world} processes: "
+                         "each process needs at least one per step")
     if eval_set is not None:
         labels = getattr(eval_set, "labels", None)
         if labels is not None and len(set(int(v) for v in labels)) < 2:
@@ -689,20 +756,27 @@ def train(
     _check_dataset(eval_set, "eval_set", cfg, mean)
     if cfg.uses_anomalies and anomaly_set is not None and not isinstance(anomaly_set, PseudoAnomalyDataset):
         _check_dataset(anomaly_set, "anomaly_set", cfg, mean)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     # -- model and state ---------------------------------------------------------------------
     history: list[dict] = []
     start_epoch = 0
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if not ckpt.get("train_config") or "rng" not in ckpt or "optimizers" not in ckpt:
-            raise ValueError(f"{str(ckpt_path)!r} holds no training state to resume (it was not written by train())")
-        saved = TrainConfig.from_dict(ckpt["train_config"])
-        diff = [k for k in _RUN_FIELDS if getattr(saved, k) != getattr(cfg, k)]
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff)
-            raise ValueError(f"cannot resume {str(ckpt_path)!r} with a different configuration ({detail})")
+        def load() -> dict:
+            ckpt = load_checkpoint(ckpt_path)
+            if not ckpt.get("train_config") or "rng" not in ckpt or "optimizers" not in ckpt:
+                raise ValueError(f"{str(ckpt_path)!r} holds no training state to resume "
+                                 "(it was not written by train())")
+            saved = TrainConfig.from_dict(ckpt["train_config"])
+            diff = [k for k in _RUN_FIELDS if getattr(saved, k) != getattr(cfg, k)]
+            if diff:
+                detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff)
+                raise ValueError(f"cannot resume {str(ckpt_path)!r} with a different configuration ({detail})")
+            return ckpt
+
+        # Rank 0 reads the checkpoint and hands it to the others: out_dir need not be shared.
+        ckpt = ddp.run_on_main(load)
         model = model_from_checkpoint(ckpt, map_location=device)
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt.get("history", []))
@@ -711,13 +785,16 @@ def train(
         model = CKAAD(cfg.model_config(), weights=cfg.weights).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    trainer = Trainer(model, cfg)
+    # Each rank's own copy of the configuration names its own device (cuda:LOCAL_RANK).
+    trainer = Trainer(model, cfg if world == 1 else dataclasses.replace(cfg, device=str(device)),
+                      distributed=world > 1)
     if resume:
         trainer.load_state_dict(ckpt)
         _set_rng_state(ckpt["rng"])
-        _write_lines(log_path, history)
+        if main:
+            _write_lines(log_path, history)
         del ckpt
-    else:
+    elif main:
         _write_lines(log_path, [])
 
     pseudo = paired = anomalies = None
@@ -740,13 +817,16 @@ def train(
         model.train()
         if pseudo is not None:
             pseudo.set_epoch(epoch)
-        loader = _loader(paired if paired is not None else images, cfg.batch_size, cfg, epoch, 0, drop_last=True)
+        loader = _loader(paired if paired is not None else images, cfg.batch_size, cfg, epoch, 0, drop_last=True,
+                         world=world)
         anomaly_iter = None
         if anomalies is not None:
-            anomaly_iter = _cycle(_loader(anomalies, min(cfg.batch_size, len(anomalies)), cfg, epoch, 1, drop_last=True))
+            # Global anomaly batch, a multiple of the number of processes.
+            a_batch = min(cfg.batch_size, len(anomalies)) // world * world
+            anomaly_iter = _cycle(_loader(anomalies, a_batch, cfg, epoch, 1, drop_last=True, world=world))
         sums = torch.zeros(3, device=device)
         steps = 0
-        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", disable=not (progress and main),
                    leave=False, dynamic_ncols=True)
         for batch in bar:
             if paired is not None:
@@ -762,7 +842,8 @@ def train(
                     post = {"D": f"{d:.4f}", **post}
                 bar.set_postfix(post)
         bar.close()
-        d, g, r = (sums / max(steps, 1)).tolist()
+        # The mean over ranks of the per-rank mean losses: the single-process value.
+        d, g, r = (ddp.all_reduce_mean(sums) / max(steps, 1)).tolist()
         if not all(math.isfinite(v) for v in (d, g, r)):
             raise RuntimeError(f"non-finite loss in epoch {epoch} (D {d}, G {g}, recon {r}); the checkpoint of "
                                f"epoch {epoch - 1} is kept. Try lower learning rates or amp=None")
@@ -776,19 +857,23 @@ def train(
         }
         if eval_set is not None and cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             t1 = time.perf_counter()
-            record["eval"] = evaluate_model(model, eval_set, batch_size=cfg.batch_size, device=device, progress=False)
+            # Sharded in whole batches of the single-process size: the same maps, the same metrics.
+            record["eval"] = evaluate_model(model, eval_set, batch_size=cfg.batch_size, device=device,
+                                            progress=False, distributed=world > 1)
             record["eval_seconds"] = round(time.perf_counter() - t1, 3)
         history.append(record)
-        save_checkpoint(
-            ckpt_path, model,
-            train_config=cfg.to_dict(),
-            epoch=epoch,
-            history=history,
-            rng=_rng_state(),
-            **trainer.state_dict(),
-        )
-        _append_line(log_path, record)
-        if progress:
+        if main:
+            save_checkpoint(
+                ckpt_path, model,
+                train_config=cfg.to_dict(),
+                epoch=epoch,
+                history=history,
+                rng=_rng_state(),
+                **trainer.state_dict(),
+            )
+            _append_line(log_path, record)
+        ddp.barrier()
+        if progress and main:
             msg = f"epoch {epoch}/{cfg.epochs}: " + ("" if record["d_loss"] is None else f"D {d:.4f}  ") + \
                 f"G {g:.4f}  recon {r:.4f}  ({record['seconds']:.1f}s)"
             if "eval" in record:

@@ -1,6 +1,8 @@
 """``ckaad-fast eval``: score a test split with a trained checkpoint, print and save the metrics.
 
-A thin layer over :func:`ckaad_fast.evaluation.evaluate_model`.
+A thin layer over :func:`ckaad_fast.evaluation.evaluate_model`. Under ``torchrun`` the test set is
+sharded over the processes and the predictions gathered on rank 0, which prints (and saves) the
+metrics: the same as one process's.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="checkpoint file written by `ckaad-fast train` (or its output folder)")
     add_data_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
-                   help="images scored per batch (default: %(default)s)")
+                   help="images scored per batch (per process under torchrun) (default: %(default)s)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda",
                    help="device to score on, e.g. cpu, cuda (default: %(default)s)")
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
@@ -80,8 +82,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from ..distributed import distributed_session
+
+    # Under torchrun: join the process group (NCCL for a CUDA device, gloo on the CPU); else nothing.
+    with distributed_session(args.device) as dist_info:
+        return _run(args, dist_info)
+
+
+def _run(args, dist_info) -> int:
     import torch
 
+    from ..distributed import local_device
     from ..evaluation import evaluate_model
     from ..model import load_checkpoint, model_from_checkpoint
     from ..training import CHECKPOINT_NAME
@@ -97,6 +108,7 @@ def run(args) -> int:
         raise ValueError(f"--device: {args.device!r} is not a torch device (cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
+    device = torch.device(local_device(device))  # cuda:LOCAL_RANK under torchrun
     try:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, map_location=device)
@@ -104,8 +116,11 @@ def run(args) -> int:
         raise ValueError(f"--checkpoint: {e}") from None
     cfg = model.config
     test_set = build_dataset(args, "test", cfg.image_size, cfg.mean, cfg.std)
-    metrics = evaluate_model(model, test_set, batch_size=args.batch_size, device=device, progress=not args.quiet,
-                             num_workers=args.num_workers)
+    metrics = evaluate_model(model, test_set, batch_size=args.batch_size, device=device,
+                             progress=not args.quiet and dist_info.is_main, num_workers=args.num_workers,
+                             distributed=dist_info.distributed)
+    if not dist_info.is_main:
+        return 0
     print(format_metrics(metrics))
     if args.json:
         record = {

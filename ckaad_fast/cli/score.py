@@ -1,6 +1,8 @@
 """``ckaad-fast score``: score a folder or a list of images with a trained checkpoint.
 
 A thin layer over :class:`ckaad_fast.scorer.Scorer` and :func:`ckaad_fast.scorer.score_to_folder`.
+Under ``torchrun --nproc_per_node N`` the images are sharded over the N processes (one GPU each)
+and rank 0 merges their rows into the one OUT/scores.csv.
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "  ckaad-fast score --checkpoint runs/brick/checkpoint.pt --input photos/ --out results/\n"
             "  ckaad-fast score --checkpoint ckpt.pt --input a.png b.png --out res --maps png --threshold 0.6\n"
             "  ckaad-fast score --checkpoint ckpt.pt --input photos/ --out res --device cuda --compile --cuda-graphs\n"
+            "  torchrun --nproc_per_node 8 -m ckaad_fast score --checkpoint ckpt.pt --input photos/ --out res\n"
             "  nsys profile -t cuda,nvtx,osrt --trace-fork-before-exec=true --cuda-graph-trace=node \\\n"
             "      -o ckaad_scoring ckaad-fast score --checkpoint ckpt.pt --input photos/ --out res --device cuda --nvtx"
         ),
@@ -113,13 +116,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "main process)")
     p.add_argument("--resume", action="store_true",
                    help="keep the scored rows of an existing OUT/scores.csv (whose map exists, when maps "
-                        "are asked for) and score the rest; rows with an error are retried")
+                        "are asked for) and of the OUT/parts/ an interrupted torchrun run left, and score "
+                        "the rest (with any number of processes); rows with an error are retried")
     p.add_argument("--overwrite", action="store_true",
                    help="score everything again even though OUT/scores.csv exists")
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="write a torch.profiler trace of a few batches (after the first, which warms up) "
-                        "to DIR/trace.json, to open in chrome://tracing or https://ui.perfetto.dev; works "
-                        "on the CPU too")
+                        "to DIR/trace.json (DIR/rank{R}/trace.json under torchrun), to open in "
+                        "chrome://tracing or https://ui.perfetto.dev; works on the CPU too")
     p.add_argument("--nvtx", action="store_true",
                    help="emit NVTX ranges (domain ckaad_fast: decode, copy, forward, backbone, auto-encoder, "
                         "error map, upsample+blur, top-k, readback) for Nsight Systems; same as "
@@ -142,15 +146,28 @@ def _trace_handler(out_dir: str):
 def run(args) -> int:
     import torch
 
-    from ..data import list_images
-    from ..profiling import enable_nvtx
-    from ..scorer import Scorer, score_to_folder
+    from ..distributed import distributed_session
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Under torchrun: join the process group (NCCL on GPUs, gloo on the CPU); else nothing.
+    with distributed_session(device) as dist_info:
+        return _run(args, device, dist_info)
+
+
+def _run(args, device, dist_info) -> int:
+    import torch
+
+    from ..data import list_images
+    from ..distributed import local_device
+    from ..profiling import enable_nvtx
+    from ..scorer import Scorer, score_to_folder
+
     if args.nvtx:
         enable_nvtx(True)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device(device)  # cuda:LOCAL_RANK under torchrun
+    main = dist_info.is_main
     paths = list_images(args.input)  # sorted; ValueError for a missing path or an empty folder
     scorer = Scorer.from_checkpoint(
         args.checkpoint,
@@ -162,22 +179,24 @@ def run(args) -> int:
         num_workers=args.num_workers,
         topk=args.topk,
     )
-    progress = not args.no_progress
+    progress = not args.no_progress and main
     if progress:
-        print(f"{len(paths)} images; {scorer}", file=sys.stderr)
+        procs = f" over {dist_info.world_size} processes" if dist_info.distributed else ""
+        print(f"{len(paths)} images{procs}; {scorer}", file=sys.stderr)
 
     prof = None
     on_batch = None
     if args.profile:
-        n_batches = -(-len(paths) // args.batch_size)
+        n_batches = -(-len(paths) // (args.batch_size * dist_info.world_size))
         activities = [torch.profiler.ProfilerActivity.CPU]
         if scorer.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         schedule = None
         if n_batches >= 2:
             schedule = torch.profiler.schedule(wait=0, warmup=1, active=min(3, n_batches - 1), repeat=1)
+        trace_dir = os.path.join(args.profile, f"rank{dist_info.rank}") if dist_info.distributed else args.profile
         prof = torch.profiler.profile(activities=activities, schedule=schedule,
-                                      on_trace_ready=_trace_handler(args.profile))
+                                      on_trace_ready=_trace_handler(trace_dir))
         on_batch = prof.step
 
     with prof if prof is not None else _null(), _os_errors_as_clear_lines(args.out):
@@ -194,6 +213,8 @@ def run(args) -> int:
             on_batch=on_batch,
         )
 
+    if not main:
+        return 0
     done = summary.scored + summary.failed
     msg = f"scored {summary.scored} of {done} images"
     if summary.skipped:
@@ -208,7 +229,8 @@ def run(args) -> int:
               f"{summary.errors[0][0]}: {summary.errors[0][1]}", file=sys.stderr)
     print(f"results: {summary.csv_path}", file=sys.stderr)
     if args.profile:
-        print(f"profiler trace: {os.path.join(args.profile, 'trace.json')}", file=sys.stderr)
+        where = os.path.join(args.profile, "rank*" if dist_info.distributed else "", "trace.json")
+        print(f"profiler trace: {where}", file=sys.stderr)
     return 0
 
 

@@ -2,6 +2,9 @@
 
 A thin layer over :func:`ckaad_fast.training.train`; writes ``OUT/checkpoint.pt`` and
 ``OUT/log.jsonl``. The data-set builders here are shared with ``ckaad-fast eval``.
+
+Under ``torchrun --nproc_per_node N`` it trains with DistributedDataParallel on N processes
+(``--batch-size`` is then the global batch, split over them); rank 0 writes OUT.
 """
 from __future__ import annotations
 
@@ -182,7 +185,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                    help="total number of epochs; with --resume, the number to reach (default: 200)")
     g.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
-                   help="normal images per step (default: 16)")
+                   help="normal images per step (default: 16); under torchrun the global batch, split "
+                        "evenly over the processes (a multiple of their number)")
     g.add_argument("--ae-lr", type=positive_float, default=None, metavar="LR",
                    help="auto-encoder learning rate (default: 5e-3 for mvtec/visa, 1e-3 for folder)")
     g.add_argument("--d-lr", type=positive_float, default=None, metavar="LR",
@@ -266,10 +270,18 @@ def build_config(args):
 
 
 def run(args) -> int:
+    from ..distributed import distributed_session
+
+    cfg = build_config(args)
+    # Under torchrun: join the process group (NCCL for a CUDA device, gloo on the CPU); else nothing.
+    with distributed_session(cfg.device) as dist_info:
+        return _run(args, cfg, dist_info.is_main)
+
+
+def _run(args, cfg, main: bool) -> int:
     from ..data import AnomalyFolderDataset, sample_coarse_anomalies
     from ..training import train
 
-    cfg = build_config(args)
     mean, std = cfg.normalization()
     _check_data_args(args)
     train_set = build_dataset(args, "train", cfg.image_size, mean, std)
@@ -290,12 +302,14 @@ def run(args) -> int:
             except ValueError as e:
                 raise ValueError(f"--ratio-labeled/--num-anomaly-classes: {e}") from None
             anomaly_set = AnomalyFolderDataset(coarse, cfg.image_size, mean, std)
-            if not args.quiet:
+            if not args.quiet and main:
                 print(f"coarse anomaly set: {len(anomaly_set)} images of class(es) {', '.join(coarse.classes)}",
                       file=sys.stderr)
 
     result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=args.out, eval_set=test_set,
                    resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    if not main:
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     print(f"log:        {result.log}")
