@@ -45,10 +45,11 @@ def _energy_bwd_kernel(S, GS, N, scale_ptr, MARGIN: tl.constexpr, HIGH: tl.const
     # The upstream gradient divided by N, read from memory so that no .item() is needed.
     scale = tl.load(scale_ptr).to(ACC)
     s = tl.load(S + offs, mask=m, other=0.0).to(ACC)
-    sign = tl.where(s > 0.0, 1.0, tl.where(s < 0.0, -1.0, tl.where(s != s, s, 0.0)))
+    # sign(s), 0 at 0 and at NaN: what autograd's abs backward gives.
+    sign = tl.where(s > 0.0, 1.0, tl.where(s < 0.0, -1.0, 0.0))
     if HIGH:
         # d/ds max(0, margin - |s|) = -sign(s) where margin - |s| > 0, as relu's backward.
-        g = tl.where(MARGIN - tl.abs(s) > 0.0, -sign, tl.where(s != s, s, 0.0))
+        g = tl.where(MARGIN - tl.abs(s) > 0.0, -sign, 0.0)
     else:
         g = sign
     tl.store(GS + offs, (g * scale).to(GS.dtype.element_ty), mask=m)

@@ -89,6 +89,13 @@ def test_energy_nan_propagates(backend):
     with ops.backend(backend):
         for high in (False, True):
             assert torch.isnan(ops.energy_hinge_loss(s, high))
+            # The gradient follows autograd through abs and relu: 0 at the NaN, finite elsewhere.
+            x = s.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(ops.energy_hinge_loss(x, high), x)
+            y = s.clone().requires_grad_(True)
+            e = y.abs()
+            (expected,) = torch.autograd.grad((torch.relu(5.0 - e) if high else e).mean(), y)
+            torch.testing.assert_close(grad, expected)
 
 
 def test_energy_bad_input():

@@ -33,10 +33,11 @@ def _energy_grad(flat: torch.Tensor, scale: torch.Tensor, margin: float, high: b
     if use_triton(flat):
         return energy_kernels.energy_backward(flat, scale, margin, high)
     s = flat.to(scale.dtype)
-    g = torch.sign(s)
+    g = torch.sign(s)  # 0 at 0 and at NaN, as autograd's abs backward gives
     if high:
-        g = torch.where(margin - s.abs() > 0, -g, torch.where(s.isnan(), s, 0))
-    return (g * scale).to(flat.dtype)
+        # relu's backward passes the gradient where margin - |s| > 0 (never at NaN).
+        g = g.mul_(s.abs() < margin).neg_()
+    return g.mul_(scale).to(flat.dtype)
 
 
 # One op takes every term of a loss (all layers, all three kinds of scores), so that a
