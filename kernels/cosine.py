@@ -207,7 +207,7 @@ def _flat_cosine_partials_kernel(
 @triton.jit
 def _flat_cosine_bwd_kernel(
     A, B, COEF, GA, GB, N, stride_a, stride_b,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -221,8 +221,11 @@ def _flat_cosine_bwd_kernel(
         m = offs < N
         x = tl.load(A + row * stride_a + offs, mask=m, other=0.0).to(ACC)
         y = tl.load(B + row * stride_b + offs, mask=m, other=0.0).to(ACC)
-        tl.store(GA + row * N + offs, (k_ab * y + k_aa * x).to(GA.dtype.element_ty), mask=m)
-        tl.store(GB + row * N + offs, (k_ab * x + k_bb * y).to(GB.dtype.element_ty), mask=m)
+        # Training needs only the reconstructions' gradient: skip the other write.
+        if NEED_A:
+            tl.store(GA + row * N + offs, (k_ab * y + k_aa * x).to(GA.dtype.element_ty), mask=m)
+        if NEED_B:
+            tl.store(GB + row * N + offs, (k_ab * x + k_bb * y).to(GB.dtype.element_ty), mask=m)
 
 
 _FLAT_BLOCK = 1024
@@ -243,16 +246,19 @@ def flat_cosine_sums(a2d: torch.Tensor, b2d: torch.Tensor) -> torch.Tensor:
     return partials.sum(1)
 
 
-def flat_cosine_backward(a2d, b2d, coef, grad_a=None, grad_b=None):
-    """grad_a = k_ab b + k_aa a and grad_b = k_ab a + k_bb b per row, in one pass -> (rows, N) x2."""
+def flat_cosine_backward(a2d, b2d, coef, grad_a=None, grad_b=None, need_a=True, need_b=True):
+    """grad_a = k_ab b + k_aa a and grad_b = k_ab a + k_bb b per row, in one pass -> (rows, N) x2.
+
+    A gradient that is not needed is returned as None and never written."""
     rows, N = a2d.shape
-    grad_a = a2d.new_empty((rows, N)) if grad_a is None else grad_a
-    grad_b = b2d.new_empty((rows, N)) if grad_b is None else grad_b
-    if rows == 0 or N == 0:
+    grad_a = (a2d.new_empty((rows, N)) if grad_a is None else grad_a) if need_a else None
+    grad_b = (b2d.new_empty((rows, N)) if grad_b is None else grad_b) if need_b else None
+    if rows == 0 or N == 0 or not (need_a or need_b):
         return grad_a, grad_b
     n_chunks = triton.cdiv(N, _FLAT_CHUNK)
     _flat_cosine_bwd_kernel[(n_chunks, rows)](
-        a2d, b2d, coef.contiguous(), grad_a, grad_b, N, a2d.stride(0), b2d.stride(0),
-        CHUNK=_FLAT_CHUNK, BLOCK=_FLAT_BLOCK, ACC=tl_acc_dtype(a2d.dtype),
+        a2d, b2d, coef.contiguous(), grad_a if need_a else grad_b, grad_b if need_b else grad_a, N,
+        a2d.stride(0), b2d.stride(0),
+        CHUNK=_FLAT_CHUNK, BLOCK=_FLAT_BLOCK, ACC=tl_acc_dtype(a2d.dtype), NEED_A=int(need_a), NEED_B=int(need_b),
     )
     return grad_a, grad_b

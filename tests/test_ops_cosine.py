@@ -206,3 +206,25 @@ def test_reconstruction_loss_bad_input():
         ops.cosine_reconstruction_loss([a, a], [a])
     with pytest.raises(ValueError, match=r"inputs\[0\] and outputs\[0\] must have the same shape"):
         ops.cosine_reconstruction_loss([a], [a[:1]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reconstruction_loss_gradient_for_the_outputs_only(backend):
+    # Training: the backbone's features need no gradient, and none is computed for them.
+    xs = [feature_pair((2, 6, 5, 3), torch.float32, seed=i)[0] for i in range(2)]
+    ys = [feature_pair((2, 6, 5, 3), torch.float32, seed=i)[1].requires_grad_(True) for i in range(2)]
+    with ops.backend(backend):
+        grads = torch.autograd.grad(ops.cosine_reconstruction_loss(xs, ys), ys)
+    ys64 = [y.detach().double().requires_grad_(True) for y in ys]
+    expected = torch.autograd.grad(ref.cosine_reconstruction_loss(xs, ys64), ys64)
+    for g, e in zip(grads, expected):
+        assert_close_to_ref(g, e, torch.float32)
+
+
+def test_flat_backward_kernel_skips_the_gradient_not_needed():
+    a, b, coef = torch.randn(2, 3000), torch.randn(2, 3000), torch.randn(2, 3)
+    gb_buf, gb = guarded((2, 3000), torch.float32)
+    ga, gb = kcos.flat_cosine_backward(a, b, coef, grad_b=gb, need_a=False)
+    assert ga is None
+    assert_guards_intact(gb_buf)
+    torch.testing.assert_close(gb, coef[:, :1] * a + coef[:, 2:3] * b)

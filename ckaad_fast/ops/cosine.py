@@ -185,7 +185,7 @@ def _(a, b, eps):
     return a[0].new_empty((), dtype=acc), a[0].new_empty((sum(x.shape[0] for x in a), 3), dtype=acc)
 
 
-def _flat_grads(x, y, grad, sums, eps):
+def _flat_grads(x, y, grad, sums, eps, need_x: bool, need_y: bool):
     x2d, y2d, restore = rows_in_memory_order(x, y)
     cos, na, nb = _flat_cos_from_sums(sums, eps)
     na_c, nb_c = na.clamp_min(eps), nb.clamp_min(eps)
@@ -200,22 +200,26 @@ def _flat_grads(x, y, grad, sums, eps):
         dim=1,
     )
     if use_triton(x):
-        gx2d, gy2d = cosine_kernels.flat_cosine_backward(x2d, y2d, coef)
+        gx2d, gy2d = cosine_kernels.flat_cosine_backward(x2d, y2d, coef, need_a=need_x, need_b=need_y)
     else:
         acc = sums.dtype
         xa, ya = x2d.to(acc), y2d.to(acc)
-        gx2d = torch.mul(xa, coef[:, 1:2]).addcmul_(ya, coef[:, 0:1]).to(x.dtype)
-        gy2d = torch.mul(ya, coef[:, 2:3]).addcmul_(xa, coef[:, 0:1]).to(y.dtype)
-    return restore(gx2d), restore(gy2d)
+        gx2d = torch.mul(xa, coef[:, 1:2]).addcmul_(ya, coef[:, 0:1]).to(x.dtype) if need_x else None
+        gy2d = torch.mul(ya, coef[:, 2:3]).addcmul_(xa, coef[:, 0:1]).to(y.dtype) if need_y else None
+    # A gradient nobody needs comes back empty (custom ops cannot return None in a list).
+    gx = restore(gx2d) if need_x else x.new_empty(0)
+    gy = restore(gy2d) if need_y else y.new_empty(0)
+    return gx, gy
 
 
 @torch.library.custom_op("ckaad_fast::flat_cosine_loss_backward", mutates_args=(), device_types=_DEVICES)
 def _flat_cosine_loss_backward_op(
-    a: list[torch.Tensor], b: list[torch.Tensor], grad: torch.Tensor, sums: torch.Tensor, eps: float
+    a: list[torch.Tensor], b: list[torch.Tensor], grad: torch.Tensor, sums: torch.Tensor, eps: float,
+    need_a: bool, need_b: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     grads_a, grads_b, row = [], [], 0
     for x, y in zip(a, b):
-        gx, gy = _flat_grads(x, y, grad, sums[row:row + x.shape[0]], eps)
+        gx, gy = _flat_grads(x, y, grad, sums[row:row + x.shape[0]], eps, need_a, need_b)
         grads_a.append(gx)
         grads_b.append(gy)
         row += x.shape[0]
@@ -223,8 +227,9 @@ def _flat_cosine_loss_backward_op(
 
 
 @_flat_cosine_loss_backward_op.register_fake
-def _(a, b, grad, sums, eps):
-    return [torch.empty_like(x) for x in a], [torch.empty_like(y) for y in b]
+def _(a, b, grad, sums, eps, need_a, need_b):
+    return ([torch.empty_like(x) if need_a else x.new_empty(0) for x in a],
+            [torch.empty_like(y) if need_b else y.new_empty(0) for y in b])
 
 
 def _flat_setup(ctx, inputs, output):
@@ -237,10 +242,14 @@ def _flat_setup(ctx, inputs, output):
 def _flat_backward(ctx, grad, _grad_sums):
     saved = ctx.saved_tensors
     n = ctx.n_layers
-    if grad is None:
-        return None, None, None
-    grads_a, grads_b = _flat_cosine_loss_backward_op(list(saved[:n]), list(saved[n:2 * n]), grad, saved[-1], ctx.eps)
-    return list(grads_a), list(grads_b), None
+    # For a list argument, needs_input_grad holds one flag per tensor.
+    need_a, need_b = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
+    if grad is None or not (need_a or need_b):
+        return [None] * n, [None] * n, None
+    grads_a, grads_b = _flat_cosine_loss_backward_op(
+        list(saved[:n]), list(saved[n:2 * n]), grad, saved[-1], ctx.eps, need_a, need_b
+    )
+    return (list(grads_a) if need_a else [None] * n), (list(grads_b) if need_b else [None] * n), None
 
 
 _flat_cosine_loss_op.register_autograd(_flat_backward, setup_context=_flat_setup)
