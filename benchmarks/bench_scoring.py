@@ -140,7 +140,7 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
     t_ref = median_time(lambda i: reference_path(ref_model, dev_inputs[i], topk), device=device,
                         warmup=1, repeats=reps, rotate=2)
     ref_scores, _ = reference_path(ref_model, dev_inputs[0], topk)
-    del ref_model
+    ref_model = None  # free its memory before the Scorer's models are built
     rows = [("reference (eager fp32, per-image cosine + interpolate + scipy blur)", batch / t_ref, 1.0, 0.0, "")]
 
     for name, kw in configs:

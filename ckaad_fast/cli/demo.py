@@ -4,21 +4,9 @@ from __future__ import annotations
 import argparse
 
 from ..demo import DEMO_DEFAULTS
+from ._types import int_at_least
 
 _TEXTURES = ("brick", "gravel", "grass")  # ckaad_fast.synthetic.TEXTURES, without importing skimage for --help
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-
-    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,9 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="ckaad_demo", metavar="DIR",
                    help="output folder (created; default: ckaad_demo): metrics.json, report.html, "
                         "grid.png, data/ (the data set) and train/ (checkpoint and log)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=d["epochs"], metavar="N",
+    p.add_argument("--epochs", type=int_at_least(1), default=d["epochs"], metavar="N",
                    help=f"training epochs (default: {d['epochs']}); more gives better maps and takes longer")
-    p.add_argument("--image-size", type=_int_at_least(32), default=d["image_size"], metavar="PX",
+    p.add_argument("--image-size", type=int_at_least(32), default=d["image_size"], metavar="PX",
                    help=f"square image size in pixels (default: {d['image_size']})")
     p.add_argument("--category", choices=_TEXTURES, default=d["category"],
                    help=f"the texture photograph the data set is made from (default: {d['category']})")

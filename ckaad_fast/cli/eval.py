@@ -12,7 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .train import add_data_arguments, build_dataset, positive_int, nonneg_int
+from ._types import nonneg_int, positive_int
+from .train import add_data_arguments, build_dataset
 
 _ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image")
 _NAMES = {

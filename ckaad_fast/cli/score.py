@@ -7,46 +7,17 @@ and rank 0 merges their rows into the one OUT/scores.csv.
 from __future__ import annotations
 
 import argparse
-import math
-import textwrap
 import os
 import sys
+import textwrap
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+from ._types import finite_float, nonneg_int, positive_int
 
 
 def _topk(text: str):
     if text == "mean":
         return "mean"
-    return _positive_int(text)
-
-
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+    return positive_int(text)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -83,21 +54,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         ".tiff; hidden files skipped) and/or image files")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created): OUT/scores.csv and OUT/maps/")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images per batch (default: 16)")
     p.add_argument("--maps", choices=("none", "npy", "png"), default="none",
                    help="anomaly maps to write under OUT/maps/, named after each image's path relative "
                         "to the deepest folder holding all inputs: none (default); npy: the float32 map "
                         "at the model's input size; png: a heat-map overlay on the image (Turbo colours, "
                         "blue = low, red = high, one colour range for every image: see --map-range)")
-    p.add_argument("--map-range", type=_finite, nargs=2, metavar=("LO", "HI"), default=None,
+    p.add_argument("--map-range", type=finite_float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="colour range of the PNG overlays (LO dark blue, HI dark red). Default: the "
                         "minimum and maximum of the first batch's maps, or the range an earlier run "
                         "saved in OUT/maps/colour_scale.json when resuming; the range used is saved there")
     p.add_argument("--topk", type=_topk, default=None, metavar="K",
                    help="image score = mean of the K largest map values ('mean': the whole map's mean); "
                         "default: the checkpoint's")
-    p.add_argument("--threshold", type=_finite, default=None, metavar="T",
+    p.add_argument("--threshold", type=finite_float, default=None, metavar="T",
                    help="add the column is_anomalous (True when score >= T)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -111,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the forward into a CUDA graph (GPU only; the last, short batch is padded "
                         "and its padding never reaches the results)")
-    p.add_argument("--num-workers", type=_non_negative_int, default=None, metavar="N",
+    p.add_argument("--num-workers", type=nonneg_int, default=None, metavar="N",
                    help="image-decoding worker processes (default: from the CPU count; 0 decodes in the "
                         "main process)")
     p.add_argument("--resume", action="store_true",

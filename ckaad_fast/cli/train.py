@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from ._types import nonneg_float, nonneg_int, positive_float, positive_int, ratio_float, unit_float
+
 LAYOUTS = ("mvtec", "visa", "folder")
 # The paper's settings: industrial data (MVTec, VisA) vs medical class-folder data.
 _LAYOUT_DEFAULTS = {
@@ -21,55 +23,6 @@ _LAYOUT_DEFAULTS = {
     "visa": {"backbone": "wide_resnet50_2", "layers": (1, 2, 3), "ae_lr": 5e-3},
     "folder": {"backbone": "resnet18", "layers": (2, 3), "ae_lr": 1e-3},
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# Argument types: a bad value is reported by argparse with the option's name (exit code 2)
-# ------------------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
-def _float(text: str, ok, what: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if v != v or v in (float("inf"), float("-inf")) or not ok(v):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    return _float(text, lambda v: v > 0, "a number > 0")
-
-
-def nonneg_float(text: str) -> float:
-    return _float(text, lambda v: v >= 0, "a number >= 0")
-
-
-def unit_float(text: str) -> float:
-    return _float(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-
-
-def ratio_float(text: str) -> float:
-    return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def layer_int(text: str) -> int:

@@ -1,0 +1,54 @@
+"""Argument types shared by the subcommands: a bad value is reported by argparse with the
+option's name and exit code 2."""
+from __future__ import annotations
+
+import argparse
+
+
+def int_at_least(lo: int):
+    """An argparse type for integers >= ``lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return v
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def _float(text: str, ok, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")) or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    return _float(text, lambda v: True, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    return _float(text, lambda v: v > 0, "a number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    return _float(text, lambda v: v >= 0, "a number >= 0")
+
+
+def unit_float(text: str) -> float:
+    return _float(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def ratio_float(text: str) -> float:
+    return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
