@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_open
 from . import ops
 from .models import build_backbone
 from .models.autoencoder import FeatureAutoEncoder
@@ -134,19 +134,10 @@ class CKAAD(nn.Module):
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save through a temporary file in the same folder and a rename: a crash never leaves
-    a half-written checkpoint, and the previous one survives until the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save atomically: a crash never leaves a half-written checkpoint, and the previous one
+    survives until the new one is complete."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(path, model: CKAAD, **state) -> None:

@@ -12,12 +12,13 @@ import html
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_open, atomic_write_text
 
 __all__ = [
     "turbo",
@@ -131,34 +132,16 @@ def colour_range(maps: Sequence[np.ndarray] | np.ndarray, low_pct: float = 1.0, 
 # Files
 # ------------------------------------------------------------------------------------------------
 def save_png(image: np.ndarray | Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (temporary file in the same folder, then a rename): a crash never
-    leaves a half-written picture."""
+    """Write a PNG atomically: a crash never leaves a half-written picture."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        im.save(f, format="PNG")
     return path
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------------------

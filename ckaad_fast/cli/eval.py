@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ._types import nonneg_int, positive_int
 from .train import add_data_arguments, build_dataset
 
@@ -43,19 +43,8 @@ def format_metrics(metrics: dict) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``obj`` as JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
