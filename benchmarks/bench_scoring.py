@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.common import append_results, median_time, print_table
+from benchmarks.common import append_results, count_flops, matmul_ceiling, median_time, print_table
 from ckaad_fast.model import CKAAD, ModelConfig
 from ckaad_fast.scorer import Scorer
 
@@ -174,16 +174,27 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
                 rows.append((f"{name}: score_paths", float("nan"), float("nan"), float("nan"),
                              f"FAILED: {type(e).__name__}: {str(e)[:120]}"))
 
+    # The network's FLOPs per image against the device's matmul ceiling (in the row's dtype):
+    # how far each path is from what the hardware could do.
+    with torch.no_grad():
+        flops = count_flops(lambda x: model.autoencoder(model.backbone(x)), inputs[0][:1])
+    ceilings = {"fp32": matmul_ceiling(device, torch.float32)}
+    if device.type == "cuda":
+        ceilings["bf16"] = matmul_ceiling(device, torch.bfloat16)
+    fractions = [100 * flops * r[1] / ceilings["bf16" if "bf16" in r[0] else "fp32"] for r in rows]
     print_table(
-        f"scoring, {backbone} layers {list(layers)}, {size}x{size}, batch {batch}, device {device}",
-        ["path", "images / s", "speed-up vs reference", "max rel. score diff", "note"],
-        rows,
+        f"scoring, {backbone} layers {list(layers)}, {size}x{size}, batch {batch}, device {device}; "
+        f"network {flops / 1e9:.2f} GFLOP/image, matmul ceiling "
+        + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceilings.items()),
+        ["path", "images / s", "speed-up vs reference", "% of matmul ceiling", "max rel. score diff", "note"],
+        [(r[0], r[1], r[2], f, r[3], r[4]) for r, f in zip(rows, fractions)],
     )
     return [
         {"bench": "scoring", "model": backbone, "layers": "-".join(map(str, layers)), "size": size, "batch": batch,
          "path": r[0], "images_per_s": f"{r[1]:.2f}", "ms_per_image": f"{1e3 / r[1]:.4f}", "speedup": f"{r[2]:.3f}",
+         "gflop_per_image": f"{flops / 1e9:.3f}", "pct_of_matmul_ceiling": f"{f:.2f}",
          "max_rel_score_diff": f"{r[3]:.2e}", "note": r[4]}
-        for r in rows
+        for r, f in zip(rows, fractions)
     ]
 
 

@@ -147,3 +147,26 @@ def append_results(name: str, rows: Sequence[dict], device: str | torch.device =
             writer.writerow(row)
     os.replace(tmp, path)
     return path
+
+
+def matmul_ceiling(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> float:
+    """FLOP/s of a large square matmul on ``device``: the compute ceiling that rows of
+    compute-bound work (a network's forward) are compared with. bf16 on CUDA, float32 elsewhere."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else 1024
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    t = median_time(lambda i: a @ b, device=device, warmup=2, repeats=5)
+    return 2 * n**3 / t
+
+
+def count_flops(fn, *args) -> int:
+    """FLOPs of one call of ``fn(*args)`` (matmuls and convolutions), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
