@@ -23,12 +23,12 @@ anomalib is not needed: when it is not installed, the "before" below is a reimpl
 generator from its published semantics. A tiny randomly initialised encoder/decoder stands in for
 the networks: ``python examples/anomalib_rd_swap.py`` runs in a few seconds.
 """
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _tiny import TinyFeatureReconstructor, best_of
 from ckaad_fast.dropin import ReverseDistillationAnomalyMapGenerator, cosine_distillation_loss
 
 
@@ -63,38 +63,10 @@ except ImportError:
     OriginalGenerator = ReimplementedAnomalibGenerator
 
 
-class TinyReverseDistillation(nn.Module):
-    """Stand-in for the frozen encoder (strides 4, 8, 16) and the decoder."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 32, 7, 4, 3), nn.ReLU()),
-                                      nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU()),
-                                      nn.Sequential(nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU())])
-        self.decoder = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1) for c in (32, 64, 128)])
-
-    def forward(self, img):
-        encoder_features, x = [], img
-        for stage in self.encoder:
-            x = stage(x)
-            encoder_features.append(x)
-        decoder_features = [f + 0.2 * dec(f) for f, dec in zip(encoder_features, self.decoder)]
-        return encoder_features, decoder_features
-
-
-def best_of(fn, runs=3):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return out, min(times)
-
-
 def main():
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TinyReverseDistillation().to(device).eval()
+    model = TinyFeatureReconstructor().to(device).eval()
     img = torch.rand(8, 3, 256, 256, device=device)
     with torch.no_grad():
         enc, dec = model(img)

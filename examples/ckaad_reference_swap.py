@@ -16,14 +16,13 @@ as scipy). Training: its ``loss_function(inputs, outputs)`` is ``cosine_distilla
 A tiny randomly initialised encoder and auto-encoder stand in for the networks:
 ``python examples/ckaad_reference_swap.py`` runs in a few seconds.
 """
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-from torch import nn
 
+from _tiny import TinyFeatureReconstructor, best_of
 from ckaad_fast.dropin import ckaad_cal_anomaly_map, cosine_distillation_loss
 
 
@@ -44,36 +43,9 @@ def original_cal_anomaly_map(fs_list, ft_list, out_size=224, amap_mode="mul"):
     return np.vstack([gaussian_filter(m, sigma=4) for m in amap])
 
 
-class TinyCKAAD(nn.Module):
-    """Stand-in for the frozen backbone (strides 4, 8, 16) and the auto-encoder."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 32, 7, 4, 3), nn.ReLU()),
-                                      nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU()),
-                                      nn.Sequential(nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU())])
-        self.ae = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1) for c in (32, 64, 128)])
-
-    def forward(self, img):
-        inputs, x = [], img
-        for stage in self.encoder:
-            x = stage(x)
-            inputs.append(x)
-        return inputs, [f + 0.2 * ae(f) for f, ae in zip(inputs, self.ae)]
-
-
-def best_of(fn, runs=2):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return out, min(times)
-
-
 def main():
     torch.manual_seed(0)
-    model = TinyCKAAD().eval()
+    model = TinyFeatureReconstructor().eval()
     img = torch.rand(8, 3, 256, 256)
     with torch.no_grad():
         inputs, outputs = model(img)

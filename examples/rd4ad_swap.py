@@ -19,14 +19,13 @@ Training: ``loss_fucntion(inputs, outputs)`` -> ``cosine_distillation_loss(input
 A tiny randomly initialised encoder/decoder stands in for the detector's networks here, so that
 the script runs anywhere in a few seconds: ``python examples/rd4ad_swap.py``.
 """
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-from torch import nn
 
+from _tiny import TinyFeatureReconstructor, best_of
 from ckaad_fast.dropin import cosine_distillation_loss, rd4ad_cal_anomaly_map
 
 
@@ -48,38 +47,9 @@ def original_loss(a, b):
     return sum(torch.mean(1 - F.cosine_similarity(x.view(x.shape[0], -1), y.view(y.shape[0], -1))) for x, y in zip(a, b))
 
 
-class TinyReverseDistillation(nn.Module):
-    """Stand-in for the frozen teacher (3 stages, strides 4, 8, 16) and the student decoder."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 7, 4, 3), nn.ReLU())
-        self.stages = nn.ModuleList([nn.Identity(), nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU()),
-                                     nn.Sequential(nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU())])
-        self.decoder = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1) for c in (32, 64, 128)])
-
-    def forward(self, img):
-        inputs, x = [], self.stem(img)
-        for stage in self.stages:
-            x = stage(x)
-            inputs.append(x)
-        outputs = [f + 0.2 * dec(f) for f, dec in zip(inputs, self.decoder)]
-        return inputs, outputs
-
-
-def best_of(fn, runs=2):
-    """fn's result and its best wall time in ms over ``runs`` calls (the first also warms caches)."""
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return out, min(times)
-
-
 def main():
     torch.manual_seed(0)
-    model = TinyReverseDistillation().eval()
+    model = TinyFeatureReconstructor().eval()
     img = torch.rand(8, 3, 256, 256)
     with torch.no_grad():
         inputs, outputs = model(img)
