@@ -29,8 +29,25 @@ CHECKPOINT_VERSION = 1
 STRATEGIES = ("cka_patch", "cka_img", "gan", "recon_sub", "recon")
 
 
+class PlainConfig:
+    """Round-trips a configuration dataclass through plain types (lists for tuples), which JSON
+    and ``torch.load(weights_only=True)`` both accept."""
+
+    _kind = "configuration"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls._kind} keys {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(PlainConfig):
     """What defines a trained detector: enough to rebuild it and score as it was evaluated."""
 
     backbone: str = "wide_resnet50_2"
@@ -44,6 +61,7 @@ class ModelConfig:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _kind = "model configuration"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -55,16 +73,6 @@ class ModelConfig:
         self.mean = None if self.mean is None else tuple(float(v) for v in self.mean)
         self.std = None if self.std is None else tuple(float(v) for v in self.std)
 
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown model configuration keys {sorted(unknown)}")
-        return cls(**d)
 
 
 def _discriminator_kind(strategy: str) -> str | None:

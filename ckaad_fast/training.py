@@ -88,6 +88,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import ops
 from .data import PseudoAnomalyDataset
 from .model import (
+    PlainConfig,
     CKAAD,
     STRATEGIES,
     ModelConfig,
@@ -140,7 +141,7 @@ def _is_number(v) -> bool:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PlainConfig):
     """Everything that defines a training run (the model's shape included).
 
     Defaults are the paper's industrial setting (wide_resnet50_2, layers 1-3, AE lr 5e-3); for the
@@ -179,6 +180,8 @@ class TrainConfig:
         sigma: the anomaly map's Gaussian blur.
         elastic_alpha, elastic_sigma: the elastic distortion of the pseudo-anomalies.
     """
+
+    _kind = "training configuration"
 
     strategy: str = "cka_patch"
     backbone: str = "wide_resnet50_2"
@@ -279,19 +282,7 @@ class TrainConfig:
         if self.topk is not None and self.topk > h * w:
             raise _bad("topk", f"be at most the map's {h * w} pixels", self.topk)
 
-    # -- conversions -----------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """Plain types only (lists for tuples): JSON- and ``weights_only``-safe."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown training configuration keys {sorted(unknown)}")
-        return cls(**d)
-
+    # -- conversions (to_dict / from_dict come from PlainConfig) ---------------------------------
     def model_config(self) -> ModelConfig:
         """The :class:`ckaad_fast.model.ModelConfig` of the detector this run trains."""
         return ModelConfig(
