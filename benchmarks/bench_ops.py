@@ -7,7 +7,8 @@ At the feature shapes of WideResNet50 layers 1-3 for 256x256 images (256x64x64, 
   then scipy's gaussian_filter on the CPU, one image at a time), (b) the same composed of eager
   PyTorch ops over the batch (a separable conv blur), (c) torch.compile of (b), and (d) the memory
   floor: one read of both feature sets.
-- the losses, forward + backward, against eager autograd through the same formulas.
+- the losses, forward + backward, against eager autograd through the same formulas, torch.compile
+  of those, and the memory floor: one read of every input and one write of every gradient.
 
 Expected before measuring (CPU, 2 cores): the reference pipeline ~22 ms/image (DESIGN.md); the
 floor ~0.5-0.7 ms; our CPU path reads the features once in cache-sized slabs, so ~1 ms, i.e.
@@ -18,6 +19,7 @@ Run: ``python -m benchmarks.bench_ops [--quick] [--device cuda]``.
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import scipy.ndimage
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ckaad_fast.ops as ops
-from benchmarks.common import append_results, median_time, print_table
+from benchmarks.common import append_results, median_time, memory_floor, print_table
 
 WRN50_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
 QUICK_SHAPES = [(16, 16, 16), (32, 8, 8), (64, 4, 4)]
@@ -136,22 +138,35 @@ def bench_losses(args, device):
         loss = loss_fn(*inputs)
         loss.backward()
 
+    def t(fn, inputs):
+        return median_time(lambda i: fwd_bwd(fn, inputs[i]), device=device, repeats=reps, rotate=len(inputs))
+
     rows = []
     for name, ours_fn, eager_fn, inputs in [
         ("cosine_reconstruction_loss", ops.cosine_reconstruction_loss, _eager_recon_loss, sets),
         ("discriminator_loss", lambda s: ops.discriminator_loss(s, s, s), lambda s: _eager_disc_loss(s, s, s),
          [(s,) for s in score_sets]),
     ]:
-        t_ours = median_time(lambda i: fwd_bwd(ours_fn, inputs[i]), device=device, repeats=reps, rotate=len(inputs))
-        t_eager = median_time(lambda i: fwd_bwd(eager_fn, inputs[i]), device=device, repeats=reps, rotate=len(inputs))
-        rows.append((name, t_ours * 1e3, t_eager * 1e3, t_eager / t_ours))
+        # The least any implementation moves: one read of every input, one write of every gradient.
+        leaves = [[x.detach() for group in inp for x in group] for inp in inputs]
+        floor = memory_floor([(xs, [torch.empty_like(x) for x in xs]) for xs in leaves], device=device, repeats=reps)
+        times = {"ours": t(ours_fn, inputs), "eager": t(eager_fn, inputs)}
+        if not args.no_compile:
+            torch._dynamo.reset()
+            times["compiled"] = t(torch.compile(eager_fn), inputs)
+        rows.append((name, times["ours"] * 1e3, times["eager"] * 1e3, times.get("compiled", math.nan) * 1e3,
+                     times["eager"] / times["ours"], times.get("compiled", math.nan) / times["ours"],
+                     floor * 1e3, 100 * floor / times["ours"]))
     print_table(
         f"losses, forward + backward, {shapes}, batch {batch}, float32, device {device}",
-        ["loss", "ckaad_fast ms", "eager autograd ms", "speed-up"],
+        ["loss", "ckaad_fast ms", "eager autograd ms", "torch.compile ms", "eager / ours", "compiled / ours",
+         "floor ms (read inputs, write grads)", "ours % of floor"],
         rows,
     )
-    return [{"bench": "loss_fwd_bwd", "path": r[0], "ms": f"{r[1]:.4f}", "eager_ms": f"{r[2]:.4f}", "speedup": f"{r[3]:.3f}",
-             "batch": batch, "shapes": str(shapes)} for r in rows]
+    return [{"bench": "loss_fwd_bwd", "path": r[0], "ms": f"{r[1]:.4f}", "eager_ms": f"{r[2]:.4f}",
+             "compiled_ms": f"{r[3]:.4f}", "speedup": f"{r[4]:.3f}", "speedup_vs_compiled": f"{r[5]:.3f}",
+             "floor_ms": f"{r[6]:.4f}", "pct_of_floor": f"{r[7]:.2f}", "batch": batch, "shapes": str(shapes)}
+            for r in rows]
 
 
 def main(argv=None):

@@ -2,13 +2,18 @@
 
 One step = frozen backbone + auto-encoder forward, the discriminator step (Eq. 11, clipped Adam)
 and the generator step (Eq. 2 + lambda * Eq. 12). The same :class:`ckaad_fast.training.Trainer`
-runs it with the fused ops (``FusedLosses``) and with the same losses written in eager PyTorch
-from their formulas (what the authors' code computes), on the same model and the same inputs.
+runs it with the fused ops (``FusedLosses``), with the same losses written in eager PyTorch from
+their formulas (what the authors' code computes), and with ``torch.compile`` of those, on the same
+model and the same inputs.
 A second row times the losses alone (forward and backward on fixed features), which is the part
 that differs.
 
+Each row also shows how close the fused variant comes to the machine's ceiling: the step's FLOPs
+(counted by torch) against a large matmul's FLOP/s, and the losses against the time it takes to
+read their inputs once and write their gradients once (they do almost no arithmetic).
+
     python -m benchmarks.bench_train_step            # resnet18 / 128 px on CPU (+ wide_resnet50_2 / 256 bf16 on CUDA)
-    python -m benchmarks.bench_train_step --quick
+    python -m benchmarks.bench_train_step --quick [--no-compile]
 
 Rows are appended to benchmarks/results/train_step.csv.
 """
@@ -21,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import append_results, median_time, print_table
+from benchmarks.common import append_results, count_flops, matmul_ceiling, median_time, memory_floor, print_table
 
 from ckaad_fast.model import CKAAD
 from ckaad_fast.training import FusedLosses, TrainConfig, Trainer
@@ -53,6 +58,17 @@ class EagerLosses:
         return total
 
 
+class CompiledEagerLosses:
+    """:class:`EagerLosses` under ``torch.compile``: what a user who compiles their own loss code
+    gets. Built once per run, so that its compilations are reused across rounds."""
+
+    def __init__(self):
+        eager = EagerLosses()
+        self.reconstruction = torch.compile(eager.reconstruction)
+        self.discriminator = torch.compile(eager.discriminator)
+        self.generator = torch.compile(eager.generator)
+
+
 CASES = {
     # name: (backbone, layers, image size, batch, amp, device)
     "cpu": ("resnet18", (2, 3), 128, 8, None, "cpu"),
@@ -66,6 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (default: 7)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant, best kept (default: 2)")
     p.add_argument("--strategy", default="cka_patch", help="strategy whose step is timed (default: cka_patch)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile-of-eager-losses variant")
     p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/train_step.csv")
     return p.parse_args(argv)
 
@@ -83,27 +100,48 @@ def _time_steps(model, cfg, losses, inputs, repeats, device):
                        rotate=len(inputs))
 
 
-def _time_losses(model, cfg, losses, inputs, repeats, device):
-    """Median time of the step's losses alone, forward + backward, on fixed features."""
+def _loss_inputs(model, cfg, inputs, device):
+    """Fixed features, reconstructions and discriminator scores, as one step would see them."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         feats = model.features(torch.cat(inputs[0]))
         recon = model.autoencoder(feats)
     n = inputs[0][0].shape[0]
-    recon = [r.detach().requires_grad_(True) for r in recon]
-    scores = [torch.randn(f.shape[0] * 2, 1, *f.shape[-2:], device=device, dtype=f.dtype) for f in feats]
-    scores = [s.requires_grad_(True) for s in scores]
-    total = feats[0].shape[0]
+    feats = [f[:n] for f in feats]
+    recon = [r[:n].detach().requires_grad_(True) for r in recon]
+    # D's scores of the normal and anomalous features and of both images' reconstructions, stacked.
+    scores = [torch.randn(4 * n, 1, *f.shape[-2:], device=device, dtype=f.dtype).requires_grad_(True) for f in feats]
+    return n, feats, recon, scores
+
+
+def _time_losses(model, cfg, losses, inputs, repeats, device):
+    """Median time of the step's losses alone, forward + backward, on fixed features."""
+    n, feats, recon, scores = _loss_inputs(model, cfg, inputs, device)
 
     def run(_):
         s_n = [s[:n] for s in scores]
-        s_a = [s[n:total] for s in scores]
-        s_g = [s[total:] for s in scores]
+        s_a = [s[n:2 * n] for s in scores]
+        s_g = [s[2 * n:] for s in scores]
         d = losses.discriminator(s_n, s_a, s_g, cfg.gamma, cfg.margin)
-        g = losses.reconstruction([f[:n] for f in feats], [r[:n] for r in recon]) + cfg.lam * losses.generator(s_g)
+        g = losses.reconstruction(feats, recon) + cfg.lam * losses.generator(s_g)
         torch.autograd.backward([d, g])
 
     return median_time(run, device=device, warmup=2, repeats=repeats)
+
+
+def _losses_floor(model, cfg, inputs, repeats, device):
+    """Seconds to read every input of the losses once and write every gradient once: the least
+    any implementation must move."""
+    _, feats, recon, scores = _loss_inputs(model, cfg, inputs, device)
+    reads = [t.detach() for t in feats + recon + scores]
+    writes = [torch.empty_like(t) for t in recon + scores]
+    return memory_floor([(reads, writes)], device=device, repeats=repeats)
+
+
+def _step_flops(model, cfg, inputs):
+    """FLOPs of one training step (forward, both backward passes), counted by torch."""
+    trainer = Trainer(copy.deepcopy(model), cfg, losses=FusedLosses())
+    return count_flops(trainer.step, *inputs[0])
 
 
 def main(argv=None) -> list[dict]:
@@ -124,24 +162,43 @@ def main(argv=None) -> list[dict]:
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         inputs = [_inputs(batch, size, device, seed) for seed in range(2)]
+        ceilings = {
+            # The step is compute-bound: its FLOPs against a large matmul in the step's precision.
+            "train step": _step_flops(model, cfg, inputs)
+            / matmul_ceiling(device, torch.bfloat16 if amp == "bf16" else torch.float32),
+            # The losses are memory-bound: reading their inputs and writing their gradients.
+            "losses fwd+bwd": _losses_floor(model, cfg, inputs, repeats, device),
+        }
+        variants = {"eager": EagerLosses(), "fused": FusedLosses()}
+        if not args.no_compile:
+            torch._dynamo.reset()
+            variants["compiled"] = CompiledEagerLosses()
         for what, timer in (("train step", _time_steps), ("losses fwd+bwd", _time_losses)):
             # Alternate the variants over a few rounds and keep each one's best median, so that
-            # neither pays for warm-up or for another process's burst on a shared machine.
-            t_eager = t_fused = float("inf")
+            # none pays for warm-up (or compilation) or for another process's burst on a shared machine.
+            t = {name: float("inf") for name in variants}
             for _ in range(args.rounds):
-                t_eager = min(t_eager, timer(model, cfg, EagerLosses(), inputs, repeats, device))
-                t_fused = min(t_fused, timer(model, cfg, FusedLosses(), inputs, repeats, device))
+                for name, losses in variants.items():
+                    t[name] = min(t[name], timer(model, cfg, losses, inputs, repeats, device))
+            t_fused = t["fused"]
             rows.append({
                 "what": what, "strategy": args.strategy, "device": dev, "backbone": backbone,
                 "layers": " ".join(map(str, layers)), "image_size": size, "batch": batch, "amp": amp or "fp32",
-                "eager_ms": 1e3 * t_eager, "fused_ms": 1e3 * t_fused, "speedup": t_eager / t_fused,
+                "eager_ms": 1e3 * t["eager"], "compiled_ms": 1e3 * t.get("compiled", float("nan")),
+                "fused_ms": 1e3 * t_fused, "speedup": t["eager"] / t_fused,
+                "speedup_vs_compiled": t.get("compiled", float("nan")) / t_fused,
+                "ceiling": "matmul FLOP/s" if what == "train step" else "read inputs + write grads",
+                "ceiling_ms": 1e3 * ceilings[what], "pct_of_ceiling": 100 * ceilings[what] / t_fused,
                 "quick": args.quick,
             })
     print_table(
-        f"One CKAAD training step ({args.strategy}: D step + G step), eager PyTorch losses vs fused ops",
-        ["what", "device", "backbone", "size", "batch", "precision", "eager ms", "fused ms", "eager / fused"],
+        f"One CKAAD training step ({args.strategy}: D step + G step), losses in eager PyTorch, torch.compile "
+        "of them, and the fused ops",
+        ["what", "device", "backbone", "size", "batch", "precision", "eager ms", "compiled ms", "fused ms",
+         "eager / fused", "compiled / fused", "ceiling", "ceiling ms", "fused % of ceiling"],
         [[r["what"], r["device"], f"{r['backbone']} {r['layers']}", r["image_size"], r["batch"], r["amp"],
-          r["eager_ms"], r["fused_ms"], r["speedup"]] for r in rows],
+          r["eager_ms"], r["compiled_ms"], r["fused_ms"], r["speedup"], r["speedup_vs_compiled"], r["ceiling"],
+          r["ceiling_ms"], r["pct_of_ceiling"]] for r in rows],
     )
     if not args.no_save:
         for case in cases:  # each device's rows stamped with that machine's name

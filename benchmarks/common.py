@@ -149,6 +149,18 @@ def append_results(name: str, rows: Sequence[dict], device: str | torch.device =
     return path
 
 
+def memory_floor(sets: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]], *,
+                 device: str | torch.device = "cpu", repeats: int = 5) -> float:
+    """Seconds to read every tensor of ``reads`` once and write every tensor of ``writes`` once,
+    for ``(reads, writes)`` pairs in ``sets`` rotated between repetitions: the least time any
+    implementation of a memory-bound op on them can take, measured on the same machine."""
+    # A sum reads each byte once (its result is tiny); a fill writes each byte once.
+    return median_time(
+        lambda i: ([t.sum() for t in sets[i][0]], [t.zero_() for t in sets[i][1]]),
+        device=device, warmup=2, repeats=repeats, rotate=len(sets),
+    )
+
+
 def matmul_ceiling(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> float:
     """FLOP/s of a large square matmul on ``device``: the compute ceiling that rows of
     compute-bound work (a network's forward) are compared with. bf16 on CUDA, float32 elsewhere."""
