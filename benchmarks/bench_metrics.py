@@ -11,9 +11,10 @@ Baselines, all run in this process on the same inputs:
   the way the MVTec AD evaluation script computes it;
 - pixel AUROC: ``sklearn.metrics.roc_auc_score`` on the flattened masks and maps.
 
-Every row also shows our fraction of a floor: one ``np.sort`` of all the pixel scores, which any
-exact rank-based pixel metric needs at least once (per-image AUPRO sorts each image's pixels,
-which costs about the same).
+Every row also shows our time in units of a yardstick measured on the same machine: one
+``np.sort`` of all the pixel scores, the step that dominates any exact rank-based pixel metric.
+It is not a strict floor: a metric that needs only part of the pixels (per-image AUPRO ranks the
+anomalous images alone) or sorts float32 keys faster than numpy can beat it.
 
 Inputs are synthetic: random elliptic defects on two thirds of the images, and blurred noise maps
 that see the defects partly, in float32 like the maps of the reference scoring path.
@@ -28,7 +29,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.common import append_results, median_time, print_table
+from benchmarks.common import append_results, best_time, median_time, print_table
 from ckaad_fast import metrics
 
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "sort-based (MVTec AD)": slow(sort_based_aupro),
         "sklearn roc_auc_score": slow(sklearn_pixel_auroc),
     }
-    t_floor = median_time(lambda i: np.sort(maps, axis=None), repeats=repeats, warmup=1)
+    t_sort = best_time(lambda i: np.sort(maps, axis=None), repeats=repeats, warmup=1)
     t_all_baselines = t["reference loop"] + t["sort-based (MVTec AD)"] + t["sklearn roc_auc_score"]
 
     # (metric, ours key, baseline name, same metric?)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 "baseline_s": t[baseline],
                 "ours_s": t[key],
                 "speedup": t[baseline] / t[key],
-                "pct_of_floor": 100 * t_floor / t[key],
+                "sorts": t[key] / t_sort,
                 "abs_diff": diff,
                 "value": ours[key],
             }
@@ -219,17 +220,17 @@ def main(argv: list[str] | None = None) -> None:
             "baseline_s": t_all_baselines,
             "ours_s": t["evaluate"],
             "speedup": t_all_baselines / t["evaluate"],
-            # evaluate computes the three metrics: three sorts at least.
-            "pct_of_floor": 100 * 3 * t_floor / t["evaluate"],
+            "sorts": t["evaluate"] / t_sort,
             "abs_diff": math.nan,
             "value": math.nan,
         }
     )
 
-    columns = ["metric", "baseline", "baseline (s)", "ours (s)", "speed-up", "ours % of floor", "|ours - baseline|"]
+    columns = ["metric", "baseline", "baseline (s)", "ours (s)", "speed-up", "ours in sorts of all pixels",
+               "|ours - baseline|"]
     print_table(
-        f"ckaad_fast.metrics vs baselines, {n} maps of {size}x{size}, CPU; floor (one sort of every pixel score) "
-        f"{t_floor:.3g} s",
+        f"ckaad_fast.metrics vs baselines, {n} maps of {size}x{size}, CPU; one np.sort of every pixel score "
+        f"{t_sort:.3g} s",
         columns,
         [
             [
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 r["baseline_s"],
                 r["ours_s"],
                 f"{r['speedup']:.0f}x" if r["speedup"] >= 10 else f"{r['speedup']:.1f}x",
-                r["pct_of_floor"],
+                r["sorts"],
                 _diff_text(r),
             ]
             for r in rows

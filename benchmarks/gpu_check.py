@@ -7,7 +7,7 @@ On a CUDA machine, in one process:
      capture of the Scorer with zero cudagraph skips, results equal to eager;
   3. timings: each op's GB/s against a device-to-device copy of the same bytes; the Scorer's
      images/s (resnet18/256 and wide_resnet50_2/256, bf16, compile + CUDA graphs) against the
-     reference path; a training step against eager losses;
+     reference path; a training step against eager losses, and its fraction of the matmul ceiling;
   4. NVTX ranges emitted without error (no nsys needed).
 It prints a verdict table last, and writes its log and a CSV under $OUT (or --out) when set.
 
@@ -333,6 +333,7 @@ def time_scorer_and_training(chk: Check, device, smoke: bool, csv_rows: list, de
     from types import SimpleNamespace
 
     from benchmarks import bench_scoring, bench_train_step
+    from benchmarks.common import matmul_ceiling
 
     if smoke:
         models = [("resnet18", (1, 2), 64, 2)]
@@ -383,10 +384,14 @@ def time_scorer_and_training(chk: Check, device, smoke: bool, csv_rows: list, de
         reps = 2 if smoke else 10
         t_eager = bench_train_step._time_steps(model, cfg, bench_train_step.EagerLosses(), inputs, reps, device)
         t_fused = bench_train_step._time_steps(model, cfg, FusedLosses(), inputs, reps, device)
+        # The step is compute-bound: its FLOPs against a large matmul in the step's precision.
+        flops = bench_train_step._step_flops(model, cfg, inputs)
+        pct = 100 * flops / t_fused / matmul_ceiling(device, torch.bfloat16 if amp == "bf16" else torch.float32)
         row["detail"] = (f"{backbone}/{size} batch {batch} {amp or 'fp32'}: fused {t_fused * 1e3:.1f} ms, "
-                         f"eager {t_eager * 1e3:.1f} ms, {t_eager / t_fused:.2f}x")
+                         f"eager {t_eager * 1e3:.1f} ms, {t_eager / t_fused:.2f}x, {pct:.0f}% of matmul ceiling")
         csv_rows.append({"bench": "train_step", "name": f"{backbone}/{size}", "fused_ms": f"{t_fused * 1e3:.3f}",
-                         "eager_ms": f"{t_eager * 1e3:.3f}", "speedup": f"{t_eager / t_fused:.3f}"})
+                         "eager_ms": f"{t_eager * 1e3:.3f}", "speedup": f"{t_eager / t_fused:.3f}",
+                         "gflop_per_step": f"{flops / 1e9:.2f}", "pct_of_matmul_ceiling": f"{pct:.2f}"})
 
 
 # ------------------------------------------------------------------------------------------------
