@@ -18,15 +18,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The value to draw, by preference: a time (lower is better) or a rate (higher is better).
+# Each row is drawn with the first of these it has a number for, so that one CSV holding several
+# kinds of rows (ops.csv: ms per image for the map, ms for the losses) shows all of them.
 VALUE_COLUMNS = [
-    ("ms_per_image", "ms per image (lower is better)"),
-    ("ms", "ms (lower is better)"),
-    ("seconds", "seconds (lower is better)"),
-    ("us", "microseconds (lower is better)"),
-    ("images_per_s", "images per second (higher is better)"),
-    ("speedup", "speed-up (higher is better)"),
+    ("ms_per_image", "ms/image", "ms per image (lower is better)"),
+    ("ms", "ms", "ms (lower is better)"),
+    ("seconds", "s", "seconds (lower is better)"),
+    ("us", "us", "microseconds (lower is better)"),
+    ("images_per_s", "img/s", "images per second (higher is better)"),
+    ("speedup", "x", "speed-up (higher is better)"),
 ]
-LABEL_COLUMNS = ["path", "name", "check", "metric", "strategy", "detector"]
+LABEL_COLUMNS = ["what", "path", "name", "check", "metric", "strategy", "detector"]
 SKIP_LABELS = {"machine", "commit", "date", "torch"}
 
 
@@ -43,11 +45,7 @@ def _latest_runs(rows):
 
 
 def _pick(columns, candidates):
-    for c in candidates:
-        name = c[0] if isinstance(c, tuple) else c
-        if name in columns:
-            return c
-    return None
+    return next((c for c in candidates if c in columns), None)
 
 
 def _label(row, label_col, columns):
@@ -58,29 +56,39 @@ def _label(row, label_col, columns):
     return " | ".join(p for p in parts if p)
 
 
+def _value(row):
+    """(value, unit, title) of the first value column this row has a number for, else None."""
+    for col, unit, title in VALUE_COLUMNS:
+        try:
+            v = float(row.get(col) or "nan")
+        except ValueError:
+            continue
+        if not math.isnan(v):
+            return v, unit, title
+    return None
+
+
 def draw(name: str, rows: list[dict], out_path: Path) -> Path | None:
     if not rows:
         return None
-    columns = list(rows[0])
-    value = _pick(columns, VALUE_COLUMNS)
-    if value is None:
-        return None
-    value_col, value_title = value
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     label_col = _pick(columns, LABEL_COLUMNS)
     runs = _latest_runs(rows)
     font = ImageFont.load_default()
-    bars = []
+    bars, titles = [], []
     for machine, rs in runs.items():
-        bars.append(("__header__", machine, None))
+        bars.append(("__header__", machine, None, ""))
         for r in rs:
-            try:
-                v = float(r[value_col])
-            except (TypeError, ValueError):
+            picked = _value(r)
+            if picked is None:
                 continue
-            bars.append(("bar", _label(r, label_col, columns), v))
+            v, unit, title = picked
+            titles.append(title)
+            bars.append(("bar", _label(r, label_col, columns), v, unit))
     values = [b[2] for b in bars if b[0] == "bar" and b[2] > 0]
     if not values:
         return None
+    value_title = "; ".join(dict.fromkeys(titles))
     lo, hi = min(values), max(values)
     lo_log, hi_log = math.log10(lo) - 0.3, math.log10(hi) + 0.1
     label_w, bar_w, row_h = 430, 520, 20
@@ -90,7 +98,7 @@ def draw(name: str, rows: list[dict], out_path: Path) -> Path | None:
     d.text((10, 8), f"{name}: {value_title}", fill="black", font=font)
     d.text((10, 24), "log scale; each machine's latest run", fill=(90, 90, 90), font=font)
     y = 46
-    for kind, label, v in bars:
+    for kind, label, v, unit in bars:
         if kind == "__header__":
             d.text((10, y + 4), label, fill=(20, 60, 140), font=font)
         else:
@@ -98,7 +106,7 @@ def draw(name: str, rows: list[dict], out_path: Path) -> Path | None:
             frac = 0.0 if v <= 0 else (math.log10(v) - lo_log) / (hi_log - lo_log)
             x1 = label_w + max(2, int(bar_w * min(1.0, frac)))
             d.rectangle([label_w, y + 3, x1, y + row_h - 3], fill=(70, 130, 180))
-            d.text((x1 + 6, y + 4), f"{v:.4g}", fill="black", font=font)
+            d.text((x1 + 6, y + 4), f"{v:.4g} {unit}", fill="black", font=font)
         y += row_h
     tmp = out_path.with_suffix(".png.tmp")
     img.save(tmp, format="PNG")
