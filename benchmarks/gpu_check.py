@@ -398,18 +398,19 @@ def time_scorer_and_training(chk: Check, device, smoke: bool, csv_rows: list, de
 # 4. NVTX
 # ------------------------------------------------------------------------------------------------
 def check_nvtx(chk: Check, device, smoke: bool):
-    from ckaad_fast.profiling import enable_nvtx, nvtx_enabled, nvtx_range
+    from ckaad_fast.profiling import enable_nvtx, nvtx_backend, nvtx_enabled, nvtx_range
 
     with chk.item("nvtx", "ranges emitted without error") as row:
         enable_nvtx(True)
         try:
             if not nvtx_enabled():
                 row["verdict"] = "SKIP"
-                row["detail"] = "the nvtx package is not installed here (carry its wheel)"
+                row["detail"] = "neither the nvtx package nor torch's CUDA NVTX bindings are here"
                 return
             with nvtx_range("gpu_check"):
                 fs = [torch.randn(2, 4, 8, 8, device=device)]
                 ops.anomaly_map(fs, fs, out_size=16)
+            row["detail"] = f"through {nvtx_backend()}"
         finally:
             enable_nvtx(False)
 

@@ -1,8 +1,10 @@
 """NVTX ranges for Nsight Systems, off unless asked for.
 
 Turn them on with ``CKAAD_FAST_NVTX=1`` or :func:`enable_nvtx`. They use the ``nvtx`` package
-(one domain, ``ckaad_fast``) rather than ``torch.cuda.nvtx``, which raises on CPU-only builds, and
-step aside while torch.compile traces, so that they never cause a graph break.
+(one domain, ``ckaad_fast``) rather than ``torch.cuda.nvtx``, which raises on CPU-only builds; where
+the package is missing (images that ship torch but not it), CUDA builds of torch fall back to their
+own bindings, in the default domain. The ranges step aside while torch.compile traces, so that
+they never cause a graph break.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ DOMAIN = "ckaad_fast"
 _enabled: bool | None = None
 
 
+def nvtx_backend() -> str | None:
+    """Which bindings the ranges use: 'nvtx' (the package), 'torch.cuda.nvtx', or None."""
+    if _nvtx is not None:
+        return "nvtx"
+    if hasattr(torch._C, "_nvtx"):  # built into CUDA builds of torch only
+        return "torch.cuda.nvtx"
+    return None
+
+
 def enable_nvtx(on: bool = True) -> None:
     """Emit NVTX ranges from now on (``on=False`` stops them); overrides ``CKAAD_FAST_NVTX``."""
     global _enabled
@@ -27,18 +38,24 @@ def enable_nvtx(on: bool = True) -> None:
 
 
 def nvtx_enabled() -> bool:
-    if _enabled is not None:
-        return _enabled and _nvtx is not None
-    return _nvtx is not None and os.environ.get("CKAAD_FAST_NVTX", "0") not in ("", "0")
+    on = _enabled if _enabled is not None else os.environ.get("CKAAD_FAST_NVTX", "0") not in ("", "0")
+    return on and nvtx_backend() is not None
 
 
 @contextlib.contextmanager
 def _range(name: str):
-    rng = _nvtx.start_range(message=name, domain=DOMAIN)
-    try:
-        yield
-    finally:
-        _nvtx.end_range(rng)
+    if _nvtx is not None:
+        rng = _nvtx.start_range(message=name, domain=DOMAIN)
+        try:
+            yield
+        finally:
+            _nvtx.end_range(rng)
+    else:
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
 
 
 def nvtx_range(name: str):
