@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import functools
 import math
-import operator
 from typing import Sequence
 
 import numpy as np
@@ -94,16 +93,6 @@ def _blur(amap: torch.Tensor, sigma: float, border: str) -> torch.Tensor:
     return upsample_blur_sum([amap], tuple(amap.shape[1:]), sigma=sigma, truncate=4.0, border=border)
 
 
-def _out_hw(out_size) -> tuple[int, int]:
-    """out_size as an (h, w) pair; NumPy and 0-d tensor integers count as ints (img.shape[-1])."""
-    if not isinstance(out_size, bool):
-        try:
-            out_size = operator.index(out_size)
-        except TypeError:
-            pass
-    return out_size_pair(out_size)
-
-
 def _check_sigma(sigma) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
@@ -136,7 +125,7 @@ def rd4ad_cal_anomaly_map(fs_list, ft_list, out_size=224, amap_mode="mul", *, si
     """
     mode = _mode(amap_mode, _RD4AD_MODES, "amap_mode")
     fs_list, ft_list = _check_features(fs_list, ft_list)
-    out_hw = _out_hw(out_size)
+    out_hw = out_size_pair(out_size)
     sigma = _check_sigma(sigma)
     with torch.no_grad():
         errors = _error_maps(fs_list, ft_list)
@@ -180,7 +169,7 @@ def ckaad_cal_anomaly_map(fs_list, ft_list, out_size=224, amap_mode="mul"):
     """
     mode = _mode(amap_mode, _CKAAD_MODES, "amap_mode")
     fs_list, ft_list = _check_features(fs_list, ft_list)
-    out_hw = _out_hw(out_size)
+    out_hw = out_size_pair(out_size)
     with torch.no_grad():
         if mode == "add":
             amap = _fused_anomaly_map(fs_list, ft_list, out_hw, sigma=4.0, truncate=4.0, border="reflect")
@@ -218,10 +207,7 @@ class ReverseDistillationAnomalyMapGenerator(nn.Module):
 
     def __init__(self, image_size, sigma: float = 4, mode: AnomalyMapGenerationMode | str = AnomalyMapGenerationMode.MULTIPLY):
         super().__init__()
-        if not isinstance(image_size, (tuple, list, bool)) and hasattr(image_size, "__index__"):
-            image_size = (operator.index(image_size),) * 2
-        self.image_size = image_size if isinstance(image_size, tuple) else tuple(image_size)
-        _out_hw(self.image_size)
+        self.image_size = out_size_pair(image_size, "image_size")
         self.sigma = sigma
         _check_sigma(sigma)
         self.kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
@@ -235,7 +221,7 @@ class ReverseDistillationAnomalyMapGenerator(nn.Module):
         for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
             check_pair(fs, ft, f"student_features[{i}]", f"teacher_features[{i}]", ndim=4)
         check_same_batch(fs_list, "student_features")
-        out_hw = _out_hw(self.image_size)
+        out_hw = out_size_pair(self.image_size)
         sigma = float(self.sigma)
         if self.mode == AnomalyMapGenerationMode.ADD:
             amap = _fused_anomaly_map(fs_list, ft_list, out_hw, sigma=sigma, truncate=4.0, border="mirror")

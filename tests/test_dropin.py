@@ -441,8 +441,10 @@ def test_bad_input():
         dropin.ReverseDistillationAnomalyMapGenerator((16, 16), mode="mul")
     with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
         dropin.ReverseDistillationAnomalyMapGenerator((16, 16), sigma=float("nan"))
-    with pytest.raises(ValueError, match="out_size must be"):
+    with pytest.raises(ValueError, match="image_size must be an int or an"):
         dropin.ReverseDistillationAnomalyMapGenerator((16, 16, 3))
+    with pytest.raises(ValueError, match="image_size must be an int or an"):
+        dropin.ReverseDistillationAnomalyMapGenerator(16.0)
     generator = dropin.ReverseDistillationAnomalyMapGenerator((16, 16))
     with pytest.raises(ValueError, match="student_features and teacher_features must have one tensor per layer each"):
         generator(f, f + f)

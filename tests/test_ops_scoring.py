@@ -135,6 +135,25 @@ def test_image_score_matches_reference(batch, h, w, data, seed):
         torch.testing.assert_close(ops.image_score(amap, 1), amap.reshape(batch, -1).max(1).values)
 
 
+@pytest.mark.parametrize("out_size, expected", [
+    (5, (5, 5)), (np.int64(7), (7, 7)), (torch.tensor(6), (6, 6)), (np.array(4), (4, 4)),
+    ((3, 4), (3, 4)), ([3, 4], (3, 4)), (torch.Size([3, 4]), (3, 4)), (np.array([3, 4]), (3, 4)),
+    ((np.int32(2), torch.tensor(3)), (2, 3)),
+])
+def test_out_size_forms_users_pass(out_size, expected):
+    # img.shape[-1], a NumPy int from a config, a 0-d tensor: all mean the same size.
+    amap = ops.anomaly_map([torch.randn(1, 2, 3, 3)], [torch.randn(1, 2, 3, 3)], out_size=out_size)
+    assert tuple(amap.shape[1:]) == expected
+
+
+@pytest.mark.parametrize("out_size", [True, 2.5, (1, 2, 3), "ab", np.array([3]), np.array(2.0),
+                                      torch.tensor([3, 4]), None, (True, 3), np.array([[1, 2]])])
+def test_out_size_rejects_what_is_not_a_size(out_size):
+    f = [torch.randn(1, 2, 3, 3)]
+    with pytest.raises(ValueError, match="out_size must be an int or an \\(h, w\\) pair of ints"):
+        ops.anomaly_map(f, f, out_size=out_size)
+
+
 def test_scoring_bad_input():
     f = [torch.randn(2, 3, 4, 4)]
     with pytest.raises(ValueError, match="fs_list is empty"):

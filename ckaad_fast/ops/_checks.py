@@ -4,6 +4,7 @@ from __future__ import annotations
 import operator
 from typing import Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -50,23 +51,30 @@ def check_same_batch(tensors: Sequence[torch.Tensor], name: str) -> None:
         raise ValueError(f"every tensor in {name} must have the same batch size, got {sizes}")
 
 
-def _as_int(v):
-    # NumPy integers and 0-d integer tensors (what evaluation loops pass) count as ints.
+def _is_int(v) -> bool:
+    """Python, NumPy and 0-d integer tensor ints (what evaluation loops pass), never bools.
+
+    Decided by type, not by catching operator.index's TypeError: torch.compile in torch 2.11
+    turns that TypeError into an internal error instead of letting the except clause see it.
+    """
     if isinstance(v, bool):
-        raise TypeError
-    return operator.index(v)
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    if isinstance(v, np.ndarray):
+        return v.ndim == 0 and v.dtype.kind in "iu"
+    return isinstance(v, int) or hasattr(type(v), "__index__")
 
 
-def out_size_pair(out_size) -> tuple[int, int]:
-    try:
-        pair = (_as_int(out_size),) * 2
-    except TypeError:
-        try:
-            pair = tuple(_as_int(v) for v in out_size)
-        except TypeError:
-            raise ValueError(f"out_size must be an int or an (h, w) pair of ints, got {out_size!r}") from None
-        if len(pair) != 2:
-            raise ValueError(f"out_size must be an int or an (h, w) pair of ints, got {out_size!r}")
+def out_size_pair(out_size, name: str = "out_size") -> tuple[int, int]:
+    """``out_size`` (an int or an (h, w) pair of ints) as an (h, w) tuple; errors call it ``name``."""
+    if _is_int(out_size):
+        pair = (operator.index(out_size),) * 2
+    elif (isinstance(out_size, (tuple, list)) or (isinstance(out_size, np.ndarray) and out_size.ndim == 1)) and (
+            len(out_size) == 2 and all(_is_int(v) for v in out_size)):
+        pair = tuple(operator.index(v) for v in out_size)
+    else:
+        raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {out_size!r}")
     if min(pair) < 1:
-        raise ValueError(f"out_size must be >= 1, got {out_size!r}")
+        raise ValueError(f"{name} must be >= 1, got {out_size!r}")
     return pair
