@@ -113,24 +113,29 @@ def _cosine_map_bwd_kernel(
         tl.store(gb_pos[:, None] + offs_c[None, :] * sgb_c, gb.to(GB.dtype.element_ty), mask=m)
 
 
-def _map_blocks(a: torch.Tensor) -> tuple[int, int]:
-    """Tile sizes: positions x channels, ~4K elements per tile and operand.
+def _map_blocks(a: torch.Tensor) -> tuple[int, int, int]:
+    """Tile sizes (positions x channels, ~4K elements per tile and operand) and warps per tile.
 
     Where channels are the contiguous dim (channels_last), a wide channel block gives long
-    contiguous loads; where positions are (NCHW), a wide position block does.
+    contiguous loads; where positions are (NCHW), a wide position block does. Warps follow
+    Triton's tutorials (one per 256 tile elements, at most 8): at the default 4, the forward's
+    three float32 accumulator tiles alone take 96 registers per thread, and sm_90 builds of the
+    kernels reached the 255-register limit (tests/gpu_compile.py prints them).
     """
     N, C, H, W = a.shape
     if a.stride(1) == 1 and C > 1:
         block_c = min(64, triton.next_power_of_2(C))
-        return max(16, 4096 // block_c), block_c
-    # Deep layers have few positions (16x16 at 256 px): shrink the position block so that a batch
-    # still spreads over a few hundred programs, and widen the channel block to keep each tile big.
-    positions = N * H * W
-    block_p = 256
-    while block_p > 32 and positions // block_p < 512:
-        block_p //= 2
-    block_c = min(4096 // block_p, 64, triton.next_power_of_2(C))
-    return block_p, max(1, block_c)
+        block_p = max(16, 4096 // block_c)
+    else:
+        # Deep layers have few positions (16x16 at 256 px): shrink the position block so that a
+        # batch still spreads over a few hundred programs, and widen the channel block to keep
+        # each tile big.
+        positions = N * H * W
+        block_p = 256
+        while block_p > 32 and positions // block_p < 512:
+            block_p //= 2
+        block_c = max(1, min(4096 // block_p, 64, triton.next_power_of_2(C)))
+    return block_p, block_c, min(max(block_p * block_c // 256, 1), 8)
 
 
 def cosine_map_forward(a: torch.Tensor, b: torch.Tensor, eps: float, out_dtype: torch.dtype, err=None, stats=None):
@@ -146,12 +151,12 @@ def cosine_map_forward(a: torch.Tensor, b: torch.Tensor, eps: float, out_dtype: 
         stats = a.new_empty((3, N, H, W), dtype=acc_dtype(a.dtype))
     if err.numel() == 0:
         return err, stats
-    block_p, block_c = _map_blocks(a)
+    block_p, block_c, num_warps = _map_blocks(a)
     grid = (triton.cdiv(H * W, block_p), N)
     _cosine_map_fwd_kernel[grid](
         a, b, err, stats, C, H * W, W,
         *a.stride(), *b.stride(),
-        EPS=eps, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(a.dtype),
+        EPS=eps, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(a.dtype), num_warps=num_warps,
     )
     return err, stats
 
@@ -164,12 +169,12 @@ def cosine_map_backward(a, b, grad_err, stats, eps: float, grad_a=None, grad_b=N
     if grad_a.numel() == 0:
         return grad_a, grad_b
     grad_err = grad_err.contiguous()
-    block_p, block_c = _map_blocks(a)
+    block_p, block_c, num_warps = _map_blocks(a)
     grid = (triton.cdiv(H * W, block_p), N)
     _cosine_map_bwd_kernel[grid](
         a, b, grad_err, stats, grad_a, grad_b, C, H * W, W,
         *a.stride(), *b.stride(), *grad_a.stride(), *grad_b.stride(),
-        EPS=eps, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(a.dtype),
+        EPS=eps, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(a.dtype), num_warps=num_warps,
     )
     return grad_a, grad_b
 
