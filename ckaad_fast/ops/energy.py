@@ -22,22 +22,28 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _energy_sum(flat: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
-    if use_triton(flat):
+def _energy_sum(s: torch.Tensor, margin: float, high: bool, triton: bool) -> torch.Tensor:
+    if triton:
+        flat, _ = flat_in_memory_order(s)  # the kernel reads a flat buffer, in memory order
         return energy_kernels.energy_sum(flat, margin, high)
-    e = flat.to(_acc_dtype(flat.dtype)).abs()
+    acc = _acc_dtype(s.dtype)
+    # .to() even as a no-op costs a dispatch: at score-map sizes these calls are the cost.
+    e = (s if s.dtype == acc else s.to(acc)).abs()
     return torch.relu(margin - e).sum() if high else e.sum()
 
 
-def _energy_grad(flat: torch.Tensor, scale: torch.Tensor, margin: float, high: bool) -> torch.Tensor:
-    if use_triton(flat):
-        return energy_kernels.energy_backward(flat, scale, margin, high)
-    s = flat.to(scale.dtype)
-    g = torch.sign(s)  # 0 at 0 and at NaN, as autograd's abs backward gives
+def _energy_grad(s: torch.Tensor, scale: torch.Tensor, margin: float, high: bool, triton: bool) -> torch.Tensor:
+    if triton:
+        flat, restore = flat_in_memory_order(s)
+        return restore(energy_kernels.energy_backward(flat, scale, margin, high))
+    # Element-wise ops keep s's shape and layout, so the torch path needs no flattening.
+    x = s if s.dtype == scale.dtype else s.to(scale.dtype)
+    g = torch.sign(x)  # 0 at 0 and at NaN, as autograd's abs backward gives
     if high:
         # relu's backward passes the gradient where margin - |s| > 0 (never at NaN).
-        g = g.mul_(s.abs() < margin).neg_()
-    return g.mul_(scale).to(flat.dtype)
+        g = g.mul_(x.abs() < margin).neg_()
+    g = g.mul_(scale)
+    return g if g.dtype == s.dtype else g.to(s.dtype)
 
 
 # One op takes every term of a loss (all layers, all three kinds of scores), so that a
@@ -46,9 +52,9 @@ def _energy_grad(flat: torch.Tensor, scale: torch.Tensor, margin: float, high: b
 @torch.library.custom_op("ckaad_fast::energy_loss", mutates_args=(), device_types=_DEVICES)
 def _energy_op(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float) -> torch.Tensor:
     total = None
+    triton = use_triton(scores[0])  # one backend for every term: the checks made them share a device
     for s, w, h in zip(scores, weights, high):
-        flat, _ = flat_in_memory_order(s)
-        term = _energy_sum(flat, margin, h) * (w / s.numel())
+        term = _energy_sum(s, margin, h, triton) * (w / s.numel())
         total = term if total is None else total + term
     return total
 
@@ -63,10 +69,10 @@ def _energy_backward_op(
     scores: list[torch.Tensor], grad: torch.Tensor, weights: list[float], high: list[bool], margin: float
 ) -> list[torch.Tensor]:
     grads = []
+    triton = use_triton(scores[0])
     for s, w, h in zip(scores, weights, high):
-        flat, restore = flat_in_memory_order(s)
         scale = grad.to(_acc_dtype(s.dtype)) * (w / s.numel())
-        grads.append(restore(_energy_grad(flat, scale, margin, h)))
+        grads.append(_energy_grad(s, scale, margin, h, triton))
     return grads
 
 
