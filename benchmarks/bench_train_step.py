@@ -26,7 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import append_results, count_flops, matmul_ceiling, median_time, memory_floor, print_table
+from benchmarks.common import (append_results, best_of_rounds, count_flops, matmul_ceiling, median_time, memory_floor,
+                               print_table)
 
 from ckaad_fast.model import CKAAD
 from ckaad_fast.training import FusedLosses, TrainConfig, Trainer
@@ -174,12 +175,10 @@ def main(argv=None) -> list[dict]:
             torch._dynamo.reset()
             variants["compiled"] = CompiledEagerLosses()
         for what, timer in (("train step", _time_steps), ("losses fwd+bwd", _time_losses)):
-            # Alternate the variants over a few rounds and keep each one's best median, so that
-            # none pays for warm-up (or compilation) or for another process's burst on a shared machine.
-            t = {name: float("inf") for name in variants}
-            for _ in range(args.rounds):
-                for name, losses in variants.items():
-                    t[name] = min(t[name], timer(model, cfg, losses, inputs, repeats, device))
+            # Alternating rounds, each variant's best median kept: none pays for warm-up (or
+            # compilation) or for another process's burst on a shared machine.
+            t = best_of_rounds({name: (lambda losses=losses: timer(model, cfg, losses, inputs, repeats, device))
+                                for name, losses in variants.items()}, args.rounds)
             t_fused = t["fused"]
             rows.append({
                 "what": what, "strategy": args.strategy, "device": dev, "backbone": backbone,

@@ -104,6 +104,20 @@ def best_time(fn: Callable[[int], object], *, device: str | torch.device = "cpu"
     return min(_times(fn, torch.device(device), warmup, repeats, rotate))
 
 
+def best_of_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Call each timer once per round, the variants alternating, and keep each one's best result.
+
+    On a shared machine a burst from another process can land on whichever variant is running;
+    alternating over rounds and keeping the best gives every variant the same chance of a quiet
+    run (one noisy run put a loss at 2.5x its usual time before this).
+    """
+    best = {name: float("inf") for name in timers}
+    for _ in range(max(1, rounds)):
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer())
+    return best
+
+
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Print rows as a Markdown table (so it can be pasted into the README) and return it."""
     rows = [[_fmt(v) for v in row] for row in rows]
