@@ -4,6 +4,8 @@ import os
 # imported: it lets CI, which has no GPU, run the kernels themselves on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -20,3 +22,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the CI machine has 2 cores shared with other jobs (two
+    threads spin-wait on each other), and torchrun workers run with OMP_NUM_THREADS=1, so
+    in-process references must match them. Modules that need it use
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

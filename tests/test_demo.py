@@ -15,12 +15,7 @@ EVAL_KEYS = {"image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "au
              "num_images", "num_anomalous"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_demo_writes_a_report(tmp_path):

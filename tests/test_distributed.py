@@ -33,18 +33,13 @@ from ckaad_fast.model import CKAAD, ModelConfig, model_from_checkpoint, save_che
 from ckaad_fast.scorer import PARTS_DIR, part_name, read_scores_csv
 from ckaad_fast.synthetic import make_texture_dataset
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*random weights:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # torchrun workers run with OMP_NUM_THREADS=1
+]
 
 TIMEOUT = 120  # seconds per torchrun launch: a hang fails the test instead of the CI job
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The torchrun workers run with OMP_NUM_THREADS=1: the in-process references do the same.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _free_port() -> int:

@@ -17,13 +17,7 @@ from ckaad_fast.scorer import Scorer, ScoreResult, decode_image
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 cores shared with other jobs; one intra-op thread avoids spin-waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> CKAAD:
