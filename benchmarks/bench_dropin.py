@@ -28,14 +28,13 @@ Run: ``python -m benchmarks.bench_dropin [--quick] [--device cuda] [--no-save]``
 """
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import append_results, best_of_rounds, median_time, memory_floor, print_table
+from benchmarks.common import best_of_rounds, feature_bench_parser, median_time, memory_floor, print_table, save_rows
 from ckaad_fast import dropin
 
 WRN50_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
@@ -140,7 +139,7 @@ def run(args, device):
             times = best_of_rounds({
                 "original": lambda: median_time(lambda i: original(*sets[i]), device=device, repeats=reps, rotate=len(sets)),
                 "ours": lambda: median_time(lambda i: ours(*sets[i]), device=device, repeats=reps, rotate=len(sets)),
-            }, 1 if args.quick else args.rounds)
+            }, args.rounds)
             t_orig, t_ours = times["original"] / batch, times["ours"] / batch
             rows.append((name, t_orig * 1e3, t_ours * 1e3, t_orig / t_ours, 100 * floor / t_ours, diff))
             csv_rows.append({"bench": "dropin", "path": name, "original_ms_per_image": f"{t_orig * 1e3:.4f}",
@@ -157,21 +156,12 @@ def run(args, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: CI runs this so the script cannot rot")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per row, median reported (default 5)")
-    parser.add_argument("--sets", type=int, default=2, help="input sets rotated between repetitions, so caches do not flatter (default 2)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="rounds over which original and drop-in alternate, each one's best median kept (default 2)")
-    parser.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/dropin.csv")
-    args = parser.parse_args(argv)
+    args = feature_bench_parser(__doc__.split("\n\n")[0], "dropin").parse_args(argv)
+    if args.quick:
+        args.rounds = 1
     device = torch.device(args.device)
     rows = run(args, device)
-    if not args.no_save and not args.quick:
-        path = append_results("dropin", rows, device)
-        print(f"\nrows appended to {path}")
+    save_rows("dropin", rows, args, device)
     return rows
 
 

@@ -18,7 +18,6 @@ Run: ``python -m benchmarks.bench_ops [--quick] [--device cuda]``.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import ckaad_fast.ops as ops
-from benchmarks.common import append_results, best_of_rounds, median_time, memory_floor, print_table
+from benchmarks.common import best_of_rounds, feature_bench_parser, median_time, memory_floor, print_table, save_rows
 
 WRN50_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
 QUICK_SHAPES = [(16, 16, 16), (32, 8, 8), (64, 4, 4)]
@@ -171,24 +170,14 @@ def bench_losses(args, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: CI runs this so the script cannot rot")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per row, median reported (default 5)")
-    parser.add_argument("--sets", type=int, default=2, help="input sets rotated between repetitions, so caches do not flatter (default 2)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="rounds over which the paths alternate, each one's best median kept (default 2)")
+    parser = feature_bench_parser(__doc__.split("\n\n")[0], "ops")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/ops.csv")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 1
     device = torch.device(args.device)
     rows = bench_anomaly_map(args, device) + bench_losses(args, device)
-    if not args.no_save and not args.quick:
-        path = append_results("ops", rows, device)
-        print(f"\nrows appended to {path}")
+    save_rows("ops", rows, args, device)
     return rows
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.common import append_results, count_flops, matmul_ceiling, median_time, print_table
+from benchmarks.common import count_flops, matmul_ceiling, median_time, print_table, save_rows
 from ckaad_fast.model import CKAAD, ModelConfig
 from ckaad_fast.scorer import Scorer
 
@@ -244,9 +244,7 @@ def main(argv=None):
             verdict = "PASS" if ips >= TARGET_IPS and sp >= TARGET_SPEEDUP else "FAIL"
             print(f"\ntarget (wide_resnet50_2/256, bf16 + compile + CUDA graphs): >= {TARGET_IPS:.0f} images/s and "
                   f">= {TARGET_SPEEDUP:.0f}x the reference: {ips:.0f} images/s, {sp:.1f}x -> {verdict}")
-    if not args.no_save and not args.quick:
-        path = append_results("scoring", rows, device)
-        print(f"\nrows appended to {path}")
+    save_rows("scoring", rows, args, device)
     return rows
 
 

@@ -6,6 +6,7 @@ the machine and the library's commit, so that ``python -m benchmarks.plot`` can 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -51,6 +52,29 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def feature_bench_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The options shared by the scripts that time ops on feature tensors (bench_ops, bench_dropin)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: CI runs this so the script cannot rot")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per row, median reported (default 5)")
+    parser.add_argument("--sets", type=int, default=2,
+                        help="input sets rotated between repetitions, so caches do not flatter (default 2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds over which the variants alternate, each one's best median kept (default 2; 1 with --quick)")
+    parser.add_argument("--no-save", action="store_true", help=f"do not append the rows to benchmarks/results/{name}.csv")
+    return parser
+
+
+def save_rows(name: str, rows: Sequence[dict], args, device: str | torch.device = "cpu") -> None:
+    """Append a full run's rows to ``benchmarks/results/<name>.csv``; --quick and --no-save runs keep none."""
+    if not args.no_save and not args.quick:
+        path = append_results(name, rows, device)
+        print(f"\nrows appended to {path}")
 
 
 def _sync(device: torch.device) -> None:
