@@ -17,7 +17,7 @@ in one run on the same inputs: WideResNet50 layers 1-3 at 256x256 (256x64x64, 51
 Each row also shows the drop-in's fraction of the memory floor: one read of both feature sets and
 one write of the output maps, timed on the same machine.
 
-Expected before measuring (CPU, 2 cores, DESIGN.md section 6): the per-image paths cost ~22 ms per
+Expected before measuring (CPU, 2 cores, an earlier design estimate): the per-image paths cost ~22 ms per
 image, of which ~18 ms is the eager cosine and ~6 ms the scipy blur; the drop-in's fused cosine and
 matrix-form blur should cost ~1-2 ms per image, so >= 10x where the blur moves inside, and ~3x
 where the caller keeps its scipy blur (which then dominates). anomalib's 33x33 convolution costs

@@ -10,7 +10,7 @@ At the feature shapes of WideResNet50 layers 1-3 for 256x256 images (256x64x64, 
 - the losses, forward + backward, against eager autograd through the same formulas, torch.compile
   of those, and the memory floor: one read of every input and one write of every gradient.
 
-Expected before measuring (CPU, 2 cores): the reference pipeline ~22 ms/image (DESIGN.md); the
+Expected before measuring (CPU, 2 cores): the reference pipeline ~22 ms/image (an earlier design estimate); the
 floor ~0.5-0.7 ms; our CPU path reads the features once in cache-sized slabs, so ~1 ms, i.e.
 >= 15x the reference and within 2x of the floor. On a GPU: >= 70% of a device copy's bandwidth.
 

@@ -41,7 +41,7 @@ from PIL import Image
 
 from benchmarks.common import count_flops, matmul_ceiling, median_time, print_table, save_rows
 from ckaad_fast.model import CKAAD, ModelConfig
-from ckaad_fast.scorer import Scorer
+from ckaad_fast.scoring import Scorer
 
 TARGET_IPS = 2000.0
 TARGET_SPEEDUP = 20.0

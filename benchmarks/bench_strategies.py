@@ -26,9 +26,9 @@ from benchmarks.common import append_results, print_table
 
 from ckaad_fast.data import AnomalyFolderDataset, MVTecDataset
 from ckaad_fast.evaluation import evaluate_model
-from ckaad_fast.model import STRATEGIES
+from ckaad_fast.strategies import STRATEGIES
 from ckaad_fast.models import BACKBONES
-from ckaad_fast.synthetic import TEXTURES, make_texture_dataset
+from ckaad_fast.data.synthetic import TEXTURES, make_texture_dataset
 from ckaad_fast.training import TrainConfig, train
 
 

@@ -23,7 +23,7 @@ import os
 import sys
 
 if "--cpu-smoke" in sys.argv:
-    # Must precede the first import of the kernels (DESIGN.md section 5).
+    # Must precede the first import of the kernels (docs/ARCHITECTURE.md, section Triton's interpreter).
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["CKAAD_FAST_BACKEND"] = "triton"
 
@@ -264,7 +264,7 @@ def _tiny_or_real(smoke):
 def check_compile_and_graphs(chk: Check, device, smoke: bool):
     from benchmarks.bench_scoring import build_model
     from ckaad_fast.model import CKAAD
-    from ckaad_fast.scorer import Scorer
+    from ckaad_fast.scoring import Scorer
     from ckaad_fast.training import TrainConfig
 
     backend = "aot_eager" if smoke else "inductor"

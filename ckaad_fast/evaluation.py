@@ -20,7 +20,35 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .metrics import evaluate
 
-__all__ = ["Predictions", "evaluate_model", "predict_dataset"]
+__all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics", "METRIC_NAMES"]
+
+# The paper's metrics first, in this order; values are fractions, shown as percentages.
+_PAPER_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image")
+#: What each metric key of :func:`evaluate_model` is called in tables.
+METRIC_NAMES = {
+    "image_auroc": "image AUROC",
+    "image_f1": "image best F1",
+    "image_acc": "image accuracy (at best F1)",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO (standard, FPR <= 0.3)",
+    "aupro_per_image": "AUPRO (reference per-image protocol)",
+    "num_images": "test images",
+    "num_anomalous": "anomalous test images",
+}
+
+
+def format_metrics(metrics: dict) -> str:
+    """A two-column table of the metrics, the paper's metrics first (values as percentages)."""
+    keys = [k for k in _PAPER_ORDER if k in metrics] + [k for k in metrics if k not in _PAPER_ORDER]
+    rows = []
+    for k in keys:
+        v = metrics[k]
+        text = f"{100 * v:.2f}" if k in _PAPER_ORDER and isinstance(v, float) else str(v)
+        rows.append((METRIC_NAMES.get(k, k), text))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'metric'.ljust(width)}  value (%)", f"{'-' * width}  ---------"]
+    lines += [f"{name.ljust(width)}  {text}" for name, text in rows]
+    return "\n".join(lines)
 
 
 @dataclass

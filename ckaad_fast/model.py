@@ -17,16 +17,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_open
 from . import ops
+from .atomic import atomic_torch_save
 from .models import build_backbone
 from .models.autoencoder import FeatureAutoEncoder
 from .models.discriminator import MultiLayerImageDiscriminator, MultiLayerPatchDiscriminator
 from .profiling import nvtx_range
+from .strategies import get_strategy
+
+__all__ = ["CKAAD", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "save_checkpoint", "load_checkpoint",
+           "model_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
-STRATEGIES = ("cka_patch", "cka_img", "gan", "recon_sub", "recon")
+#: The file name of a run's checkpoint in its output folder (``ckaad-fast train --out``).
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class PlainConfig:
@@ -64,21 +69,13 @@ class ModelConfig(PlainConfig):
     _kind = "model configuration"
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        get_strategy(self.strategy)  # a ValueError naming the choices for an unknown one
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         self.image_size = tuple(int(v) for v in self.image_size)
         self.layers = tuple(int(v) for v in self.layers)
         self.mean = None if self.mean is None else tuple(float(v) for v in self.mean)
         self.std = None if self.std is None else tuple(float(v) for v in self.std)
-
-
-
-def _discriminator_kind(strategy: str) -> str | None:
-    # recon and recon_sub train the auto-encoder alone; gan uses the patch network as an
-    # ordinary discriminator that never sees anomalies.
-    return {"cka_patch": "patch", "gan": "patch", "cka_img": "image"}.get(strategy)
 
 
 class CKAAD(nn.Module):
@@ -97,16 +94,9 @@ class CKAAD(nn.Module):
             config.mean = tuple(bb.mean)
         if config.std is None:
             config.std = tuple(bb.std)
-        self.autoencoder = FeatureAutoEncoder(
-            bb.channels,
-            bb.strides,
-            bb.stage_block,
-            width_per_group=128 if config.backbone.startswith("wide_") else 64,
-            # EfficientNet's features come out of linear bottlenecks and can be negative; a
-            # final ReLU would make them impossible to reconstruct.
-            final_relu=config.backbone.startswith(("resnet", "wide_resnet")),
-        )
-        kind = _discriminator_kind(config.strategy)
+        # The backbone table's recipe: for the ResNets, the authors' auto-encoder.
+        self.autoencoder = FeatureAutoEncoder.for_backbone(config.backbone, config.layers)
+        kind = get_strategy(config.strategy).discriminator
         if kind == "patch":
             self.discriminator = MultiLayerPatchDiscriminator(bb.channels)
         elif kind == "image":
@@ -141,13 +131,6 @@ class CKAAD(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save atomically: a crash never leaves a half-written checkpoint, and the previous one
-    survives until the new one is complete."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
 def save_checkpoint(path, model: CKAAD, **state) -> None:
     """Write ``model`` (weights and configuration) and any extra ``state`` (optimisers, epoch,
     RNG states: tensors, numbers, strings and containers of them) to ``path`` atomically."""
@@ -163,10 +146,17 @@ def save_checkpoint(path, model: CKAAD, **state) -> None:
     )
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` names: itself, or :data:`CHECKPOINT_NAME` in a run's output folder."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint dict with ``weights_only=True`` (no arbitrary unpickling), checking that
-    it is one of ours; errors name the path and say what is wrong."""
-    path = Path(path)
+    it is one of ours; errors name the path and say what is wrong. ``path`` may be a run's output
+    folder, which holds :data:`CHECKPOINT_NAME`."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -63,3 +63,35 @@ def nvtx_range(name: str):
     if torch.compiler.is_compiling() or not nvtx_enabled():
         return contextlib.nullcontext()
     return _range(name)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """An NVTX range (when on) and a torch.profiler label ``ckaad_fast/<name>`` (when profiling)
+    around a stage that runs outside a compiled forward (copies, read-backs, a whole forward)."""
+    with nvtx_range(name):
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function(f"{DOMAIN}/{name}"):
+                yield
+        else:
+            yield
+
+
+def torch_profiler(trace_dir: str | os.PathLike, n_batches: int, cuda: bool):
+    """A ``torch.profiler.profile`` of a few batches (after the first, which warms up) that
+    writes ``trace_dir/trace.json`` (atomically) for chrome://tracing or Perfetto. Step it once
+    per batch (``prof.step``); with one batch it records that batch."""
+    from .atomic import atomic_path
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = None
+    if n_batches >= 2:
+        schedule = torch.profiler.schedule(wait=0, warmup=1, active=min(3, n_batches - 1), repeat=1)
+
+    def export(prof) -> None:
+        with atomic_path(os.path.join(os.fspath(trace_dir), "trace.json")) as tmp:
+            prof.export_chrome_trace(tmp)
+
+    return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=export)

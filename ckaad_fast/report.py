@@ -140,10 +140,6 @@ def save_png(image: np.ndarray | Image.Image, path: str | os.PathLike) -> Path:
     return path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 # ------------------------------------------------------------------------------------------------
 # The picture grid
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +320,7 @@ def write_html_report(
         parts.append("</table><p class='muted'>D: discriminator loss (Eq. 11), G: generator loss "
                      "(reconstruction + λ·adversarial, Eq. 13), recon: reconstruction loss (Eq. 2).</p>")
     parts.append("</body></html>\n")
-    _write_text_atomic(path, "\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dtypes import acc_dtype, tl_acc_dtype
+from .dtypes import acc_dtype, tl_acc_dtype
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,14 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: starts subprocesses (torchrun, the CLI, benchmark scripts, examples, ptxas); "
+        "python -m pytest tests -m 'not slow' runs the rest in about a minute",
+    )
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: the CI machine has 2 cores shared with other jobs (two

@@ -1,13 +1,21 @@
-"""Shared test helpers: input makers for every layout, and the tolerance rule of DESIGN.md."""
+"""Shared test helpers: input makers for every layout, and the tolerance rule of docs/ARCHITECTURE.md."""
 from __future__ import annotations
 
 import torch
+from hypothesis import assume
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed")
 
-# ||out - ref|| / ||ref|| against the float64 reference, per dtype (DESIGN.md section 4).
+# ||out - ref|| / ||ref|| against the float64 reference, per dtype (docs/ARCHITECTURE.md, "Numerical semantics").
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def assume_interpreter_computes(backend: str, dtype: torch.dtype) -> None:
+    """Discard a hypothesis example the Triton interpreter cannot check: its bf16 arithmetic is
+    wrong (docs/ARCHITECTURE.md, "Triton's interpreter"); compiled kernels are checked in bf16 on
+    a GPU. Discarded examples do not count, so every example that runs checks something."""
+    assume(not (backend == "triton" and dtype == torch.bfloat16))
 
 
 def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: see conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
 

@@ -17,7 +17,7 @@ from PIL import Image
 from ckaad_fast import profiling
 from ckaad_fast.cli import build_parser, main
 from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint
-from ckaad_fast.scorer import Scorer, map_names
+from ckaad_fast.scoring import Scorer, map_names
 
 SIZE = 32
 
@@ -270,12 +270,13 @@ def test_nvtx_option_runs_on_cpu(ckpt, data, tmp_path):
 def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for name in ("score", "demo"):
+    for name in ("train", "eval", "score", "demo"):
         assert name in sub.choices
         for action in sub.choices[name]._actions:
             assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
 
 
+@pytest.mark.slow
 def test_console_script_help():
     for argv in (["--help"], ["score", "--help"], ["demo", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "ckaad_fast", *argv], capture_output=True, text=True, timeout=120)
@@ -286,12 +287,12 @@ def test_console_script_help():
 
 def test_unwritable_output_is_one_clear_line(ckpt, data, tmp_path, capsys, monkeypatch):
     root, _, _ = data
-    import ckaad_fast.scorer as scorer_mod
+    import ckaad_fast.scoring.results as results_mod
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(scorer_mod, "_atomic_write_text", full)
+    monkeypatch.setattr(results_mod, "atomic_write_text", full)
     assert score(ckpt, root, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from ckaad_fast.cli import main
-from ckaad_fast.synthetic import make_texture_dataset
+from ckaad_fast.data.synthetic import make_texture_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 

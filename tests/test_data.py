@@ -1,4 +1,4 @@
-"""Tests of ckaad_fast.data and ckaad_fast.synthetic (data sets, coarse anomalies, pseudo anomalies)."""
+"""Tests of ckaad_fast.data (files, images, layouts, coarse anomalies, pseudo anomalies, synthetic data)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from PIL import Image
 pytest.importorskip("skimage")
 
 from ckaad_fast.data import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AnomalyFolderDataset,
     CoarseAnomalies,
     CorruptImageWarning,
@@ -31,7 +29,8 @@ from ckaad_fast.data import (  # noqa: E402
     load_mask,
     sample_coarse_anomalies,
 )
-from ckaad_fast.synthetic import (  # noqa: E402
+from ckaad_fast.models import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ckaad_fast.data.synthetic import (  # noqa: E402
     DEFECT_TYPES,
     add_defect,
     load_texture,

@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader
 from ckaad_fast import distributed as ddp
 from ckaad_fast.cli import main
 from ckaad_fast.model import CKAAD, ModelConfig, model_from_checkpoint, save_checkpoint
-from ckaad_fast.scorer import PARTS_DIR, part_name, read_scores_csv
-from ckaad_fast.synthetic import make_texture_dataset
+from ckaad_fast.scoring import PARTS_DIR, part_name, read_scores_csv
+from ckaad_fast.data.synthetic import make_texture_dataset
 
 pytestmark = [
+    pytest.mark.slow,  # torchrun: see conftest.py
     pytest.mark.filterwarnings("ignore:.*random weights:UserWarning"),
     pytest.mark.usefixtures("one_thread"),  # torchrun workers run with OMP_NUM_THREADS=1
 ]

@@ -347,7 +347,7 @@ def _leaves(xs, dtype=None):
 
 
 def _check_loss(ours, original, enc, dec):
-    """Loss and gradients against the original run in float64 (DESIGN.md's tolerance rule)."""
+    """Loss and gradients against the original run in float64 (the tolerance rule of docs/ARCHITECTURE.md)."""
     a, b = _leaves(enc), _leaves(dec)
     a64, b64 = _leaves(enc, torch.float64), _leaves(dec, torch.float64)
     loss, ref = ours(a, b), original(a64, b64)

@@ -12,7 +12,14 @@ from ckaad_fast.kernels import upsample_blur as kub
 from ckaad_fast.ops import reference as ref
 from ckaad_fast.ops.scoring import bilinear_matrix, gaussian_matrix
 
-from helpers import LAYOUTS, assert_close_to_ref, assert_guards_intact, feature_pair, guarded
+from helpers import (
+    LAYOUTS,
+    assert_close_to_ref,
+    assert_guards_intact,
+    assume_interpreter_computes,
+    feature_pair,
+    guarded,
+)
 
 BACKENDS = ("triton", "torch")
 
@@ -49,8 +56,7 @@ layer = st.tuples(st.integers(1, 12), st.integers(1, 9), st.integers(1, 9))
     seed=st.integers(0, 2**16),
 )
 def test_anomaly_map_matches_reference_pipeline(backend, batch, layers, out_size, sigma, border, dtype, layout, seed):
-    if backend == "triton" and dtype == torch.bfloat16:
-        return  # bf16 arithmetic is wrong in Triton's interpreter (DESIGN.md section 5)
+    assume_interpreter_computes(backend, dtype)
     pairs = [feature_pair((batch, *s), dtype, layout, "contiguous", seed + i) for i, s in enumerate(layers)]
     fs, ft = [p[0] for p in pairs], [p[1] for p in pairs]
     with ops.backend(backend):

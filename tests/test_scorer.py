@@ -12,7 +12,8 @@ from PIL import Image
 
 from ckaad_fast.data import load_image
 from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint
-from ckaad_fast.scorer import Scorer, ScoreResult, decode_image
+from ckaad_fast.data import decode_image
+from ckaad_fast.scoring import Scorer, ScoreResult
 
 SIZE = 32
 

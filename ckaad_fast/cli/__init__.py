@@ -2,16 +2,40 @@
 
 Each subcommand lives in its own module of this package with two functions:
 ``add_parser(subparsers)``, which registers the subcommand with help text for every option and
-sets ``func`` to ``run``, and ``run(args) -> int``, which calls the Python API.
+sets ``func`` to ``run``, and ``run(args) -> int``, which calls the Python API. Every default,
+protocol and rule lives in the API; the command only turns options into arguments and errors
+back into the names of options.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+
+from ..errors import ArgumentError
 
 # Subcommand modules, in the order --help lists them.
 _COMMANDS = ("train", "eval", "score", "demo")
+
+# The option that sets each Python argument whose name differs from the option's.
+_FLAGS = {
+    "root": "--data",
+    "resume_from": "--out",
+    "ratio_labeled": "--ratio-labeled/--num-anomaly-classes",
+}
+
+
+def flag(name: str) -> str:
+    """The command-line option of the Python argument or configuration field ``name``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, ArgumentError):
+        return f"{flag(e.name)}: {e.message}"
+    # Configuration errors name the field ("TrainConfig.ae_lr must ..."): name the option instead.
+    return re.sub(r"TrainConfig\.(\w+)", lambda m: flag(m.group(1)), str(e))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +59,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # Expected failures (bad paths, bad data, bad checkpoints) are shown as one clear line;
         # anything else is a bug and keeps its traceback.
-        print(f"ckaad-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"ckaad-fast {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
 

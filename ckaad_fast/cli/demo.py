@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.synthetic import TEXTURES
 from ..demo import DEMO_DEFAULTS
 from ._types import int_at_least
-
-_TEXTURES = ("brick", "gravel", "grass")  # ckaad_fast.synthetic.TEXTURES, without importing skimage for --help
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"training epochs (default: {d['epochs']}); more gives better maps and takes longer")
     p.add_argument("--image-size", type=int_at_least(32), default=d["image_size"], metavar="PX",
                    help=f"square image size in pixels (default: {d['image_size']})")
-    p.add_argument("--category", choices=_TEXTURES, default=d["category"],
+    p.add_argument("--category", choices=TEXTURES, default=d["category"],
                    help=f"the texture photograph the data set is made from (default: {d['category']})")
     p.add_argument("--seed", type=int, default=d["seed"],
                    help=f"seed of the data set, the initialisation and the data order (default: {d['seed']})")

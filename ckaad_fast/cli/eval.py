@@ -7,44 +7,9 @@ metrics: the same as one process's.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ._data import add_data_arguments, dataset_from_args
 from ._types import nonneg_int, positive_int
-from .train import add_data_arguments, build_dataset
-
-_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image")
-_NAMES = {
-    "image_auroc": "image AUROC",
-    "image_f1": "image best F1",
-    "image_acc": "image accuracy (at best F1)",
-    "pixel_auroc": "pixel AUROC",
-    "aupro": "AUPRO (standard, FPR <= 0.3)",
-    "aupro_per_image": "AUPRO (reference per-image protocol)",
-    "num_images": "test images",
-    "num_anomalous": "anomalous test images",
-}
-
-
-def format_metrics(metrics: dict) -> str:
-    """A two-column table of the metrics, the paper's metrics first (values as percentages)."""
-    keys = [k for k in _ORDER if k in metrics] + [k for k in metrics if k not in _ORDER]
-    rows = []
-    for k in keys:
-        v = metrics[k]
-        text = f"{100 * v:.2f}" if k in _ORDER and isinstance(v, float) else str(v)
-        rows.append((_NAMES.get(k, k), text))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'metric'.ljust(width)}  value (%)", f"{'-' * width}  ---------"]
-    lines += [f"{name.ljust(width)}  {text}" for name, text in rows]
-    return "\n".join(lines)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,33 +44,33 @@ def run(args) -> int:
         return _run(args, dist_info)
 
 
-def _run(args, dist_info) -> int:
+def _device(text: str):
     import torch
 
     from ..distributed import local_device
-    from ..evaluation import evaluate_model
-    from ..model import load_checkpoint, model_from_checkpoint
-    from ..training import CHECKPOINT_NAME
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint: {str(path)!r} does not exist")
     try:
-        device = torch.device(args.device)
+        device = torch.device(text)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device: {args.device!r} is not a torch device (cpu, cuda, cuda:1)") from None
+        raise ValueError(f"--device: {text!r} is not a torch device (cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
-    device = torch.device(local_device(device))  # cuda:LOCAL_RANK under torchrun
+        raise ValueError(f"--device {text}: CUDA is not available")
+    return torch.device(local_device(device))  # cuda:LOCAL_RANK under torchrun
+
+
+def _run(args, dist_info) -> int:
+    from ..atomic import atomic_write_json
+    from ..evaluation import evaluate_model, format_metrics
+    from ..model import checkpoint_file, load_checkpoint, model_from_checkpoint
+
+    device = _device(args.device)
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(args.checkpoint)  # a file, or a run's output folder
         model = model_from_checkpoint(ckpt, map_location=device)
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
     cfg = model.config
-    test_set = build_dataset(args, "test", cfg.image_size, cfg.mean, cfg.std)
+    test_set = dataset_from_args(args, "test", cfg.image_size, cfg.mean, cfg.std)
     metrics = evaluate_model(model, test_set, batch_size=args.batch_size, device=device,
                              progress=not args.quiet and dist_info.is_main, num_workers=args.num_workers,
                              distributed=dist_info.distributed)
@@ -115,7 +80,7 @@ def _run(args, dist_info) -> int:
     if args.json:
         record = {
             **metrics,
-            "checkpoint": str(path),
+            "checkpoint": str(checkpoint_file(args.checkpoint)),
             "data": str(args.data),
             "layout": args.layout,
             "category": args.category,
@@ -123,6 +88,6 @@ def _run(args, dist_info) -> int:
             "strategy": cfg.strategy,
             "backbone": cfg.backbone,
         }
-        write_json_atomic(args.json, record)
+        atomic_write_json(args.json, record)
         print(f"metrics written to {args.json}")
     return 0

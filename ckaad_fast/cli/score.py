@@ -1,12 +1,13 @@
 """``ckaad-fast score``: score a folder or a list of images with a trained checkpoint.
 
-A thin layer over :class:`ckaad_fast.scorer.Scorer` and :func:`ckaad_fast.scorer.score_to_folder`.
+A thin layer over :class:`ckaad_fast.scoring.Scorer` and :func:`ckaad_fast.scoring.score_to_folder`.
 Under ``torchrun --nproc_per_node N`` the images are sharded over the N processes (one GPU each)
 and rank 0 merges their rows into the one OUT/scores.csv.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -45,6 +46,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_io_arguments(p)
+    _add_engine_arguments(p)
+    _add_run_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_io_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="a checkpoint written by ckaad-fast train (or ckaad_fast.model.save_checkpoint); "
                         "loaded with torch.load(weights_only=True), so a file holding arbitrary Python "
@@ -70,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "default: the checkpoint's")
     p.add_argument("--threshold", type=finite_float, default=None, metavar="T",
                    help="add the column is_anomalous (True when score >= T)")
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -85,6 +97,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=nonneg_int, default=None, metavar="N",
                    help="image-decoding worker processes (default: from the CPU count; 0 decodes in the "
                         "main process)")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the scored rows of an existing OUT/scores.csv (whose map exists, when maps "
                         "are asked for) and of the OUT/parts/ an interrupted torchrun run left, and score "
@@ -100,18 +115,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "error map, upsample+blur, top-k, readback) for Nsight Systems; same as "
                         "CKAAD_FAST_NVTX=1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-    return p
-
-
-def _trace_handler(out_dir: str):
-    def handler(prof):
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, ".trace.json.tmp")
-        prof.export_chrome_trace(tmp)
-        os.replace(tmp, os.path.join(out_dir, "trace.json"))
-
-    return handler
 
 
 def run(args) -> int:
@@ -128,12 +131,10 @@ def run(args) -> int:
 
 
 def _run(args, device, dist_info) -> int:
-    import torch
-
     from ..data import list_images
     from ..distributed import local_device
-    from ..profiling import enable_nvtx
-    from ..scorer import Scorer, score_to_folder
+    from ..profiling import enable_nvtx, torch_profiler
+    from ..scoring import Scorer, score_to_folder
 
     if args.nvtx:
         enable_nvtx(True)
@@ -159,18 +160,11 @@ def _run(args, device, dist_info) -> int:
     on_batch = None
     if args.profile:
         n_batches = -(-len(paths) // (args.batch_size * dist_info.world_size))
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if scorer.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        schedule = None
-        if n_batches >= 2:
-            schedule = torch.profiler.schedule(wait=0, warmup=1, active=min(3, n_batches - 1), repeat=1)
         trace_dir = os.path.join(args.profile, f"rank{dist_info.rank}") if dist_info.distributed else args.profile
-        prof = torch.profiler.profile(activities=activities, schedule=schedule,
-                                      on_trace_ready=_trace_handler(trace_dir))
+        prof = torch_profiler(trace_dir, n_batches, cuda=scorer.device.type == "cuda")
         on_batch = prof.step
 
-    with prof if prof is not None else _null(), _os_errors_as_clear_lines(args.out):
+    with prof if prof is not None else contextlib.nullcontext(), _os_errors_as_clear_lines(args.out):
         summary = score_to_folder(
             scorer,
             paths,
@@ -220,10 +214,3 @@ class _os_errors_as_clear_lines:
             raise RuntimeError(f"cannot write the results under {self.out!r}: {type(exc).__name__}: {exc}") from None
         return False
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -1,7 +1,17 @@
 """Networks of CKAAD: frozen backbones, auto-encoder, discriminators."""
 
 from .autoencoder import FeatureAutoEncoder, InstanceNorm2d
-from .backbone import BACKBONES, FeatureExtractor, build_backbone, lite0_weights_path
+from .backbone import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AutoEncoderRecipe,
+    BackboneSpec,
+    FeatureExtractor,
+    backbone_spec,
+    build_backbone,
+    lite0_weights_path,
+)
 from .discriminator import (
     ImageEnergyDiscriminator,
     MultiLayerImageDiscriminator,
@@ -12,6 +22,10 @@ from .efficientnet_lite import EfficientNetLite0
 
 __all__ = [
     "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AutoEncoderRecipe",
+    "BackboneSpec",
     "EfficientNetLite0",
     "FeatureAutoEncoder",
     "FeatureExtractor",
@@ -20,6 +34,7 @@ __all__ = [
     "MultiLayerImageDiscriminator",
     "MultiLayerPatchDiscriminator",
     "PatchEnergyDiscriminator",
+    "backbone_spec",
     "build_backbone",
     "lite0_weights_path",
 ]

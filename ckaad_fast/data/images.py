@@ -1,0 +1,149 @@
+"""Reading images and masks as tensors: one conversion and resize rule for training, evaluation
+and scoring, so the same file gives the same input everywhere.
+
+Images are resized with PIL's bilinear filter (as the reference code does), converted to float in
+[0, 1] and normalised with ImageNet's mean and std unless other ``mean``/``std`` are given
+(``mean=None`` leaves them in [0, 1]). Masks are resized with nearest neighbour and binarised
+(any non-zero pixel is anomalous).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["HIGH_DEPTH_MODES", "SizeLike", "size_hw", "norm_stats", "to_rgb_float01", "load_image", "load_mask",
+           "decode_image"]
+
+PathLike = Union[str, os.PathLike]
+SizeLike = Union[int, Sequence[int]]
+
+#: PIL modes of 16-bit and float images (common for medical scans), read without clipping to 8 bits.
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def size_hw(image_size: SizeLike) -> tuple[int, int]:
+    """(height, width) of an int or an (h, w) pair; ValueError for anything else."""
+    if isinstance(image_size, (int, np.integer)):
+        h = w = int(image_size)
+    else:
+        try:
+            h, w = (int(v) for v in image_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return h, w
+
+
+def norm_stats(mean, std) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(mean, std)`` as float triples, or ``(None, None)`` for no normalisation."""
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError("give both mean and std, or neither (mean=None, std=None: no normalisation)")
+    mean = tuple(float(m) for m in mean)
+    std = tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return mean, std
+
+
+def to_rgb_float01(im: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
+    """Resize (bilinear) and convert any PIL image to an (H, W, 3) float32 array in [0, 1]."""
+    mode = im.mode
+    if mode in HIGH_DEPTH_MODES:
+        # 16-bit / 32-bit grayscale (common for medical scans): scale to [0, 1] without clipping to
+        # 8 bits first, which convert("RGB") would do.
+        arr = np.asarray(im, dtype=np.float32)
+        if mode == "F":
+            peak = float(arr.max()) if arr.size else 1.0
+            scale = 1.0 if peak <= 1.0 else peak
+        else:
+            scale = 65535.0 if (mode.startswith("I;16") or (arr.size and arr.max() > 255)) else 255.0
+        arr = np.clip(arr / scale, 0.0, 1.0)
+        f = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))
+        if f.size != size_wh:
+            f = f.resize(size_wh, Image.BILINEAR)
+        g = np.asarray(f, dtype=np.float32)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    rgb = im.convert("RGB")
+    if rgb.size != size_wh:
+        rgb = rgb.resize(size_wh, Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def load_image(
+    path: PathLike | Image.Image,
+    image_size: SizeLike = 256,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+) -> torch.Tensor:
+    """Read an image as a normalised ``(3, H, W)`` float32 tensor.
+
+    The image (a path or a PIL image) is converted to RGB (grayscale is repeated over the three
+    channels, 16-bit images are scaled by 65535), resized to ``image_size`` (an int, or
+    ``(height, width)``) with PIL's bilinear filter, scaled to [0, 1] and normalised as
+    ``(x - mean) / std`` per channel. ``mean=None, std=None`` skips the normalisation.
+    """
+    h, w = size_hw(image_size)
+    mean, std = norm_stats(mean, std)
+    if isinstance(path, Image.Image):
+        arr = to_rgb_float01(path, (w, h))
+    else:
+        with Image.open(path) as im:
+            arr = to_rgb_float01(im, (w, h))
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    if mean is not None:
+        m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        x = (x - m) / s
+    return x
+
+
+def load_mask(path: PathLike | None, image_size: SizeLike = 256) -> torch.Tensor:
+    """Read a ground-truth mask as a ``(1, H, W)`` float32 tensor of 0s and 1s.
+
+    Any non-zero pixel (in any channel) is anomalous; the mask is resized with nearest neighbour.
+    ``path=None`` gives an all-zero mask (a normal image).
+    """
+    h, w = size_hw(image_size)
+    if path is None:
+        return torch.zeros(1, h, w)
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    binary = Image.fromarray((arr > 0).astype(np.uint8) * 255)
+    if binary.size != (w, h):
+        binary = binary.resize((w, h), Image.NEAREST)
+    m = np.asarray(binary) > 127
+    return torch.from_numpy(m.astype(np.float32))[None]
+
+
+def decode_image(path: PathLike, image_size: SizeLike) -> torch.Tensor:
+    """Read ``path`` resized to ``image_size`` as a (3, H, W) tensor, before normalisation.
+
+    8-bit images come back as uint8 (a quarter of the bytes to move between processes and to
+    the GPU); 16-bit and float images as float32 in [0, 1]. Either, divided by 255 (uint8) and
+    normalised, equals :func:`load_image` exactly: the same PIL conversion and bilinear resize,
+    then the same float32 arithmetic.
+    """
+    h, w = size_hw(image_size)
+    with Image.open(path) as im:
+        if im.mode in HIGH_DEPTH_MODES:
+            arr = to_rgb_float01(im, (w, h))
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        rgb = im.convert("RGB")
+    if rgb.size != (w, h):
+        rgb = rgb.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

@@ -1,0 +1,67 @@
+"""Decoding image files on DataLoader worker processes, for the scorer's streams.
+
+A file that cannot be decoded gives an error marker instead of an exception, so one bad file
+never stops the stream: :func:`collate` splits a batch into the decoded images and the errors.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..data import decode_image
+from ..profiling import enable_nvtx, nvtx_range
+
+__all__ = ["DecodeDataset", "collate", "error_text", "worker_init"]
+
+
+def error_text(e: BaseException) -> str:
+    """``e`` as one line of at most about 300 characters: what a results row reports."""
+    msg = " ".join(str(e).split())  # one line
+    if len(msg) > 300:
+        msg = msg[:297] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+class DecodeDataset(Dataset):
+    """Items ``(index, image or None, error or None)``: a file that cannot be decoded gives an
+    error marker instead of an exception, so one bad file never stops the stream."""
+
+    def __init__(self, paths: Sequence[str], image_size, nvtx_on: bool):
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.nvtx_on = nvtx_on
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with nvtx_range("decode"):
+            try:
+                return i, decode_image(self.paths[i], self.image_size), None
+            except Exception as e:  # noqa: BLE001 - any failure to read is reported, not raised
+                return i, None, error_text(e)
+
+
+def worker_init(worker_id: int) -> None:
+    # Decoding is single-threaded work; torch's intra-op threads would only oversubscribe cores.
+    torch.set_num_threads(1)
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        enable_nvtx(info.dataset.nvtx_on)
+
+
+def collate(items):
+    """(indices of the decoded items, their images stacked, [(index, error)] of the others)."""
+    good = [(i, x) for i, x, err in items if err is None]
+    errors = [(i, err) for i, x, err in items if err is not None]
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    if not good:
+        return idx, None, errors
+    imgs = [x for _, x in good]
+    if any(x.dtype != torch.uint8 for x in imgs):
+        # A 16-bit image in the batch: convert the 8-bit ones exactly as load_image does.
+        imgs = [x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x for x in imgs]
+    return idx, torch.stack(imgs), errors
+

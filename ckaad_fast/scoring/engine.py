@@ -1,0 +1,424 @@
+"""The scoring engine: run a trained detector on images as fast as the hardware allows.
+
+:class:`Scorer` wraps a :class:`~ckaad_fast.model.CKAAD` for inference:
+
+- ``scorer(images)`` scores a batch of normalised images (B, 3, H, W) and returns
+  ``(scores (B,), maps (B, H, W))`` in float32 on the scorer's device;
+- ``scorer.score_paths(paths)`` and ``scorer.score_folder(folder)`` stream files through a
+  DataLoader (decoding on worker processes, pinned memory, non-blocking copies, one batch in
+  flight while the previous one is read back) and yield one :class:`ScoreResult` per file, in
+  input order. A file that cannot be read gives a result with ``error`` set and no score; the
+  stream goes on.
+
+The whole forward (backbone, auto-encoder, fused anomaly map, top-k score) runs under
+``torch.inference_mode``. On a GPU it runs in channels_last with bf16 (default) or fp16 autocast;
+the anomaly map and the score are always computed from the features in float32. ``compile=True``
+builds the forward with ``torch.compile(fullgraph=True, dynamic=False)``; ``cuda_graphs=True``
+captures it into one CUDA graph per batch shape (after a warm-up on a side stream) and replays it
+from a static input buffer. When shapes are static (compile or CUDA graphs), a short batch (the
+last one of a stream, or one with unreadable files left out) is padded to ``batch_size`` by
+repeating its last image, and the padding's results are dropped before anything is returned.
+
+On the CPU the same API runs the CPU paths of the ops in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .. import ops
+from ..data import list_images
+from ..model import CKAAD, load_checkpoint, model_from_checkpoint
+from ..profiling import nvtx_enabled, stage
+from .decoding import DecodeDataset, collate, worker_init
+from .device import resolve_device, resolve_dtype
+
+__all__ = ["Scorer", "ScoreResult"]
+
+
+@dataclass
+class ScoreResult:
+    """The result for one file of :meth:`Scorer.score_paths`.
+
+    ``score`` is the image score (None when the file could not be read), ``map`` the anomaly
+    map (H, W) float32 at the model's input size (None when maps were not asked for or the file
+    could not be read), ``error`` a one-line description of why the file could not be scored
+    (None when it was), ``image`` the (H, W, 3) uint8 image the model saw (only with
+    ``return_images=True``).
+    """
+
+    path: str
+    score: float | None
+    map: np.ndarray | None = None
+    error: str | None = None
+    image: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+
+class Scorer:
+    """Fast inference with a trained :class:`~ckaad_fast.model.CKAAD`.
+
+    Args:
+        model: the detector (moved to ``device`` and put in eval mode; not copied).
+        device: "cpu" or "cuda[:N]".
+        dtype: compute dtype of the backbone and the auto-encoder: None/"auto" (bfloat16 on CUDA,
+            float32 on the CPU), "float32", "bfloat16" or "float16" (the last two on CUDA only,
+            through autocast). Maps and scores are float32 whatever the dtype.
+        compile: build the forward with ``torch.compile(fullgraph=True, dynamic=False)``.
+        cuda_graphs: capture the forward into a CUDA graph per batch shape (CUDA only).
+        batch_size: images per batch for :meth:`score_paths`.
+        num_workers: decoding processes for :meth:`score_paths`; None picks a number from the
+            CPU count (shared by the processes torchrun starts on the machine; 0 decodes in this
+            process).
+        topk: the image score is the mean of the ``topk`` largest map values; None takes the
+            model's (``model.config.topk``); "mean" is the mean of the whole map.
+        pad_batches: pad short batches to ``batch_size`` (repeating the last image; the padding's
+            results are dropped). None: on when compile or cuda_graphs is on, so that one
+            compiled graph / one CUDA graph serves every batch of a stream.
+        warmup: forward passes run before a CUDA graph is captured (compilation, autotuning and
+            cuDNN's algorithm search happen there, not in the capture).
+    """
+
+    def __init__(
+        self,
+        model: CKAAD,
+        device="cpu",
+        dtype=None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        topk: int | str | None = None,
+        pad_batches: bool | None = None,
+        warmup: int = 3,
+    ):
+        if not isinstance(model, CKAAD):
+            raise TypeError(f"model must be a ckaad_fast.model.CKAAD, got {type(model).__name__}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a CUDA device; on the CPU leave it off")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ValueError(f"num_workers must be an int >= 0 or None, got {num_workers!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+        self.config = model.config
+        self.image_size = tuple(self.config.image_size)
+        self.topk = self._resolve_topk(topk)
+        self.compile = bool(compile)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pad_batches = (self.compile or self.cuda_graphs) if pad_batches is None else bool(pad_batches)
+        self.warmup = warmup
+
+        self._channels_last = self.device.type == "cuda"
+        model = model.eval().to(self.device)
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._mean = torch.tensor(self.config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._fn: Callable = self._forward_eager
+        if self.compile:
+            self._fn = torch.compile(self._forward_eager, fullgraph=True, dynamic=False)
+        self._graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._graph_pool = None
+
+    # -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Scorer":
+        """A scorer for the detector saved at ``path`` (loaded with ``weights_only=True``; a file
+        that is not a ckaad_fast checkpoint raises a ValueError that says so)."""
+        model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), map_location="cpu")
+        return cls(model, device=device, **kwargs)
+
+    def _resolve_topk(self, topk):
+        if topk is None:
+            topk = self.config.topk
+        elif isinstance(topk, str):
+            if topk != "mean":
+                raise ValueError(f"topk must be a positive int, None (the model's) or 'mean', got {topk!r}")
+            topk = None
+        n = self.image_size[0] * self.image_size[1]
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n):
+            raise ValueError(f"topk must be an int in [1, H*W = {n}], None (the model's) or 'mean', got {topk!r}")
+        return topk
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Scorer(backbone={c.backbone!r}, layers={c.layers}, image_size={self.image_size}, "
+            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
+            f"compile={self.compile}, cuda_graphs={self.cuda_graphs}, batch_size={self.batch_size}, "
+            f"topk={self.topk})"
+        )
+
+    # -------------------------------------------------------------------------------------------
+    # The forward
+    # -------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            # cache_enabled=False: cached casts would be captured into a graph and go stale.
+            return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def _forward_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone and auto-encoder in the compute dtype, then the fused map and score in float32."""
+        m = self.model
+        cfg = self.config
+        with self._autocast():
+            feats = m.features(x)
+            recon = m.reconstruct(feats)
+        # Under autocast a layer's output dtype depends on its last op; the fused ops take pairs
+        # of one dtype (and accumulate in float32 whatever it is).
+        recon = [r if r.dtype == f.dtype else r.to(f.dtype) for f, r in zip(feats, recon)]
+        with torch.autocast(self.device.type, enabled=False):
+            maps = ops.anomaly_map(feats, recon, out_size=tuple(x.shape[-2:]), sigma=cfg.sigma, border=cfg.border)
+            scores = ops.image_score(maps, self.topk)
+        return scores, maps
+
+    def _capture(self, x: torch.Tensor):
+        """Warm up on a side stream, then capture one CUDA graph for ``x``'s shape."""
+        dev = self.device
+        static_in = torch.empty_like(x).copy_(x)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._fn(static_in)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            static_out = self._fn(static_in)
+        if self._graph_pool is None:
+            # Graphs of other batch shapes share the memory pool: they are replayed one at a time.
+            self._graph_pool = graph.pool()
+        entry = (static_in, graph, static_out)
+        self._graphs[(tuple(x.shape), tuple(x.stride()), x.dtype)] = entry
+        return entry
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward on a prepared device batch. With CUDA graphs the outputs are the graph's
+        static buffers, overwritten by the next replay: copy them before the next call."""
+        with stage("forward"):
+            if not self.cuda_graphs:
+                return self._fn(x)
+            key = (tuple(x.shape), tuple(x.stride()), x.dtype)
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(x)
+            static_in, graph, static_out = entry
+            static_in.copy_(x)
+            graph.replay()
+            return static_out
+
+    def _prepare(self, images: torch.Tensor, normalise: bool) -> torch.Tensor:
+        """Device, float32, normalised (when the images are raw: uint8 or [0, 1] floats), channels_last on CUDA."""
+        with stage("copy"):
+            x = images.to(self.device, non_blocking=True)
+        if normalise:
+            if x.dtype == torch.uint8:
+                x = x.to(torch.float32) / 255.0
+            x = (x - self._mean) / self._std
+        elif x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if not self.pad_batches or n >= self.batch_size:
+            return x
+        pad = x[-1:].expand(self.batch_size - n, *x.shape[1:])
+        out = torch.cat([x, pad], 0)
+        return out.contiguous(memory_format=torch.channels_last) if self._channels_last else out
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score normalised images (B, 3, H, W) (normalised as the model expects: ``config.mean``
+        and ``config.std``). Returns ``(scores (B,), maps (B, H, W))``, float32, on the scorer's
+        device; equal to ``model(images)`` for the same top-k (in float32)."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+            raise ValueError(f"images must have shape (B >= 1, 3, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be normalised floating-point tensors, got {images.dtype} "
+                "(score_paths decodes and normalises files for you)"
+            )
+        x = self._prepare(images, normalise=False)
+        scores, maps = self._run(x)
+        if self.cuda_graphs:
+            scores, maps = scores.clone(), maps.clone()
+        return scores, maps
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise raw images (uint8 in [0, 255], or floats in [0, 1]) as the model expects."""
+        x = images.to(self._mean.device)
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32) / 255.0
+        return (x - self._mean) / self._std
+
+    # -------------------------------------------------------------------------------------------
+    # Streaming
+    # -------------------------------------------------------------------------------------------
+    def _workers(self, n_paths: int) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        if n_paths <= self.batch_size:
+            return 0  # starting processes costs more than decoding one batch
+        cpus = os.cpu_count() or 1
+        try:
+            # Under torchrun the machine's cores are shared by its LOCAL_WORLD_SIZE processes.
+            cpus = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        except ValueError:
+            pass
+        if self.device.type == "cuda":
+            return max(1, min(8, cpus - 1))
+        # On the CPU the model needs the cores far more than decoding does (a few ms per image
+        # against tens of ms): one decoding process per 4 cores, none below 4.
+        return min(4, cpus // 4)
+
+    def score_paths(
+        self,
+        paths: Iterable,
+        return_maps: bool = True,
+        return_images: bool = False,
+        on_batch: Callable[[], None] | None = None,
+    ) -> Iterator[ScoreResult]:
+        """Score image files; yields one :class:`ScoreResult` per path, in the order given.
+
+        Files are decoded on ``num_workers`` DataLoader worker processes into pinned memory and
+        copied to the device without blocking; while one batch runs on a GPU, the previous one
+        is read back. A file that cannot be read (missing, corrupt, not an image) gives a
+        result with ``error`` set; the others are still scored. ``return_maps=False`` skips
+        reading the maps back (faster when only scores are wanted). ``return_images=True`` also
+        gives each (H, W, 3) uint8 image the model saw (for overlays). ``on_batch`` is called
+        after each batch (e.g. a profiler's ``step``).
+
+        Raises ValueError at once (not on the first ``next``) when ``paths`` is empty.
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        if not paths:
+            raise ValueError("no image paths given")
+        return self._stream(paths, return_maps, return_images, on_batch)
+
+    def score_folder(self, folder, recursive: bool = True, **kwargs) -> Iterator[ScoreResult]:
+        """Score every image file under ``folder`` (sorted; see :func:`ckaad_fast.data.list_images`).
+        A missing or empty folder raises ValueError."""
+        return self.score_paths(list_images(folder, recursive=recursive), **kwargs)
+
+    def _loader(self, paths: list[str]) -> DataLoader:
+        nw = self._workers(len(paths))
+        ds = DecodeDataset(paths, self.image_size, nvtx_enabled())
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=nw,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_init if nw > 0 else None,
+            prefetch_factor=2 if nw > 0 else None,
+        )
+
+    def _launch(self, imgs: torch.Tensor, return_maps: bool):
+        """Run one decoded batch; returns host buffers being filled and an event (CUDA) to wait on."""
+        n = imgs.shape[0]
+        with torch.inference_mode():
+            x = self._pad(self._prepare(imgs, normalise=True))
+            scores, maps = self._run(x)
+            with stage("readback"):
+                if self.device.type == "cuda":
+                    # Into pinned memory without blocking: the next batch is launched before
+                    # this one is waited for. (With CUDA graphs the copies are queued before the
+                    # next replay overwrites the static outputs.)
+                    h_scores = torch.empty((n,), dtype=torch.float32, pin_memory=True)
+                    h_scores.copy_(scores[:n], non_blocking=True)
+                    h_maps = None
+                    if return_maps:
+                        h_maps = torch.empty((n, *maps.shape[1:]), dtype=torch.float32, pin_memory=True)
+                        h_maps.copy_(maps[:n], non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+                else:
+                    h_scores = scores[:n].clone()
+                    h_maps = maps[:n].clone() if return_maps else None
+                    done = None
+        return h_scores, h_maps, done
+
+    def _stream(self, paths, return_maps, return_images, on_batch) -> Iterator[ScoreResult]:
+        # No context manager (inference_mode, autocast) is held across a yield: the caller's
+        # code between two results runs in its own mode.
+        it = iter(self._loader(paths))
+        pending = None
+        try:
+            for idx, imgs, errors in it:
+                launched = None
+                if imgs is not None:
+                    try:
+                        h_scores, h_maps, done = self._launch(imgs, return_maps)
+                    except BaseException:
+                        # Hand out the finished batch before the error: never lose results.
+                        if pending is not None:
+                            last, pending = pending, None
+                            yield from self._results(paths, *last)
+                        raise
+                    launched = (idx, h_scores, h_maps, imgs if return_images else None, done)
+                if pending is not None:
+                    yield from self._results(paths, *pending)
+                pending = (launched, errors)
+                if on_batch is not None:
+                    on_batch()
+            if pending is not None:
+                last, pending = pending, None
+                yield from self._results(paths, *last)
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    @staticmethod
+    def _results(paths, launched, errors) -> Iterator[ScoreResult]:
+        """The results of one batch, in input order (unreadable files were split out); waits
+        for the batch's read-back to finish."""
+        out: list[tuple[int, ScoreResult]] = [(i, ScoreResult(paths[i], None, None, err)) for i, err in errors]
+        if launched is not None:
+            idx, h_scores, h_maps, imgs, done = launched
+            if done is not None:
+                done.synchronize()
+            s = h_scores.numpy()
+            m = h_maps.numpy() if h_maps is not None else None
+            im = None
+            if imgs is not None:
+                if imgs.dtype != torch.uint8:
+                    imgs = (imgs.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+                im = imgs.permute(0, 2, 3, 1).numpy()
+            for j, i in enumerate(idx.tolist()):
+                out.append((i, ScoreResult(
+                    paths[i],
+                    float(s[j]),
+                    m[j].copy() if m is not None else None,
+                    None,
+                    im[j].copy() if im is not None else None,
+                )))
+        out.sort(key=lambda t: t[0])
+        return iter([r for _, r in out])

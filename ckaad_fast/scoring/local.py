@@ -1,0 +1,231 @@
+"""The work of :func:`~.runner.score_to_folder` in one process: a whole run, or one rank's share
+of a sharded one (see :mod:`.sharded`).
+
+:class:`LocalRun` streams the images through a :class:`~.engine.Scorer`, writes the maps on a
+few threads, and rewrites scores.csv atomically every few seconds and at the end, so an
+interruption loses nothing finished. A row enters the results only once its map is on disk.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .. import distributed as ddp
+from ..atomic import atomic_save_npy
+from .decoding import error_text
+from .engine import Scorer, ScoreResult
+from .results import (
+    CSV_NAME,
+    MAPS_DIR,
+    PARTS_DIR,
+    ScoreSummary,
+    done_paths,
+    exists_error,
+    map_names,
+    part_files,
+    part_name,
+    previous_rows,
+    read_scale,
+    row_done,
+    unlink_parts,
+    write_rows,
+    write_scale,
+)
+
+__all__ = ["LocalRun"]
+
+
+class LocalRun:
+    """The work of :func:`~.runner.score_to_folder` in one process.
+
+    ``part=(rank, world)``: score ``paths`` (this rank's share of what is left to do) into
+    ``OUT/parts/<part_name>``, naming the maps after ``all_paths`` (the whole input); the caller
+    then decides what an earlier run left (see :mod:`.sharded`) and calls :meth:`score` directly.
+    """
+
+    def __init__(self, scorer: Scorer, paths: list[str], out: Path, maps: str, threshold: float | None,
+                 map_range: tuple[float, float] | None, flush_seconds: float,
+                 on_batch: Callable[[], None] | None, part: tuple[int, int] | None = None,
+                 all_paths: list[str] | None = None):
+        self.scorer, self.paths, self.out, self.maps, self.threshold = scorer, paths, out, maps, threshold
+        self.map_range, self.flush_seconds, self.user_on_batch = map_range, flush_seconds, on_batch
+        self.csv_path = out / PARTS_DIR / part_name(*part) if part is not None else out / CSV_NAME
+        self.maps_dir = out / MAPS_DIR
+        self.names = map_names(all_paths if all_paths is not None else paths, "." + maps) if maps != "none" else {}
+        self.old: dict[str, dict] = {}
+        self.extra_old: list[dict] = []  # rows of images not in this input: kept, results are never dropped
+        self.new: dict[str, dict] = {}
+        self.done: set[str] = set()
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.futures: list[tuple[concurrent.futures.Future, dict]] = []
+        self.held: list[tuple[ScoreResult, dict]] = []  # PNG maps waiting for the colour scale
+        self.batches = 0
+        self.summary = ScoreSummary(csv_path=self.csv_path)
+
+    # -- before scoring -----------------------------------------------------------------------
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Read what an earlier run left in OUT (with ``resume``), or refuse to overwrite it."""
+        parts = part_files(self.out)
+        old_rows: list[dict] = []
+        if self.csv_path.exists() or parts:
+            if resume:
+                old_rows = previous_rows(self.out)
+            elif not overwrite:
+                raise exists_error(self.csv_path, parts)
+            else:
+                unlink_parts(self.out)  # stale rows of an earlier run must not come back on a resume
+                parts = []
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.maps == "png" and self.map_range is None and resume:
+            self.map_range = read_scale(self.maps_dir)
+        in_input = set(self.paths)
+        self.old = {r["path"]: r for r in old_rows}
+        self.extra_old = [r for r in old_rows if r["path"] not in in_input]
+        self.done = done_paths(self.paths, self.old, self.maps, self.names, self.maps_dir)
+        self.summary.skipped = len(self.done)
+        if parts:
+            # Fold an interrupted sharded run's parts into scores.csv, then drop them.
+            self.flush()
+            unlink_parts(self.out)
+
+    def flush(self) -> None:
+        """Rewrite the results file with every row known now, in input order."""
+        rows = [self.new[p] if p in self.new else self.old[p] for p in self.paths if p in self.new or p in self.old]
+        write_rows(self.csv_path, rows + self.extra_old, self.threshold)
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score(self, progress: bool) -> ScoreSummary:
+        todo = [p for p in self.paths if p not in self.done]
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.maps != "none":
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        if self.maps == "png" and self.map_range is not None:
+            write_scale(self.maps_dir, self.map_range)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), unit="img", desc="scoring", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            if todo:
+                self._stream(todo, bar)
+        finally:
+            self._finish_maps()
+            if bar is not None:
+                bar.close()
+            self.summary.seconds = time.perf_counter() - t0
+            self.flush()
+        self._count_anomalous()
+        self.summary.map_range = self.map_range if self.maps == "png" else None
+        return self.summary
+
+    def _stream(self, todo: list[str], bar) -> None:
+        last_flush = time.perf_counter()
+        stream = self.scorer.score_paths(todo, return_maps=self.maps != "none", return_images=self.maps == "png",
+                                         on_batch=self._on_batch)
+        for r in stream:
+            self._take(r)
+            if bar is not None:
+                bar.update(1)
+                if self.summary.failed:
+                    bar.set_postfix(errors=self.summary.failed, refresh=False)
+            now = time.perf_counter()
+            if now - last_flush >= self.flush_seconds:
+                self._settle(block=False)
+                self.flush()
+                last_flush = now
+
+    def _take(self, r: ScoreResult) -> None:
+        """One result: its row now, or once its map is on disk."""
+        row = {"path": r.path, "score": "" if r.score is None else format(r.score, ".9g"), "error": r.error or ""}
+        if not r.ok:
+            self.summary.failed += 1
+            self.summary.errors.append((r.path, r.error))
+            self.new[r.path] = row
+            return
+        self.summary.scored += 1
+        if self.pool is None:
+            self.new[r.path] = row
+            return
+        if self.maps == "png" and self.map_range is None:
+            self.held.append((r, row))
+            if len(self.held) >= self.scorer.batch_size:
+                self._fix_scale_and_release()
+        else:
+            self._submit(r, row)
+        if len(self.futures) > 4 * self.scorer.batch_size:
+            concurrent.futures.wait([self.futures[0][0]])
+            self._settle(block=False)
+
+    def _on_batch(self) -> None:
+        self.batches += 1
+        if self.user_on_batch is not None:
+            self.user_on_batch()
+        # Test-only fault injection (a no-op unless its variable is set): die after a periodic save.
+        ddp.maybe_die_for_test(self.batches, self._save_now)
+
+    def _save_now(self) -> None:
+        self._settle(block=True)
+        self.flush()
+
+    # -- maps ---------------------------------------------------------------------------------
+    def _write_map(self, name: str, r: ScoreResult, rng) -> None:
+        target = self.maps_dir / name
+        if self.maps == "npy":
+            atomic_save_npy(target, r.map)
+        else:
+            from ..report import overlay, save_png
+
+            save_png(overlay(r.image, r.map, rng[0], rng[1]), target)
+
+    def _submit(self, r: ScoreResult, row: dict) -> None:
+        self.futures.append((self.pool.submit(self._write_map, self.names[r.path], r, self.map_range), row))
+
+    def _fix_scale_and_release(self) -> None:
+        # The colour scale of a run without map_range: the range of its first batch's maps.
+        if self.map_range is None:
+            lo = float(min(r.map.min() for r, _ in self.held))
+            hi = float(max(r.map.max() for r, _ in self.held))
+            self.map_range = (lo, hi if hi > lo else lo + 1e-6)
+            write_scale(self.maps_dir, self.map_range)
+        for r, row in self.held:
+            self._submit(r, row)
+        self.held.clear()
+
+    def _settle(self, block: bool) -> None:
+        """Rows enter the results once their map is on disk; a failed write is reported in the row."""
+        keep = []
+        for fut, row in self.futures:
+            if not (block or fut.done()):
+                keep.append((fut, row))
+                continue
+            err = fut.exception()
+            if err is not None:
+                row["error"] = f"map not written: {error_text(err)}"
+                row["score"] = ""
+                self.summary.scored -= 1
+                self.summary.failed += 1
+                self.summary.errors.append((row["path"], row["error"]))
+            self.new[row["path"]] = row
+        self.futures = keep
+
+    def _finish_maps(self) -> None:
+        if self.pool is None:
+            return
+        try:
+            if self.held:
+                self._fix_scale_and_release()
+        finally:
+            self._settle(block=True)
+            self.pool.shutdown(wait=True)
+
+    def _count_anomalous(self) -> None:
+        if self.threshold is None:
+            return
+        scores = [float(r["score"]) for r in self.new.values() if row_done(r)]
+        scores += [float(self.old[p]["score"]) for p in self.done]
+        self.summary.anomalous = sum(1 for v in scores if v >= self.threshold)

@@ -1,0 +1,82 @@
+"""Scoring a list of images into a results folder, the job of ``ckaad-fast score``:
+:func:`score_to_folder` decides whether one process (:mod:`.local`) or every rank of a process
+group (:mod:`.sharded`) does the work."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .. import distributed as ddp
+from .engine import Scorer
+from .local import LocalRun
+from .results import ScoreSummary, check_arguments
+from .sharded import score_sharded
+
+__all__ = ["score_to_folder"]
+
+
+def score_to_folder(
+    scorer: Scorer,
+    paths: Sequence,
+    out_dir,
+    maps: str = "none",
+    threshold: float | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    map_range: tuple[float, float] | None = None,
+    progress: bool = True,
+    flush_seconds: float = 2.0,
+    on_batch: Callable[[], None] | None = None,
+    distributed: bool | None = None,
+) -> ScoreSummary:
+    """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.
+
+    scores.csv has one row per image, in input order, with the columns ``path``, ``score``,
+    ``error`` (empty when the image was scored) and, with ``threshold``, ``is_anomalous``
+    (True when score >= threshold). It is rewritten atomically (temporary file, fsync, rename)
+    every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
+    never half-written and holds every result computed before the stop.
+
+    ``maps``: "none", "npy" (the float32 map, ``out_dir/maps/<name>.npy``) or "png" (a heat-map
+    overlay on the image the model saw, ``out_dir/maps/<name>.png``; Turbo colours, one range for
+    every image: ``map_range``, else the one of an earlier run in ``maps/colour_scale.json``,
+    else the minimum and maximum of the first batch's maps; the range used is saved in
+    ``maps/colour_scale.json``). See :func:`~.results.map_names` for ``<name>``. Map files are
+    written atomically too, before the row that reports them.
+
+    ``resume``: keep the rows of an existing scores.csv that were scored (and whose map file
+    exists when maps are asked for) and score the rest; rows with an error are retried. Rows an
+    interrupted sharded run left in ``out_dir/parts/`` count too (they are folded into scores.csv
+    and the part files removed). Without ``resume`` an existing scores.csv (or parts) raises
+    FileExistsError unless ``overwrite`` (which removes stale parts).
+
+    ``distributed`` (None: when a process group of more than one process runs, e.g. under
+    torchrun; call it on every rank with the same arguments): the images still to score are
+    split into contiguous shards of whole batches, one per rank (so that every batch is one a
+    single process runs, and the results are the same bit for bit); each rank writes its rows to
+    ``out_dir/parts/scores.rank{r}-of-{n}.csv`` (atomically, as above) and its maps straight into
+    ``out_dir/maps/``; then rank 0 merges the parts into ``out_dir/scores.csv`` in input order
+    (the same file a single process writes) and removes them. When a rank dies, the rows its
+    part holds and those of the other ranks' finished parts are kept by ``resume``, with any
+    number of processes. Rank 0 fixes the PNG colour range (from the first batch, as a single
+    process does) before the others start. Every rank returns the summary of the whole run.
+    ``out_dir`` must be one folder seen by every rank (a shared file system across machines).
+    """
+    check_arguments(maps, threshold, map_range)
+    if map_range is not None:
+        map_range = tuple(float(v) for v in map_range)
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("no images to score")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    if distributed is None:
+        distributed = ddp.is_distributed()
+    if distributed and ddp.is_distributed():
+        return score_sharded(scorer, paths, out, maps, threshold, resume, overwrite, map_range, progress,
+                             flush_seconds, on_batch)
+    run = LocalRun(scorer, paths, out, maps, threshold, map_range, flush_seconds, on_batch)
+    run.prepare(resume, overwrite)
+    return run.score(progress)

@@ -1,0 +1,132 @@
+"""Scoring sharded over the ranks of a process group (``torchrun``): the same results file as one
+process writes, bit for bit, merged by rank 0 (see :func:`~.runner.score_to_folder`)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import distributed as ddp
+from .engine import Scorer
+from .results import (
+    CSV_NAME,
+    MAPS_DIR,
+    PARTS_DIR,
+    ScoreSummary,
+    done_paths,
+    exists_error,
+    map_names,
+    part_files,
+    part_name,
+    previous_rows,
+    read_scale,
+    read_scores_csv,
+    row_done,
+    unlink_parts,
+    write_rows,
+)
+from .local import LocalRun
+
+__all__ = ["score_sharded"]
+
+
+def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, threshold: float | None, resume: bool,
+                  overwrite: bool, map_range: tuple[float, float] | None, progress: bool, flush_seconds: float,
+                  on_batch: Callable[[], None] | None) -> ScoreSummary:
+    """:func:`~.runner.score_to_folder` on every rank of a process group."""
+    rank, world = ddp.rank(), ddp.world_size()
+    t0 = time.perf_counter()
+    names = map_names(paths, "." + maps) if maps != "none" else {}
+    earlier = _Earlier(paths, out, maps, names, threshold)
+    todo, skipped, map_range = ddp.run_on_main(lambda: earlier.prepare(resume, overwrite, map_range))
+    if maps == "png" and map_range is None and todo:
+        # The colour range of the first batch's maps, as one process takes it, for every rank.
+        map_range = ddp.run_on_main(lambda: _first_range(scorer, todo))
+
+    # Whole batches of the single-process order per rank: the same batches, the same results.
+    mine = ddp.shard(todo, rank, world, block=scorer.batch_size)
+    if mine:
+        local = LocalRun(scorer, mine, out, maps, threshold, map_range, flush_seconds, on_batch, part=(rank, world),
+                         all_paths=paths).score(progress and rank == 0)
+    else:
+        local = ScoreSummary(csv_path=out / PARTS_DIR / part_name(rank, world))
+    ddp.barrier()
+    stats = ddp.gather_object((local.scored, local.failed, local.errors))
+    summary = ddp.run_on_main(lambda: earlier.merge(stats, skipped, map_range if maps == "png" else None))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class _Earlier:
+    """Rank 0's view of the results folder: what an earlier run left, and the final merge."""
+
+    def __init__(self, paths: list[str], out: Path, maps: str, names: dict[str, str], threshold: float | None):
+        self.paths, self.out, self.maps, self.names, self.threshold = paths, out, maps, names, threshold
+        self.csv_path = out / CSV_NAME
+        self.old: dict[str, dict] = {}
+        self.extra: list[dict] = []
+
+    def prepare(self, resume: bool, overwrite: bool, map_range):
+        """(paths still to score, how many were done, the PNG colour range): rank 0's answer."""
+        parts = part_files(self.out)
+        old_rows: list[dict] = []
+        if self.csv_path.exists() or parts:
+            if resume:
+                old_rows = previous_rows(self.out)
+            elif not overwrite:
+                raise exists_error(self.csv_path, parts)
+        self.out.mkdir(parents=True, exist_ok=True)
+        in_input = set(self.paths)
+        self.old = {r["path"]: r for r in old_rows}
+        self.extra = [r for r in old_rows if r["path"] not in in_input]  # kept: results are never dropped
+        if parts or (overwrite and not resume and self.csv_path.exists()):
+            # One scores.csv with what is kept (nothing, with overwrite), and no parts: the parts
+            # this run writes are then all new, and a crash leaves nothing stale behind.
+            write_rows(self.csv_path, [self.old[p] for p in self.paths if p in self.old] + self.extra, self.threshold)
+            unlink_parts(self.out)
+        if self.maps == "png" and map_range is None and resume:
+            map_range = read_scale(self.out / MAPS_DIR)
+        done = done_paths(self.paths, self.old, self.maps, self.names, self.out / MAPS_DIR)
+        return [p for p in self.paths if p not in done], len(done), map_range
+
+    def merge(self, stats, skipped: int, map_range) -> ScoreSummary:
+        """Fold every rank's part into scores.csv, in input order; the summary of the whole run."""
+        new: dict[str, dict] = {}
+        for f in part_files(self.out):
+            for r in read_scores_csv(f):
+                new[r["path"]] = r
+        rows = [new[p] if p in new else self.old[p] for p in self.paths if p in new or p in self.old]
+        write_rows(self.csv_path, rows + self.extra, self.threshold)
+        unlink_parts(self.out)
+        index = {p: i for i, p in enumerate(self.paths)}
+        summary = ScoreSummary(
+            csv_path=self.csv_path,
+            scored=sum(s[0] for s in stats),
+            failed=sum(s[1] for s in stats),
+            skipped=skipped,
+            errors=sorted((e for s in stats for e in s[2]), key=lambda e: index.get(e[0], len(index))),
+            map_range=map_range,
+        )
+        if self.threshold is not None:
+            summary.anomalous = sum(1 for r in rows if row_done(r) and float(r["score"]) >= self.threshold)
+        return summary
+
+
+def _first_range(scorer: Scorer, todo: list[str]) -> tuple[float, float] | None:
+    seen: list[np.ndarray] = []
+    stream = scorer.score_paths(todo, return_maps=True)
+    try:
+        for r in stream:
+            if r.ok:
+                seen.append(r.map)
+                if len(seen) >= scorer.batch_size:
+                    break
+    finally:
+        stream.close()
+    if not seen:
+        return None
+    lo = float(min(m.min() for m in seen))
+    hi = float(max(m.max() for m in seen))
+    return (lo, hi if hi > lo else lo + 1e-6)

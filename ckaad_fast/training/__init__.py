@@ -1,0 +1,30 @@
+"""Training CKAAD and the ablation strategies of the paper's Table 3.
+
+- :mod:`.config`: :class:`TrainConfig`, the paper's per-domain defaults and the resume rule
+  (:func:`resolve_config`).
+- :mod:`.trainer`: :class:`Trainer`, one D step and one G step; what each strategy computes is
+  in :mod:`ckaad_fast.strategies`.
+- :mod:`.loaders`: the loaders of every epoch, their seeds, the RNG states of a checkpoint.
+- :mod:`.loop`: :func:`train`, the epochs, the checkpoint and the log.
+"""
+from ..model import CHECKPOINT_NAME
+from ..strategies import STRATEGIES, FusedLosses
+from .config import AMP_MODES, DOMAIN_DEFAULTS, LAYOUT_DOMAINS, LOG_NAME, RUN_FIELDS, TrainConfig, resolve_config
+from .loop import TrainResult, train
+from .trainer import Trainer
+
+__all__ = [
+    "AMP_MODES",
+    "CHECKPOINT_NAME",
+    "DOMAIN_DEFAULTS",
+    "LAYOUT_DOMAINS",
+    "LOG_NAME",
+    "RUN_FIELDS",
+    "STRATEGIES",
+    "FusedLosses",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "resolve_config",
+    "train",
+]

@@ -1,0 +1,258 @@
+"""The configuration of a training run, the paper's per-domain defaults, and the rule that turns
+an earlier run's checkpoint plus a few overrides into the configuration of a resumed run.
+
+Both the Python API and ``ckaad-fast train`` build their configuration with
+:func:`resolve_config`, so the defaults and the resume rule live here and nowhere else.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ArgumentError
+from ..model import CHECKPOINT_NAME, ModelConfig, PlainConfig, checkpoint_file, load_checkpoint
+from ..models import BACKBONES, backbone_spec
+from ..strategies import STRATEGIES, get_strategy
+
+__all__ = ["TrainConfig", "AMP_MODES", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LOG_NAME",
+           "resolve_config"]
+
+AMP_MODES = (None, "bf16", "fp16")
+#: The file name of a run's log (one JSON line per epoch) in its output folder.
+LOG_NAME = "log.jsonl"
+
+#: Fields that define the run: a resumed run must have the same values as the checkpoint.
+RUN_FIELDS = (
+    "strategy", "backbone", "layers", "image_size", "batch_size", "ae_lr", "d_lr", "lam", "gamma",
+    "alpha", "margin", "clip_norm", "betas", "seed", "topk", "sigma", "elastic_alpha", "elastic_sigma",
+)
+
+#: The paper's settings per domain: industrial data (MVTec AD, VisA) and medical class-folder data.
+DOMAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "industrial": {"backbone": "wide_resnet50_2", "layers": (1, 2, 3), "ae_lr": 5e-3},
+    "medical": {"backbone": "resnet18", "layers": (2, 3), "ae_lr": 1e-3},
+}
+#: The domain of each data-set layout (:data:`ckaad_fast.data.LAYOUTS`).
+LAYOUT_DOMAINS = {"mvtec": "industrial", "visa": "industrial", "folder": "medical"}
+
+
+def _bad(name: str, must: str, value) -> ValueError:
+    return ValueError(f"TrainConfig.{name} must {must}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+
+@dataclass
+class TrainConfig(PlainConfig):
+    """Everything that defines a training run (the model's shape included).
+
+    Defaults are the paper's industrial setting (wide_resnet50_2, layers 1-3, AE lr 5e-3); for the
+    medical data sets use ``backbone="resnet18", layers=(2, 3), ae_lr=1e-3``.
+
+    Attributes:
+        strategy: ``cka_patch`` (the paper's method), ``cka_img``, ``gan``, ``recon_sub`` or ``recon``.
+        backbone: a name of :data:`ckaad_fast.models.BACKBONES`.
+        layers: backbone layers (1..4) to reconstruct, increasing.
+        weights: backbone weights: ``"imagenet"``, ``"none"`` (random, for tests) or a state_dict path.
+        image_size: input size (int or (h, w)); the data sets must produce images of this size.
+        epochs: total number of epochs (a resumed run continues up to this number).
+        batch_size: normal images per step (the anomaly batch has min(batch_size, n_anomalies)).
+            Under torchrun this is the global batch over all processes: each of the N processes
+            takes batch_size / N of it (batch_size must be a multiple of N), so the effective batch
+            and the training are those of one process with the same batch_size. To use more GPUs
+            at the same per-GPU load, raise batch_size with them; then raise the learning rates
+            too, by about sqrt(k) for a k times larger batch (Adam), and check the losses.
+        ae_lr, d_lr: Adam learning rates of the auto-encoder and the discriminator.
+        lam: lambda, the weight of the adversarial loss (of the anomalies' reconstruction loss for
+            ``recon_sub``).
+        gamma: weight of the generated term against the anomalous term in the D loss (Eq. 8/11).
+        alpha: the mixture weight of normal inputs in G's input distribution (Eq. 5-6): weight of
+            the reconstructions of normal inputs in every expectation over generated features.
+        margin: the hinge's margin a (energy discriminators).
+        clip_norm: max gradient norm of the discriminator step (None: no clipping).
+        betas: Adam betas of both optimisers.
+        seed: seeds the initialisation, the data order, the pseudo-anomalies and the RNGs.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: None (float32), ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA only, with GradScaler).
+        compile: wrap the auto-encoder and the discriminator in ``torch.compile``: True (inductor)
+            or a backend name (e.g. ``"aot_eager"``); False: eager.
+        num_workers: DataLoader worker processes.
+        eval_every: evaluate on ``eval_set`` every this many epochs (and after the last); 0: never.
+        topk: image score = mean of the top-k map values (None: mean of the map, the ISIC protocol).
+        sigma: the anomaly map's Gaussian blur.
+        elastic_alpha, elastic_sigma: the elastic distortion of the pseudo-anomalies.
+    """
+
+    _kind = "training configuration"
+
+    strategy: str = "cka_patch"
+    backbone: str = "wide_resnet50_2"
+    layers: tuple[int, ...] = (1, 2, 3)
+    weights: str | None = "imagenet"
+    image_size: int | tuple[int, int] = 256
+    epochs: int = 200
+    batch_size: int = 16
+    ae_lr: float = 5e-3
+    d_lr: float = 1e-4
+    lam: float = 0.02
+    gamma: float = 0.5
+    alpha: float = 0.5
+    margin: float = 5.0
+    clip_norm: float | None = 1.0
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 0
+    device: str = "cpu"
+    amp: str | None = None
+    compile: bool | str = False
+    num_workers: int = 0
+    eval_every: int = 1
+    topk: int | None = 100
+    sigma: float = 4.0
+    elastic_alpha: float = 200.0
+    elastic_sigma: float = 5.0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise _bad("strategy", f"be one of {STRATEGIES}", self.strategy)
+        if self.backbone not in BACKBONES:
+            raise _bad("backbone", f"be one of {tuple(BACKBONES)}", self.backbone)
+        try:
+            layers = tuple(int(v) for v in self.layers)
+        except (TypeError, ValueError):
+            raise _bad("layers", "be a sequence of ints in 1..4", self.layers) from None
+        if not layers or any(not 1 <= v <= 4 for v in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise _bad("layers", "be a non-empty, strictly increasing sequence of ints in 1..4", self.layers)
+        self.layers = layers
+        if self.weights is not None:
+            if isinstance(self.weights, os.PathLike):
+                self.weights = os.fspath(self.weights)
+            if not isinstance(self.weights, str):
+                raise _bad("weights", "be 'imagenet', 'none' or a path", self.weights)
+        size = (self.image_size, self.image_size) if _is_int(self.image_size) else tuple(self.image_size)
+        if len(size) != 2 or not all(_is_int(v) and v >= 16 for v in size):
+            raise _bad("image_size", "be an int or an (h, w) pair of ints >= 16", self.image_size)
+        self.image_size = (int(size[0]), int(size[1]))
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise _bad(name, "be an int >= 1", v)
+        for name in ("ae_lr", "d_lr", "margin", "sigma", "elastic_sigma"):
+            v = getattr(self, name)
+            if not _is_number(v) or v <= 0:
+                raise _bad(name, "be a finite number > 0", v)
+        for name in ("lam", "elastic_alpha"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise _bad(name, "be a finite number >= 0", v)
+        for name in ("gamma", "alpha"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 <= v <= 1.0:
+                raise _bad(name, "lie in [0, 1]", v)
+        if self.clip_norm is not None and (not _is_number(self.clip_norm) or self.clip_norm <= 0):
+            raise _bad("clip_norm", "be a finite number > 0 or None", self.clip_norm)
+        try:
+            betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            raise _bad("betas", "be two numbers in [0, 1)", self.betas) from None
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise _bad("betas", "be two numbers in [0, 1)", self.betas)
+        self.betas = betas
+        if not _is_int(self.seed):
+            raise _bad("seed", "be an int", self.seed)
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise _bad("device", "name a torch device ('cpu', 'cuda', 'cuda:1')", self.device) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise _bad("device", "be a CPU or CUDA device", self.device)
+        self.device = str(self.device)
+        if isinstance(self.amp, str) and self.amp.lower() in ("none", ""):
+            self.amp = None
+        if self.amp not in AMP_MODES:
+            raise _bad("amp", "be None, 'bf16' or 'fp16'", self.amp)
+        if self.amp == "fp16" and dev.type != "cuda":
+            raise _bad("amp", "not be 'fp16' on the CPU (use 'bf16')", self.amp)
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise _bad("compile", "be a bool or a torch.compile backend name", self.compile)
+        if not _is_int(self.num_workers) or self.num_workers < 0:
+            raise _bad("num_workers", "be an int >= 0", self.num_workers)
+        if not _is_int(self.eval_every) or self.eval_every < 0:
+            raise _bad("eval_every", "be an int >= 0", self.eval_every)
+        if self.topk is not None and (not _is_int(self.topk) or self.topk < 1):
+            raise _bad("topk", "be an int >= 1 or None", self.topk)
+        h, w = self.image_size
+        if self.topk is not None and self.topk > h * w:
+            raise _bad("topk", f"be at most the map's {h * w} pixels", self.topk)
+
+    # -- conversions (to_dict / from_dict come from PlainConfig) ---------------------------------
+    def model_config(self) -> ModelConfig:
+        """The :class:`ckaad_fast.model.ModelConfig` of the detector this run trains."""
+        return ModelConfig(
+            backbone=self.backbone, layers=self.layers, image_size=self.image_size,
+            strategy=self.strategy, sigma=self.sigma, topk=self.topk,
+        )
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the backbone's weights expect: build the data sets with these."""
+        spec = backbone_spec(self.backbone)
+        return tuple(spec.mean), tuple(spec.std)
+
+    @property
+    def uses_anomalies(self) -> bool:
+        """Whether the strategy's step takes a batch of anomalous images."""
+        return get_strategy(self.strategy).uses_anomalies
+
+
+
+def resolve_config(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    layout: str | None = None,
+    resume_from: str | os.PathLike | None = None,
+) -> TrainConfig:
+    """The configuration of a run: ``overrides`` (field -> value; None values are ignored) on top
+    of a base, which is
+
+    - with ``resume_from`` (a run's output folder or its checkpoint) holding a checkpoint: the
+      configuration that run was trained with, so that a resumed run keeps every option of the
+      original one unless overridden;
+    - otherwise the :class:`TrainConfig` defaults with the paper's defaults for ``layout``'s
+      domain (:data:`LAYOUT_DOMAINS`, :data:`DOMAIN_DEFAULTS`) on top.
+
+    ``resume_from`` that holds no checkpoint yet falls back to the defaults (``train`` then says
+    there is nothing to resume). Errors name the field (``TrainConfig.epochs must ...``).
+    """
+    base = {**TrainConfig().to_dict()}
+    if layout is not None:
+        if layout not in LAYOUT_DOMAINS:
+            raise ValueError(f"layout must be one of {tuple(LAYOUT_DOMAINS)}, got {layout!r}")
+        base.update(DOMAIN_DEFAULTS[LAYOUT_DOMAINS[layout]])
+    if resume_from is not None:
+        path = checkpoint_file(resume_from)
+        if path.is_dir() or not path.suffix:  # an output folder that does not exist yet
+            path = path / CHECKPOINT_NAME
+        if path.is_file():
+            try:
+                saved = load_checkpoint(path).get("train_config")
+            except ValueError as e:
+                raise ArgumentError("resume_from", str(e)) from None
+            if not saved:
+                raise ArgumentError("resume_from", f"{str(path)!r} holds no training configuration to resume")
+            base = dict(saved)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = TrainConfig.from_dict({**base, **given})
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device {cfg.device!r}: CUDA is not available on this machine")
+    return cfg

@@ -1,0 +1,120 @@
+"""The data plumbing of training: the shuffled loaders of every epoch, their seeds, and the RNG
+states a checkpoint carries so that a resumed run continues bit for bit.
+
+Data: the industrial protocol (no real anomalies) pairs every normal batch with its own elastic
+distortion (:class:`WithDistortion`, redrawn each epoch); with a coarse anomaly set (the medical
+protocol) a separate loader of batch ``min(batch_size, n)`` cycles, reshuffled at every pass
+(:func:`cycle`). The normal loader drops its last incomplete batch. Every loader's order comes
+from a generator seeded with (seed, epoch, stream), so the same configuration draws the same
+batches on 1 or N processes.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import PseudoAnomalyDataset
+from ..distributed import GlobalBatchSampler
+
+__all__ = ["Images", "WithDistortion", "epoch_loader", "cycle", "seed_everything", "rng_state", "set_rng_state"]
+
+
+class Images(Dataset):
+    """Only the image (item[0]) of any of the library's data sets: cheaper to collate."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0]
+
+
+class WithDistortion(Dataset):
+    """(normal image, its elastic distortion): the industrial protocol's paired batches."""
+
+    def __init__(self, pseudo: PseudoAnomalyDataset):
+        self.pseudo = pseudo
+
+    def __len__(self):
+        return len(self.pseudo)
+
+    def __getitem__(self, i):
+        image = self.pseudo.normal_dataset[i][0]
+        return image, self.pseudo.distort(image, i)
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _seed_worker(_worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def epoch_loader(dataset, batch_size: int, cfg, epoch: int, stream: int, drop_last: bool,
+                 world: int = 1) -> DataLoader:
+    """The shuffled loader of one epoch; ``batch_size`` is the global batch. With ``world`` > 1
+    processes, this rank's part (``batch_size // world`` images) of the same global batches."""
+    g = torch.Generator()
+    g.manual_seed(_derived_seed(cfg.seed, epoch, stream))
+    common = dict(num_workers=cfg.num_workers, generator=g, worker_init_fn=_seed_worker if cfg.num_workers else None,
+                  pin_memory=torch.device(cfg.device).type == "cuda")
+    if world == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, **common)
+    sampler = GlobalBatchSampler(dataset, batch_size, g, drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, drop_last=drop_last, **common)
+
+
+def cycle(loader: DataLoader):
+    """Iterate ``loader`` forever, reshuffling at every pass (unlike itertools.cycle)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the anomaly loader yields no batch")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (the model's initialisation draws from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The global RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0], "key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states :func:`rng_state` returned."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
