@@ -7,12 +7,18 @@ manager, which wins over the variable:
 - ``triton``: Triton everywhere; CPU tensors then need Triton's interpreter (``TRITON_INTERPRET=1``
   set before the package is imported). This is how CI, which has no GPU, tests the kernels.
 - ``torch``: the PyTorch paths everywhere.
+
+When the kernels cannot be imported (no Triton, or a broken one), the library says so once, with
+the import error, and CPU tensors take the PyTorch paths as always; a CUDA tensor on ``auto``
+raises instead of silently running the CPU path's code on the GPU, ten times slower. Choose
+``torch`` to run that code on purpose.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -22,12 +28,21 @@ _local = threading.local()
 # The interpreter is chosen when @triton.jit runs, i.e. when the kernels are imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-try:  # Triton is optional at run time: without it every tensor takes the PyTorch path.
+#: Why the kernels could not be imported ("ImportError: ..."), or None when they were.
+KERNELS_IMPORT_ERROR: str | None = None
+try:  # Triton is optional at run time: without it CPU tensors take the PyTorch path.
     from ckaad_fast.kernels import cosine as cosine_kernels
     from ckaad_fast.kernels import energy as energy_kernels
     from ckaad_fast.kernels import upsample_blur as upsample_blur_kernels
-except ImportError:  # pragma: no cover - depends on the platform
+except ImportError as e:
     cosine_kernels = energy_kernels = upsample_blur_kernels = None
+    KERNELS_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    warnings.warn(
+        f"ckaad_fast: the Triton kernels cannot be imported ({KERNELS_IMPORT_ERROR}); CPU tensors take the "
+        "PyTorch paths, and CUDA tensors raise unless CKAAD_FAST_BACKEND=torch",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def current_backend() -> str:
@@ -53,9 +68,18 @@ def backend(name: str):
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the op on tensor ``t`` runs the Triton kernels."""
     choice = current_backend()
-    if choice == "torch" or cosine_kernels is None:
-        if choice == "triton" and cosine_kernels is None:
-            raise RuntimeError("backend 'triton' was asked for, but triton cannot be imported")
+    if choice == "torch":
+        return False
+    if cosine_kernels is None:
+        if choice == "triton":
+            raise RuntimeError(f"backend 'triton' was asked for, but the kernels cannot be imported "
+                               f"({KERNELS_IMPORT_ERROR})")
+        if t.device.type == "cuda":
+            raise RuntimeError(
+                f"the Triton kernels cannot be imported ({KERNELS_IMPORT_ERROR}), so CUDA tensors have no "
+                "kernel to run: repair the Triton install, or set CKAAD_FAST_BACKEND=torch (or use "
+                "ckaad_fast.ops.backend('torch')) to run the PyTorch paths on the GPU"
+            )
         return False
     if t.device.type == "cuda":
         return True
