@@ -1,0 +1,142 @@
+"""The layout rules of docs/ARCHITECTURE.md, checked on the source: no import circle, small
+modules and functions in the application layer, no private name taken from another module, the
+layers importing downwards only, and no reference to a file the project does not hold."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "ckaad_fast"
+# The lower floors: kernels, the ops and the networks. Everything else in the package is the
+# application layer, where no function may grow past about a screen.
+LOWER = ("ckaad_fast.ops", "ckaad_fast.models", "ckaad_fast.kernels")
+# What the lower floors may import besides each other: the NVTX ranges, which know nothing else.
+FOUNDATION = LOWER + ("ckaad_fast.profiling",)
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    for path in sorted((ROOT / "kernels").glob("*.py")):  # installed as ckaad_fast.kernels
+        name = "ckaad_fast.kernels" + ("" if path.stem == "__init__" else "." + path.stem)
+        mods[name] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str], int]]:
+    """(module imported, names taken from it, line) for every import in the file, at any depth."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [a.name for a in node.names]
+            # `from . import ops` imports the module ckaad_fast.ops.
+            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            out += [(s, [], node.lineno) for s in subs]
+            out.append((target, [n for n in names if f"{target}.{n}" not in MODULES], node.lineno))
+    return [(t, names, line) for t, names, line in out if t in MODULES]
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def test_no_import_circle():
+    # Importing a package's module also runs the package's __init__, but that is no edge of its
+    # own here: an __init__ only hands on its modules' names.
+    edges = {m: {t for t, _, _ in imps if t != m} for m, imps in GRAPH.items()}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for t in sorted(edges[m]):
+            if state.get(t) == 1:
+                circles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                visit(t, stack + [t])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_lower_floors_never_import_the_application():
+    bad = [f"{m} imports {t}" for m, imps in GRAPH.items() if m.startswith(LOWER)
+           for t, _, _ in imps if not t.startswith(FOUNDATION)]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_is_small(name):
+    lines = MODULES[name].read_text().count("\n")
+    assert lines <= MAX_MODULE_LINES, f"{name} has {lines} lines: split it by job"
+
+
+def test_application_functions_are_short():
+    long = []
+    for name, path in MODULES.items():
+        if name.startswith(LOWER):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert not long, long
+
+
+def test_no_private_name_is_imported_from_another_module():
+    bad = [f"{m}:{line} takes {n} from {t}" for m, imps in GRAPH.items() for t, names, line in imps
+           for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not bad, bad
+
+
+def _tracked_text_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        files = [ROOT / f for f in out.splitlines()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file
+        files = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts]
+    return [p for p in files if p.suffix in (".py", ".md", ".txt", ".toml", ".cfg") and p.is_file()]
+
+
+def test_nothing_refers_to_a_file_outside_the_project():
+    # The project documents itself: a design note that lives elsewhere is no help to a reader.
+    this = Path(__file__).resolve()
+    bad = [str(p.relative_to(ROOT)) for p in _tracked_text_files()
+           if p.resolve() != this and "DESIGN.md" in p.read_text(errors="replace")]
+    assert not bad, f"these cite a DESIGN.md the project does not hold: {bad}"
+
+
+def test_markdown_links_resolve():
+    broken = []
+    for md in [p for p in _tracked_text_files() if p.suffix == ".md"]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", md.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (md.parent / target).exists():
+                broken.append(f"{md.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
