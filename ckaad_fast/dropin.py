@@ -35,7 +35,7 @@ from torch import nn
 
 from .ops import anomaly_map as _fused_anomaly_map
 from .ops import cosine_reconstruction_loss, upsample_blur_sum
-from .ops._checks import check_layer_lists, check_pair, check_same_batch, out_size_pair
+from .ops.checks import check_layer_lists, check_pair, check_same_batch, out_size_pair
 from .ops.cosine import cosine_error_map_float32
 
 __all__ = [

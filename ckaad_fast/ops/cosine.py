@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.dtypes import acc_dtype
 from ._backend import cosine_kernels, use_triton
-from ._checks import check_layer_lists, check_pair
+from .checks import check_layer_lists, check_pair
 from ._layout import rows_in_memory_order
 
 _DEVICES = ("cpu", "cuda")

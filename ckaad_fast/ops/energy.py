@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.dtypes import acc_dtype
 from ._backend import energy_kernels, use_triton
-from ._checks import check_float_tensor
+from .checks import check_float_tensor
 from ._layout import flat_in_memory_order
 
 _DEVICES = ("cpu", "cuda")

@@ -17,7 +17,7 @@ import torch
 
 from ..profiling import nvtx_range
 from ._backend import upsample_blur_kernels, use_triton
-from ._checks import check_layer_lists, check_pair, check_same_batch, out_size_pair
+from .checks import check_layer_lists, check_pair, check_same_batch, out_size_pair
 from .cosine import cosine_error_map_float32
 
 BORDERS = ("reflect", "mirror")

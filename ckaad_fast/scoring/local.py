@@ -23,11 +23,9 @@ from .results import (
     PARTS_DIR,
     ScoreSummary,
     done_paths,
-    exists_error,
+    earlier_run,
     map_names,
-    part_files,
     part_name,
-    previous_rows,
     read_scale,
     row_done,
     unlink_parts,
@@ -68,22 +66,12 @@ class LocalRun:
     # -- before scoring -----------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Read what an earlier run left in OUT (with ``resume``), or refuse to overwrite it."""
-        parts = part_files(self.out)
-        old_rows: list[dict] = []
-        if self.csv_path.exists() or parts:
-            if resume:
-                old_rows = previous_rows(self.out)
-            elif not overwrite:
-                raise exists_error(self.csv_path, parts)
-            else:
-                unlink_parts(self.out)  # stale rows of an earlier run must not come back on a resume
-                parts = []
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.old, self.extra_old, parts = earlier_run(self.out, self.paths, resume, overwrite)
+        if parts and not resume:
+            unlink_parts(self.out)  # overwrite: stale rows of an earlier run must not come back on a resume
+            parts = []
         if self.maps == "png" and self.map_range is None and resume:
             self.map_range = read_scale(self.maps_dir)
-        in_input = set(self.paths)
-        self.old = {r["path"]: r for r in old_rows}
-        self.extra_old = [r for r in old_rows if r["path"] not in in_input]
         self.done = done_paths(self.paths, self.old, self.maps, self.names, self.maps_dir)
         self.summary.skipped = len(self.done)
         if parts:

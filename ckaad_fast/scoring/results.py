@@ -20,7 +20,7 @@ from ..atomic import atomic_write_text
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
-           "exists_error", "check_arguments", "write_rows", "done_paths", "read_scale", "write_scale"]
+           "exists_error", "check_arguments", "write_rows", "earlier_run", "done_paths", "read_scale", "write_scale"]
 
 CSV_NAME = "scores.csv"
 MAPS_DIR = "maps"
@@ -173,6 +173,24 @@ def write_rows(csv_path: Path, rows: Sequence[dict], threshold: float | None) ->
     """Rewrite ``csv_path`` with ``rows`` atomically and durably (temporary file, fsync, rename)."""
     text = csv_text([finish_row(r, threshold) for r in rows], threshold is not None)
     atomic_write_text(csv_path, text, fsync=True)
+
+
+def earlier_run(out: Path, paths: Sequence[str], resume: bool, overwrite: bool) -> tuple[dict, list, list[Path]]:
+    """What an earlier run left in ``out``: its rows by path (with ``resume``; a scored row wins
+    over a row with an error), its rows of images not in ``paths`` (kept: results are never
+    dropped), and the part files of an interrupted sharded run. Without ``resume`` an earlier
+    run's results raise FileExistsError unless ``overwrite``. Creates ``out``."""
+    csv_path = out / CSV_NAME
+    parts = part_files(out)
+    old_rows: list[dict] = []
+    if csv_path.exists() or parts:
+        if resume:
+            old_rows = previous_rows(out)
+        elif not overwrite:
+            raise exists_error(csv_path, parts)
+    out.mkdir(parents=True, exist_ok=True)
+    in_input = set(paths)
+    return {r["path"]: r for r in old_rows}, [r for r in old_rows if r["path"] not in in_input], parts
 
 
 def done_paths(paths: Sequence[str], old: dict[str, dict], maps: str, names: dict[str, str], maps_dir: Path) -> set:

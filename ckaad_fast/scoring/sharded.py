@@ -16,11 +16,10 @@ from .results import (
     PARTS_DIR,
     ScoreSummary,
     done_paths,
-    exists_error,
+    earlier_run,
     map_names,
     part_files,
     part_name,
-    previous_rows,
     read_scale,
     read_scores_csv,
     row_done,
@@ -70,17 +69,7 @@ class _Earlier:
 
     def prepare(self, resume: bool, overwrite: bool, map_range):
         """(paths still to score, how many were done, the PNG colour range): rank 0's answer."""
-        parts = part_files(self.out)
-        old_rows: list[dict] = []
-        if self.csv_path.exists() or parts:
-            if resume:
-                old_rows = previous_rows(self.out)
-            elif not overwrite:
-                raise exists_error(self.csv_path, parts)
-        self.out.mkdir(parents=True, exist_ok=True)
-        in_input = set(self.paths)
-        self.old = {r["path"]: r for r in old_rows}
-        self.extra = [r for r in old_rows if r["path"] not in in_input]  # kept: results are never dropped
+        self.old, self.extra, parts = earlier_run(self.out, self.paths, resume, overwrite)
         if parts or (overwrite and not resume and self.csv_path.exists()):
             # One scores.csv with what is kept (nothing, with overwrite), and no parts: the parts
             # this run writes are then all new, and a crash leaves nothing stale behind.
