@@ -29,7 +29,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.common import append_results, best_time, median_time, print_table
+from benchmarks.common import append_results, best_time, check_agreement, median_time, print_table
 from ckaad_fast import metrics
 
 
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for metric, key, baseline, same in cases:
         diff = abs(ours[key] - base[baseline]) if same else math.nan
+        if same:  # the same metric: equal up to float64 rounding
+            check_agreement(f"{metric} vs {baseline}", diff, 1e-9)
         rows.append(
             {
                 "metric": metric,

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import ckaad_fast.ops as ops
-from benchmarks.common import best_of_rounds, feature_bench_parser, median_time, memory_floor, print_table, save_rows
+from benchmarks.common import (best_of_rounds, check_agreement, feature_bench_parser, max_abs_diff, median_time,
+                               memory_floor, print_table, save_rows)
 
 WRN50_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
 QUICK_SHAPES = [(16, 16, 16), (32, 8, 8), (64, 4, 4)]
@@ -97,6 +98,10 @@ def bench_anomaly_map(args, device):
     if not args.no_compile:
         compiled = torch.compile(eager_pipeline)
         paths["torch.compile of the eager composition"] = lambda fs, ft: compiled(fs, ft, out_size, taps)
+    # Same semantics as the reference (scipy's border), so the maps must agree to float32 rounding.
+    check_agreement("anomaly_map vs the reference pipeline",
+                    max_abs_diff(paths["anomaly_map (ckaad_fast)"](*sets[0]), reference_pipeline(*sets[0], out_size)),
+                    1e-4)
     times = best_of_rounds({name: (lambda fn=fn: t(fn)) for name, fn in paths.items()}, args.rounds)
     times["read both feature sets, write the maps (floor)"] = floor
     ours = times["anomaly_map (ckaad_fast)"]
@@ -122,6 +127,18 @@ def _eager_disc_loss(sn, sa, sg, gamma=0.5, margin=5.0):
                for n, a, g in zip(sn, sa, sg))
 
 
+def _check_loss(name, ours_fn, eager_fn, inputs) -> None:
+    """The fused loss and its gradients against eager autograd through the same formula."""
+    leaves = [x for group in inputs for x in group]
+    results = []
+    for fn in (ours_fn, eager_fn):
+        loss = fn(*inputs)
+        results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+    (l_ours, g_ours), (l_eager, g_eager) = results
+    diff = max([max_abs_diff(l_ours, l_eager)] + [max_abs_diff(a, b) for a, b in zip(g_ours, g_eager)])
+    check_agreement(f"{name} (value and gradients) vs eager autograd", diff, 1e-4)
+
+
 def bench_losses(args, device):
     shapes = QUICK_SHAPES if args.quick else WRN50_SHAPES
     batch = 2 if args.quick else args.batch
@@ -145,6 +162,7 @@ def bench_losses(args, device):
         ("discriminator_loss", lambda s: ops.discriminator_loss(s, s, s), lambda s: _eager_disc_loss(s, s, s),
          [(s,) for s in score_sets]),
     ]:
+        _check_loss(name, ours_fn, eager_fn, inputs[0])
         # The least any implementation moves: one read of every input, one write of every gradient.
         leaves = [[x.detach() for group in inp for x in group] for inp in inputs]
         floor = memory_floor([(xs, [torch.empty_like(x) for x in xs]) for xs in leaves], device=device, repeats=reps)

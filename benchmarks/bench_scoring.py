@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.common import count_flops, matmul_ceiling, median_time, print_table, save_rows
+from benchmarks.common import check_agreement, count_flops, matmul_ceiling, max_abs_diff, median_time, print_table, save_rows
 from ckaad_fast.model import CKAAD, ModelConfig
 from ckaad_fast.scoring import Scorer
 
@@ -103,6 +103,10 @@ def bench_post(args, device, backbone, layers, size) -> list[dict]:
             for i in range(args.batch):
                 reference_post(feats, recon, i, size, topk)
 
+    with torch.no_grad():
+        ours_scores = ops.image_score(ops.anomaly_map(feats, recon, out_size=size, sigma=4.0), topk)
+        ref_scores = [reference_post(feats, recon, i, size, topk)[0] for i in range(args.batch)]
+    check_agreement("post-processing scores vs the reference", max_abs_diff(ours_scores, ref_scores), 1e-4)
     t_ours = median_time(ours, device=device, warmup=2, repeats=reps + 2)
     t_ref = median_time(ref, device=device, warmup=1, repeats=reps)
     rows = [("reference: per-image cosine + interpolate + .cpu() + scipy blur (float64) + top-k", t_ref / args.batch * 1e3, 1.0),
@@ -152,6 +156,10 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
             t = median_time(lambda i: scorer(dev_inputs[i]), device=device, warmup=2, repeats=reps + 2, rotate=2)
             s, _ = scorer(dev_inputs[0])
             rel = float(np.max(np.abs(s.float().cpu().numpy() - ref_scores) / np.abs(ref_scores)))
+            if "bf16" not in name and "fp16" not in name:  # float32 configurations: the same scores
+                # (On a GPU cuDNN's TF32 convolutions differ by layout: a looser bound there.)
+                check_agreement(f"{name} scores vs the reference", max_abs_diff(s, ref_scores),
+                                1e-4 if device.type == "cpu" else 1e-2)
             rows.append((name, batch / t, t_ref / t, rel, f"setup {setup:.1f} s"))
         except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
             rows.append((name, float("nan"), float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:120]}"))

@@ -26,8 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (append_results, best_of_rounds, count_flops, matmul_ceiling, median_time, memory_floor,
-                               print_table)
+from benchmarks.common import (append_results, best_of_rounds, check_agreement, count_flops, matmul_ceiling,
+                               max_abs_diff, median_time, memory_floor, print_table)
 
 from ckaad_fast.model import CKAAD
 from ckaad_fast.training import FusedLosses, TrainConfig, Trainer
@@ -170,6 +170,9 @@ def main(argv=None) -> list[dict]:
             # The losses are memory-bound: reading their inputs and writing their gradients.
             "losses fwd+bwd": _losses_floor(model, cfg, inputs, repeats, device),
         }
+        # One step from the same start with the fused and the eager losses: the same losses.
+        steps = [Trainer(copy.deepcopy(model), cfg, losses=v).step(*inputs[0]) for v in (FusedLosses(), EagerLosses())]
+        check_agreement(f"{case} step losses, fused vs eager", max_abs_diff(*steps), 1e-4 if amp is None else 5e-2)
         variants = {"eager": EagerLosses(), "fused": FusedLosses()}
         if not args.no_compile:
             torch._dynamo.reset()

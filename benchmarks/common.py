@@ -142,6 +142,25 @@ def best_of_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> dict[
     return best
 
 
+def max_abs_diff(a, b) -> float:
+    """The largest |a - b| over every element (tensors, arrays or numbers; NaN where either is NaN)."""
+    import numpy as np
+
+    a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
+    b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float64)
+    d = np.abs(a - b)
+    return float("nan") if np.isnan(d).any() else float(d.max(initial=0.0))
+
+
+def check_agreement(label: str, diff: float, tol: float) -> float:
+    """Refuse to report a speed for a result that differs from its baseline's: exit with an error
+    when ``diff`` (a max abs difference) is above ``tol`` or NaN; print one ``check:`` line."""
+    if not diff <= tol:
+        raise SystemExit(f"check FAILED: {label}: max abs diff {diff:.3e} > {tol:.1e}; not timing a wrong result")
+    print(f"check: {label}: max abs diff {diff:.3e} <= {tol:.1e}", flush=True)
+    return diff
+
+
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Print rows as a Markdown table (so it can be pasted into the README) and return it."""
     rows = [[_fmt(v) for v in row] for row in rows]

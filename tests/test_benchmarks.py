@@ -21,10 +21,26 @@ def _run(args, tmp_path):
     return proc.stdout
 
 
+# Scripts that time this library against a baseline computing the same thing: before timing, each
+# checks that the results agree (benchmarks.common.check_agreement exits non-zero when not).
+CHECKED = {"bench_ops": 3, "bench_dropin": 4, "bench_scoring": 2, "bench_train_step": 1, "bench_metrics": 3}
+
+
 @pytest.mark.parametrize("script", QUICK_SCRIPTS)
 def test_benchmark_quick_mode_runs(script, tmp_path):
     out = _run(["-m", f"benchmarks.{script}", "--quick"], tmp_path)
     assert "|" in out  # printed its table
+    checks = [line for line in out.splitlines() if line.startswith("check: ")]
+    assert len(checks) >= CHECKED.get(script, 0), f"{script} compared fewer results with its baseline: {checks}"
+
+
+def test_agreement_check_refuses_a_wrong_result():
+    from benchmarks.common import check_agreement
+
+    assert check_agreement("same", 1e-7, 1e-4) == 1e-7
+    for diff in (1e-3, float("nan")):
+        with pytest.raises(SystemExit, match="check FAILED"):
+            check_agreement("wrong", diff, 1e-4)
 
 
 def test_gpu_check_cpu_smoke(tmp_path):

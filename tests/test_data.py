@@ -495,3 +495,53 @@ def test_pseudo_anomalies(texture_root):
     assert p_raw.min() >= 0.0 and (p_raw == 0).any()
     batch = next(iter(torch.utils.data.DataLoader(pseudo, batch_size=4)))
     assert batch[0].shape == (4, 3, SIZE, SIZE) and batch[1].tolist() == [1] * 4
+
+
+def test_open_dataset_builds_each_layout_and_names_the_bad_argument(texture_root, tmp_path):
+    from ckaad_fast.data import open_dataset
+    from ckaad_fast.errors import ArgumentError
+
+    ds = open_dataset("mvtec", texture_root, "test", SIZE, category="brick")
+    assert isinstance(ds, MVTecDataset) and ds.split == "test" and ds.image_size == (SIZE, SIZE)
+    med = _folder_from(texture_root, tmp_path)
+    folder = open_dataset("folder", med, "test", SIZE, normal_class="NORMAL", anomaly_classes=["CNV"])
+    assert isinstance(folder, FolderDataset) and folder.anomaly_classes == ["CNV"]
+    cases = [
+        (dict(layout="coco", root=texture_root, category="brick"), "layout"),
+        (dict(layout="mvtec", root=tmp_path / "missing", category="brick"), "root"),
+        (dict(layout="mvtec", root=texture_root), "category"),
+        (dict(layout="mvtec", root=texture_root, category="nope"), "root"),
+        (dict(layout="mvtec", root=texture_root, category="brick", normal_class="good"), "normal_class"),
+        (dict(layout="folder", root=med), "normal_class"),
+        (dict(layout="folder", root=med, normal_class="NORMAL", category="nope"), "category"),
+    ]
+    for kw, name in cases:
+        layout, root = kw.pop("layout"), kw.pop("root")
+        with pytest.raises(ArgumentError) as e:
+            open_dataset(layout, root, "train", SIZE, **kw)
+        assert e.value.name == name, (layout, kw, str(e.value))
+
+
+def test_coarse_anomaly_set_follows_the_papers_protocols(texture_root, tmp_path):
+    from ckaad_fast.data import coarse_anomaly_set
+    from ckaad_fast.errors import ArgumentError
+
+    med = _folder_from(texture_root, tmp_path)
+    train = FolderDataset(med, "NORMAL", split="train", image_size=SIZE)
+    # Class folders (the medical protocol): labelled anomalies drawn as sample_coarse_anomalies draws them.
+    drawn = coarse_anomaly_set(train, ratio_labeled=0.25, num_classes=1, seed=3, image_size=SIZE)
+    assert drawn.coarse == sample_coarse_anomalies(train, 0.25, 1, seed=3)
+    assert drawn.paths == sorted(drawn.coarse.paths) and drawn.image_size == (SIZE, SIZE)
+    # No ratio, or industrial data without a folder: None, i.e. pseudo-anomalies in train().
+    assert coarse_anomaly_set(train, ratio_labeled=0.0) is None
+    mvtec = MVTecDataset(texture_root, "brick", "train", SIZE)
+    assert coarse_anomaly_set(mvtec, ratio_labeled=0.25) is None
+    # A folder of anomalies wins over both.
+    folder = coarse_anomaly_set(mvtec, anomaly_dir=texture_root / "brick" / "coarse_anomalies", image_size=SIZE)
+    assert isinstance(folder, AnomalyFolderDataset) and folder.coarse is None and len(folder) == N_COARSE
+    with pytest.raises(ArgumentError) as e:
+        coarse_anomaly_set(mvtec, anomaly_dir=tmp_path / "missing")
+    assert e.value.name == "anomaly_dir"
+    with pytest.raises(ArgumentError) as e:
+        coarse_anomaly_set(train, ratio_labeled=0.25, num_classes=9)
+    assert e.value.name == "ratio_labeled" and "num_classes" in e.value.message

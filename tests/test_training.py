@@ -217,3 +217,32 @@ def test_data_errors(data, tmp_path):
         train(tiny(batch_size=7), data["train"], out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="image_size"):
         train(tiny(image_size=32), data["train"], out_dir=tmp_path, progress=False)
+
+
+def test_resolve_config_takes_the_papers_domain_defaults_then_the_overrides():
+    from ckaad_fast.training import resolve_config
+
+    medical = resolve_config(layout="folder")
+    assert (medical.backbone, medical.layers, medical.ae_lr) == ("resnet18", (2, 3), 1e-3)
+    industrial = resolve_config(layout="mvtec")
+    assert (industrial.backbone, industrial.layers, industrial.ae_lr) == ("wide_resnet50_2", (1, 2, 3), 5e-3)
+    given = resolve_config({"backbone": "resnet34", "ae_lr": 2e-3, "lam": None}, layout="folder")
+    assert (given.backbone, given.layers, given.ae_lr, given.lam) == ("resnet34", (2, 3), 2e-3, TrainConfig().lam)
+    with pytest.raises(ValueError, match=r"TrainConfig\.epochs"):
+        resolve_config({"epochs": 0})
+
+
+def test_resolve_config_resumes_with_every_option_of_the_run(data, tmp_path):
+    from ckaad_fast.errors import ArgumentError
+    from ckaad_fast.training import resolve_config
+
+    train(tiny(strategy="recon", lam=0.1, seed=7), data["train"], out_dir=tmp_path, progress=False)
+    cfg = resolve_config({"epochs": 3}, layout="mvtec", resume_from=tmp_path)
+    assert cfg == tiny(strategy="recon", lam=0.1, seed=7, epochs=3)  # not the mvtec defaults
+    # An output folder with no checkpoint yet: the defaults (train() then says nothing is there to resume).
+    assert resolve_config(layout="folder", resume_from=tmp_path / "new").backbone == "resnet18"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ArgumentError) as e:
+        resolve_config(resume_from=tmp_path / "bad")
+    assert e.value.name == "resume_from"
