@@ -1,14 +1,62 @@
 """Atomic file writes: every results file, picture and checkpoint goes through here, so that a
 crash or Ctrl-C never leaves a half-written file and the previous version survives until the new
 one is complete. This is the library's one way of writing a file: nothing else renames temporary
-files."""
+files.
+
+Files are created with the permissions ``open()`` would give them under the process's umask
+(0644 under umask 022), not the 0600 of a bare ``mkstemp``, so that results on a shared file
+system stay readable by the others who share it. The temporary files are named
+``.<name>.<random>.tmp`` beside their target; one that a killed process left behind is removed by
+:func:`remove_stale_temporaries` when the next run starts.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
+
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    # Linux says it without changing it; elsewhere set-and-restore, under a lock, since the map
+    # writers create files on several threads.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that interrupted writes of ``folder/name`` (of any file, when
+    ``name`` is None; in sub-folders too with ``recursive``) left behind: a killed process never
+    reaches its clean-up. Call it only where no other process writes there now (a run holding the
+    folder's lock). Returns what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    # mkstemp's names: "." + the target's name + "." + 8 random characters + ".tmp".
+    target = re.escape(name) if name is not None else r".+"
+    pattern = re.compile(r"^\." + target + r"\.[A-Za-z0-9_]{8}\.tmp$")
+    removed = []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
@@ -19,7 +67,10 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -42,9 +93,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False, 
                 os.fsync(f.fileno())
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> None:
-    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
-    with atomic_open(path, "w", fsync=fsync, encoding="utf-8", newline="") as f:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False, errors: str = "strict") -> None:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically. ``errors="surrogateescape"``
+    writes the raw bytes of file names that are not valid UTF-8 (as Python decodes them) back as
+    they were."""
+    with atomic_open(path, "w", fsync=fsync, encoding="utf-8", errors=errors, newline="") as f:
         f.write(text)
 
 
@@ -72,8 +125,14 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     survives until the new one is complete."""
     import torch  # here: the rest of this module is plain Python
 
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        # torch's writer reports a full or failing disk as "enforce fail at inline_container.cc":
+        # say what it is, an error writing this file.
+        first = next((line for line in str(e).splitlines() if line.strip()), str(e))
+        raise OSError(errno.EIO, f"could not write the checkpoint ({first.strip()[:200]})", os.fspath(path)) from None
 
 
 def atomic_save_npy(path: str | os.PathLike, arr) -> None:

@@ -25,7 +25,7 @@ from .models.discriminator import MultiLayerImageDiscriminator, MultiLayerPatchD
 from .profiling import nvtx_range
 from .strategies import get_strategy
 
-__all__ = ["CKAAD", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "save_checkpoint", "load_checkpoint",
+__all__ = ["CKAAD", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
            "model_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
@@ -131,6 +131,22 @@ class CKAAD(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
+def fingerprint(model: CKAAD) -> str:
+    """SHA-256 of a detector's configuration and weights: equal exactly when two models score alike
+    (whatever device or memory layout they sit in). Results folders record it (scoring's run
+    manifest) so that a resume never mixes the rows of two models."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, model: CKAAD, **state) -> None:
     """Write ``model`` (weights and configuration) and any extra ``state`` (optimisers, epoch,
     RNG states: tensors, numbers, strings and containers of them) to ``path`` atomically."""

@@ -54,6 +54,9 @@ def data(tmp_path):
     return root, sorted(paths + [str(bad)]), str(bad)
 
 
+NOT_ALL = 1  # the exit code when some image could not be scored: `root` holds a corrupt file
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -70,7 +73,7 @@ def score(ckpt, inputs, out, *extra):
 def test_scores_csv_rows_equal_the_scorer(ckpt, data, tmp_path):
     root, paths, bad = data
     out = tmp_path / "out"
-    assert score(ckpt, root, out, "--threshold", "0.5") == 0
+    assert score(ckpt, root, out, "--threshold", "0.5") == NOT_ALL
     fields, rows = read_csv(out / "scores.csv")
     assert fields == ["path", "score", "error", "is_anomalous"]
     assert [r["path"] for r in rows] == paths
@@ -98,9 +101,9 @@ def test_no_threshold_no_column_and_explicit_files(ckpt, data, tmp_path):
 def test_npy_maps(ckpt, data, tmp_path):
     root, paths, bad = data
     out = tmp_path / "out"
-    assert score(ckpt, root, out, "--maps", "npy") == 0
+    assert score(ckpt, root, out, "--maps", "npy") == NOT_ALL
     names = map_names(paths, ".npy")
-    assert names[paths[0]] == os.path.join("a", "0.npy")
+    assert names[paths[0]] == os.path.join("a", "0.png.npy")
     ref = {r.path: r for r in Scorer.from_checkpoint(ckpt, num_workers=0).score_paths(paths)}
     for p in paths:
         f = out / "maps" / names[p]
@@ -113,7 +116,7 @@ def test_npy_maps(ckpt, data, tmp_path):
 def test_png_maps_share_one_colour_scale(ckpt, data, tmp_path):
     root, paths, bad = data
     out = tmp_path / "out"
-    assert score(ckpt, root, out, "--maps", "png", "--map-range", "0", "2") == 0
+    assert score(ckpt, root, out, "--maps", "png", "--map-range", "0", "2") == NOT_ALL
     scale = json.loads((out / "maps" / "colour_scale.json").read_text())
     assert scale == {"colormap": "turbo", "lo": 0.0, "hi": 2.0}
     names = map_names(paths, ".png")
@@ -123,7 +126,7 @@ def test_png_maps_share_one_colour_scale(ckpt, data, tmp_path):
                 assert im.size == (SIZE, SIZE) and im.mode == "RGB"
     # Without --map-range: the first batch's range, saved for the run.
     out2 = tmp_path / "out2"
-    assert score(ckpt, root, out2, "--maps", "png") == 0
+    assert score(ckpt, root, out2, "--maps", "png") == NOT_ALL
     scale = json.loads((out2 / "maps" / "colour_scale.json").read_text())
     assert scale["hi"] > scale["lo"]
 
@@ -131,7 +134,7 @@ def test_png_maps_share_one_colour_scale(ckpt, data, tmp_path):
 def test_resume_skips_done_rows_and_retries_errors(ckpt, data, tmp_path, monkeypatch):
     root, paths, bad = data
     out = tmp_path / "out"
-    assert score(ckpt, root, out, "--maps", "npy") == 0
+    assert score(ckpt, root, out, "--maps", "npy") == NOT_ALL
     _, first = read_csv(out / "scores.csv")
     # Without --resume an existing results file is never silently replaced.
     assert score(ckpt, root, out) == 2
@@ -146,7 +149,7 @@ def test_resume_skips_done_rows_and_retries_errors(ckpt, data, tmp_path, monkeyp
         return real(self, todo, *a, **k)
 
     monkeypatch.setattr(Scorer, "score_paths", spy)
-    assert score(ckpt, root, out, "--maps", "npy", "--resume") == 0
+    assert score(ckpt, root, out, "--maps", "npy", "--resume") == 0  # the corrupt file was repaired
     assert seen == [paths[0], bad]
     _, second = read_csv(out / "scores.csv")
     assert [r["path"] for r in second] == paths
@@ -179,7 +182,7 @@ def test_interruption_keeps_finished_rows(ckpt, data, tmp_path, monkeypatch):
     assert [r["path"] for r in rows] == paths[:4]  # complete rows, none half-written
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     monkeypatch.setattr(Scorer, "score_paths", real)
-    assert score(ckpt, root, out, "--maps", "npy", "--resume") == 0
+    assert score(ckpt, root, out, "--maps", "npy", "--resume") == NOT_ALL
     _, rows = read_csv(out / "scores.csv")
     assert [r["path"] for r in rows] == paths
 
@@ -253,7 +256,7 @@ class _Obj:
 def test_profile_writes_a_trace_on_cpu(ckpt, data, tmp_path):
     root, _, _ = data
     prof = tmp_path / "prof"
-    assert score(ckpt, root, tmp_path / "out", "--profile", str(prof)) == 0
+    assert score(ckpt, root, tmp_path / "out", "--profile", str(prof)) == NOT_ALL
     trace = json.loads((prof / "trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert "ckaad_fast/forward" in names and any(str(n).startswith("aten::") for n in names)
@@ -262,7 +265,7 @@ def test_profile_writes_a_trace_on_cpu(ckpt, data, tmp_path):
 def test_nvtx_option_runs_on_cpu(ckpt, data, tmp_path):
     root, _, _ = data
     try:
-        assert score(ckpt, root, tmp_path / "out", "--nvtx") == 0
+        assert score(ckpt, root, tmp_path / "out", "--nvtx") == NOT_ALL
     finally:
         profiling._enabled = None  # back to the environment's choice for the other tests
 

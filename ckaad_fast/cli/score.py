@@ -15,6 +15,10 @@ import textwrap
 from ._types import finite_float, nonneg_int, positive_int
 
 
+#: The exit code of a run that finished but could not score every image (see the error column).
+EXIT_NOT_ALL_SCORED = 1
+
+
 def _topk(text: str):
     if text == "mean":
         return "mean"
@@ -191,12 +195,12 @@ def _run(args, device, dist_info) -> int:
     print(msg, file=sys.stderr)
     if summary.failed:
         print(f"{summary.failed} image(s) could not be scored: see the error column, e.g. "
-              f"{summary.errors[0][0]}: {summary.errors[0][1]}", file=sys.stderr)
+              f"{summary.errors[0][0]!r}: {summary.errors[0][1]}", file=sys.stderr)
     print(f"results: {summary.csv_path}", file=sys.stderr)
     if args.profile:
         where = os.path.join(args.profile, "rank*" if dist_info.distributed else "", "trace.json")
         print(f"profiler trace: {where}", file=sys.stderr)
-    return 0
+    return EXIT_NOT_ALL_SCORED if summary.failed else 0
 
 
 class _os_errors_as_clear_lines:

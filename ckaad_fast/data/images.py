@@ -64,6 +64,10 @@ def to_rgb_float01(im: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
         # 16-bit / 32-bit grayscale (common for medical scans): scale to [0, 1] without clipping to
         # 8 bits first, which convert("RGB") would do.
         arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            # One NaN would make the whole image NaN through the scaling below: refuse it here,
+            # naming what is wrong, rather than score it.
+            raise ValueError(f"the image holds {int((~np.isfinite(arr)).sum())} non-finite pixel values (NaN or Inf)")
         if mode == "F":
             peak = float(arr.max()) if arr.size else 1.0
             scale = 1.0 if peak <= 1.0 else peak

@@ -24,6 +24,7 @@ On the CPU the same API runs the CPU paths of the ops in float32.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -34,12 +35,15 @@ from torch.utils.data import DataLoader
 
 from .. import ops
 from ..data import list_images
-from ..model import CKAAD, load_checkpoint, model_from_checkpoint
+from ..model import CKAAD, fingerprint, load_checkpoint, model_from_checkpoint
 from ..profiling import nvtx_enabled, stage
 from .decoding import DecodeDataset, collate, worker_init
 from .device import resolve_device, resolve_dtype
 
-__all__ = ["Scorer", "ScoreResult"]
+__all__ = ["Scorer", "ScoreResult", "NON_FINITE_ERROR"]
+
+#: The error of an image whose score is not a finite number (the image or the model gave NaN/Inf).
+NON_FINITE_ERROR = "non-finite score ({}): the image or the model produced NaN or infinite values"
 
 
 @dataclass
@@ -136,6 +140,7 @@ class Scorer:
             self._fn = torch.compile(self._forward_eager, fullgraph=True, dynamic=False)
         self._graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
+        self._fingerprint: str | None = None
 
     # -------------------------------------------------------------------------------------------
     @classmethod
@@ -262,11 +267,23 @@ class Scorer:
                 f"images must be normalised floating-point tensors, got {images.dtype} "
                 "(score_paths decodes and normalises files for you)"
             )
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images are {images.shape[-2]}x{images.shape[-1]} but the model was trained at "
+                f"{self.image_size[0]}x{self.image_size[1]}: resize them (score_paths does)"
+            )
         x = self._prepare(images, normalise=False)
         scores, maps = self._run(x)
         if self.cuda_graphs:
             scores, maps = scores.clone(), maps.clone()
         return scores, maps
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the model's configuration and weights (:func:`ckaad_fast.model.fingerprint`),
+        computed once: what a results folder's manifest records."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise raw images (uint8 in [0, 255], or floats in [0, 1]) as the model expects."""
@@ -413,9 +430,14 @@ class Scorer:
                     imgs = (imgs.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
                 im = imgs.permute(0, 2, 3, 1).numpy()
             for j, i in enumerate(idx.tolist()):
+                score = float(s[j])
+                if not math.isfinite(score):
+                    # Fails closed: a NaN is no verdict, so it is an error, never "not anomalous".
+                    out.append((i, ScoreResult(paths[i], None, None, NON_FINITE_ERROR.format(score))))
+                    continue
                 out.append((i, ScoreResult(
                     paths[i],
-                    float(s[j]),
+                    score,
                     m[j].copy() if m is not None else None,
                     None,
                     im[j].copy() if im is not None else None,

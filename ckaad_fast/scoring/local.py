@@ -17,13 +17,15 @@ from .. import distributed as ddp
 from ..atomic import atomic_save_npy
 from .decoding import error_text
 from .engine import Scorer, ScoreResult
+from .manifest import keys_of, manifest_of
 from .results import (
     CSV_NAME,
     MAPS_DIR,
     PARTS_DIR,
     ScoreSummary,
+    begin_run,
     done_paths,
-    earlier_run,
+    kept_row,
     map_names,
     part_name,
     read_scale,
@@ -53,7 +55,8 @@ class LocalRun:
         self.csv_path = out / PARTS_DIR / part_name(*part) if part is not None else out / CSV_NAME
         self.maps_dir = out / MAPS_DIR
         self.names = map_names(all_paths if all_paths is not None else paths, "." + maps) if maps != "none" else {}
-        self.old: dict[str, dict] = {}
+        self.keys = keys_of(paths)  # what rows of an earlier run are matched by
+        self.old: dict[str, dict] = {}  # the earlier run's rows, by key
         self.extra_old: list[dict] = []  # rows of images not in this input: kept, results are never dropped
         self.new: dict[str, dict] = {}
         self.done: set[str] = set()
@@ -65,14 +68,15 @@ class LocalRun:
 
     # -- before scoring -----------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Read what an earlier run left in OUT (with ``resume``), or refuse to overwrite it."""
-        self.old, self.extra_old, parts = earlier_run(self.out, self.paths, resume, overwrite)
+        """Read what an earlier run left in OUT (with ``resume``), or refuse to overwrite it, and
+        record this run's manifest. Call it while holding OUT's lock."""
+        self.old, self.extra_old, parts = begin_run(self.out, manifest_of(self.scorer), self.keys, resume, overwrite)
         if parts and not resume:
             unlink_parts(self.out)  # overwrite: stale rows of an earlier run must not come back on a resume
             parts = []
         if self.maps == "png" and self.map_range is None and resume:
             self.map_range = read_scale(self.maps_dir)
-        self.done = done_paths(self.paths, self.old, self.maps, self.names, self.maps_dir)
+        self.done = done_paths(self.keys, self.old, self.maps, self.names, self.maps_dir)
         self.summary.skipped = len(self.done)
         if parts:
             # Fold an interrupted sharded run's parts into scores.csv, then drop them.
@@ -81,8 +85,8 @@ class LocalRun:
 
     def flush(self) -> None:
         """Rewrite the results file with every row known now, in input order."""
-        rows = [self.new[p] if p in self.new else self.old[p] for p in self.paths if p in self.new or p in self.old]
-        write_rows(self.csv_path, rows + self.extra_old, self.threshold)
+        rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
+        write_rows(self.csv_path, [r for r in rows if r is not None] + self.extra_old, self.threshold)
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, progress: bool) -> ScoreSummary:
@@ -215,5 +219,5 @@ class LocalRun:
         if self.threshold is None:
             return
         scores = [float(r["score"]) for r in self.new.values() if row_done(r)]
-        scores += [float(self.old[p]["score"]) for p in self.done]
+        scores += [float(self.old[self.keys[p]]["score"]) for p in self.done]
         self.summary.anomalous = sum(1 for v in scores if v >= self.threshold)

@@ -3,6 +3,13 @@ run is under way, ``OUT/parts/``; how an earlier run's rows are read back for ``
 
 scores.csv has one row per image, in input order, with the columns ``path``, ``score``,
 ``error`` (empty when the image was scored) and, with a threshold, ``is_anomalous``.
+
+Paths are written as given, with two exceptions that keep the file safe and lossless: a path
+that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a
+carriage return) or that starts with ``'`` is written with a ``'`` in front (OWASP's advice for
+CSV injection; :func:`read_scores_csv` takes it off again), and a file name that is not valid
+UTF-8 is written as its original bytes (Python's ``surrogateescape``), so it names the same file
+when read back.
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, remove_stale_temporaries
+from .manifest import check_resume, path_key, read_manifest, write_manifest
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
-           "exists_error", "check_arguments", "write_rows", "earlier_run", "done_paths", "read_scale", "write_scale"]
+           "exists_error", "check_arguments", "write_rows", "earlier_run", "begin_run", "kept_row", "done_paths", "escape_cell",
+           "unescape_cell", "CSV_ERRORS", "read_scale", "write_scale"]
 
 CSV_NAME = "scores.csv"
 MAPS_DIR = "maps"
@@ -60,16 +69,35 @@ class ScoreSummary:
 
 
 
+# Cells a spreadsheet would evaluate, and the quote that marks an escaped cell.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+# File names that are not valid UTF-8 keep their bytes (see the module's docstring).
+CSV_ERRORS = "surrogateescape"
+
+
+def escape_cell(text: str) -> str:
+    """``text`` safe for a spreadsheet: a formula-leading cell (or one starting with ``'``) gets a ``'``."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The inverse of :func:`escape_cell`."""
+    return text[1:] if text.startswith("'") else text
+
+
 def read_scores_csv(path) -> list[dict]:
-    """The rows of a scores.csv (dicts of strings; ``score`` is "" for rows with an error).
-    A file that is not a scores.csv raises ValueError."""
+    """The rows of a scores.csv (dicts of strings; ``score`` is "" for rows with an error), each
+    ``path`` as it was given to the run. A file that is not a scores.csv raises ValueError."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors=CSV_ERRORS) as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if not {"path", "score", "error"} <= set(fields):
             raise ValueError(f"{str(path)!r} is not a scores.csv (columns {fields}, expected path, score, error)")
-        return list(reader)
+        rows = list(reader)
+    for r in rows:
+        r["path"] = unescape_cell(r["path"])
+    return rows
 
 
 def row_done(row: dict) -> bool:
@@ -83,34 +111,30 @@ def row_done(row: dict) -> bool:
 
 
 def map_names(paths: Sequence[str], ext: str) -> dict[str, str]:
-    """Map file names (relative to OUT/maps) for ``paths``: each image's path relative to the
-    deepest folder holding all of them, with its extension replaced by ``ext`` (".npy" or
-    ".png"); where two images would share a name (a.png and a.jpg), the original extension is
-    kept in front (a.png.npy, a.jpg.npy)."""
+    """Map file names (relative to OUT/maps) for ``paths``: each image's whole path relative to
+    the deepest folder holding all of them, extension included, with ``ext`` (".npy" or ".png")
+    added: ``a.png`` -> ``a.png.npy``. Two different images can never share a map name (``a.png``,
+    ``a.jpg`` and ``a.png.png`` give ``a.png.npy``, ``a.jpg.npy`` and ``a.png.png.npy``)."""
     if not paths:
         return {}
     absolute = [os.path.abspath(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(a) for a in absolute])
-    rel = [os.path.relpath(a, root) for a in absolute]
-    stems = [os.path.splitext(r)[0] for r in rel]
-    counts: dict[str, int] = {}
-    for st in stems:
-        counts[st] = counts.get(st, 0) + 1
-    return {p: (st if counts[st] == 1 else r) + ext for p, r, st in zip(paths, rel, stems)}
+    return {p: os.path.relpath(a, root) + ext for p, a in zip(paths, absolute)}
 
 
-def previous_rows(out: Path) -> list[dict]:
-    """The rows of an earlier run: OUT/scores.csv and the parts an interrupted sharded run left
-    in OUT/parts/, one row per path (a scored row wins over a row with an error, a later file
-    over an earlier one), in the order first seen."""
+def previous_rows(out: Path, base: str | None = None) -> dict[str, dict]:
+    """The rows of an earlier run by :func:`~.manifest.path_key` (relative paths taken from
+    ``base``, the earlier run's folder): OUT/scores.csv and the parts an interrupted sharded run
+    left in OUT/parts/, one row per image (a scored row wins over a row with an error, a later
+    file over an earlier one), in the order first seen."""
     files = ([out / CSV_NAME] if (out / CSV_NAME).exists() else []) + part_files(out)
     best: dict[str, dict] = {}
     for f in files:
         for r in read_scores_csv(f):
-            p = r["path"]
-            if p not in best or row_done(r) or not row_done(best[p]):
-                best[p] = r
-    return list(best.values())
+            k = path_key(r["path"], base)
+            if k not in best or row_done(r) or not row_done(best[k]):
+                best[k] = r
+    return best
 
 
 def unlink_parts(out: Path) -> None:
@@ -151,7 +175,7 @@ def csv_text(rows: Sequence[dict], with_threshold: bool) -> str:
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        w.writerow({**r, "path": escape_cell(r["path"])})
     return buf.getvalue()
 
 
@@ -172,32 +196,55 @@ def check_arguments(maps, threshold, map_range) -> None:
 def write_rows(csv_path: Path, rows: Sequence[dict], threshold: float | None) -> None:
     """Rewrite ``csv_path`` with ``rows`` atomically and durably (temporary file, fsync, rename)."""
     text = csv_text([finish_row(r, threshold) for r in rows], threshold is not None)
-    atomic_write_text(csv_path, text, fsync=True)
+    atomic_write_text(csv_path, text, fsync=True, errors=CSV_ERRORS)
 
 
-def earlier_run(out: Path, paths: Sequence[str], resume: bool, overwrite: bool) -> tuple[dict, list, list[Path]]:
-    """What an earlier run left in ``out``: its rows by path (with ``resume``; a scored row wins
-    over a row with an error), its rows of images not in ``paths`` (kept: results are never
-    dropped), and the part files of an interrupted sharded run. Without ``resume`` an earlier
-    run's results raise FileExistsError unless ``overwrite``. Creates ``out``."""
+def earlier_run(out: Path, keys: dict[str, str], resume: bool, overwrite: bool,
+                base: str | None = None) -> tuple[dict, list, list[Path]]:
+    """What an earlier run left in ``out``: its rows by path key (with ``resume``; a scored row
+    wins over a row with an error; relative paths taken from ``base``), its rows of images not
+    in this run's ``keys`` (path -> key; kept: results are never dropped), and the part files of
+    an interrupted sharded run. Without ``resume`` an earlier run's results raise
+    FileExistsError unless ``overwrite``. Creates ``out``."""
     csv_path = out / CSV_NAME
     parts = part_files(out)
-    old_rows: list[dict] = []
+    old: dict[str, dict] = {}
     if csv_path.exists() or parts:
         if resume:
-            old_rows = previous_rows(out)
+            old = previous_rows(out, base)
         elif not overwrite:
             raise exists_error(csv_path, parts)
     out.mkdir(parents=True, exist_ok=True)
-    in_input = set(paths)
-    return {r["path"]: r for r in old_rows}, [r for r in old_rows if r["path"] not in in_input], parts
+    in_input = set(keys.values())
+    return old, [r for k, r in old.items() if k not in in_input], parts
 
 
-def done_paths(paths: Sequence[str], old: dict[str, dict], maps: str, names: dict[str, str], maps_dir: Path) -> set:
-    """The paths an earlier run finished: scored, and with their map file on disk when maps are asked for."""
+def begin_run(out: Path, manifest: dict, keys: dict[str, str], resume: bool,
+              overwrite: bool) -> tuple[dict, list, list[Path]]:
+    """Open ``out`` for a run described by ``manifest`` (see :mod:`.manifest`): refuse to resume
+    results of another model or other options, read the earlier rows (:func:`earlier_run`),
+    remove the temporary files a killed run left, and record this run's manifest. Call it while
+    holding the folder's lock."""
+    saved = read_manifest(out) if resume else None
+    check_resume(saved, manifest, out)
+    old, extra, parts = earlier_run(out, keys, resume, overwrite, base=saved.get("cwd") if saved else None)
+    remove_stale_temporaries(out, recursive=True)
+    write_manifest(out, manifest)
+    return old, extra, parts
+
+
+def kept_row(old: dict[str, dict], path: str, key: str) -> dict | None:
+    """The earlier run's row of ``path`` (matched by ``key``), spelt as this run gives the path."""
+    r = old.get(key)
+    return None if r is None else {**r, "path": path}
+
+
+def done_paths(keys: dict[str, str], old: dict[str, dict], maps: str, names: dict[str, str], maps_dir: Path) -> set:
+    """The paths (of ``keys``: path -> key) an earlier run finished: scored, and with their map
+    file on disk when maps are asked for."""
     return {
-        p for p in paths
-        if p in old and row_done(old[p]) and (maps == "none" or (maps_dir / names[p]).is_file())
+        p for p, k in keys.items()
+        if k in old and row_done(old[k]) and (maps == "none" or (maps_dir / names[p]).is_file())
     }
 
 

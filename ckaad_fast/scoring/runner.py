@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from .. import distributed as ddp
 from .engine import Scorer
 from .local import LocalRun
+from .lock import FolderLock
 from .results import ScoreSummary, check_arguments
 from .sharded import score_sharded
 
@@ -62,6 +63,11 @@ def score_to_folder(
     number of processes. Rank 0 fixes the PNG colour range (from the first batch, as a single
     process does) before the others start. Every rank returns the summary of the whole run.
     ``out_dir`` must be one folder seen by every rank (a shared file system across machines).
+
+    One run at a time writes to ``out_dir``: a second one raises FileExistsError naming the first
+    (see :mod:`.lock`). ``out_dir/run.json`` records what made the results (see :mod:`.manifest`):
+    ``resume`` refuses results of another model or other scoring options. A score that is not a
+    finite number is an error row, never a verdict.
     """
     check_arguments(maps, threshold, map_range)
     if map_range is not None:
@@ -78,5 +84,6 @@ def score_to_folder(
         return score_sharded(scorer, paths, out, maps, threshold, resume, overwrite, map_range, progress,
                              flush_seconds, on_batch)
     run = LocalRun(scorer, paths, out, maps, threshold, map_range, flush_seconds, on_batch)
-    run.prepare(resume, overwrite)
-    return run.score(progress)
+    with FolderLock(out):  # one writer per results folder
+        run.prepare(resume, overwrite)
+        return run.score(progress)

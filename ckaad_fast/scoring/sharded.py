@@ -10,13 +10,16 @@ import numpy as np
 
 from .. import distributed as ddp
 from .engine import Scorer
+from .lock import FolderLock
+from .manifest import keys_of, manifest_of
 from .results import (
     CSV_NAME,
     MAPS_DIR,
     PARTS_DIR,
     ScoreSummary,
+    begin_run,
     done_paths,
-    earlier_run,
+    kept_row,
     map_names,
     part_files,
     part_name,
@@ -38,7 +41,18 @@ def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, thresh
     rank, world = ddp.rank(), ddp.world_size()
     t0 = time.perf_counter()
     names = map_names(paths, "." + maps) if maps != "none" else {}
-    earlier = _Earlier(paths, out, maps, names, threshold)
+    earlier = _Earlier(paths, out, maps, names, threshold, scorer)
+    try:
+        summary = _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds,
+                       on_batch)
+    finally:
+        earlier.lock.release()  # held by rank 0 only; a no-op elsewhere
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds, on_batch):
+    paths, out, threshold = earlier.paths, earlier.out, earlier.threshold
     todo, skipped, map_range = ddp.run_on_main(lambda: earlier.prepare(resume, overwrite, map_range))
     if maps == "png" and map_range is None and todo:
         # The colour range of the first batch's maps, as one process takes it, for every rank.
@@ -53,31 +67,40 @@ def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, thresh
         local = ScoreSummary(csv_path=out / PARTS_DIR / part_name(rank, world))
     ddp.barrier()
     stats = ddp.gather_object((local.scored, local.failed, local.errors))
-    summary = ddp.run_on_main(lambda: earlier.merge(stats, skipped, map_range if maps == "png" else None))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    return ddp.run_on_main(lambda: earlier.merge(stats, skipped, map_range if maps == "png" else None))
 
 
 class _Earlier:
     """Rank 0's view of the results folder: what an earlier run left, and the final merge."""
 
-    def __init__(self, paths: list[str], out: Path, maps: str, names: dict[str, str], threshold: float | None):
+    def __init__(self, paths: list[str], out: Path, maps: str, names: dict[str, str], threshold: float | None,
+                 scorer: Scorer):
         self.paths, self.out, self.maps, self.names, self.threshold = paths, out, maps, names, threshold
+        self.scorer = scorer
         self.csv_path = out / CSV_NAME
+        self.keys = keys_of(paths)
+        self.lock = FolderLock(out)
         self.old: dict[str, dict] = {}
         self.extra: list[dict] = []
 
+    def _kept(self) -> list[dict]:
+        rows = [kept_row(self.old, p, self.keys[p]) for p in self.paths]
+        return [r for r in rows if r is not None]
+
     def prepare(self, resume: bool, overwrite: bool, map_range):
-        """(paths still to score, how many were done, the PNG colour range): rank 0's answer."""
-        self.old, self.extra, parts = earlier_run(self.out, self.paths, resume, overwrite)
+        """(paths still to score, how many were done, the PNG colour range): rank 0's answer,
+        taken while holding OUT's lock, which rank 0 keeps until the merge is done."""
+        self.lock.acquire()
+        manifest = manifest_of(self.scorer)
+        self.old, self.extra, parts = begin_run(self.out, manifest, self.keys, resume, overwrite)
         if parts or (overwrite and not resume and self.csv_path.exists()):
             # One scores.csv with what is kept (nothing, with overwrite), and no parts: the parts
             # this run writes are then all new, and a crash leaves nothing stale behind.
-            write_rows(self.csv_path, [self.old[p] for p in self.paths if p in self.old] + self.extra, self.threshold)
+            write_rows(self.csv_path, self._kept() + self.extra, self.threshold)
             unlink_parts(self.out)
         if self.maps == "png" and map_range is None and resume:
             map_range = read_scale(self.out / MAPS_DIR)
-        done = done_paths(self.paths, self.old, self.maps, self.names, self.out / MAPS_DIR)
+        done = done_paths(self.keys, self.old, self.maps, self.names, self.out / MAPS_DIR)
         return [p for p in self.paths if p not in done], len(done), map_range
 
     def merge(self, stats, skipped: int, map_range) -> ScoreSummary:
@@ -86,7 +109,8 @@ class _Earlier:
         for f in part_files(self.out):
             for r in read_scores_csv(f):
                 new[r["path"]] = r
-        rows = [new[p] if p in new else self.old[p] for p in self.paths if p in new or p in self.old]
+        rows = [new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
+        rows = [r for r in rows if r is not None]
         write_rows(self.csv_path, rows + self.extra, self.threshold)
         unlink_parts(self.out)
         index = {p: i for i, p in enumerate(self.paths)}
