@@ -8,7 +8,10 @@ through the fused ops; plus checkpoints that are safe to load.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch.nn as nn
 
 from . import ops
 from .atomic import atomic_torch_save
-from .models import build_backbone
+from .models import BACKBONES, build_backbone
 from .models.autoencoder import FeatureAutoEncoder
 from .models.discriminator import MultiLayerImageDiscriminator, MultiLayerPatchDiscriminator
 from .profiling import nvtx_range
@@ -69,13 +72,70 @@ class ModelConfig(PlainConfig):
     _kind = "model configuration"
 
     def __post_init__(self):
+        # Checked here, so that a bad checkpoint fails when it is loaded, naming the field, and
+        # never after results were written.
         get_strategy(self.strategy)  # a ValueError naming the choices for an unknown one
-        if isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(int(v) for v in self.image_size)
-        self.layers = tuple(int(v) for v in self.layers)
-        self.mean = None if self.mean is None else tuple(float(v) for v in self.mean)
-        self.std = None if self.std is None else tuple(float(v) for v in self.std)
+        if self.backbone not in BACKBONES:
+            raise _bad("backbone", f"be one of {BACKBONES}", self.backbone)
+        try:
+            layers = tuple(_as_int(v) for v in self.layers)
+        except (TypeError, ValueError):
+            raise _bad("layers", "be a sequence of ints in 1..4", self.layers) from None
+        if not layers or any(not 1 <= v <= 4 for v in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise _bad("layers", "be a non-empty, strictly increasing sequence of ints in 1..4", self.layers)
+        self.layers = layers
+        size = (self.image_size, self.image_size) if _is_int(self.image_size) else self.image_size
+        try:
+            size = tuple(_as_int(v) for v in size)
+        except (TypeError, ValueError):
+            raise _bad("image_size", "be an int or an (h, w) pair of ints >= 16", self.image_size) from None
+        if len(size) != 2 or min(size) < 16:
+            raise _bad("image_size", "be an int or an (h, w) pair of ints >= 16", self.image_size)
+        self.image_size = size
+        if not _is_number(self.sigma) or self.sigma < 0:
+            raise _bad("sigma", "be a finite number >= 0", self.sigma)
+        if self.topk is not None and (not _is_int(self.topk) or not 1 <= self.topk <= size[0] * size[1]):
+            raise _bad("topk", f"be None or an int in [1, {size[0] * size[1]}] (the map's pixels)", self.topk)
+        if self.border not in BORDERS:
+            raise _bad("border", f"be one of {BORDERS}", self.border)
+        self.mean = _triple("mean", self.mean, positive=False)
+        self.std = _triple("std", self.std, positive=True)
+        if not isinstance(self.extra, dict):
+            raise _bad("extra", "be a mapping", self.extra)
+
+
+#: The blur borders of :func:`ckaad_fast.ops.anomaly_map`.
+BORDERS = ("reflect", "mirror")
+
+
+def _bad(name: str, must: str, value) -> ValueError:
+    return ValueError(f"ModelConfig.{name} must {must}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _as_int(v) -> int:
+    if not _is_int(v):
+        raise TypeError(v)
+    return int(v)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _triple(name: str, value, positive: bool):
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise _bad(name, "be None or three numbers", value) from None
+    if len(out) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        raise _bad(name, "be None or three finite numbers" + (" > 0" if positive else ""), value)
+    return out
 
 
 class CKAAD(nn.Module):
@@ -168,6 +228,18 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
+def _refusal_reason(e: Exception) -> str:
+    """Why torch refused a file, in one line: the forbidden global when there is one (the sign of
+    a file that would run code), else the first line of the error. Never torch's advice to retry
+    with weights_only=False, which is the wrong advice for a hostile file."""
+    text = str(e)
+    m = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it names the Python object {m.group(1) or m.group(2)}, which a checkpoint never holds"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint dict with ``weights_only=True`` (no arbitrary unpickling), checking that
     it is one of ours; errors name the path and say what is wrong. ``path`` may be a run's output
@@ -179,8 +251,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here means the same thing to a user
         raise ValueError(
-            f"{str(path)!r} is not a loadable ckaad_fast checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
-            "checkpoints are loaded with weights_only=True, so files holding arbitrary Python objects are refused"
+            f"{str(path)!r} is not a ckaad_fast checkpoint and may be unsafe: torch.load(weights_only=True) "
+            f"refused it ({_refusal_reason(e)}). Checkpoints written by ckaad-fast train or save_checkpoint "
+            "always load this way; do not load this file with weights_only=False unless you trust its source"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a ckaad_fast checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
@@ -190,13 +263,27 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def model_from_checkpoint(ckpt: dict | str | os.PathLike, map_location="cpu") -> CKAAD:
-    """Rebuild the detector saved in a checkpoint (a path or a dict from :func:`load_checkpoint`)."""
+    """Rebuild the detector saved in a checkpoint (a path or a dict from :func:`load_checkpoint`).
+    A checkpoint whose configuration is invalid, or whose weights do not fit it, raises a
+    ValueError saying so before anything is scored."""
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt, map_location)
-    config = ModelConfig.from_dict(ckpt["config"])
+    missing = [k for k in ("config", "model") if k not in ckpt]
+    if missing:
+        raise ValueError(f"the checkpoint holds no {' and no '.join(missing)}: it was not written by save_checkpoint")
+    if not isinstance(ckpt["config"], dict):
+        raise ValueError("the checkpoint's configuration is not a mapping")
+    try:
+        config = ModelConfig.from_dict(ckpt["config"])
+    except TypeError as e:
+        raise ValueError(f"the checkpoint's configuration is invalid: {e}") from None
     with warnings.catch_warnings():
         # The backbone is built empty and filled from the checkpoint: no random-weights warning.
         warnings.simplefilter("ignore")
         model = CKAAD(config, weights="none")
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the checkpoint's weights do not fit its configuration ({first[:300]})") from None
     return model.to(map_location) if map_location is not None else model

@@ -15,6 +15,12 @@ import sys
 
 from ..errors import ArgumentError
 
+#: Exit codes: 0 done; 1 (score) finished, but some image could not be scored (see its error
+#: column); 2 nothing or not all was done: a bad option, input, checkpoint, or a file that could not
+#: be written; 130 interrupted (what was finished is kept).
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
 # Subcommand modules, in the order --help lists them.
 _COMMANDS = ("train", "eval", "score", "demo")
 
@@ -55,12 +61,17 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # Expected failures (bad paths, bad data, bad checkpoints) are shown as one clear line;
         # anything else is a bug and keeps its traceback.
         print(f"ckaad-fast {args.command}: error: {_message(e)}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except OSError as e:
+        # A full disk, a read-only folder, a folder where a file was asked for: say which file.
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"ckaad-fast {args.command}: error: cannot write or read{where}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ metrics: the same as one process's.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ._data import add_data_arguments, dataset_from_args
 from ._types import nonneg_int, positive_int
@@ -63,6 +64,8 @@ def _run(args, dist_info) -> int:
     from ..evaluation import evaluate_model, format_metrics
     from ..model import checkpoint_file, load_checkpoint, model_from_checkpoint
 
+    if args.json and os.path.isdir(args.json):
+        raise ValueError(f"--json: {args.json!r} is a folder; give the name of the file to write")
     device = _device(args.device)
     try:
         ckpt = load_checkpoint(args.checkpoint)  # a file, or a run's output folder

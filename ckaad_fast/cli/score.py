@@ -138,15 +138,24 @@ def _run(args, device, dist_info) -> int:
     from ..data import list_images
     from ..distributed import local_device
     from ..profiling import enable_nvtx, torch_profiler
-    from ..scoring import Scorer, score_to_folder
+    from ..model import model_from_checkpoint
+    from ..scoring import Scorer, check_out, score_to_folder
 
     if args.nvtx:
         enable_nvtx(True)
     device = local_device(device)  # cuda:LOCAL_RANK under torchrun
     main = dist_info.is_main
-    paths = list_images(args.input)  # sorted; ValueError for a missing path or an empty folder
-    scorer = Scorer.from_checkpoint(
-        args.checkpoint,
+    # Sorted; ValueError for a missing path or an empty folder. A results folder inside the input is
+    # not searched: its overlays are not images to score.
+    paths = list_images(args.input, exclude=[args.out])
+    if main:
+        check_out(args.out, args.resume, args.overwrite)  # before the model is loaded: fail fast
+    try:
+        model = model_from_checkpoint(args.checkpoint, map_location="cpu")
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    scorer = Scorer(
+        model,
         device=device,
         dtype=args.dtype,
         compile=args.compile,

@@ -37,30 +37,61 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def images_in_dir(directory: str, recursive: bool) -> list[str]:
-    """Sorted image files in ``directory`` (and its visible sub-folders when ``recursive``)."""
-    found: list[str] = []
-    if recursive:
-        for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            found.extend(
-                os.path.join(dirpath, f) for f in filenames if not is_hidden(f) and is_image_file(f)
-            )
-    else:
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` points to (links followed), or None (a broken link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk(directory: str, seen_dirs: set, found: list[str]) -> None:
+    # Links are followed, but every real folder is entered once: a link to "." or ".." cannot
+    # make the walk loop forever or list the same images again.
+    key = _identity(directory)
+    if key is None or key in seen_dirs:
+        return
+    seen_dirs.add(key)
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        if is_hidden(e.name):
+            continue
+        try:
+            is_dir = e.is_dir()  # follows links
+        except OSError:
+            is_dir = False
+        if is_dir:
+            _walk(e.path, seen_dirs, found)
+        elif is_image_file(e.name):
+            found.append(e.path)
+
+
+def images_in_dir(directory: str, recursive: bool, exclude: Iterable[PathLike] = ()) -> list[str]:
+    """Sorted image files in ``directory`` (and its visible sub-folders when ``recursive``, links
+    followed, each real folder once, the folders of ``exclude`` left out)."""
+    if not recursive:
         with os.scandir(directory) as entries:
-            found.extend(
-                e.path
-                for e in entries
-                if not is_hidden(e.name) and is_image_file(e.name) and e.is_file()
-            )
+            return sorted(e.path for e in entries if not is_hidden(e.name) and is_image_file(e.name) and e.is_file())
+    seen_dirs = {k for k in (_identity(os.fspath(x)) for x in exclude) if k is not None}
+    found: list[str] = []
+    _walk(directory, seen_dirs, found)
     return sorted(found)
 
 
-def list_images(path_or_paths: PathLike | Iterable[PathLike], recursive: bool = True) -> list[str]:
+def list_images(path_or_paths: PathLike | Iterable[PathLike], recursive: bool = True,
+                exclude: Iterable[PathLike] = ()) -> list[str]:
     """Sorted list of image files named by a folder, a file, or a list of folders and files.
 
     Folders are searched (recursively unless ``recursive=False``) for files with one of
     :data:`IMAGE_EXTENSIONS`; hidden files and folders (names starting with ``.``) are ignored.
+    Links are followed, but each real folder is searched once and each real file listed once
+    (under its first name in sorted order), so links to ``.`` or ``..`` neither loop nor repeat
+    images. Folders in ``exclude`` (a results folder inside the input, say) are not searched.
     Files named directly must exist and have an image extension. The result is de-duplicated and
     sorted, so it is the same on every call.
 
@@ -74,11 +105,12 @@ def list_images(path_or_paths: PathLike | Iterable[PathLike], recursive: bool = 
         items = list(path_or_paths)
     if not items:
         raise ValueError("list_images: no path given")
+    exclude = list(exclude)
     out: set[str] = set()
     for item in items:
         p = os.fspath(item)
         if os.path.isdir(p):
-            imgs = images_in_dir(p, recursive)
+            imgs = images_in_dir(p, recursive, exclude)
             if not imgs:
                 raise ValueError(
                     f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in folder {p!r}"
@@ -93,7 +125,21 @@ def list_images(path_or_paths: PathLike | Iterable[PathLike], recursive: bool = 
             out.add(p)
         else:
             raise ValueError(f"path does not exist: {p!r}")
-    return sorted(out)
+    return _one_name_per_file(sorted(out))
+
+
+def _one_name_per_file(paths: list[str]) -> list[str]:
+    """``paths`` without the later names of a file already listed (links, hard links)."""
+    seen: set = set()
+    kept = []
+    for p in paths:
+        key = _identity(p)
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(p)
+    return kept
 
 
 def check_image(path: PathLike, full: bool = False) -> str | None:

@@ -9,7 +9,18 @@
 """
 from .engine import ScoreResult, Scorer
 from .device import resolve_device, resolve_dtype
-from .results import CSV_NAME, MAP_FORMATS, MAPS_DIR, PARTS_DIR, SCALE_NAME, ScoreSummary, map_names, part_name, read_scores_csv
+from .results import (
+    CSV_NAME,
+    MAP_FORMATS,
+    MAPS_DIR,
+    PARTS_DIR,
+    SCALE_NAME,
+    ScoreSummary,
+    check_out,
+    map_names,
+    part_name,
+    read_scores_csv,
+)
 from .runner import score_to_folder
 
 __all__ = [
@@ -20,6 +31,7 @@ __all__ = [
     "SCALE_NAME",
     "ScoreResult",
     "ScoreSummary",
+    "check_out",
     "Scorer",
     "map_names",
     "part_name",

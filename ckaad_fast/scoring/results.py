@@ -28,7 +28,7 @@ from .manifest import check_resume, path_key, read_manifest, write_manifest
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
-           "exists_error", "check_arguments", "write_rows", "earlier_run", "begin_run", "kept_row", "done_paths", "escape_cell",
+           "exists_error", "check_arguments", "write_rows", "check_out", "earlier_run", "begin_run", "kept_row", "done_paths", "escape_cell",
            "unescape_cell", "CSV_ERRORS", "read_scale", "write_scale"]
 
 CSV_NAME = "scores.csv"
@@ -197,6 +197,17 @@ def write_rows(csv_path: Path, rows: Sequence[dict], threshold: float | None) ->
     """Rewrite ``csv_path`` with ``rows`` atomically and durably (temporary file, fsync, rename)."""
     text = csv_text([finish_row(r, threshold) for r in rows], threshold is not None)
     atomic_write_text(csv_path, text, fsync=True, errors=CSV_ERRORS)
+
+
+def check_out(out_dir, resume: bool, overwrite: bool) -> None:
+    """Whether a run may write into ``out_dir``: a ValueError when it is a file, FileExistsError
+    when it holds an earlier run's results and neither ``resume`` nor ``overwrite`` is given."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    parts = part_files(out)
+    if ((out / CSV_NAME).exists() or parts) and not resume and not overwrite:
+        raise exists_error(out / CSV_NAME, parts)
 
 
 def earlier_run(out: Path, keys: dict[str, str], resume: bool, overwrite: bool,

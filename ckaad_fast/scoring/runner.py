@@ -11,7 +11,7 @@ from .. import distributed as ddp
 from .engine import Scorer
 from .local import LocalRun
 from .lock import FolderLock
-from .results import ScoreSummary, check_arguments
+from .results import ScoreSummary, check_arguments, check_out
 from .sharded import score_sharded
 
 __all__ = ["score_to_folder"]
@@ -76,8 +76,7 @@ def score_to_folder(
     if not paths:
         raise ValueError("no images to score")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    check_out(out, resume, overwrite)
     if distributed is None:
         distributed = ddp.is_distributed()
     if distributed and ddp.is_distributed():
