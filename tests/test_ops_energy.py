@@ -115,5 +115,5 @@ def test_energy_bad_input():
         ops.discriminator_loss(s, s + s, s)
     with pytest.raises(ValueError, match="s_generated is empty"):
         ops.generator_loss([])
-    with pytest.raises(ValueError, match="gamma must lie in"):
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0 and <= 1"):
         ops.discriminator_loss(s, s, s, gamma=1.5)

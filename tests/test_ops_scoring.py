@@ -184,3 +184,44 @@ def test_scoring_bad_input():
         ops.image_score(torch.randn(2, 4, 4), 0)
     with pytest.raises(ValueError, match=r"amap must be \(B, H, W\)"):
         ops.image_score(torch.randn(16), 1)
+
+
+def test_inputs_the_readme_promises_to_refuse():
+    """Mixed layers, empty batches, bad numbers, wrong dtypes and devices, unbounded sizes: a
+    ValueError or TypeError naming the argument, before anything runs."""
+    f = [torch.randn(2, 4, 4, 4), torch.randn(2, 8, 2, 2)]
+    mixed = [f[0], f[1].double()]
+    with pytest.raises(ValueError, match="every layer in fs_list must share one dtype"):
+        ops.anomaly_map(mixed, mixed, out_size=8)
+    empty = torch.randn(0, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"fs_list\[0\] is empty"):
+        ops.anomaly_map([empty], [empty], out_size=8)
+    with pytest.raises(ValueError, match=r"inputs\[0\] is empty"):
+        ops.cosine_reconstruction_loss([empty], [empty])
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            ops.cosine_error_map(f[0], f[0], eps=bad)
+        with pytest.raises(ValueError, match="margin must be a finite number"):
+            ops.energy_hinge_loss(torch.randn(3), True, margin=bad)
+        with pytest.raises(ValueError, match="sigma must be a finite number"):
+            ops.anomaly_map(f, f, out_size=8, sigma=bad)
+    with pytest.raises(ValueError, match="margin must be a finite number"):
+        ops.discriminator_loss([torch.randn(3)], [torch.randn(3)], [torch.randn(3)], margin=float("nan"))
+    # NumPy numbers are numbers.
+    np_map = ops.anomaly_map(f, f, out_size=np.int64(8), sigma=np.float32(1.0))
+    torch.testing.assert_close(np_map, ops.anomaly_map(f, f, out_size=8, sigma=1.0))
+    torch.testing.assert_close(ops.image_score(np_map, np.int64(5)), ops.image_score(np_map, 5))
+    with pytest.raises(ValueError, match="topk must be"):
+        ops.image_score(np_map, True)
+    for m in ([torch.ones(2, 4, 4, dtype=torch.int32)], [torch.zeros(2, 4, 4, dtype=torch.bool)],
+              [torch.zeros(2, 4, 4, dtype=torch.complex64)]):
+        with pytest.raises(TypeError, match=r"maps\[0\] must be float32"):
+            ops.upsample_blur_sum(m, out_size=8)
+    with pytest.raises(ValueError, match="every layer in maps must share one dtype and device"):
+        ops.upsample_blur_sum([torch.rand(2, 4, 4), torch.rand(2, 4, 4, device="meta")], out_size=8)
+    with pytest.raises(ValueError, match="out_size must be at most"):
+        ops.anomaly_map(f, f, out_size=100_000)
+    with pytest.raises(ValueError, match="too large"):
+        ops.anomaly_map(f, f, out_size=64, sigma=1e9)
+    with pytest.raises(ValueError, match="amap must be"):
+        ops.image_score(torch.randn(0, 4, 4), 1)

@@ -70,6 +70,9 @@ def evaluate(
         fpr_limit = check_fpr_limit(fpr_limit)
         num_thresholds = check_num_thresholds(num_thresholds)
         m, a = pixel_inputs(masks, maps)
+        if m.shape[0] != len(out_labels := np.asarray(labels).reshape(-1)):
+            raise ValueError(f"labels and masks must describe the same images: got {len(out_labels)} labels "
+                             f"and {m.shape[0]} masks")
         require_both_pixel_classes(m)
         region_labels, n_regions = label_regions(m)
         # One sort of the normal pixels serves both the pixel AUROC and the standard AUPRO.

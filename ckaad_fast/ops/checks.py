@@ -1,6 +1,7 @@
 """Argument checks that run before any kernel: errors name the argument and the shapes."""
 from __future__ import annotations
 
+import math
 import operator
 from typing import Sequence
 
@@ -30,6 +31,15 @@ def check_pair(a, b, name_a: str, name_b: str, ndim: int | None = None) -> None:
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if a.numel() == 0:
+        raise ValueError(f"{name_a} is empty (shape {tuple(a.shape)}): nothing to compute")
+
+
+def check_alike(tensors: Sequence[torch.Tensor], name: str) -> None:
+    """Every tensor of one argument (the layers of a list) in one dtype on one device."""
+    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+        found = sorted({f"{t.dtype} on {t.device}" for t in tensors})
+        raise ValueError(f"every layer in {name} must share one dtype and device, got {found}")
 
 
 def check_layer_lists(xs, ys, name_x: str, name_y: str) -> tuple[list, list]:
@@ -51,7 +61,7 @@ def check_same_batch(tensors: Sequence[torch.Tensor], name: str) -> None:
         raise ValueError(f"every tensor in {name} must have the same batch size, got {sizes}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     """Python, NumPy and 0-d integer tensor ints (what evaluation loops pass), never bools.
 
     Decided by type, not by catching operator.index's TypeError: torch.compile in torch 2.11
@@ -66,12 +76,35 @@ def _is_int(v) -> bool:
     return isinstance(v, int) or hasattr(type(v), "__index__")
 
 
+def is_real(v) -> bool:
+    """Python and NumPy real numbers (``np.float32(4)`` too), never bools. By type, as
+    :func:`is_int`, for torch.compile's sake."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def real_arg(v, name: str, lo: float = 0.0, lo_open: bool = False, hi: float | None = None) -> float:
+    """``v`` as a float when it is a finite real number ``>= lo`` (``> lo`` with ``lo_open``) and
+    ``<= hi``; else a ValueError naming ``name``."""
+    ok = is_real(v) and math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        bound = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
+    return float(v)
+
+
+def int_arg(v, name: str, lo: int, hi: int) -> int:
+    """``v`` as an int when it is an integer (Python, NumPy or a 0-d tensor) in [lo, hi]."""
+    if not is_int(v) or not lo <= operator.index(v) <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+    return operator.index(v)
+
+
 def out_size_pair(out_size, name: str = "out_size") -> tuple[int, int]:
     """``out_size`` (an int or an (h, w) pair of ints) as an (h, w) tuple; errors call it ``name``."""
-    if _is_int(out_size):
+    if is_int(out_size):
         pair = (operator.index(out_size),) * 2
     elif (isinstance(out_size, (tuple, list)) or (isinstance(out_size, np.ndarray) and out_size.ndim == 1)) and (
-            len(out_size) == 2 and all(_is_int(v) for v in out_size)):
+            len(out_size) == 2 and all(is_int(v) for v in out_size)):
         pair = tuple(operator.index(v) for v in out_size)
     else:
         raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {out_size!r}")

@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.dtypes import acc_dtype
 from ._backend import cosine_kernels, use_triton
-from .checks import check_layer_lists, check_pair
+from .checks import check_alike, check_layer_lists, check_pair, real_arg
 from ._layout import rows_in_memory_order
 
 _DEVICES = ("cpu", "cuda")
@@ -137,13 +137,13 @@ def cosine_error_map(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> tor
     inputs' dtype.
     """
     check_pair(a, b, "a", "b", ndim=4)
-    return _cosine_map_op(a, b, float(eps), False)[0]
+    return _cosine_map_op(a, b, real_arg(eps, "eps"), False)[0]
 
 
 def cosine_error_map_float32(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """:func:`cosine_error_map` returned in float32 whatever the input dtype (for scoring)."""
     check_pair(a, b, "a", "b", ndim=4)
-    return _cosine_map_op(a, b, float(eps), True)[0]
+    return _cosine_map_op(a, b, real_arg(eps, "eps"), True)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +267,5 @@ def cosine_reconstruction_loss(
     inputs, outputs = check_layer_lists(inputs, outputs, "inputs", "outputs")
     for i, (x, y) in enumerate(zip(inputs, outputs)):
         check_pair(x, y, f"inputs[{i}]", f"outputs[{i}]")
-    if len({x.dtype for x in inputs}) > 1 or len({x.device for x in inputs}) > 1:
-        found = sorted({f"{x.dtype} on {x.device}" for x in inputs})
-        raise ValueError(f"every layer in inputs must share one dtype and device, got {found}")
-    return _flat_cosine_loss_op(list(outputs), list(inputs), float(eps))[0]
+    check_alike(inputs, "inputs")
+    return _flat_cosine_loss_op(list(outputs), list(inputs), real_arg(eps, "eps"))[0]

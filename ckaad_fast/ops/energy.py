@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.dtypes import acc_dtype
 from ._backend import energy_kernels, use_triton
-from .checks import check_float_tensor
+from .checks import check_float_tensor, real_arg
 from ._layout import flat_in_memory_order
 
 _DEVICES = ("cpu", "cuda")
@@ -116,7 +116,7 @@ def energy_hinge_loss(scores: torch.Tensor, high: bool, margin: float = 5.0) -> 
     check_float_tensor(scores, "scores")
     if scores.numel() == 0:
         raise ValueError(f"scores is empty (shape {tuple(scores.shape)}): the mean is undefined")
-    return _energy_op([scores], [1.0], [bool(high)], float(margin))
+    return _energy_op([scores], [1.0], [bool(high)], real_arg(margin, "margin"))
 
 
 def _as_layers(x, name: str) -> list:
@@ -148,8 +148,8 @@ def discriminator_loss(
             "s_normal, s_anomalous and s_generated must have one tensor per layer each, got "
             f"{len(normal)}, {len(anomalous)} and {len(generated)}"
         )
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    gamma = real_arg(gamma, "gamma", hi=1.0)
+    margin = real_arg(margin, "margin")
     L = len(normal)
     scores = _check_scores({"s_normal": normal, "s_anomalous": anomalous, "s_generated": generated})
     weights = [1.0] * L + [1.0 - gamma] * L + [float(gamma)] * L

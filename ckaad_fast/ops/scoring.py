@@ -9,7 +9,7 @@ float64 from scipy's exact rules and cached, and each image then costs a few tin
 from __future__ import annotations
 
 import functools
-import math
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -17,11 +17,25 @@ import torch
 
 from ..profiling import nvtx_range
 from ._backend import upsample_blur_kernels, use_triton
-from .checks import check_layer_lists, check_pair, check_same_batch, out_size_pair
+from .checks import (
+    check_alike,
+    check_float_tensor,
+    check_layer_lists,
+    check_pair,
+    check_same_batch,
+    is_int,
+    out_size_pair,
+    real_arg,
+)
 from .cosine import cosine_error_map_float32
 
 BORDERS = ("reflect", "mirror")
 _DEVICES = ("cpu", "cuda")
+# Upfront bounds, since the blur matrices are dense: an (n, n) float64 matrix per output side, built
+# from n * (2 radius + 1) taps. 4096 per side is 128 MiB per matrix; the taps' bound keeps a huge
+# sigma from exhausting memory before anything is computed.
+MAX_OUT_SIDE = 4096
+MAX_BLUR_TAPS = 2**24
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,23 +178,36 @@ def upsample_blur_sum(
     if not maps:
         raise ValueError("maps is empty: pass one (B, h, w) map per layer")
     for i, m in enumerate(maps):
-        if not isinstance(m, torch.Tensor) or m.dim() != 3:
-            raise ValueError(f"maps[{i}] must be a (B, h, w) tensor, got {getattr(m, 'shape', type(m))}")
+        check_float_tensor(m, f"maps[{i}]")
+        if m.dim() != 3 or m.numel() == 0:
+            raise ValueError(f"maps[{i}] must be a non-empty (B, h, w) tensor, got shape {tuple(m.shape)}")
+    check_alike(maps, "maps")
     check_same_batch(maps, "maps")
-    out_h, out_w = out_size_pair(out_size)
-    _check_blur(sigma, truncate, border)
+    out_h, out_w = _out_size(out_size)
+    sigma, truncate = _check_blur(sigma, truncate, border, out_h, out_w)
     dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
     maps = [m.to(dtype) for m in maps]
     return _upsample_blur_op(maps, out_h, out_w, float(sigma), float(truncate), border)
 
 
-def _check_blur(sigma, truncate, border) -> None:
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if not (isinstance(truncate, (int, float)) and math.isfinite(truncate) and truncate > 0):
-        raise ValueError(f"truncate must be a finite number > 0, got {truncate!r}")
+def _out_size(out_size) -> tuple[int, int]:
+    out_h, out_w = out_size_pair(out_size)
+    if max(out_h, out_w) > MAX_OUT_SIDE:
+        raise ValueError(f"out_size must be at most {MAX_OUT_SIDE} per side (the blur matrices are dense), "
+                         f"got {out_size!r}")
+    return out_h, out_w
+
+
+def _check_blur(sigma, truncate, border, out_h: int, out_w: int) -> tuple[float, float]:
+    sigma = real_arg(sigma, "sigma")
+    truncate = real_arg(truncate, "truncate", lo_open=True)
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    taps = max(out_h, out_w) * (2 * int(truncate * sigma + 0.5) + 1)
+    if sigma > 0 and taps > MAX_BLUR_TAPS:
+        raise ValueError(f"sigma * truncate ({sigma:g} * {truncate:g}) is too large for a {out_h}x{out_w} map: "
+                         f"the blur would need {taps} taps (at most {MAX_BLUR_TAPS})")
+    return sigma, truncate
 
 
 def anomaly_map(
@@ -209,9 +236,10 @@ def anomaly_map(
     fs_list, ft_list = check_layer_lists(fs_list, ft_list, "fs_list", "ft_list")
     for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
         check_pair(fs, ft, f"fs_list[{i}]", f"ft_list[{i}]", ndim=4)
+    check_alike(fs_list, "fs_list")
     check_same_batch(fs_list, "fs_list")
-    out_h, out_w = out_size_pair(out_size)
-    _check_blur(sigma, truncate, border)
+    out_h, out_w = _out_size(out_size)
+    sigma, truncate = _check_blur(sigma, truncate, border, out_h, out_w)
     with nvtx_range("error map"):
         maps = [cosine_error_map_float32(fs, ft) for fs, ft in zip(fs_list, ft_list)]
     with nvtx_range("upsample+blur"):
@@ -228,14 +256,14 @@ def image_score(amap: torch.Tensor, topk: int | None = 100) -> torch.Tensor:
         raise TypeError(f"amap must be a torch.Tensor, got {type(amap).__name__}")
     if not amap.is_floating_point():
         raise TypeError(f"amap must be a floating-point tensor, got {amap.dtype}")
-    if amap.dim() not in (3, 4) or (amap.dim() == 4 and amap.shape[1] != 1):
-        raise ValueError(f"amap must be (B, H, W) or (B, 1, H, W), got shape {tuple(amap.shape)}")
+    if amap.dim() not in (3, 4) or (amap.dim() == 4 and amap.shape[1] != 1) or amap.numel() == 0:
+        raise ValueError(f"amap must be (B, H, W) or (B, 1, H, W), not empty, got shape {tuple(amap.shape)}")
     flat = amap.reshape(amap.shape[0], -1)
     if flat.dtype != torch.float64:
         flat = flat.float()
     with nvtx_range("top-k"):
         if topk is None:
             return flat.mean(1)
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= flat.shape[1]:
+        if not is_int(topk) or not 1 <= operator.index(topk) <= flat.shape[1]:
             raise ValueError(f"topk must be an int in [1, H*W = {flat.shape[1]}] or None, got {topk!r}")
-        return torch.topk(flat, topk, dim=1, sorted=False).values.mean(1)
+        return torch.topk(flat, operator.index(topk), dim=1, sorted=False).values.mean(1)

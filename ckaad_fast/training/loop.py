@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import distributed as ddp
-from ..atomic import append_line, atomic_write_lines
+from ..atomic import append_line, atomic_write_lines, remove_stale_temporaries
 from ..data import PseudoAnomalyDataset
 from ..evaluation import evaluate_model
 from ..model import CHECKPOINT_NAME, CKAAD, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -115,6 +115,9 @@ def train(
     _check_inputs(cfg, train_set, anomaly_set, eval_set, run.world)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
+        # What a save killed half-way left behind (the checkpoint or log it was writing survives).
+        for name in (CHECKPOINT_NAME, LOG_NAME):
+            remove_stale_temporaries(run.out, name)
     model, trainer, history, start_epoch = run.start(resume)
     batches = _EpochBatches(cfg, train_set, anomaly_set, run.world)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
