@@ -91,6 +91,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False, 
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+    if fsync:
+        # The rename itself is durable only once the folder's entry is on disk too.
+        with contextlib.suppress(OSError):
+            fd = os.open(Path(path).parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False, errors: str = "strict") -> None:
