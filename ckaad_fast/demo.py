@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = ["run_demo", "DEMO_DEFAULTS"]
 
-#: The defaults of :func:`run_demo`, tuned so the whole demo takes a few minutes on 2 CPU cores.
+#: The defaults of :func:`run_demo`, tuned so the whole demo takes under a minute on 2 CPU cores.
 DEMO_DEFAULTS = dict(
     category="brick",
     image_size=128,

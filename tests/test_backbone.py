@@ -102,7 +102,7 @@ def test_imagenet_missing_from_cache_fails_fast(tmp_path, monkeypatch, no_downlo
         build_backbone("wide_resnet50_2", weights="imagenet")
     msg = str(info.value)
     assert str(tmp_path / "checkpoints" / "wide_resnet50_2-95faca4d.pth") in msg
-    assert "weights=PATH" in msg and "weights='none'" in msg
+    assert "--weights PATH" in msg and "--backbone efficientnet_lite0" in msg and "--weights none" in msg
 
 
 def test_imagenet_from_cache(tmp_path, monkeypatch, no_download):

@@ -165,7 +165,7 @@ def test_resume_skips_done_rows_and_retries_errors(ckpt, data, tmp_path, monkeyp
     assert len(seen) == len(paths)
 
 
-def test_interruption_keeps_finished_rows(ckpt, data, tmp_path, monkeypatch):
+def test_interruption_keeps_finished_rows(ckpt, data, tmp_path, monkeypatch, capsys):
     root, paths, _ = data
     out = tmp_path / "out"
     real = Scorer.score_paths
@@ -178,6 +178,8 @@ def test_interruption_keeps_finished_rows(ckpt, data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Scorer, "score_paths", crashing)
     assert score(ckpt, root, out, "--maps", "npy") == 130
+    said = capsys.readouterr().err
+    assert "scores.csv" in said and "--resume" in said  # what was kept, and how to go on
     _, rows = read_csv(out / "scores.csv")
     assert [r["path"] for r in rows] == paths[:4]  # complete rows, none half-written
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]

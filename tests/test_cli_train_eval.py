@@ -121,3 +121,18 @@ def test_errors_are_one_clear_line(root, tmp_path, capsys, make_args, option):
     assert main(make_args(root, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ckaad-fast ") and option in err[0]
+
+
+def test_resume_keeps_eval_and_every_other_option_of_the_run(root, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_train(root, out, "--strategy", "recon", "--eval")) == 0
+    # The resumed run names only the new epoch count: it evaluates again, as the original did.
+    assert main(["train", "--data", str(root), "--category", "gravel", "--out", str(out), "--resume",
+                 "--epochs", "2", "--quiet"]) == 0
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [("eval" in r) for r in records] == [True, True]
+    # --no-eval turns it off for the rest of the run.
+    assert main(["train", "--data", str(root), "--category", "gravel", "--out", str(out), "--resume",
+                 "--epochs", "3", "--no-eval", "--quiet"]) == 0
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [("eval" in r) for r in records] == [True, True, False]

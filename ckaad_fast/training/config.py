@@ -90,6 +90,9 @@ class TrainConfig(PlainConfig):
             or a backend name (e.g. ``"aot_eager"``); False: eager.
         num_workers: DataLoader worker processes.
         eval_every: evaluate on ``eval_set`` every this many epochs (and after the last); 0: never.
+        evaluate: whether the run evaluates on its data set's test split (``ckaad-fast train --eval``
+            builds that split and passes it as ``eval_set``; kept by a resumed run). :func:`train`
+            itself evaluates whenever it is given an ``eval_set``.
         topk: image score = mean of the top-k map values (None: mean of the map, the ISIC protocol).
         sigma: the anomaly map's Gaussian blur.
         elastic_alpha, elastic_sigma: the elastic distortion of the pseudo-anomalies.
@@ -118,6 +121,7 @@ class TrainConfig(PlainConfig):
     compile: bool | str = False
     num_workers: int = 0
     eval_every: int = 1
+    evaluate: bool = False
     topk: int | None = 100
     sigma: float = 4.0
     elastic_alpha: float = 200.0
@@ -188,6 +192,8 @@ class TrainConfig(PlainConfig):
             raise _bad("compile", "be a bool or a torch.compile backend name", self.compile)
         if not _is_int(self.num_workers) or self.num_workers < 0:
             raise _bad("num_workers", "be an int >= 0", self.num_workers)
+        if not isinstance(self.evaluate, bool):
+            raise _bad("evaluate", "be True or False", self.evaluate)
         if not _is_int(self.eval_every) or self.eval_every < 0:
             raise _bad("eval_every", "be an int >= 0", self.eval_every)
         if self.topk is not None and (not _is_int(self.topk) or self.topk < 1):

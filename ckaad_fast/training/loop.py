@@ -243,10 +243,10 @@ class _Run:
 
     def check_files(self, resume: bool, overwrite: bool) -> None:
         if resume and not self.ckpt_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {str(self.ckpt_path)!r} does not exist (run without resume first)")
+            raise FileNotFoundError(f"cannot resume: {str(self.ckpt_path)!r} does not exist (run without --resume first)")
         if not resume and self.ckpt_path.exists() and not overwrite:
-            raise FileExistsError(f"{str(self.out)!r} already holds a checkpoint: resume it (resume=True / --resume), "
-                                  "choose another output folder, or pass overwrite=True")
+            raise FileExistsError(f"{str(self.out)!r} already holds a checkpoint: continue it (--resume; resume=True in "
+                                  "Python), choose another --out, or start afresh (--overwrite; overwrite=True)")
 
     def _load(self) -> dict:
         ckpt = load_checkpoint(self.ckpt_path)

@@ -1,0 +1,26 @@
+"""The README's claims against a fresh run: the demo's metrics and the files it names."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole demo: about 40 s on 2 cores
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_reaches_the_numbers_the_readme_states(tmp_path):
+    from ckaad_fast.demo import run_demo
+
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"image AUROC (\d\.\d{3}), pixel AUROC (\d\.\d{3}), AUPRO (\d\.\d{3})", text)
+    assert m, "the README states the demo's metrics as 'image AUROC x.xxx, pixel AUROC x.xxx, AUPRO x.xxx'"
+    out = run_demo(tmp_path / "ckaad_demo", progress=False)
+    got = out["metrics"]
+    # The demo is seeded and deterministic on the CPU: the same three decimals.
+    assert [f"{got[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro")] == list(m.groups())
+    for name in ("report.html", "metrics.json", "grid.png", "train/checkpoint.pt"):
+        assert (tmp_path / "ckaad_demo" / name).is_file(), name
+        assert f"ckaad_demo/{name}" in text or name == "train/checkpoint.pt", name
