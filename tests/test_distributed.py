@@ -211,8 +211,12 @@ def scoring(tmp_path_factory):
             Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(root / sub / f"{i}.png")
     (root / "b" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     ref = base / "ref"
-    torch.set_num_threads(1)
-    assert main(score_args(ckpt, root, ref)) == NOT_ALL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers run (OMP_NUM_THREADS=1): the same bits
+    try:
+        assert main(score_args(ckpt, root, ref)) == NOT_ALL
+    finally:
+        torch.set_num_threads(threads)
     return ckpt, root, ref
 
 
