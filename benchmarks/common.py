@@ -37,7 +37,19 @@ def machine_name(device: str | torch.device = "cpu") -> str:
                     break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{model} ({torch.get_num_threads()} threads{_cpu_flags()})"
+
+
+def _cpu_flags() -> str:
+    """The CPU's vector and matrix extensions that decide the CPU paths' speed (none: '')."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    have = [w for w in wanted if w in flags]
+    return "; " + " ".join(have) if have else ""
 
 
 def git_commit() -> str:

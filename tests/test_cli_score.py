@@ -217,7 +217,7 @@ def test_crash_in_the_model_keeps_finished_rows(ckpt, data, tmp_path, monkeypatc
         ("wrong_kind", "not a ckaad_fast checkpoint"),
         ("untrusted", "weights_only"),
         ("cuda_graphs_cpu", "CUDA"),
-        ("bf16_cpu", "CUDA"),
+        ("fp16_cpu", "CUDA"),
         ("resume_and_overwrite", "contradict"),
     ],
 )
@@ -239,8 +239,8 @@ def test_clear_errors(setup, match, ckpt, data, tmp_path, capsys):
         torch.save({"format": "ckaad_fast.checkpoint", "obj": _Obj()}, ck)
     elif setup == "cuda_graphs_cpu":
         extra = ["--device", "cpu", "--cuda-graphs"]
-    elif setup == "bf16_cpu":
-        extra = ["--device", "cpu", "--dtype", "bfloat16"]
+    elif setup == "fp16_cpu":
+        extra = ["--device", "cpu", "--dtype", "float16"]
     elif setup == "resume_and_overwrite":
         extra = ["--resume", "--overwrite"]
     assert score(ck, inp, tmp_path / "out", *extra) == 2

@@ -294,3 +294,17 @@ def test_the_model_builds_the_authors_autoencoder_for_every_backbone(backbone, l
         warnings.simplefilter("ignore")  # random-weights warning: the backbone is not the point here
         model = CKAAD(ModelConfig(backbone=backbone, layers=layers), weights="none")
     assert sum(p.numel() for p in model.autoencoder.parameters()) == count
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 4, 4), (2, 16, 8, 8)])
+def test_instance_norm_in_bfloat16_keeps_the_layout_and_the_values(shape):
+    # Small maps take the NCHW path on the CPU (see InstanceNorm2d.forward); large ones do not.
+    norm = InstanceNorm2d(shape[1])
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    want = norm(x)
+    got = norm(x.bfloat16())
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -201,7 +201,7 @@ def test_cpu_options_are_checked():
     with pytest.raises(ValueError, match="CUDA"):
         Scorer(m, cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA"):
-        Scorer(m, dtype="bfloat16")
+        Scorer(m, dtype="float16")
     with pytest.raises(ValueError, match="dtype"):
         Scorer(m, dtype="int8")
     with pytest.raises(ValueError, match="batch_size"):
@@ -305,3 +305,16 @@ def test_mixed_precision_forward_runs_the_fused_ops_on_bf16_features(model, monk
     assert s16.dtype == torch.float32 and m16.dtype == torch.float32
     assert torch.isfinite(m16).all()
     assert ((m16 - m32).norm() / m32.norm()).item() < 0.05
+
+
+def test_bfloat16_on_the_cpu_scores_like_float32(model, images):
+    """Opt-in on the CPU (autocast, channels_last): close to float32, maps and scores in float32."""
+    cfg = model.config
+    x = torch.stack([load_image(p, SIZE, cfg.mean, cfg.std) for p in images])
+    s32, m32 = Scorer(model, dtype="float32")(x)
+    scorer = Scorer(model, dtype="bfloat16")
+    assert "dtype=bfloat16" in repr(scorer)
+    s16, m16 = scorer(x)
+    assert s16.dtype == m16.dtype == torch.float32
+    torch.testing.assert_close(s16, s32, rtol=5e-2, atol=1e-2)
+    assert float(((s16 - s32).abs() / s32.abs()).max()) < 5e-2

@@ -76,6 +76,18 @@ class InstanceNorm2d(nn.GroupNorm):
     def __init__(self, channels: int, affine: bool = True, eps: float = 1e-5) -> None:
         super().__init__(channels, channels, eps=eps, affine=affine)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # PyTorch's CPU group norm on channels_last bfloat16/float16 maps is 5-15x slower than on
+        # NCHW ones when a map has no more positions than channels (measured on a 2-core Xeon with
+        # AMX, torch 2.14: 6.5 ms against 0.56 ms at 8x256x16x16), and faster otherwise: take the
+        # NCHW path for those maps only, and hand back the layout that came in. Same arithmetic.
+        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
+                and x.shape[2] * x.shape[3] <= x.shape[1] and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
+            y = super().forward(x.contiguous())
+            return y.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     # Instance norm is the paper's choice: per-image statistics keep a batch that mixes normal
