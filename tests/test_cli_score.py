@@ -275,7 +275,7 @@ def test_nvtx_option_runs_on_cpu(ckpt, data, tmp_path):
 def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for name in ("train", "eval", "score", "demo"):
+    for name in ("train", "eval", "calibrate", "score", "demo"):
         assert name in sub.choices
         for action in sub.choices[name]._actions:
             assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"

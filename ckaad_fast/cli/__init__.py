@@ -24,13 +24,14 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # Subcommand modules, in the order --help lists them.
-_COMMANDS = ("train", "eval", "score", "demo")
+_COMMANDS = ("train", "eval", "calibrate", "score", "demo")
 
 # The option that sets each Python argument whose name differs from the option's.
 _FLAGS = {
     "root": "--data",
     "resume_from": "--out",
     "ratio_labeled": "--ratio-labeled/--num-anomaly-classes",
+    "data": "--data/--normal",
 }
 
 

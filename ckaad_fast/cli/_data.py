@@ -7,10 +7,11 @@ import argparse
 from ..data import LAYOUTS
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """--data, --category, --layout, --normal-class, --anomaly-classes."""
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, metavar="ROOT",
+def add_data_arguments(p, required: bool = True) -> None:
+    """--data, --category, --layout, --normal-class, --anomaly-classes (into an argument group of
+    their own, or into ``p`` itself when it is one)."""
+    g = p if isinstance(p, argparse._ArgumentGroup) else p.add_argument_group("data")
+    g.add_argument("--data", required=required, metavar="ROOT",
                    help="data set root folder: MVTec layout ROOT/CATEGORY/{train,test,ground_truth}; VisA "
                         "layout ROOT/split_csv/1cls.csv; folder layout ROOT/{train,test}/CLASS/ (or "
                         "ROOT/CATEGORY/{train,test}/CLASS/ when --category is given)")

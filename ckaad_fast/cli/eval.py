@@ -62,6 +62,7 @@ def _device(text: str):
 def _run(args, dist_info) -> int:
     from ..atomic import atomic_write_json
     from ..evaluation import evaluate_model, format_metrics
+    from ..calibration import read_calibration
     from ..model import checkpoint_file, load_checkpoint, model_from_checkpoint
 
     if args.json and os.path.isdir(args.json):
@@ -80,6 +81,9 @@ def _run(args, dist_info) -> int:
     if not dist_info.is_main:
         return 0
     print(format_metrics(metrics))
+    calibration = read_calibration(ckpt)
+    print(f"calibration: {calibration.describe()}" if calibration is not None else
+          "calibration: none (run ckaad-fast calibrate to give score a decision)")
     if args.json:
         record = {
             **metrics,
@@ -90,6 +94,7 @@ def _run(args, dist_info) -> int:
             "epoch": ckpt.get("epoch"),
             "strategy": cfg.strategy,
             "backbone": cfg.backbone,
+            "calibration": calibration.to_dict() if calibration is not None else None,
         }
         atomic_write_json(args.json, record)
         print(f"metrics written to {args.json}")

@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 
-from ._types import finite_float, nonneg_int, positive_int
+from ._types import finite_float, nonneg_int, positive_int, unit_float
 
 
 #: The exit code of a run that finished but could not score every image (see the error column).
@@ -82,7 +82,11 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
                    help="image score = mean of the K largest map values ('mean': the whole map's mean); "
                         "default: the checkpoint's")
     p.add_argument("--threshold", type=finite_float, default=None, metavar="T",
-                   help="add the column is_anomalous (True when score >= T)")
+                   help="add the column is_anomalous (True when the raw score >= T); wins over a calibrated "
+                        "checkpoint's decision")
+    p.add_argument("--sensitivity", type=unit_float, default=0.5, metavar="S",
+                   help="a calibrated checkpoint's decision (ckaad-fast calibrate): is_anomalous when "
+                        "normalized_score >= 1 - S; 0.5 (default) is the calibrated threshold, higher flags more")
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,32 +143,17 @@ def _run(args, device, dist_info) -> int:
     from ..data import list_images
     from ..distributed import local_device
     from ..profiling import enable_nvtx, torch_profiler
-    from ..model import model_from_checkpoint
-    from ..scoring import Scorer, check_out, score_to_folder
+    from ..scoring import check_out, score_to_folder
 
     if args.nvtx:
         enable_nvtx(True)
-    device = local_device(device)  # cuda:LOCAL_RANK under torchrun
     main = dist_info.is_main
     # Sorted; ValueError for a missing path or an empty folder. A results folder inside the input is
     # not searched: its overlays are not images to score.
     paths = list_images(args.input, exclude=[args.out])
     if main:
         check_out(args.out, args.resume, args.overwrite)  # before the model is loaded: fail fast
-    try:
-        model = model_from_checkpoint(args.checkpoint, map_location="cpu")
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--checkpoint: {e}") from None
-    scorer = Scorer(
-        model,
-        device=device,
-        dtype=args.dtype,
-        compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        topk=args.topk,
-    )
+    scorer = _scorer(args, local_device(device))  # cuda:LOCAL_RANK under torchrun
     progress = not args.no_progress and main
     if progress:
         procs = f" over {dist_info.world_size} processes" if dist_info.distributed else ""
@@ -185,15 +174,36 @@ def _run(args, device, dist_info) -> int:
             args.out,
             maps=args.maps,
             threshold=args.threshold,
+            sensitivity=args.sensitivity,
             resume=args.resume,
             overwrite=args.overwrite,
             map_range=tuple(args.map_range) if args.map_range else None,
             progress=progress,
             on_batch=on_batch,
         )
-
     if not main:
         return 0
+    _report(args, summary, dist_info)
+    return EXIT_NOT_ALL_SCORED if summary.failed else 0
+
+
+def _scorer(args, device):
+    """The Scorer of the checkpoint, with its calibration; checkpoint errors name --checkpoint."""
+    from ..calibration import read_calibration
+    from ..model import load_checkpoint, model_from_checkpoint
+    from ..scoring import Scorer
+
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ckpt, map_location="cpu")
+        calibration = read_calibration(ckpt)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    return Scorer(model, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                  batch_size=args.batch_size, num_workers=args.num_workers, topk=args.topk, calibration=calibration)
+
+
+def _report(args, summary, dist_info) -> None:
     done = summary.scored + summary.failed
     msg = f"scored {summary.scored} of {done} images"
     if summary.skipped:
@@ -201,7 +211,9 @@ def _run(args, device, dist_info) -> int:
     if done:
         msg += f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
     if summary.anomalous is not None:
-        msg += f"; {summary.anomalous} anomalous at threshold {args.threshold:g}"
+        rule = (f"threshold {args.threshold:g}" if args.threshold is not None
+                else f"the calibrated threshold, sensitivity {args.sensitivity:g}")
+        msg += f"; {summary.anomalous} anomalous at {rule}"
     print(msg, file=sys.stderr)
     if summary.failed:
         print(f"{summary.failed} image(s) could not be scored: see the error column, e.g. "
@@ -210,7 +222,6 @@ def _run(args, device, dist_info) -> int:
     if args.profile:
         where = os.path.join(args.profile, "rank*" if dist_info.distributed else "", "trace.json")
         print(f"profiler trace: {where}", file=sys.stderr)
-    return EXIT_NOT_ALL_SCORED if summary.failed else 0
 
 
 class _os_errors_as_clear_lines:

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import ops
+from ..calibration import read_calibration
 from ..data import list_images
 from ..model import CKAAD, fingerprint, load_checkpoint, model_from_checkpoint
 from ..profiling import nvtx_enabled, stage
@@ -93,6 +94,9 @@ class Scorer:
             compiled graph / one CUDA graph serves every batch of a stream.
         warmup: forward passes run before a CUDA graph is captured (compilation, autotuning and
             cuDNN's algorithm search happen there, not in the capture).
+        calibration: the model's :class:`~ckaad_fast.calibration.Calibration`, which
+            :func:`~.runner.score_to_folder` turns into normalised scores and decisions
+            (:meth:`from_checkpoint` reads it from the checkpoint).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Scorer:
         topk: int | str | None = None,
         pad_batches: bool | None = None,
         warmup: int = 3,
+        calibration=None,
     ):
         if not isinstance(model, CKAAD):
             raise TypeError(f"model must be a ckaad_fast.model.CKAAD, got {type(model).__name__}")
@@ -144,14 +149,17 @@ class Scorer:
         self._graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
         self._fingerprint: str | None = None
+        #: The model's :class:`~ckaad_fast.calibration.Calibration` (from its checkpoint), or None.
+        self.calibration = calibration
 
     # -------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Scorer":
         """A scorer for the detector saved at ``path`` (loaded with ``weights_only=True``; a file
         that is not a ckaad_fast checkpoint raises a ValueError that says so)."""
-        model = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), map_location="cpu")
-        return cls(model, device=device, **kwargs)
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model = model_from_checkpoint(ckpt, map_location="cpu")
+        return cls(model, device=device, calibration=read_calibration(ckpt), **kwargs)
 
     def _resolve_topk(self, topk):
         if topk is None:

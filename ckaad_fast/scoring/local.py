@@ -23,6 +23,7 @@ from .results import (
     MAPS_DIR,
     PARTS_DIR,
     ScoreSummary,
+    Verdict,
     begin_run,
     done_paths,
     kept_row,
@@ -46,11 +47,11 @@ class LocalRun:
     then decides what an earlier run left (see :mod:`.sharded`) and calls :meth:`score` directly.
     """
 
-    def __init__(self, scorer: Scorer, paths: list[str], out: Path, maps: str, threshold: float | None,
+    def __init__(self, scorer: Scorer, paths: list[str], out: Path, maps: str, verdict: Verdict,
                  map_range: tuple[float, float] | None, flush_seconds: float,
                  on_batch: Callable[[], None] | None, part: tuple[int, int] | None = None,
                  all_paths: list[str] | None = None):
-        self.scorer, self.paths, self.out, self.maps, self.threshold = scorer, paths, out, maps, threshold
+        self.scorer, self.paths, self.out, self.maps, self.verdict = scorer, paths, out, maps, verdict
         self.map_range, self.flush_seconds, self.user_on_batch = map_range, flush_seconds, on_batch
         self.csv_path = out / PARTS_DIR / part_name(*part) if part is not None else out / CSV_NAME
         self.maps_dir = out / MAPS_DIR
@@ -86,7 +87,7 @@ class LocalRun:
     def flush(self) -> None:
         """Rewrite the results file with every row known now, in input order."""
         rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
-        write_rows(self.csv_path, [r for r in rows if r is not None] + self.extra_old, self.threshold)
+        write_rows(self.csv_path, [r for r in rows if r is not None] + self.extra_old, self.verdict)
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, progress: bool) -> ScoreSummary:
@@ -216,8 +217,8 @@ class LocalRun:
             self.pool.shutdown(wait=True)
 
     def _count_anomalous(self) -> None:
-        if self.threshold is None:
+        if not self.verdict.decides:
             return
         scores = [float(r["score"]) for r in self.new.values() if row_done(r)]
         scores += [float(self.old[self.keys[p]]["score"]) for p in self.done]
-        self.summary.anomalous = sum(1 for v in scores if v >= self.threshold)
+        self.summary.anomalous = sum(1 for v in scores if self.verdict.anomalous(v))

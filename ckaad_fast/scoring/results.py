@@ -29,7 +29,7 @@ from .manifest import check_resume, path_key, read_manifest, write_manifest
 __all__ = ["CSV_NAME", "MAPS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
            "exists_error", "check_arguments", "write_rows", "check_out", "earlier_run", "begin_run", "kept_row", "done_paths", "escape_cell",
-           "unescape_cell", "CSV_ERRORS", "read_scale", "write_scale"]
+           "unescape_cell", "CSV_ERRORS", "Verdict", "read_scale", "write_scale"]
 
 CSV_NAME = "scores.csv"
 MAPS_DIR = "maps"
@@ -147,15 +147,46 @@ def unlink_parts(out: Path) -> None:
         (out / PARTS_DIR).rmdir()
 
 
-def finish_row(r: dict, threshold: float | None) -> dict:
-    """The row as written: its three columns, and ``is_anomalous`` under a threshold."""
-    r = {"path": r["path"], "score": r.get("score", ""), "error": r.get("error", "")}
-    if threshold is not None:
-        try:
-            r["is_anomalous"] = str(float(r["score"]) >= threshold) if r["score"] != "" else ""
-        except ValueError:
-            r["is_anomalous"] = ""
-    return r
+@dataclass(frozen=True)
+class Verdict:
+    """How a row's decision is made: by a raw ``threshold`` (it wins when given), else by a
+    :class:`~ckaad_fast.calibration.Calibration` at ``sensitivity`` (0.5: the calibrated
+    threshold; higher flags more). With a calibration, rows also get ``normalized_score``."""
+
+    threshold: float | None = None
+    calibration: object | None = None
+    sensitivity: float = 0.5
+
+    @property
+    def columns(self) -> list[str]:
+        return (["path", "score"] + (["normalized_score"] if self.calibration is not None else []) + ["error"]
+                + (["is_anomalous"] if self.decides else []))
+
+    @property
+    def decides(self) -> bool:
+        return self.threshold is not None or self.calibration is not None
+
+    def anomalous(self, score: float) -> bool:
+        if self.threshold is not None:
+            return score >= self.threshold
+        return self.calibration.is_anomalous(score, self.sensitivity)
+
+
+def finish_row(r: dict, verdict: Verdict) -> dict:
+    """The row as written: its columns, ``normalized_score`` and ``is_anomalous`` from its score;
+    an empty verdict where there is no finite score (a NaN is never 'not anomalous')."""
+    out = {"path": r["path"], "score": r.get("score", ""), "error": r.get("error", "")}
+    try:
+        score = float(out["score"]) if out["score"] != "" else None
+    except ValueError:
+        score = None
+    if score is not None and not math.isfinite(score):
+        score = None
+    if verdict.calibration is not None:
+        out["normalized_score"] = "" if score is None else format(verdict.calibration.normalize(score), ".6g")
+    if verdict.decides:
+        out["is_anomalous"] = "" if score is None else str(verdict.anomalous(score))
+    return out
 
 
 def exists_error(csv_path: Path, parts: list[Path]) -> FileExistsError:
@@ -168,9 +199,9 @@ def exists_error(csv_path: Path, parts: list[Path]) -> FileExistsError:
     )
 
 
-def csv_text(rows: Sequence[dict], with_threshold: bool) -> str:
+def csv_text(rows: Sequence[dict], verdict: Verdict) -> str:
     """The text of a scores.csv holding ``rows``."""
-    cols = ["path", "score", "error"] + (["is_anomalous"] if with_threshold else [])
+    cols = verdict.columns
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -180,8 +211,10 @@ def csv_text(rows: Sequence[dict], with_threshold: bool) -> str:
 
 
 
-def check_arguments(maps, threshold, map_range) -> None:
-    """ValueError for a bad ``maps`` format, threshold or colour range."""
+def check_arguments(maps, threshold, map_range, sensitivity: float = 0.5) -> None:
+    """ValueError for a bad ``maps`` format, threshold, colour range or sensitivity."""
+    if not (isinstance(sensitivity, (int, float)) and not isinstance(sensitivity, bool) and 0 <= sensitivity <= 1):
+        raise ValueError(f"sensitivity must be a number in [0, 1], got {sensitivity!r}")
     if maps not in MAP_FORMATS:
         raise ValueError(f"maps must be one of {MAP_FORMATS}, got {maps!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
@@ -193,9 +226,9 @@ def check_arguments(maps, threshold, map_range) -> None:
 
 
 
-def write_rows(csv_path: Path, rows: Sequence[dict], threshold: float | None) -> None:
+def write_rows(csv_path: Path, rows: Sequence[dict], verdict: Verdict) -> None:
     """Rewrite ``csv_path`` with ``rows`` atomically and durably (temporary file, fsync, rename)."""
-    text = csv_text([finish_row(r, threshold) for r in rows], threshold is not None)
+    text = csv_text([finish_row(r, verdict) for r in rows], verdict)
     atomic_write_text(csv_path, text, fsync=True, errors=CSV_ERRORS)
 
 

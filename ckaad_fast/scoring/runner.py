@@ -11,7 +11,7 @@ from .. import distributed as ddp
 from .engine import Scorer
 from .local import LocalRun
 from .lock import FolderLock
-from .results import ScoreSummary, check_arguments, check_out
+from .results import ScoreSummary, Verdict, check_arguments, check_out
 from .sharded import score_sharded
 
 __all__ = ["score_to_folder"]
@@ -30,12 +30,16 @@ def score_to_folder(
     flush_seconds: float = 2.0,
     on_batch: Callable[[], None] | None = None,
     distributed: bool | None = None,
+    sensitivity: float = 0.5,
 ) -> ScoreSummary:
     """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.
 
     scores.csv has one row per image, in input order, with the columns ``path``, ``score``,
     ``error`` (empty when the image was scored) and, with ``threshold``, ``is_anomalous``
-    (True when score >= threshold). It is rewritten atomically (temporary file, fsync, rename)
+    (True when score >= threshold). When the scorer's model is calibrated
+    (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
+    ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (0.5: the calibrated
+    threshold; higher flags more). It is rewritten atomically (temporary file, fsync, rename)
     every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
     never half-written and holds every result computed before the stop.
 
@@ -69,7 +73,8 @@ def score_to_folder(
     ``resume`` refuses results of another model or other scoring options. A score that is not a
     finite number is an error row, never a verdict.
     """
-    check_arguments(maps, threshold, map_range)
+    check_arguments(maps, threshold, map_range, sensitivity)
+    verdict = Verdict(threshold, scorer.calibration, float(sensitivity))
     if map_range is not None:
         map_range = tuple(float(v) for v in map_range)
     paths = [os.fspath(p) for p in paths]
@@ -80,9 +85,9 @@ def score_to_folder(
     if distributed is None:
         distributed = ddp.is_distributed()
     if distributed and ddp.is_distributed():
-        return score_sharded(scorer, paths, out, maps, threshold, resume, overwrite, map_range, progress,
+        return score_sharded(scorer, paths, out, maps, verdict, resume, overwrite, map_range, progress,
                              flush_seconds, on_batch)
-    run = LocalRun(scorer, paths, out, maps, threshold, map_range, flush_seconds, on_batch)
+    run = LocalRun(scorer, paths, out, maps, verdict, map_range, flush_seconds, on_batch)
     with FolderLock(out):  # one writer per results folder
         run.prepare(resume, overwrite)
         return run.score(progress)

@@ -17,6 +17,7 @@ from .results import (
     MAPS_DIR,
     PARTS_DIR,
     ScoreSummary,
+    Verdict,
     begin_run,
     done_paths,
     kept_row,
@@ -34,14 +35,14 @@ from .local import LocalRun
 __all__ = ["score_sharded"]
 
 
-def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, threshold: float | None, resume: bool,
+def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, verdict: Verdict, resume: bool,
                   overwrite: bool, map_range: tuple[float, float] | None, progress: bool, flush_seconds: float,
                   on_batch: Callable[[], None] | None) -> ScoreSummary:
     """:func:`~.runner.score_to_folder` on every rank of a process group."""
     rank, world = ddp.rank(), ddp.world_size()
     t0 = time.perf_counter()
     names = map_names(paths, "." + maps) if maps != "none" else {}
-    earlier = _Earlier(paths, out, maps, names, threshold, scorer)
+    earlier = _Earlier(paths, out, maps, names, verdict, scorer)
     try:
         summary = _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds,
                        on_batch)
@@ -52,7 +53,7 @@ def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, thresh
 
 
 def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds, on_batch):
-    paths, out, threshold = earlier.paths, earlier.out, earlier.threshold
+    paths, out, verdict = earlier.paths, earlier.out, earlier.verdict
     todo, skipped, map_range = ddp.run_on_main(lambda: earlier.prepare(resume, overwrite, map_range))
     if maps == "png" and map_range is None and todo:
         # The colour range of the first batch's maps, as one process takes it, for every rank.
@@ -61,7 +62,7 @@ def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progr
     # Whole batches of the single-process order per rank: the same batches, the same results.
     mine = ddp.shard(todo, rank, world, block=scorer.batch_size)
     if mine:
-        local = LocalRun(scorer, mine, out, maps, threshold, map_range, flush_seconds, on_batch, part=(rank, world),
+        local = LocalRun(scorer, mine, out, maps, verdict, map_range, flush_seconds, on_batch, part=(rank, world),
                          all_paths=paths).score(progress and rank == 0)
     else:
         local = ScoreSummary(csv_path=out / PARTS_DIR / part_name(rank, world))
@@ -73,9 +74,9 @@ def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progr
 class _Earlier:
     """Rank 0's view of the results folder: what an earlier run left, and the final merge."""
 
-    def __init__(self, paths: list[str], out: Path, maps: str, names: dict[str, str], threshold: float | None,
+    def __init__(self, paths: list[str], out: Path, maps: str, names: dict[str, str], verdict: Verdict,
                  scorer: Scorer):
-        self.paths, self.out, self.maps, self.names, self.threshold = paths, out, maps, names, threshold
+        self.paths, self.out, self.maps, self.names, self.verdict = paths, out, maps, names, verdict
         self.scorer = scorer
         self.csv_path = out / CSV_NAME
         self.keys = keys_of(paths)
@@ -96,7 +97,7 @@ class _Earlier:
         if parts or (overwrite and not resume and self.csv_path.exists()):
             # One scores.csv with what is kept (nothing, with overwrite), and no parts: the parts
             # this run writes are then all new, and a crash leaves nothing stale behind.
-            write_rows(self.csv_path, self._kept() + self.extra, self.threshold)
+            write_rows(self.csv_path, self._kept() + self.extra, self.verdict)
             unlink_parts(self.out)
         if self.maps == "png" and map_range is None and resume:
             map_range = read_scale(self.out / MAPS_DIR)
@@ -111,7 +112,7 @@ class _Earlier:
                 new[r["path"]] = r
         rows = [new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
         rows = [r for r in rows if r is not None]
-        write_rows(self.csv_path, rows + self.extra, self.threshold)
+        write_rows(self.csv_path, rows + self.extra, self.verdict)
         unlink_parts(self.out)
         index = {p: i for i, p in enumerate(self.paths)}
         summary = ScoreSummary(
@@ -122,8 +123,8 @@ class _Earlier:
             errors=sorted((e for s in stats for e in s[2]), key=lambda e: index.get(e[0], len(index))),
             map_range=map_range,
         )
-        if self.threshold is not None:
-            summary.anomalous = sum(1 for r in rows if row_done(r) and float(r["score"]) >= self.threshold)
+        if self.verdict.decides:
+            summary.anomalous = sum(1 for r in rows if row_done(r) and self.verdict.anomalous(float(r["score"])))
         return summary
 
 

@@ -1,0 +1,179 @@
+"""From a raw score to a decision: thresholds calibrated on data that is not the test set.
+
+:func:`calibrate` scores a calibration set with a trained detector and picks the image threshold:
+
+- with anomalous images in the set, the one that maximises F1 (:func:`ckaad_fast.metrics.image_f1_acc`,
+  sklearn's rule), and a pixel threshold the same way where the set has masks;
+- with normal images only, the one at a chosen false-positive rate: the lowest threshold at which
+  at most ``target_fpr`` of the normal scores are at or above it (the empirical quantile). A set
+  too small for that rate (fewer than ``1 / target_fpr`` images) is refused.
+
+It also records the minimum and maximum of the image scores and of the maps, for anomalib's
+normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)``: the threshold maps to exactly 0.5
+and the score stays monotone in the raw one. :func:`write_calibration` stores the result in a
+checkpoint (a ``calibration`` entry; checkpoints without one load as before), where
+:class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score`` find it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .atomic import atomic_torch_save
+from .errors import ArgumentError
+from .evaluation import predict_dataset
+from .metrics import image_f1_acc
+from .model import PlainConfig, checkpoint_file, load_checkpoint
+
+__all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
+           "read_calibration", "threshold_at_fpr"]
+
+METHODS = ("f1", "fpr")
+
+
+@dataclass
+class Calibration(PlainConfig):
+    """Thresholds and normalisation statistics picked on a calibration set (see the module)."""
+
+    _kind = "calibration"
+
+    image_threshold: float
+    score_min: float
+    score_max: float
+    method: str  # "f1" (anomalies present) or "fpr" (normal images only)
+    target_fpr: float | None = None
+    pixel_threshold: float | None = None
+    map_min: float | None = None
+    map_max: float | None = None
+    num_normal: int = 0
+    num_anomalous: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"calibration method must be one of {METHODS}, got {self.method!r}")
+        for name in ("image_threshold", "score_min", "score_max"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"calibration {name} must be finite, got {getattr(self, name)!r}")
+
+    def normalize(self, scores):
+        """anomalib's normalised score: ``clip((s - t) / (max - min) + 0.5, 0, 1)``; t -> 0.5."""
+        span = max(self.score_max - self.score_min, 1e-12)
+        out = np.clip((np.asarray(scores, dtype=np.float64) - self.image_threshold) / span + 0.5, 0.0, 1.0)
+        return float(out) if out.ndim == 0 else out
+
+    def is_anomalous(self, score: float, sensitivity: float = 0.5) -> bool:
+        """The decision at ``sensitivity`` (0-1; 0.5 is the calibrated threshold, higher flags
+        more): ``normalized score >= 1 - sensitivity``."""
+        return bool(self.normalize(score) >= 1.0 - sensitivity)
+
+    def describe(self) -> str:
+        how = (f"best F1 on {self.num_normal} normal and {self.num_anomalous} anomalous images"
+               if self.method == "f1" else
+               f"false-positive rate {100 * self.target_fpr:g}% on {self.num_normal} normal images")
+        pixel = f", pixel threshold {self.pixel_threshold:.6g}" if self.pixel_threshold is not None else ""
+        return (f"image threshold {self.image_threshold:.6g} ({how}){pixel}; scores on that set "
+                f"{self.score_min:.6g} .. {self.score_max:.6g}")
+
+
+def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
+    """The lowest threshold at which at most ``target_fpr`` of ``normal_scores`` are >= it."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    n = s.size
+    k = int(math.floor(target_fpr * n + 1e-9))  # how many normal images may be flagged
+    if k == 0:
+        return float(np.nextafter(s[-1], np.inf))
+    # Everything strictly above the (k+1)-th largest score: ties never push the rate above target.
+    return float(np.nextafter(s[n - 1 - k], np.inf))
+
+
+def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None) -> Calibration:
+    """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
+    its masks and maps). Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.size == 0:
+        raise ArgumentError("data", "the calibration set is empty")
+    if labels.size != scores.size:
+        raise ArgumentError("data", f"{labels.size} labels for {scores.size} scores")
+    if not np.isfinite(scores).all():
+        raise ArgumentError("data", f"{int((~np.isfinite(scores)).sum())} calibration images have no finite score")
+    if not (isinstance(target_fpr, (int, float)) and 0 < target_fpr < 1):
+        raise ArgumentError("target_fpr", f"must lie in (0, 1), got {target_fpr!r}")
+    n_normal, n_anom = int((labels == 0).sum()), int((labels == 1).sum())
+    if n_normal == 0:
+        raise ArgumentError("data", "the calibration set holds no normal image")
+    cal = dict(score_min=float(scores.min()), score_max=float(scores.max()), num_normal=n_normal,
+               num_anomalous=n_anom)
+    if maps is not None:
+        maps = np.asarray(maps)
+        cal.update(map_min=float(maps.min()), map_max=float(maps.max()))
+    if n_anom:
+        cal.update(method="f1", image_threshold=image_f1_acc(labels, scores)[2])
+        if masks is not None and maps is not None and np.asarray(masks).any():
+            cal["pixel_threshold"] = image_f1_acc(np.asarray(masks).reshape(-1) > 0, maps.reshape(-1))[2]
+    else:
+        need = int(math.ceil(1.0 / target_fpr - 1e-9))
+        if n_normal < need:
+            raise ArgumentError("data", f"a {100 * target_fpr:g}% false-positive rate needs at least {need} normal "
+                                        f"images to calibrate on, got {n_normal}")
+        cal.update(method="fpr", target_fpr=float(target_fpr),
+                   image_threshold=threshold_at_fpr(scores[labels == 0], target_fpr))
+    return Calibration(**cal)
+
+
+def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, device="cpu",
+              progress: bool = False) -> Calibration:
+    """Score ``dataset`` (items ``(image, label, [mask,] path)``, never the test set) with ``model``
+    and pick its :class:`Calibration` (see the module)."""
+    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps)
+
+
+class _AsNormal:
+    """The items of an image folder as normal ones: ``(image, 0, path)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, _, path = self.dataset[i]
+        return image, 0, path
+
+
+def normal_folder_set(folder, image_size, mean, std):
+    """A calibration set of the images in ``folder`` (searched recursively), all normal: the
+    good parts a production line holds aside to set its false-positive rate."""
+    from .data import AnomalyFolderDataset
+
+    try:
+        return _AsNormal(AnomalyFolderDataset(folder, image_size, mean, std))
+    except ValueError as e:
+        raise ArgumentError("normal", str(e)) from None
+
+
+def write_calibration(checkpoint, calibration: Calibration, out=None) -> str:
+    """Store ``calibration`` in the checkpoint (``out``, else in place), keeping everything else it
+    holds; returns the path written (atomically)."""
+    path = checkpoint_file(checkpoint)
+    ckpt = load_checkpoint(path)
+    ckpt["calibration"] = calibration.to_dict()
+    target = os.fspath(out) if out is not None else os.fspath(path)
+    atomic_torch_save(ckpt, target)
+    return target
+
+
+def read_calibration(ckpt: dict) -> Calibration | None:
+    """The calibration a checkpoint dict holds, or None (checkpoints older than calibration)."""
+    raw = ckpt.get("calibration")
+    if not raw:
+        return None
+    try:
+        return Calibration.from_dict(dict(raw))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the checkpoint's calibration is invalid: {e}") from None

@@ -1,0 +1,76 @@
+"""``ckaad-fast calibrate``: pick a trained detector's decision threshold on data that is not the
+test set, and store it in the checkpoint (a thin layer over :mod:`ckaad_fast.calibration`)."""
+from __future__ import annotations
+
+import argparse
+
+from ._data import add_data_arguments, dataset_from_args
+from ._types import nonneg_int, positive_int
+
+
+def _fpr(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text!r}")
+    return v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="pick the decision threshold on held-out data and store it in the checkpoint",
+        description="Score a calibration set that is not the test set and store the decision in the checkpoint: "
+                    "with anomalous images in it, the threshold of best F1 (and a pixel threshold where masks "
+                    "exist); with normal images only (--normal DIR, or a split with no anomalies), the threshold "
+                    "at --target-fpr false positives. ckaad-fast score then writes normalized_score (0.5 at the "
+                    "threshold) and is_anomalous.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint written by ckaad-fast train (or its output folder)")
+    p.add_argument("--normal", metavar="DIR",
+                   help="a folder of normal images held out from training (searched recursively): calibrate at "
+                        "--target-fpr; instead of the data options")
+    p.add_argument("--split", default="val", metavar="NAME",
+                   help="with --data: the split to calibrate on, never the test split (default: %(default)s)")
+    p.add_argument("--target-fpr", type=_fpr, default=0.01, metavar="RATE",
+                   help="false-positive rate on normal images when the set has no anomalies (default: %(default)s)")
+    p.add_argument("--out", metavar="PATH",
+                   help="write the calibrated checkpoint here instead of updating --checkpoint in place")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
+                   help="images scored per batch (default: %(default)s)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device to score on (default: %(default)s)")
+    p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
+                   help="data-loading worker processes (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("data (instead of --normal)")
+    add_data_arguments(g, required=False)
+    p.set_defaults(func=run, interrupted=lambda a: "nothing was written; the checkpoint is unchanged")
+    return p
+
+
+def run(args) -> int:
+    from ..calibration import calibrate, normal_folder_set, write_calibration
+    from ..model import model_from_checkpoint
+
+    if (args.normal is None) == (args.data is None):
+        raise ValueError("--normal DIR or --data ROOT (with its layout options): give exactly one")
+    if args.data is not None and args.split == "test":
+        raise ValueError("--split: never calibrate on the test split; hold out a validation split or --normal images")
+    try:
+        model = model_from_checkpoint(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    cfg = model.config
+    if args.normal is not None:
+        data = normal_folder_set(args.normal, cfg.image_size, cfg.mean, cfg.std)
+    else:
+        data = dataset_from_args(args, args.split, cfg.image_size, cfg.mean, cfg.std)
+    cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
+                    progress=not args.quiet)
+    written = write_calibration(args.checkpoint, cal, out=args.out)
+    print(f"calibration: {cal.describe()}")
+    print(f"written to:  {written}")
+    return 0

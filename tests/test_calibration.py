@@ -1,0 +1,151 @@
+"""Calibrated decisions: thresholds picked on held-out data, normalised scores, and the CLI's
+calibrate -> score path."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ckaad_fast.calibration import (
+    Calibration,
+    calibration_from_scores,
+    read_calibration,
+    threshold_at_fpr,
+    write_calibration,
+)
+from ckaad_fast.cli import main
+from ckaad_fast.errors import ArgumentError
+from ckaad_fast.model import CKAAD, ModelConfig, load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_threshold_at_1_percent_fpr_holds_on_fresh_normal_data():
+    rng = np.random.default_rng(0)
+    t = threshold_at_fpr(rng.normal(size=2000), 0.01)
+    fresh = rng.normal(size=200_000)
+    # The empirical quantile of 2000 draws: 1% within three binomial standard errors.
+    assert abs((fresh >= t).mean() - 0.01) <= 3 * math.sqrt(0.01 * 0.99 / 2000)
+    # On the calibration set itself, never more than the target (ties included).
+    tied = np.repeat(np.arange(50.0), 4)
+    assert (tied >= threshold_at_fpr(tied, 0.05)).mean() <= 0.05
+
+
+def test_f1_calibration_is_sklearns_best_f1_threshold():
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.normal(size=300) + 1.2 * labels
+    cal = calibration_from_scores(labels, scores)
+    p, r, th = precision_recall_curve(labels, scores)
+    f1 = 2 * p * r / (p + r + 1e-16)
+    assert cal.method == "f1" and cal.image_threshold == pytest.approx(th[np.argmax(f1[:-1])])
+    assert (cal.num_normal, cal.num_anomalous) == (int((labels == 0).sum()), int(labels.sum()))
+
+
+def test_normalised_scores_are_monotone_with_the_threshold_at_one_half():
+    cal = Calibration(image_threshold=1.5, score_min=0.5, score_max=2.5, method="fpr", target_fpr=0.01)
+    s = np.linspace(-5, 10, 1001)
+    n = cal.normalize(s)
+    assert np.all(np.diff(n) >= 0) and n.min() == 0.0 and n.max() == 1.0
+    assert cal.normalize(1.5) == 0.5 and cal.is_anomalous(1.5) and not cal.is_anomalous(1.4999)
+    assert cal.is_anomalous(0.6, sensitivity=1.0) and not cal.is_anomalous(2.4, sensitivity=0.0)
+
+
+@pytest.mark.parametrize("labels, scores, fpr, name, words", [
+    ([], [], 0.01, "data", "empty"),
+    ([1, 1, 1], [0.1, 0.2, 0.3], 0.01, "data", "no normal image"),
+    ([0, 0, 1], [0.1, float("nan"), 0.3], 0.01, "data", "no finite score"),
+    ([0] * 50, list(range(50)), 0.01, "data", "at least 100 normal images"),
+    ([0] * 50, list(range(50)), 1.5, "target_fpr", "(0, 1)"),
+])
+def test_bad_calibration_sets_are_refused_naming_the_argument(labels, scores, fpr, name, words):
+    with pytest.raises(ArgumentError) as e:
+        calibration_from_scores(labels, scores, fpr)
+    assert e.value.name == name and words in e.value.message
+
+
+# -- the command line ------------------------------------------------------------------------------
+SIZE = 32
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CKAAD(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=SIZE, topk=10,
+                                  strategy="recon"), weights="none").eval()
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, epoch=3, note="kept")
+    return path
+
+
+def _pngs(folder, n, seed):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _rows(out):
+    with open(out / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_calibrate_then_score_gives_normalised_scores_and_decisions(ckpt, tmp_path, capsys):
+    normal = _pngs(tmp_path / "good", 100, 0)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--normal", str(normal), "--quiet"]) == 0
+    assert "false-positive rate 1%" in capsys.readouterr().out
+    raw = load_checkpoint(ckpt)
+    cal = read_calibration(raw)
+    assert cal.method == "fpr" and cal.num_normal == 100
+    assert raw["epoch"] == 3 and raw["note"] == "kept"  # everything else the checkpoint held is kept
+    test = _pngs(tmp_path / "line", 6, 1)
+    out = tmp_path / "out"
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(out), "--num-workers", "0",
+                 "--no-progress"]) == 0
+    rows = _rows(out)
+    assert list(rows[0]) == ["path", "score", "normalized_score", "error", "is_anomalous"]
+    for r in rows:
+        assert float(r["normalized_score"]) == pytest.approx(cal.normalize(float(r["score"])), abs=1e-6)
+        assert r["is_anomalous"] == str(float(r["score"]) >= cal.image_threshold)
+    # The sensitivity moves the decision without calibrating again.
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(out), "--num-workers", "0",
+                 "--no-progress", "--overwrite", "--sensitivity", "1"]) == 0
+    assert {r["is_anomalous"] for r in _rows(out)} == {"True"}
+
+
+def test_calibration_needs_held_out_data_and_says_so(ckpt, tmp_path, capsys):
+    few = _pngs(tmp_path / "few", 12, 0)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--normal", str(few), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data/--normal" in err and "at least 100" in err and err.strip().count("\n") == 0
+    assert read_calibration(load_checkpoint(ckpt)) is None  # nothing written
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(tmp_path), "--split", "test"]) == 2
+    assert "never calibrate on the test split" in capsys.readouterr().err
+
+
+def test_checkpoints_without_calibration_score_as_before(ckpt, tmp_path):
+    test = _pngs(tmp_path / "line", 3, 1)
+    out = tmp_path / "out"
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(out), "--num-workers", "0",
+                 "--no-progress"]) == 0
+    assert list(_rows(out)[0]) == ["path", "score", "error"]
+
+
+def test_write_calibration_to_another_file_leaves_the_original(ckpt, tmp_path):
+    cal = Calibration(image_threshold=1.0, score_min=0.0, score_max=2.0, method="f1", num_normal=3, num_anomalous=2)
+    other = tmp_path / "calibrated.pt"
+    write_calibration(ckpt, cal, out=other)
+    assert read_calibration(load_checkpoint(ckpt)) is None
+    assert read_calibration(load_checkpoint(other)) == cal
+    assert os.path.getsize(other) > 0
