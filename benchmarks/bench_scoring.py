@@ -130,6 +130,34 @@ def _write_pngs(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def _onnx_runtime_row(backbone, layers, size, batch, reps, inputs, t_ref, model):
+    """The exported graph (ckaad-fast export) in ONNX Runtime's CPU provider, on the same images as
+    uint8 (it normalises them itself). Skipped, with a note, where the export extra is missing."""
+    name = "ONNX Runtime, CPU provider (ckaad-fast export)"
+    try:
+        import onnxruntime as ort
+
+        from ckaad_fast.export import export_onnx
+        from ckaad_fast.model import save_checkpoint
+    except ImportError as e:
+        return (name, float("nan"), float("nan"), float("nan"), f"skipped: {e}")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(os.path.join(tmp, "m.pt"), model)
+        path = export_onnx(os.path.join(tmp, "m.pt"), os.path.join(tmp, "onnx"), batch=batch)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # The reference's inputs as the uint8 pixels they stand for (the graph divides by 255 and normalises).
+        mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+        std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+        u8 = [((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).numpy() for x in inputs]
+        t = median_time(lambda i: sess.run(None, {"image": u8[i]}), warmup=2, repeats=reps + 2, rotate=2)
+        score = sess.run(None, {"image": u8[0]})[0]
+        with torch.no_grad():  # the eager model on the very same pixels
+            eager = model((torch.from_numpy(u8[0]).float() / 255.0 - mean) / std)[0].numpy()
+    rel = float(np.max(np.abs(score - eager) / np.abs(eager)))
+    check_agreement(f"{name} scores vs the eager model on the same uint8 images (relative)", rel, 1e-4)
+    return (name, batch / t, t_ref / t, rel, f"batch {batch}")
+
+
 def bench_model(args, device: torch.device, backbone: str, layers, size: int, configs) -> list[dict]:
     batch = args.batch
     reps = 1 if args.quick else args.repeats
@@ -163,6 +191,9 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
             rows.append((name, batch / t, t_ref / t, rel, f"setup {setup:.1f} s"))
         except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
             rows.append((name, float("nan"), float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:120]}"))
+
+    if device.type == "cpu":
+        rows.append(_onnx_runtime_row(backbone, layers, size, batch, reps, inputs, t_ref, model))
 
     if not args.no_stream:
         name, kw = configs[-1]

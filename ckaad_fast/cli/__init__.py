@@ -24,7 +24,7 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # Subcommand modules, in the order --help lists them.
-_COMMANDS = ("train", "eval", "calibrate", "score", "demo")
+_COMMANDS = ("train", "eval", "calibrate", "score", "export", "demo")
 
 # The option that sets each Python argument whose name differs from the option's.
 _FLAGS = {

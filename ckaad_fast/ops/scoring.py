@@ -95,6 +95,15 @@ def _axis_matrix_np(n_in: int, n_out: int, sigma: float, truncate: float, border
     return gaussian_matrix(n_out, sigma, truncate, border) @ bilinear_matrix(n_in, n_out)
 
 
+def upsample_blur_matrix(n_in: int, n_out: int, sigma: float, truncate: float = 4.0,
+                         border: str = "reflect") -> np.ndarray:
+    """(n_out, n_in) float64 matrix of one axis of :func:`upsample_blur_sum`: bilinear upsampling
+    (align_corners=True) then the Gaussian blur with scipy's border rule. A map M (h, w) becomes
+    ``R @ M @ C.T`` with ``R = upsample_blur_matrix(h, out_h, ...)`` and ``C`` likewise for w:
+    what exporters use to write the op with standard operators."""
+    return _axis_matrix_np(int(n_in), int(n_out), float(sigma), float(truncate), border).copy()
+
+
 @functools.lru_cache(maxsize=256)
 def _axis_matrix(n_in, n_out, sigma, truncate, border, device: torch.device, dtype: torch.dtype, transpose: bool):
     # Cached per device, so that steady-state calls (and CUDA-graph replays) copy nothing.

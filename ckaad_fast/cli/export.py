@@ -1,0 +1,54 @@
+"""``ckaad-fast export``: the whole scoring forward as one graph for runtimes outside Python (a thin
+layer over :mod:`ckaad_fast.export`)."""
+from __future__ import annotations
+
+import argparse
+
+from ._types import unit_float
+
+
+def _batch(text: str):
+    if text == "dynamic":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'dynamic', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'dynamic', got {text!r}")
+    return v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..export import FORMATS
+
+    p = subparsers.add_parser(
+        "export",
+        help="export the scoring forward (uint8 image -> score, normalized_score, is_anomalous, anomaly_map)",
+        description="Export a checkpoint's whole scoring forward as one graph with standard operators only: "
+                    "normalisation of uint8 RGB input, backbone, auto-encoder, anomaly map, image score and, for a "
+                    "calibrated checkpoint (ckaad-fast calibrate), the normalised score and the decision. Writes "
+                    "OUT/model.onnx and OUT/model.json (fingerprint, image size, normalisation, calibration, versions).",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint written by ckaad-fast train (or its output folder)")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx: for ONNX Runtime (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
+                   help="a fixed batch size, or dynamic (default)")
+    p.add_argument("--sensitivity", type=unit_float, default=0.5, metavar="S",
+                   help="the decision built into the graph for a calibrated checkpoint: is_anomalous when "
+                        "normalized_score >= 1 - S (default: %(default)s, the calibrated threshold)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=run, interrupted=lambda a: "nothing complete was written; run the command again")
+    return p
+
+
+def run(args) -> int:
+    from ..export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out, batch=args.batch, sensitivity=args.sensitivity,
+                       overwrite=args.overwrite)
+    print(f"exported: {path} (and model.json beside it)")
+    return 0

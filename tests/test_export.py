@@ -1,0 +1,86 @@
+"""The exported graph equals the Scorer: ONNX Runtime on the CPU against the eager forward."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnxruntime as ort  # noqa: E402
+
+from ckaad_fast.calibration import Calibration, write_calibration  # noqa: E402
+from ckaad_fast.cli import main  # noqa: E402
+from ckaad_fast.errors import ArgumentError  # noqa: E402
+from ckaad_fast.export import export_onnx  # noqa: E402
+from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint  # noqa: E402
+from ckaad_fast.scoring import Scorer  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # an export takes seconds
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CKAAD(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=SIZE, topk=10,
+                                  strategy="recon"), weights="none").eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model)
+    return path
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, SIZE, SIZE), dtype=np.uint8)
+
+
+def test_onnx_runtime_scores_like_the_scorer_with_a_dynamic_batch(ckpt, tmp_path):
+    path = export_onnx(ckpt, tmp_path / "x")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert [o.name for o in sess.get_outputs()] == ["score", "normalized_score", "is_anomalous", "anomaly_map"]
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
+    for n in (1, 3):  # one graph, any batch
+        img = _images(n, n)
+        score, _, anomalous, amap = sess.run(None, {"image": img})
+        ref_s, ref_m = scorer(scorer.normalise(torch.from_numpy(img)))
+        np.testing.assert_allclose(score, ref_s.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(amap, ref_m.numpy(), rtol=1e-4, atol=1e-5)
+        assert anomalous.dtype == np.bool_ and not anomalous.any()  # not calibrated: no decision
+    side = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert side["calibrated"] is False and side["image_size"] == [SIZE, SIZE]
+    assert side["model_sha256"] == scorer.fingerprint()
+
+
+def test_a_calibrated_export_decides_as_score_does(ckpt, tmp_path):
+    img = _images(6, 7)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
+    raw, _ = scorer(scorer.normalise(torch.from_numpy(img)))
+    mid = float(np.median(raw.numpy()))
+    cal = Calibration(image_threshold=mid, score_min=float(raw.min()), score_max=float(raw.max()), method="f1",
+                      num_normal=3, num_anomalous=3)
+    calibrated = tmp_path / "cal.pt"
+    write_calibration(ckpt, cal, out=calibrated)
+    path = export_onnx(calibrated, tmp_path / "x", batch=6)
+    score, normalized, anomalous, _ = ort.InferenceSession(str(path)).run(None, {"image": img})
+    np.testing.assert_allclose(normalized, cal.normalize(score), rtol=1e-5, atol=1e-6)
+    assert anomalous.tolist() == [cal.is_anomalous(float(s)) for s in raw.numpy()]
+
+
+def test_export_refuses_an_existing_export_and_bad_arguments(ckpt, tmp_path, capsys):
+    export_onnx(ckpt, tmp_path / "x", batch=2)
+    with pytest.raises(ArgumentError) as e:
+        export_onnx(ckpt, tmp_path / "x", batch=2)
+    assert e.value.name == "out"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--format", "tflite"])
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "z")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
