@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from torch.utils.data import ConcatDataset, Subset
 
 from .atomic import atomic_torch_save
 from .errors import ArgumentError
@@ -29,7 +30,7 @@ from .metrics import image_f1_acc
 from .model import PlainConfig, checkpoint_file, load_checkpoint
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
-           "read_calibration", "threshold_at_fpr"]
+           "read_calibration", "split_for_calibration", "threshold_at_fpr"]
 
 METHODS = ("f1", "fpr")
 
@@ -155,6 +156,58 @@ def normal_folder_set(folder, image_size, mean, std):
         return _AsNormal(AnomalyFolderDataset(folder, image_size, mean, std))
     except ValueError as e:
         raise ArgumentError("normal", str(e)) from None
+
+
+class _Part(Subset):
+    """Some items of a data set, keeping the attributes training reads (normalisation, paths)."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, list(indices))
+        for name in ("mean", "std", "image_size"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+        if hasattr(dataset, "paths"):
+            self.paths = [dataset.paths[i] for i in self.indices]
+
+
+class _Labelled:
+    """``(image, label, path)`` items of any of the library's data sets, all with one label."""
+
+    def __init__(self, dataset, label: int):
+        self.dataset, self.label = dataset, label
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return item[0], self.label, item[-1] if isinstance(item[-1], str) else ""
+
+
+def split_for_calibration(train_set, anomaly_set=None, share: float = 0.1, seed: int = 0):
+    """Hold out ``share`` of the normal training images (and of the coarse anomalies, when there
+    are any) for calibration, drawn with ``seed``: ``(train_set, anomaly_set, calibration_set)``,
+    the first two to train on, the last never seen in training (its items ``(image, label, path)``)."""
+    if not (isinstance(share, (int, float)) and 0 < share < 1):
+        raise ArgumentError("calibrate_share", f"must lie in (0, 1), got {share!r}")
+    rng = np.random.default_rng(seed)
+
+    def split(ds):
+        n = len(ds)
+        k = max(1, int(round(share * n)))  # at least one image of each kind to calibrate on
+        if k >= n:
+            raise ArgumentError("calibrate_share", f"{share:g} of {n} images leaves nothing to train on or to "
+                                                   f"calibrate with")
+        held = set(rng.permutation(n)[:k].tolist())
+        return _Part(ds, [i for i in range(n) if i not in held]), _Part(ds, sorted(held))
+
+    train_kept, normal_held = split(train_set)
+    parts = [_Labelled(normal_held, 0)]
+    anomalies_kept = anomaly_set
+    if anomaly_set is not None and len(anomaly_set) > 1:
+        anomalies_kept, anomalies_held = split(anomaly_set)
+        parts.append(_Labelled(anomalies_held, 1))
+    return train_kept, anomalies_kept, ConcatDataset(parts)
 
 
 def write_calibration(checkpoint, calibration: Calibration, out=None) -> str:

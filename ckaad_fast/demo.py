@@ -24,15 +24,18 @@ import numpy as np
 
 __all__ = ["run_demo", "DEMO_DEFAULTS"]
 
+#: The share of the generated training images held out to calibrate the decision on (the rest,
+#: 48 normal images and 8 coarse anomalies with the defaults, train the model).
+CALIBRATION_SHARE = 0.2
 #: The defaults of :func:`run_demo`, tuned so the whole demo takes under a minute on 2 CPU cores.
 DEMO_DEFAULTS = dict(
     category="brick",
     image_size=128,
     epochs=20,
-    n_train=48,
+    n_train=60,
     n_test_good=12,
     n_test_defect=4,
-    n_coarse=8,
+    n_coarse=10,
     batch_size=8,
     seed=0,
 )
@@ -125,13 +128,16 @@ def _check_arguments(category, image_size, epochs, n_train, n_test_good, n_test_
                         ("n_coarse", n_coarse, 1), ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if batch_size > n_train:
-        raise ValueError(f"batch_size ({batch_size}) must not exceed n_train ({n_train})")
+    trained_on = n_train - max(1, round(CALIBRATION_SHARE * n_train))  # the rest calibrates the decision
+    if batch_size > trained_on:
+        raise ValueError(f"batch_size ({batch_size}) must not exceed the {trained_on} of the n_train ({n_train}) "
+                         "images that train the model")
 
 
 def _train(out: Path, root, category, image_size, epochs, batch_size, seed, device, backbone, weights,
            progress) -> dict:
     """Stage 2: train the paper's patch-level strategy on the normal images and the coarse anomalies."""
+    from .calibration import calibrate, split_for_calibration, write_calibration
     from .data import AnomalyFolderDataset, MVTecDataset
     from .data.synthetic import COARSE_DIR
     from .training import TrainConfig, train
@@ -145,11 +151,17 @@ def _train(out: Path, root, category, image_size, epochs, batch_size, seed, devi
     mean, std = cfg.normalization()
     train_set = MVTecDataset(root, category, "train", image_size=image_size, mean=mean, std=std)
     anomaly_set = AnomalyFolderDataset(root / category / COARSE_DIR, image_size=image_size, mean=mean, std=std)
+    # As `ckaad-fast train --calibrate`: a fifth of the images is held out, and the decision
+    # threshold is picked on them after training, so the report shows a decision made without
+    # looking at the test set.
+    train_set, anomaly_set, held_out = split_for_calibration(train_set, anomaly_set, CALIBRATION_SHARE, seed=seed)
     result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=out / "train", progress=progress,
                    overwrite=True)
+    calibration = calibrate(result.model, held_out, batch_size=batch_size, device=device)
+    write_calibration(result.checkpoint, calibration)
     test_set = MVTecDataset(root, category, "test", image_size=image_size, mean=mean, std=std)
     return {"config": cfg, "category": category, "root": root, "train_set": train_set, "anomaly_set": anomaly_set,
-            "test_set": test_set, "result": result}
+            "test_set": test_set, "result": result, "calibration": calibration}
 
 
 def _score(run: dict, device, progress) -> dict:
@@ -180,7 +192,7 @@ def _report(out: Path, run: dict, scored: dict, n_coarse: int, device, seconds: 
 
     from .atomic import atomic_write_json
     from .data.synthetic import DEFECT_TYPES
-    from .metrics import evaluate, image_f1_acc
+    from .metrics import evaluate
     from .model import load_checkpoint
     from .report import colour_range, picture_grid, save_png, write_html_report
 
@@ -190,7 +202,8 @@ def _report(out: Path, run: dict, scored: dict, n_coarse: int, device, seconds: 
     metrics["num_images"] = int(len(labels))
     metrics["num_anomalous"] = int(labels.sum())
     atomic_write_json(out / "metrics.json", metrics, fsync=True)
-    threshold = float(image_f1_acc(labels, scores)[2])
+    calibration = run["calibration"]
+    threshold = calibration.image_threshold  # picked on held-out images, not on the test set
 
     lo, hi = colour_range([maps[i] for i in range(len(maps))])
     items = [
@@ -209,6 +222,7 @@ def _report(out: Path, run: dict, scored: dict, n_coarse: int, device, seconds: 
         "image size": cfg.image_size[0],
         "training": f"{cfg.epochs} epochs, batch {cfg.batch_size}, {len(run['train_set'])} normal images, "
                     f"{len(run['anomaly_set'])} coarse anomalies ({DEFECT_TYPES[0]} only)",
+        "decision": calibration.describe(),
         "test set": f"{len(labels)} images, {int(labels.sum())} defective",
         "device": device,
         "torch": torch.__version__,
@@ -219,7 +233,8 @@ def _report(out: Path, run: dict, scored: dict, n_coarse: int, device, seconds: 
         title=f"CKAAD demo: anomaly detection on synthetic '{category}' defects",
         metrics=metrics,
         grid_png=grid_path,
-        explanation=_explanation(category, cfg.backbone, n_coarse, len(labels), scored["topk"], threshold, n_correct),
+        explanation=_explanation(category, cfg.backbone, n_coarse, len(labels), scored["topk"], threshold, n_correct,
+                                 calibration),
         info=info,
         log=load_checkpoint(result.checkpoint).get("history") or result.history,
     )
@@ -227,7 +242,7 @@ def _report(out: Path, run: dict, scored: dict, n_coarse: int, device, seconds: 
             "grid": grid_path}
 
 
-def _explanation(category, backbone, n_coarse, n_images, topk, threshold, n_correct) -> str:
+def _explanation(category, backbone, n_coarse, n_images, topk, threshold, n_correct, calibration) -> str:
     """The report's explanation of the data, the method and the picture grid (HTML)."""
     from .data.synthetic import DEFECT_TYPES
 
@@ -249,9 +264,13 @@ class. Top row: the image the model saw. Middle row: the ground truth, the defec
 image has none). Bottom row: the anomaly map over the image, in Turbo colours on one scale for
 all columns (the bar underneath): blue where the features were reconstructed well, red where
 they were not. Under each column, the score: <span style="color:#b00">red</span> at or above
-the threshold that gives the best F1 ({threshold:.4g}), i.e. judged defective,
-<span style="color:#070">green</span> below it. At that threshold {n_correct} of {n_images}
-test images are judged correctly.</p>
+the decision threshold ({threshold:.4g}), i.e. judged defective, <span style="color:#070">green</span>
+below it. That threshold was picked before the test set was looked at: a fifth of the training
+images ({calibration.num_normal} normal, {calibration.num_anomalous} coarse anomalies) was held out
+of training, and the threshold of best F1 on them is stored in the checkpoint
+(<code>ckaad-fast score</code> turns it into <code>normalized_score</code> and
+<code>is_anomalous</code>). At that threshold {n_correct} of {n_images} test images are judged
+correctly.</p>
 """
 
 

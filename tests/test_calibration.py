@@ -149,3 +149,33 @@ def test_write_calibration_to_another_file_leaves_the_original(ckpt, tmp_path):
     assert read_calibration(load_checkpoint(ckpt)) is None
     assert read_calibration(load_checkpoint(other)) == cal
     assert os.path.getsize(other) > 0
+
+
+def test_train_calibrate_holds_data_out_and_stores_the_decision(tmp_path, capsys):
+    from ckaad_fast.data.synthetic import make_texture_dataset
+
+    root = make_texture_dataset(tmp_path / "data", "gravel", n_train=10, n_test_good=2, n_test_defect=1, n_coarse=4,
+                                image_size=SIZE, seed=0)
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(root), "--category", "gravel", "--backbone", "efficientnet_lite0",
+               "--layers", "1", "2", "--weights", "none", "--image-size", str(SIZE), "--epochs", "1",
+               "--batch-size", "2", "--anomaly-dir", str(root / "gravel" / "coarse_anomalies"), "--calibrate",
+               "--calibrate-share", "0.25", "--out", str(out), "--quiet"])
+    assert rc == 0 and "calibration: image threshold" in capsys.readouterr().out
+    cal = read_calibration(load_checkpoint(out))
+    # 25% of the 10 normal images and of the 4 coarse anomalies, never trained on: best F1 on them.
+    assert cal.method == "f1" and (cal.num_normal, cal.num_anomalous) == (2, 1)
+    assert load_checkpoint(out)["history"][-1]["steps"] == 4  # 8 normal images left, batch 2
+
+
+def test_split_for_calibration_is_deterministic_and_disjoint(tmp_path):
+    from ckaad_fast.calibration import split_for_calibration
+
+    data = list(range(20))
+    a = split_for_calibration(data, None, 0.2, seed=3)
+    b = split_for_calibration(data, None, 0.2, seed=3)
+    assert list(a[0].indices) == list(b[0].indices) and len(a[2]) == 4
+    assert not set(a[0].indices) & set(a[2].datasets[0].dataset.indices)
+    with pytest.raises(ArgumentError) as e:
+        split_for_calibration(data[:1], None, 0.5)
+    assert e.value.name == "calibrate_share"

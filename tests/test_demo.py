@@ -21,7 +21,7 @@ def test_tiny_demo_writes_a_report(tmp_path):
     from ckaad_fast.demo import run_demo
 
     out = tmp_path / "demo"
-    res = run_demo(out, epochs=1, image_size=64, n_train=4, n_test_good=2, n_test_defect=1, n_coarse=2,
+    res = run_demo(out, epochs=1, image_size=64, n_train=6, n_test_good=2, n_test_defect=1, n_coarse=2,
                    batch_size=4, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == EVAL_KEYS

@@ -39,6 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_anomaly_arguments(p)
     _add_model_arguments(p)
     _add_optimisation_arguments(p)
+    _add_calibration_arguments(p)
     _add_run_arguments(p)
     p.set_defaults(func=run, interrupted=lambda a: f"the last finished epoch is kept in {os.path.join(a.out, 'checkpoint.pt')}; run the same command with --resume to continue")
     return p
@@ -102,6 +103,18 @@ def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the initialisation, data order, pseudo-anomalies and anomaly draw (default: 0)")
 
 
+def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (a decision at once: see ckaad-fast calibrate)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="hold out --calibrate-share of the training images (and of the coarse anomalies) and, "
+                        "after training, store the decision threshold picked on them in the checkpoint")
+    g.add_argument("--calibrate-share", type=ratio_float, default=0.1, metavar="SHARE",
+                   help="with --calibrate: the share held out (default: %(default)s)")
+    g.add_argument("--target-fpr", type=ratio_float, default=0.01, metavar="RATE",
+                   help="with --calibrate and no anomalies held out: the false-positive rate on normal images "
+                        "(default: %(default)s)")
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, metavar="cpu|cuda",
@@ -153,6 +166,7 @@ def run(args) -> int:
 
 
 def _run(args, cfg, main: bool) -> int:
+    from ..calibration import split_for_calibration
     from ..data import coarse_anomaly_set
     from ..evaluation import format_metrics
     from ..training import train
@@ -170,10 +184,16 @@ def _run(args, cfg, main: bool) -> int:
             print(f"coarse anomaly set: {len(anomaly_set)} images of class(es) {', '.join(coarse.classes)}",
                   file=sys.stderr)
 
+    calibration_set = None
+    if args.calibrate:
+        train_set, anomaly_set, calibration_set = split_for_calibration(train_set, anomaly_set, args.calibrate_share,
+                                                                        seed=cfg.seed)
     result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=args.out, eval_set=test_set,
                    resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if not main:
         return 0
+    if calibration_set is not None:
+        _calibrate(args, cfg, result, calibration_set)
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     print(f"log:        {result.log}")
@@ -183,3 +203,12 @@ def _run(args, cfg, main: bool) -> int:
         if "eval" in last:
             print(format_metrics(last["eval"]))
     return 0
+
+
+def _calibrate(args, cfg, result, calibration_set) -> None:
+    from ..calibration import calibrate, write_calibration
+
+    cal = calibrate(result.model, calibration_set, target_fpr=args.target_fpr, batch_size=cfg.batch_size,
+                    device=cfg.device, progress=not args.quiet)
+    write_calibration(result.checkpoint, cal)
+    print(f"calibration: {cal.describe()}")
