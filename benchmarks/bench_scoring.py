@@ -130,32 +130,52 @@ def _write_pngs(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def _onnx_runtime_row(backbone, layers, size, batch, reps, inputs, t_ref, model):
-    """The exported graph (ckaad-fast export) in ONNX Runtime's CPU provider, on the same images as
-    uint8 (it normalises them itself). Skipped, with a note, where the export extra is missing."""
-    name = "ONNX Runtime, CPU provider (ckaad-fast export)"
+def _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model) -> list[tuple]:
+    """The exported graph (ckaad-fast export) in ONNX Runtime's CPU provider and in OpenVINO's CPU
+    plugin (float32), on the same images as uint8 (the graph normalises them itself), each checked
+    against the eager model on the very same pixels. A runtime that is not installed gets a note."""
     try:
-        import onnxruntime as ort
-
-        from ckaad_fast.export import export_onnx
+        from ckaad_fast.export import export
         from ckaad_fast.model import save_checkpoint
     except ImportError as e:
-        return (name, float("nan"), float("nan"), float("nan"), f"skipped: {e}")
+        return [("exported graph", float("nan"), float("nan"), float("nan"), f"skipped: {e}")]
+    mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+    # The reference's inputs as the uint8 pixels they stand for.
+    u8 = [((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).numpy() for x in inputs]
+    with torch.no_grad():
+        eager = model((torch.from_numpy(u8[0]).float() / 255.0 - mean) / std)[0].numpy()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(os.path.join(tmp, "m.pt"), model)
-        path = export_onnx(os.path.join(tmp, "m.pt"), os.path.join(tmp, "onnx"), batch=batch)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        # The reference's inputs as the uint8 pixels they stand for (the graph divides by 255 and normalises).
-        mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
-        std = torch.tensor(model.config.std).view(1, 3, 1, 1)
-        u8 = [((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).numpy() for x in inputs]
-        t = median_time(lambda i: sess.run(None, {"image": u8[i]}), warmup=2, repeats=reps + 2, rotate=2)
-        score = sess.run(None, {"image": u8[0]})[0]
-        with torch.no_grad():  # the eager model on the very same pixels
-            eager = model((torch.from_numpy(u8[0]).float() / 255.0 - mean) / std)[0].numpy()
-    rel = float(np.max(np.abs(score - eager) / np.abs(eager)))
-    check_agreement(f"{name} scores vs the eager model on the same uint8 images (relative)", rel, 1e-4)
-    return (name, batch / t, t_ref / t, rel, f"batch {batch}")
+        for name, fmt, load in (("ONNX Runtime, CPU provider (ckaad-fast export)", "onnx", _ort_session),
+                                ("OpenVINO, CPU plugin, f32 (ckaad-fast export --format openvino)", "openvino",
+                                 _openvino_session)):
+            try:
+                run = load(export(os.path.join(tmp, "m.pt"), os.path.join(tmp, fmt), fmt, batch=batch))
+            except Exception as e:  # noqa: BLE001 - a missing runtime must not hide the other rows
+                rows.append((name, float("nan"), float("nan"), float("nan"), f"skipped: {type(e).__name__}: {e}"[:120]))
+                continue
+            t = median_time(lambda i: run(u8[i]), warmup=2, repeats=reps + 2, rotate=2)
+            rel = float(np.max(np.abs(run(u8[0]) - eager) / np.abs(eager)))
+            check_agreement(f"{name} scores vs the eager model on the same uint8 images (relative)", rel, 1e-4)
+            rows.append((name, batch / t, t_ref / t, rel, f"batch {batch}"))
+    return rows
+
+
+def _ort_session(path):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(["score"], {"image": x})[0]
+
+
+def _openvino_session(path):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled.output("score")
+    return lambda x: compiled(x)[out]
 
 
 def bench_model(args, device: torch.device, backbone: str, layers, size: int, configs) -> list[dict]:
@@ -193,7 +213,7 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
             rows.append((name, float("nan"), float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:120]}"))
 
     if device.type == "cpu":
-        rows.append(_onnx_runtime_row(backbone, layers, size, batch, reps, inputs, t_ref, model))
+        rows += _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model)
 
     if not args.no_stream:
         name, kw = configs[-1]

@@ -1,4 +1,5 @@
-"""The whole scoring forward as one graph that runs outside Python: ONNX, for ONNX Runtime.
+"""The whole scoring forward as one graph that runs outside Python: ONNX (ONNX Runtime), OpenVINO
+IR, and a model repository for NVIDIA Triton Inference Server.
 
 :class:`ScoringGraph` is what a production line deploys: ``image`` (B, 3, H, W) uint8 RGB in,
 ``score`` (B,), ``normalized_score`` (B,), ``is_anomalous`` (B,) bool and ``anomaly_map``
@@ -11,11 +12,15 @@ operator. With a calibration in the checkpoint (:mod:`ckaad_fast.calibration`), 
 score and the decision are computed in the graph too; without one, ``normalized_score`` is the
 raw score and ``is_anomalous`` is all false, and the sidecar says ``"calibrated": false``.
 
-:func:`export_onnx` writes ``model.onnx`` and ``model.json``, the sidecar with the model's
-fingerprint, image size, normalisation, calibration and the tool's and torch's versions.
+:func:`export` writes ``model.onnx`` (or OpenVINO's ``model.xml`` and ``model.bin``) and
+``model.json``, the sidecar with the model's fingerprint, image size, normalisation, calibration
+and the tool's and torch's versions; :func:`write_triton_repository` puts the ONNX file into a
+Triton Inference Server model repository with its ``config.pbtxt`` (dynamic batching), checked
+by parsing it with the model configuration schema that ``tritonclient`` ships.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,15 +28,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path, atomic_write_json
+from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
 from .model import CKAAD, fingerprint, load_checkpoint, model_from_checkpoint
 from .ops.scoring import upsample_blur_matrix
 
-__all__ = ["ScoringGraph", "export_onnx", "FORMATS", "INPUT_NAME", "OUTPUT_NAMES"]
+__all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
+           "INPUT_NAME", "OUTPUT_NAMES"]
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "openvino")
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
 
@@ -90,12 +96,24 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
                 overwrite: bool = False) -> Path:
     """Export the scoring forward of ``checkpoint`` to ``out_dir/model.onnx`` (with its sidecar
     ``model.json``); ``batch``: a fixed batch size, or None for a dynamic one. Returns the file."""
+    return export(checkpoint, out_dir, "onnx", batch, sensitivity, overwrite)
+
+
+def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, sensitivity: float = 0.5,
+           overwrite: bool = False) -> Path:
+    """Export the scoring forward of ``checkpoint`` into ``out_dir`` as ``format`` ("onnx":
+    model.onnx; "openvino": model.xml and model.bin), with the sidecar ``model.json``. Returns
+    the model file. Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    if format not in FORMATS:
+        raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
     out = Path(out_dir)
-    target = out / "model.onnx"
+    target = out / ("model.onnx" if format == "onnx" else "model.xml")
     if target.exists() and not overwrite:
         raise ArgumentError("out", f"{str(target)!r} exists: choose another folder or --overwrite")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ArgumentError("batch", f"must be a positive int or dynamic, got {batch!r}")
+    if not (isinstance(sensitivity, (int, float)) and 0 <= sensitivity <= 1):
+        raise ArgumentError("sensitivity", f"must lie in [0, 1], got {sensitivity!r}")
     try:
         ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt)
@@ -103,16 +121,14 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
     except (ValueError, FileNotFoundError) as e:
         raise ArgumentError("checkpoint", str(e)) from None
     graph = ScoringGraph(model, calibration, sensitivity).eval()
-    h, w = graph.image_size
-    example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8)
-    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}}
     out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), atomic_path(target) as tmp:
-        program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
-        program.save(tmp)
+    if format == "onnx":
+        _write_onnx(graph, target, batch)
+    else:
+        _write_openvino(graph, target, batch)
+    h, w = graph.image_size
     atomic_write_json(out / "model.json", {
-        "format": "onnx",
+        "format": format,
         "file": target.name,
         "model_sha256": fingerprint(model),
         "backbone": model.config.backbone,
@@ -129,3 +145,84 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
         "checkpoint": os.fspath(checkpoint),
     })
     return target
+
+
+def _write_onnx(graph: ScoringGraph, target: Path, batch: int | None) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:  # torch's ONNX exporter needs it
+        raise ArgumentError("format", "onnx needs the export extra: pip install 'ckaad_fast[export]'")
+    h, w = graph.image_size
+    example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8)
+    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}}
+    with torch.no_grad(), atomic_path(target) as tmp:
+        program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
+        program.save(tmp)
+
+
+def _write_openvino(graph: ScoringGraph, target: Path, batch: int | None) -> None:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ArgumentError("format", "openvino needs the export extra: pip install 'ckaad_fast[export]'") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_file = Path(tmp) / "model.onnx"
+        _write_onnx(graph, onnx_file, batch)
+        model = ov.convert_model(str(onnx_file))
+        # Into a temporary folder beside the target, then renamed: the .xml and .bin are a pair.
+        staging = Path(tempfile.mkdtemp(prefix=".openvino.", dir=target.parent))
+        try:
+            ov.save_model(model, str(staging / target.name), compress_to_fp16=False)
+            os.replace(staging / target.with_suffix(".bin").name, target.with_suffix(".bin"))
+            os.replace(staging / target.name, target)
+        finally:
+            for f in staging.iterdir():
+                f.unlink()
+            staging.rmdir()
+
+
+# ------------------------------------------------------------------------------------------------
+# NVIDIA Triton Inference Server
+# ------------------------------------------------------------------------------------------------
+def triton_config(name: str, image_size, max_batch_size: int = 64) -> str:
+    """The ``config.pbtxt`` of the exported ONNX graph under Triton's ONNX Runtime backend, with
+    dynamic batching (the batch dimension is implicit in Triton's dims)."""
+    h, w = image_size
+    per_image = '    dims: [ 1 ]\n    reshape: { shape: [ ] }'
+    outputs = [("score", "TYPE_FP32", per_image), ("normalized_score", "TYPE_FP32", per_image),
+               ("is_anomalous", "TYPE_BOOL", per_image), ("anomaly_map", "TYPE_FP32", f"    dims: [ {h}, {w} ]")]
+    out_text = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n{d}\n  }}' for n, t, d in outputs)
+    return (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
+            f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: TYPE_UINT8\n    dims: [ 3, {h}, {w} ]\n  }}\n]\n'
+            f"output [\n{out_text}\n]\n"
+            "dynamic_batching { }\n")
+
+
+def write_triton_repository(onnx_file, repo_dir, name: str = "ckaad", max_batch_size: int = 64) -> Path:
+    """Put an exported ``model.onnx`` (dynamic batch) into ``repo_dir/name/1/`` with
+    ``repo_dir/name/config.pbtxt``; the configuration is parsed with ``tritonclient``'s schema
+    when it is installed, so a mistake fails here, not in the server. Returns the config file."""
+    import shutil
+
+    onnx_file = Path(onnx_file)
+    side = onnx_file.with_name("model.json")
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    if meta.get("format") != "onnx" or meta.get("input", {}).get("batch") != "dynamic":
+        raise ArgumentError("triton_repo", "needs an ONNX export with a dynamic batch (--format onnx --batch dynamic)")
+    text = triton_config(name, meta["image_size"], max_batch_size)
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        pass  # the schema check needs the export extra; the file is written all the same
+    else:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    version = Path(repo_dir) / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    with atomic_path(version / "model.onnx") as tmp:
+        shutil.copyfile(onnx_file, tmp)
+    atomic_write_text(Path(repo_dir) / name / "config.pbtxt", text)
+    return Path(repo_dir) / name / "config.pbtxt"

@@ -16,7 +16,7 @@ import onnxruntime as ort  # noqa: E402
 from ckaad_fast.calibration import Calibration, write_calibration  # noqa: E402
 from ckaad_fast.cli import main  # noqa: E402
 from ckaad_fast.errors import ArgumentError  # noqa: E402
-from ckaad_fast.export import export_onnx  # noqa: E402
+from ckaad_fast.export import export, export_onnx  # noqa: E402
 from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint  # noqa: E402
 from ckaad_fast.scoring import Scorer  # noqa: E402
 
@@ -84,3 +84,36 @@ def test_export_refuses_an_existing_export_and_bad_arguments(ckpt, tmp_path, cap
         main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--format", "tflite"])
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "z")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_openvino_scores_like_the_scorer(ckpt, tmp_path):
+    ov = pytest.importorskip("openvino")
+    path = export(ckpt, tmp_path / "ov", "openvino")
+    assert path.name == "model.xml" and path.with_suffix(".bin").is_file()
+    # OpenVINO's CPU plugin computes in bfloat16 on CPUs with bf16 units unless told otherwise.
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    img = _images(3, 5)
+    result = compiled(img)
+    score, amap = result[compiled.output("score")], result[compiled.output("anomaly_map")]
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
+    ref_s, ref_m = scorer(scorer.normalise(torch.from_numpy(img)))
+    np.testing.assert_allclose(score, ref_s.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(amap, ref_m.numpy(), rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "ov" / "model.json").read_text())["format"] == "openvino"
+
+
+def test_the_triton_repository_parses_with_the_servers_schema(ckpt, tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--triton-repo",
+                 str(tmp_path / "repo"), "--max-batch-size", "32"]) == 0
+    config = text_format.Parse((tmp_path / "repo" / "ckaad" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.max_batch_size == 32 and config.backend == "onnxruntime" and config.HasField("dynamic_batching")
+    assert [i.name for i in config.input] == ["image"] and list(config.input[0].dims) == [3, SIZE, SIZE]
+    assert [o.name for o in config.output] == ["score", "normalized_score", "is_anomalous", "anomaly_map"]
+    assert (tmp_path / "repo" / "ckaad" / "1" / "model.onnx").read_bytes() == (tmp_path / "x" / "model.onnx").read_bytes()
+    # A fixed batch cannot be batched dynamically by the server: refused, naming the option.
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--batch", "4",
+                 "--triton-repo", str(tmp_path / "repo2")]) == 2

@@ -33,22 +33,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint written by ckaad-fast train (or its output folder)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
-                   help="onnx: for ONNX Runtime (default: %(default)s)")
+                   help="onnx: for ONNX Runtime (OUT/model.onnx); openvino: OpenVINO IR (OUT/model.xml and .bin) "
+                        "(default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="a fixed batch size, or dynamic (default)")
     p.add_argument("--sensitivity", type=unit_float, default=0.5, metavar="S",
                    help="the decision built into the graph for a calibrated checkpoint: is_anomalous when "
                         "normalized_score >= 1 - S (default: %(default)s, the calibrated threshold)")
+    p.add_argument("--triton-repo", metavar="DIR",
+                   help="also write a model repository for NVIDIA Triton Inference Server: DIR/ckaad/1/model.onnx "
+                        "and DIR/ckaad/config.pbtxt (ONNX Runtime backend, dynamic batching); needs --format onnx "
+                        "and a dynamic batch")
+    p.add_argument("--max-batch-size", type=int, default=64, metavar="N",
+                   help="with --triton-repo: the server's largest batch (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=run, interrupted=lambda a: "nothing complete was written; run the command again")
     return p
 
 
 def run(args) -> int:
-    from ..export import export_onnx
+    from ..export import export, write_triton_repository
 
-    path = export_onnx(args.checkpoint, args.out, batch=args.batch, sensitivity=args.sensitivity,
-                       overwrite=args.overwrite)
+    path = export(args.checkpoint, args.out, args.format, batch=args.batch, sensitivity=args.sensitivity,
+                  overwrite=args.overwrite)
     print(f"exported: {path} (and model.json beside it)")
+    if args.triton_repo:
+        config = write_triton_repository(path, args.triton_repo, max_batch_size=args.max_batch_size)
+        print(f"Triton Inference Server repository: {config.parent.parent} (tritonserver --model-repository "
+              f"{config.parent.parent})")
     return 0
