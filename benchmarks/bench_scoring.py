@@ -130,7 +130,7 @@ def _write_pngs(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model) -> list[tuple]:
+def _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model, quick: bool) -> list[tuple]:
     """The exported graph (ckaad-fast export) in ONNX Runtime's CPU provider and in OpenVINO's CPU
     plugin (float32), on the same images as uint8 (the graph normalises them itself), each checked
     against the eager model on the very same pixels. A runtime that is not installed gets a note."""
@@ -148,9 +148,11 @@ def _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model) -> 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(os.path.join(tmp, "m.pt"), model)
-        for name, fmt, load in (("ONNX Runtime, CPU provider (ckaad-fast export)", "onnx", _ort_session),
-                                ("OpenVINO, CPU plugin, f32 (ckaad-fast export --format openvino)", "openvino",
-                                 _openvino_session)):
+        runtimes = [("ONNX Runtime, CPU provider (ckaad-fast export)", "onnx", _ort_session),
+                    ("OpenVINO, CPU plugin, f32 (ckaad-fast export --format openvino)", "openvino", _openvino_session)]
+        if not quick:  # a C++ compilation of a minute or more: full runs only
+            runtimes.append(("AOTInductor package, CPU (ckaad-fast export --format pt2)", "pt2", _pt2_runner))
+        for name, fmt, load in runtimes:
             try:
                 run = load(export(os.path.join(tmp, "m.pt"), os.path.join(tmp, fmt), fmt, batch=batch))
             except Exception as e:  # noqa: BLE001 - a missing runtime must not hide the other rows
@@ -168,6 +170,11 @@ def _ort_session(path):
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: sess.run(["score"], {"image": x})[0]
+
+
+def _pt2_runner(path):
+    runner = torch._inductor.aoti_load_package(str(path))
+    return lambda x: runner(torch.from_numpy(x))[0].numpy()
 
 
 def _openvino_session(path):
@@ -213,7 +220,7 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
             rows.append((name, float("nan"), float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:120]}"))
 
     if device.type == "cpu":
-        rows += _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model)
+        rows += _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model, args.quick)
 
     if not args.no_stream:
         name, kw = configs[-1]

@@ -37,7 +37,8 @@ from .ops.scoring import upsample_blur_matrix
 __all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
            "INPUT_NAME", "OUTPUT_NAMES"]
 
-FORMATS = ("onnx", "openvino")
+FORMATS = ("onnx", "openvino", "pt2")
+_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "pt2": "model.pt2"}
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
 
@@ -100,14 +101,20 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
 
 
 def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, sensitivity: float = 0.5,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, device: str = "cpu") -> Path:
     """Export the scoring forward of ``checkpoint`` into ``out_dir`` as ``format`` ("onnx":
-    model.onnx; "openvino": model.xml and model.bin), with the sidecar ``model.json``. Returns
-    the model file. Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    model.onnx; "openvino": model.xml and model.bin; "pt2": an AOTInductor package, model.pt2,
+    compiled for ``device``), with the sidecar ``model.json``. Returns the model file. Errors are
+    :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ArgumentError("device", f"must be cpu or cuda[:N], got {device!r}")
+    if str(device).startswith("cuda") and (format != "pt2" or not torch.cuda.is_available()):
+        raise ArgumentError("device", "cuda is for --format pt2 on a machine with a GPU; onnx and openvino "
+                                      "graphs are exported on the CPU and run on any device their runtime has")
     out = Path(out_dir)
-    target = out / ("model.onnx" if format == "onnx" else "model.xml")
+    target = out / _FILES[format]
     if target.exists() and not overwrite:
         raise ArgumentError("out", f"{str(target)!r} exists: choose another folder or --overwrite")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
@@ -124,8 +131,10 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         _write_onnx(graph, target, batch)
-    else:
+    elif format == "openvino":
         _write_openvino(graph, target, batch)
+    else:
+        _write_pt2(graph, target, batch, device)
     h, w = graph.image_size
     atomic_write_json(out / "model.json", {
         "format": format,
@@ -140,11 +149,31 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
         "calibrated": calibration is not None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "sensitivity": sensitivity,
+        "device": str(device),
         "tool": f"ckaad_fast {__version__}",
         "torch": torch.__version__,
         "checkpoint": os.fspath(checkpoint),
     })
     return target
+
+
+def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str) -> None:
+    """torch.export, then AOTInductor: a package that ``torch._inductor.aoti_load_package`` runs
+    from C++ or Python without the model's code (Inductor writes its own kernels for the graph)."""
+    h, w = graph.image_size
+    graph = graph.to(device)
+    example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8, device=device)
+    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}}
+    with torch.no_grad():
+        program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
+    # The packager insists on a name ending in .pt2: a temporary one beside the target, renamed.
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _write_onnx(graph: ScoringGraph, target: Path, batch: int | None) -> None:

@@ -117,3 +117,15 @@ def test_the_triton_repository_parses_with_the_servers_schema(ckpt, tmp_path):
     # A fixed batch cannot be batched dynamically by the server: refused, naming the option.
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--batch", "4",
                  "--triton-repo", str(tmp_path / "repo2")]) == 2
+
+
+def test_the_aotinductor_package_scores_like_the_scorer(ckpt, tmp_path):
+    path = export(ckpt, tmp_path / "pt2", "pt2")  # a C++ compilation: about 20 s on 2 cores
+    runner = torch._inductor.aoti_load_package(str(path))
+    img = _images(3, 9)
+    score, _, anomalous, amap = runner(torch.from_numpy(img))
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
+    ref_s, ref_m = scorer(scorer.normalise(torch.from_numpy(img)))
+    torch.testing.assert_close(score, ref_s, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(amap, ref_m, rtol=1e-4, atol=1e-5)
+    assert anomalous.dtype == torch.bool and json.loads((tmp_path / "pt2" / "model.json").read_text())["format"] == "pt2"

@@ -33,8 +33,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint written by ckaad-fast train (or its output folder)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
-                   help="onnx: for ONNX Runtime (OUT/model.onnx); openvino: OpenVINO IR (OUT/model.xml and .bin) "
-                        "(default: %(default)s)")
+                   help="onnx: for ONNX Runtime (OUT/model.onnx); openvino: OpenVINO IR (OUT/model.xml and .bin); "
+                        "pt2: an AOTInductor package for torch._inductor.aoti_load_package (OUT/model.pt2; a "
+                        "compilation of a minute or more) (default: %(default)s)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda",
+                   help="with --format pt2: the device the package is compiled for (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="a fixed batch size, or dynamic (default)")
@@ -56,7 +59,7 @@ def run(args) -> int:
     from ..export import export, write_triton_repository
 
     path = export(args.checkpoint, args.out, args.format, batch=args.batch, sensitivity=args.sensitivity,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, device=args.device)
     print(f"exported: {path} (and model.json beside it)")
     if args.triton_repo:
         config = write_triton_repository(path, args.triton_repo, max_batch_size=args.max_batch_size)
