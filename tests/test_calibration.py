@@ -179,3 +179,31 @@ def test_split_for_calibration_is_deterministic_and_disjoint(tmp_path):
     with pytest.raises(ArgumentError) as e:
         split_for_calibration(data[:1], None, 0.5)
     assert e.value.name == "calibrate_share"
+
+
+def test_masks_from_the_calibrated_pixel_threshold(ckpt, tmp_path, capsys):
+    test = _pngs(tmp_path / "line", 3, 1)
+    out = tmp_path / "out"
+    # Without a pixel threshold: refused before anything is written, naming what is missing.
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(out), "--num-workers", "0",
+                 "--no-progress", "--masks", "png"]) == 2
+    assert "pixel threshold" in capsys.readouterr().err and not (out / "scores.csv").exists()
+    cal = Calibration(image_threshold=1.0, score_min=0.0, score_max=2.0, method="f1", pixel_threshold=0.9,
+                      map_min=0.0, map_max=2.0, num_normal=3, num_anomalous=2)
+    write_calibration(ckpt, cal)
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(out), "--num-workers", "0",
+                 "--no-progress", "--masks", "png", "--maps", "npy"]) == 0
+    for r in _rows(out):
+        name = os.path.basename(r["path"])
+        amap = np.load(out / "maps" / f"{name}.npy")
+        with Image.open(out / "masks" / f"{name}.png") as im:
+            mask = np.asarray(im)
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, amap >= 0.9)
+
+
+def test_sensitivity_without_a_calibration_is_refused(ckpt, tmp_path, capsys):
+    test = _pngs(tmp_path / "line", 2, 1)
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(tmp_path / "out"),
+                 "--no-progress", "--sensitivity", "0.7"]) == 2
+    assert "--sensitivity" in capsys.readouterr().err

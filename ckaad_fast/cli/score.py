@@ -84,9 +84,12 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=finite_float, default=None, metavar="T",
                    help="add the column is_anomalous (True when the raw score >= T); wins over a calibrated "
                         "checkpoint's decision")
-    p.add_argument("--sensitivity", type=unit_float, default=0.5, metavar="S",
+    p.add_argument("--sensitivity", type=unit_float, default=None, metavar="S",
                    help="a calibrated checkpoint's decision (ckaad-fast calibrate): is_anomalous when "
                         "normalized_score >= 1 - S; 0.5 (default) is the calibrated threshold, higher flags more")
+    p.add_argument("--masks", choices=("none", "png"), default="none",
+                   help="png: each image's binary mask (map >= the calibrated pixel threshold, 0/255) as "
+                        "OUT/masks/<name>.png; needs a checkpoint calibrated on a set with masks (default: none)")
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,6 +157,9 @@ def _run(args, device, dist_info) -> int:
     if main:
         check_out(args.out, args.resume, args.overwrite)  # before the model is loaded: fail fast
     scorer = _scorer(args, local_device(device))  # cuda:LOCAL_RANK under torchrun
+    if args.sensitivity is not None and scorer.calibration is None:
+        raise ValueError("--sensitivity moves a calibrated decision, and this checkpoint holds none: run "
+                         "ckaad-fast calibrate first, or give a raw --threshold")
     progress = not args.no_progress and main
     if progress:
         procs = f" over {dist_info.world_size} processes" if dist_info.distributed else ""
@@ -174,7 +180,8 @@ def _run(args, device, dist_info) -> int:
             args.out,
             maps=args.maps,
             threshold=args.threshold,
-            sensitivity=args.sensitivity,
+            sensitivity=0.5 if args.sensitivity is None else args.sensitivity,
+            masks=args.masks == "png",
             resume=args.resume,
             overwrite=args.overwrite,
             map_range=tuple(args.map_range) if args.map_range else None,
@@ -212,7 +219,7 @@ def _report(args, summary, dist_info) -> None:
         msg += f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
     if summary.anomalous is not None:
         rule = (f"threshold {args.threshold:g}" if args.threshold is not None
-                else f"the calibrated threshold, sensitivity {args.sensitivity:g}")
+                else f"the calibrated threshold, sensitivity {0.5 if args.sensitivity is None else args.sensitivity:g}")
         msg += f"; {summary.anomalous} anomalous at {rule}"
     print(msg, file=sys.stderr)
     if summary.failed:

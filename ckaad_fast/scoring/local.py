@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
+
+import numpy as np
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +23,7 @@ from .manifest import keys_of, manifest_of
 from .results import (
     CSV_NAME,
     MAPS_DIR,
+    MASKS_DIR,
     PARTS_DIR,
     ScoreSummary,
     Verdict,
@@ -50,8 +53,13 @@ class LocalRun:
     def __init__(self, scorer: Scorer, paths: list[str], out: Path, maps: str, verdict: Verdict,
                  map_range: tuple[float, float] | None, flush_seconds: float,
                  on_batch: Callable[[], None] | None, part: tuple[int, int] | None = None,
-                 all_paths: list[str] | None = None):
+                 all_paths: list[str] | None = None, masks: bool = False):
         self.scorer, self.paths, self.out, self.maps, self.verdict = scorer, paths, out, maps, verdict
+        # Binary masks (map >= the calibrated pixel threshold) as OUT/masks/<name>.png.
+        self.masks = masks
+        self.masks_dir = out / MASKS_DIR
+        self.mask_names = map_names(all_paths if all_paths is not None else paths, ".png") if masks else {}
+        self.writes = maps != "none" or masks  # files written per image, beside its row
         self.map_range, self.flush_seconds, self.user_on_batch = map_range, flush_seconds, on_batch
         self.csv_path = out / PARTS_DIR / part_name(*part) if part is not None else out / CSV_NAME
         self.maps_dir = out / MAPS_DIR
@@ -78,6 +86,8 @@ class LocalRun:
         if self.maps == "png" and self.map_range is None and resume:
             self.map_range = read_scale(self.maps_dir)
         self.done = done_paths(self.keys, self.old, self.maps, self.names, self.maps_dir)
+        if self.masks:
+            self.done &= done_paths(self.keys, self.old, "png", self.mask_names, self.masks_dir)
         self.summary.skipped = len(self.done)
         if parts:
             # Fold an interrupted sharded run's parts into scores.csv, then drop them.
@@ -93,7 +103,7 @@ class LocalRun:
     def score(self, progress: bool) -> ScoreSummary:
         todo = [p for p in self.paths if p not in self.done]
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.maps != "none":
+        if self.writes:
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         if self.maps == "png" and self.map_range is not None:
             write_scale(self.maps_dir, self.map_range)
@@ -118,7 +128,7 @@ class LocalRun:
 
     def _stream(self, todo: list[str], bar) -> None:
         last_flush = time.perf_counter()
-        stream = self.scorer.score_paths(todo, return_maps=self.maps != "none", return_images=self.maps == "png",
+        stream = self.scorer.score_paths(todo, return_maps=self.writes, return_images=self.maps == "png",
                                          on_batch=self._on_batch)
         for r in stream:
             self._take(r)
@@ -166,17 +176,21 @@ class LocalRun:
         self.flush()
 
     # -- maps ---------------------------------------------------------------------------------
-    def _write_map(self, name: str, r: ScoreResult, rng) -> None:
-        target = self.maps_dir / name
+    def _write_map(self, path: str, r: ScoreResult, rng) -> None:
         if self.maps == "npy":
-            atomic_save_npy(target, r.map)
-        else:
+            atomic_save_npy(self.maps_dir / self.names[path], r.map)
+        elif self.maps == "png":
             from ..report import overlay, save_png
 
-            save_png(overlay(r.image, r.map, rng[0], rng[1]), target)
+            save_png(overlay(r.image, r.map, rng[0], rng[1]), self.maps_dir / self.names[path])
+        if self.masks:
+            from ..report import save_png
+
+            mask = (r.map >= self.verdict.calibration.pixel_threshold).astype(np.uint8) * 255
+            save_png(mask, self.masks_dir / self.mask_names[path])
 
     def _submit(self, r: ScoreResult, row: dict) -> None:
-        self.futures.append((self.pool.submit(self._write_map, self.names[r.path], r, self.map_range), row))
+        self.futures.append((self.pool.submit(self._write_map, r.path, r, self.map_range), row))
 
     def _fix_scale_and_release(self) -> None:
         # The colour scale of a run without map_range: the range of its first batch's maps.

@@ -26,13 +26,15 @@ from typing import Sequence
 from ..atomic import atomic_write_text, remove_stale_temporaries
 from .manifest import check_resume, path_key, read_manifest, write_manifest
 
-__all__ = ["CSV_NAME", "MAPS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
+__all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
            "exists_error", "check_arguments", "write_rows", "check_out", "earlier_run", "begin_run", "kept_row", "done_paths", "escape_cell",
            "unescape_cell", "CSV_ERRORS", "Verdict", "read_scale", "write_scale"]
 
 CSV_NAME = "scores.csv"
 MAPS_DIR = "maps"
+#: Where ``--masks png`` puts each image's binary mask (map >= the calibrated pixel threshold).
+MASKS_DIR = "masks"
 SCALE_NAME = "colour_scale.json"
 MAP_FORMATS = ("none", "npy", "png")
 #: Where the ranks of a sharded (torchrun) run put their rows: OUT/parts/scores.rank{r}-of-{n}.csv.

@@ -31,6 +31,7 @@ def score_to_folder(
     on_batch: Callable[[], None] | None = None,
     distributed: bool | None = None,
     sensitivity: float = 0.5,
+    masks: bool = False,
 ) -> ScoreSummary:
     """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.
 
@@ -39,7 +40,8 @@ def score_to_folder(
     (True when score >= threshold). When the scorer's model is calibrated
     (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
     ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (0.5: the calibrated
-    threshold; higher flags more). It is rewritten atomically (temporary file, fsync, rename)
+    threshold; higher flags more). ``masks=True`` also writes each image's binary mask (map >= the
+    calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). It is rewritten atomically (temporary file, fsync, rename)
     every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
     never half-written and holds every result computed before the stop.
 
@@ -74,6 +76,9 @@ def score_to_folder(
     finite number is an error row, never a verdict.
     """
     check_arguments(maps, threshold, map_range, sensitivity)
+    if masks and getattr(scorer.calibration, "pixel_threshold", None) is None:
+        raise ValueError("masks need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate on "
+                         "a validation set with ground-truth masks")
     verdict = Verdict(threshold, scorer.calibration, float(sensitivity))
     if map_range is not None:
         map_range = tuple(float(v) for v in map_range)
@@ -86,8 +91,8 @@ def score_to_folder(
         distributed = ddp.is_distributed()
     if distributed and ddp.is_distributed():
         return score_sharded(scorer, paths, out, maps, verdict, resume, overwrite, map_range, progress,
-                             flush_seconds, on_batch)
-    run = LocalRun(scorer, paths, out, maps, verdict, map_range, flush_seconds, on_batch)
+                             flush_seconds, on_batch, masks)
+    run = LocalRun(scorer, paths, out, maps, verdict, map_range, flush_seconds, on_batch, masks=masks)
     with FolderLock(out):  # one writer per results folder
         run.prepare(resume, overwrite)
         return run.score(progress)

@@ -15,6 +15,7 @@ from .manifest import keys_of, manifest_of
 from .results import (
     CSV_NAME,
     MAPS_DIR,
+    MASKS_DIR,
     PARTS_DIR,
     ScoreSummary,
     Verdict,
@@ -37,7 +38,7 @@ __all__ = ["score_sharded"]
 
 def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, verdict: Verdict, resume: bool,
                   overwrite: bool, map_range: tuple[float, float] | None, progress: bool, flush_seconds: float,
-                  on_batch: Callable[[], None] | None) -> ScoreSummary:
+                  on_batch: Callable[[], None] | None, masks: bool = False) -> ScoreSummary:
     """:func:`~.runner.score_to_folder` on every rank of a process group."""
     rank, world = ddp.rank(), ddp.world_size()
     t0 = time.perf_counter()
@@ -45,16 +46,17 @@ def score_sharded(scorer: Scorer, paths: list[str], out: Path, maps: str, verdic
     earlier = _Earlier(paths, out, maps, names, verdict, scorer)
     try:
         summary = _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds,
-                       on_batch)
+                       on_batch, masks)
     finally:
         earlier.lock.release()  # held by rank 0 only; a no-op elsewhere
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds, on_batch):
+def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progress, flush_seconds, on_batch,
+         masks):
     paths, out, verdict = earlier.paths, earlier.out, earlier.verdict
-    todo, skipped, map_range = ddp.run_on_main(lambda: earlier.prepare(resume, overwrite, map_range))
+    todo, skipped, map_range = ddp.run_on_main(lambda: earlier.prepare(resume, overwrite, map_range, masks))
     if maps == "png" and map_range is None and todo:
         # The colour range of the first batch's maps, as one process takes it, for every rank.
         map_range = ddp.run_on_main(lambda: _first_range(scorer, todo))
@@ -63,7 +65,7 @@ def _run(scorer, earlier, rank, world, maps, resume, overwrite, map_range, progr
     mine = ddp.shard(todo, rank, world, block=scorer.batch_size)
     if mine:
         local = LocalRun(scorer, mine, out, maps, verdict, map_range, flush_seconds, on_batch, part=(rank, world),
-                         all_paths=paths).score(progress and rank == 0)
+                         all_paths=paths, masks=masks).score(progress and rank == 0)
     else:
         local = ScoreSummary(csv_path=out / PARTS_DIR / part_name(rank, world))
     ddp.barrier()
@@ -88,7 +90,7 @@ class _Earlier:
         rows = [kept_row(self.old, p, self.keys[p]) for p in self.paths]
         return [r for r in rows if r is not None]
 
-    def prepare(self, resume: bool, overwrite: bool, map_range):
+    def prepare(self, resume: bool, overwrite: bool, map_range, masks: bool = False):
         """(paths still to score, how many were done, the PNG colour range): rank 0's answer,
         taken while holding OUT's lock, which rank 0 keeps until the merge is done."""
         self.lock.acquire()
@@ -102,6 +104,8 @@ class _Earlier:
         if self.maps == "png" and map_range is None and resume:
             map_range = read_scale(self.out / MAPS_DIR)
         done = done_paths(self.keys, self.old, self.maps, self.names, self.out / MAPS_DIR)
+        if masks:
+            done &= done_paths(self.keys, self.old, "png", map_names(self.paths, ".png"), self.out / MASKS_DIR)
         return [p for p in self.paths if p not in done], len(done), map_range
 
     def merge(self, stats, skipped: int, map_range) -> ScoreSummary:
