@@ -65,6 +65,15 @@ class Calibration(PlainConfig):
         out = np.clip((np.asarray(scores, dtype=np.float64) - self.image_threshold) / span + 0.5, 0.0, 1.0)
         return float(out) if out.ndim == 0 else out
 
+    def normalize_map(self, amap):
+        """A map on the same scale: ``clip((m - t) / (map_max - map_min) + 0.5, 0, 1)`` with the pixel
+        threshold (the image threshold where the calibration set had no masks); t -> 0.5."""
+        t = self.pixel_threshold if self.pixel_threshold is not None else self.image_threshold
+        lo = self.map_min if self.map_min is not None else self.score_min
+        hi = self.map_max if self.map_max is not None else self.score_max
+        span = max(hi - lo, 1e-12)
+        return np.clip((np.asarray(amap, dtype=np.float32) - t) / span + 0.5, 0.0, 1.0).astype(np.float32)
+
     def is_anomalous(self, score: float, sensitivity: float = 0.5) -> bool:
         """The decision at ``sensitivity`` (0-1; 0.5 is the calibrated threshold, higher flags
         more): ``normalized score >= 1 - sensitivity``."""

@@ -46,9 +46,11 @@ OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
 class ScoringGraph(nn.Module):
     """uint8 images -> (score, normalized_score, is_anomalous, anomaly_map), standard ops only."""
 
-    def __init__(self, model: CKAAD, calibration=None, sensitivity: float = 0.5):
+    def __init__(self, model: CKAAD, calibration=None, sensitivity: float = 0.5, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.model = model.eval()
+        # The backbone and the auto-encoder in ``dtype``; the maps and scores always in float32.
+        self.dtype = dtype
+        self.model = model.eval().to(dtype)
         cfg = model.config
         self.image_size = tuple(cfg.image_size)
         self.topk = cfg.topk
@@ -70,7 +72,7 @@ class ScoringGraph(nn.Module):
         self.register_buffer("cut", torch.tensor(1.0 - float(sensitivity)))
 
     def forward(self, image: torch.Tensor):
-        x = (image.to(torch.float32) / 255.0 - self.mean) / self.std
+        x = ((image.to(torch.float32) / 255.0 - self.mean) / self.std).to(self.dtype)
         feats = self.model.backbone(x)
         recon = self.model.autoencoder(feats)
         amap = None
@@ -100,14 +102,23 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
     return export(checkpoint, out_dir, "onnx", batch, sensitivity, overwrite)
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, sensitivity: float = 0.5,
-           overwrite: bool = False, device: str = "cpu") -> Path:
+           overwrite: bool = False, device: str = "cpu", dtype: str = "float32") -> Path:
     """Export the scoring forward of ``checkpoint`` into ``out_dir`` as ``format`` ("onnx":
     model.onnx; "openvino": model.xml and model.bin; "pt2": an AOTInductor package, model.pt2,
-    compiled for ``device``), with the sidecar ``model.json``. Returns the model file. Errors are
-    :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    compiled for ``device``), with the sidecar ``model.json``. ``dtype``: the backbone's and the
+    auto-encoder's ("float32", "float16", "bfloat16"; the maps and scores stay float32). Returns
+    the model file. Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
+    if dtype not in _DTYPES:
+        raise ArgumentError("dtype", f"must be one of {tuple(_DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16" and format != "pt2":
+        raise ArgumentError("dtype", f"bfloat16 graphs are for --format pt2; {format} takes float32 or float16 "
+                                     "(ONNX Runtime refuses bfloat16 convolutions)")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ArgumentError("device", f"must be cpu or cuda[:N], got {device!r}")
     if str(device).startswith("cuda") and (format != "pt2" or not torch.cuda.is_available()):
@@ -127,7 +138,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
         calibration = read_calibration(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise ArgumentError("checkpoint", str(e)) from None
-    graph = ScoringGraph(model, calibration, sensitivity).eval()
+    graph = ScoringGraph(model, calibration, sensitivity, _DTYPES[dtype]).eval()
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         _write_onnx(graph, target, batch)
@@ -150,6 +161,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
         "calibration": calibration.to_dict() if calibration is not None else None,
         "sensitivity": sensitivity,
         "device": str(device),
+        "dtype": dtype,
         "tool": f"ckaad_fast {__version__}",
         "torch": torch.__version__,
         "checkpoint": os.fspath(checkpoint),

@@ -129,3 +129,16 @@ def test_the_aotinductor_package_scores_like_the_scorer(ckpt, tmp_path):
     torch.testing.assert_close(score, ref_s, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(amap, ref_m, rtol=1e-4, atol=1e-5)
     assert anomalous.dtype == torch.bool and json.loads((tmp_path / "pt2" / "model.json").read_text())["format"] == "pt2"
+
+
+def test_a_float16_graph_scores_close_to_float32_and_bfloat16_is_for_pt2(ckpt, tmp_path):
+    path = export(ckpt, tmp_path / "h", "onnx", dtype="float16")
+    img = _images(2, 3)
+    score, _, _, amap = ort.InferenceSession(str(path)).run(None, {"image": img})
+    assert score.dtype == np.float32 and amap.dtype == np.float32  # maps and scores stay float32
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
+    ref_s, _ = scorer(scorer.normalise(torch.from_numpy(img)))
+    np.testing.assert_allclose(score, ref_s.numpy(), rtol=1e-2)
+    with pytest.raises(ArgumentError) as e:
+        export(ckpt, tmp_path / "b", "onnx", dtype="bfloat16")
+    assert e.value.name == "dtype" and "pt2" in e.value.message

@@ -177,12 +177,15 @@ class LocalRun:
 
     # -- maps ---------------------------------------------------------------------------------
     def _write_map(self, path: str, r: ScoreResult, rng) -> None:
+        # A calibrated model's maps are written normalised (0.5 at its pixel threshold), like its scores.
+        cal = self.verdict.calibration
+        amap = cal.normalize_map(r.map) if cal is not None and self.maps != "none" else r.map
         if self.maps == "npy":
-            atomic_save_npy(self.maps_dir / self.names[path], r.map)
+            atomic_save_npy(self.maps_dir / self.names[path], amap)
         elif self.maps == "png":
             from ..report import overlay, save_png
 
-            save_png(overlay(r.image, r.map, rng[0], rng[1]), self.maps_dir / self.names[path])
+            save_png(overlay(r.image, amap, rng[0], rng[1]), self.maps_dir / self.names[path])
         if self.masks:
             from ..report import save_png
 

@@ -41,7 +41,9 @@ def score_to_folder(
     (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
     ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (0.5: the calibrated
     threshold; higher flags more). ``masks=True`` also writes each image's binary mask (map >= the
-    calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). It is rewritten atomically (temporary file, fsync, rename)
+    calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). A calibrated model's
+    maps are written normalised (:meth:`~ckaad_fast.calibration.Calibration.normalize_map`, 0.5 at
+    the pixel threshold), PNG overlays on the fixed range 0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync, rename)
     every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
     never half-written and holds every result computed before the stop.
 
@@ -80,6 +82,8 @@ def score_to_folder(
         raise ValueError("masks need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate on "
                          "a validation set with ground-truth masks")
     verdict = Verdict(threshold, scorer.calibration, float(sensitivity))
+    if scorer.calibration is not None and maps == "png" and map_range is None:
+        map_range = (0.0, 1.0)  # normalised maps: one scale for every run, the threshold in its middle
     if map_range is not None:
         map_range = tuple(float(v) for v in map_range)
     paths = [os.fspath(p) for p in paths]
