@@ -78,14 +78,7 @@ def score_to_folder(
     finite number is an error row, never a verdict.
     """
     check_arguments(maps, threshold, map_range, sensitivity)
-    if masks and getattr(scorer.calibration, "pixel_threshold", None) is None:
-        raise ValueError("masks need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate on "
-                         "a validation set with ground-truth masks")
-    verdict = Verdict(threshold, scorer.calibration, float(sensitivity))
-    if scorer.calibration is not None and maps == "png" and map_range is None:
-        map_range = (0.0, 1.0)  # normalised maps: one scale for every run, the threshold in its middle
-    if map_range is not None:
-        map_range = tuple(float(v) for v in map_range)
+    verdict, map_range = _decision(scorer, threshold, sensitivity, masks, maps, map_range)
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("no images to score")
@@ -100,3 +93,15 @@ def score_to_folder(
     with FolderLock(out):  # one writer per results folder
         run.prepare(resume, overwrite)
         return run.score(progress)
+
+
+def _decision(scorer: Scorer, threshold, sensitivity, masks: bool, maps: str, map_range):
+    """The run's Verdict, and the PNG colour range (0..1 for a calibrated model's normalised maps)."""
+    if masks and getattr(scorer.calibration, "pixel_threshold", None) is None:
+        raise ValueError("masks need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate on "
+                         "a validation set with ground-truth masks")
+    if scorer.calibration is not None and maps == "png" and map_range is None:
+        map_range = (0.0, 1.0)  # normalised maps: one scale for every run, the threshold in its middle
+    if map_range is not None:
+        map_range = tuple(float(v) for v in map_range)
+    return Verdict(threshold, scorer.calibration, float(sensitivity)), map_range
