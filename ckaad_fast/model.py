@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import re
 import warnings
@@ -27,6 +26,7 @@ from .models.autoencoder import FeatureAutoEncoder
 from .models.discriminator import MultiLayerImageDiscriminator, MultiLayerPatchDiscriminator
 from .profiling import nvtx_range
 from .strategies import get_strategy
+from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
 __all__ = ["CKAAD", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
            "model_from_checkpoint"]
@@ -75,55 +75,22 @@ class ModelConfig(PlainConfig):
         # Checked here, so that a bad checkpoint fails when it is loaded, naming the field, and
         # never after results were written.
         get_strategy(self.strategy)  # a ValueError naming the choices for an unknown one
-        if self.backbone not in BACKBONES:
-            raise _bad("backbone", f"be one of {BACKBONES}", self.backbone)
-        try:
-            layers = tuple(_as_int(v) for v in self.layers)
-        except (TypeError, ValueError):
-            raise _bad("layers", "be a sequence of ints in 1..4", self.layers) from None
-        if not layers or any(not 1 <= v <= 4 for v in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
-            raise _bad("layers", "be a non-empty, strictly increasing sequence of ints in 1..4", self.layers)
-        self.layers = layers
-        size = (self.image_size, self.image_size) if _is_int(self.image_size) else self.image_size
-        try:
-            size = tuple(_as_int(v) for v in size)
-        except (TypeError, ValueError):
-            raise _bad("image_size", "be an int or an (h, w) pair of ints >= 16", self.image_size) from None
-        if len(size) != 2 or min(size) < 16:
-            raise _bad("image_size", "be an int or an (h, w) pair of ints >= 16", self.image_size)
-        self.image_size = size
-        if not _is_number(self.sigma) or self.sigma < 0:
-            raise _bad("sigma", "be a finite number >= 0", self.sigma)
-        if self.topk is not None and (not _is_int(self.topk) or not 1 <= self.topk <= size[0] * size[1]):
-            raise _bad("topk", f"be None or an int in [1, {size[0] * size[1]}] (the map's pixels)", self.topk)
-        if self.border not in BORDERS:
-            raise _bad("border", f"be one of {BORDERS}", self.border)
+        check_choice(_KIND, "backbone", self.backbone, BACKBONES)
+        self.layers = check_layers(_KIND, self.layers)
+        self.image_size = check_image_size(_KIND, self.image_size)
+        if not is_number(self.sigma) or self.sigma < 0:
+            raise bad(_KIND, "sigma", "be a finite number >= 0", self.sigma)
+        check_topk(_KIND, self.topk, self.image_size)
+        check_choice(_KIND, "border", self.border, BORDERS)
         self.mean = _triple("mean", self.mean, positive=False)
         self.std = _triple("std", self.std, positive=True)
         if not isinstance(self.extra, dict):
-            raise _bad("extra", "be a mapping", self.extra)
+            raise bad(_KIND, "extra", "be a mapping", self.extra)
 
 
 #: The blur borders of :func:`ckaad_fast.ops.anomaly_map`.
 BORDERS = ("reflect", "mirror")
-
-
-def _bad(name: str, must: str, value) -> ValueError:
-    return ValueError(f"ModelConfig.{name} must {must}, got {value!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _as_int(v) -> int:
-    if not _is_int(v):
-        raise TypeError(v)
-    return int(v)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+_KIND = "ModelConfig"
 
 
 def _triple(name: str, value, positive: bool):
@@ -132,9 +99,9 @@ def _triple(name: str, value, positive: bool):
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise _bad(name, "be None or three numbers", value) from None
+        raise bad(_KIND, name, "be None or three numbers", value) from None
     if len(out) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
-        raise _bad(name, "be None or three finite numbers" + (" > 0" if positive else ""), value)
+        raise bad(_KIND, name, "be None or three finite numbers" + (" > 0" if positive else ""), value)
     return out
 
 

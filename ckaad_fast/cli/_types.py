@@ -52,3 +52,8 @@ def unit_float(text: str) -> float:
 
 def ratio_float(text: str) -> float:
     return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a rate, a share)."""
+    return _float(text, lambda v: 0 < v < 1, "a number in (0, 1)")

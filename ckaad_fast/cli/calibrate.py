@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ._data import add_data_arguments, dataset_from_args
-from ._types import nonneg_int, positive_int
-
-
-def _fpr(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text!r}")
-    return v
+from ._types import fraction, nonneg_int, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--target-fpr; instead of the data options")
     p.add_argument("--split", default="val", metavar="NAME",
                    help="with --data: the split to calibrate on, never the test split (default: %(default)s)")
-    p.add_argument("--target-fpr", type=_fpr, default=0.01, metavar="RATE",
+    p.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
                    help="false-positive rate on normal images when the set has no anomalies (default: %(default)s)")
     p.add_argument("--out", metavar="PATH",
                    help="write the calibrated checkpoint here instead of updating --checkpoint in place")

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ._data import add_data_arguments, dataset_from_args
-from ._types import nonneg_float, nonneg_int, positive_float, positive_int, ratio_float, unit_float
+from ._types import fraction, nonneg_float, nonneg_int, positive_float, positive_int, ratio_float, unit_float
 
 
 def layer_int(text: str) -> int:
@@ -108,9 +108,9 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibrate", action="store_true",
                    help="hold out --calibrate-share of the training images (and of the coarse anomalies) and, "
                         "after training, store the decision threshold picked on them in the checkpoint")
-    g.add_argument("--calibrate-share", type=ratio_float, default=0.1, metavar="SHARE",
+    g.add_argument("--calibrate-share", type=fraction, default=0.1, metavar="SHARE",
                    help="with --calibrate: the share held out (default: %(default)s)")
-    g.add_argument("--target-fpr", type=ratio_float, default=0.01, metavar="RATE",
+    g.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
                    help="with --calibrate and no anomalies held out: the false-positive rate on normal images "
                         "(default: %(default)s)")
 

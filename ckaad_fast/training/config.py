@@ -6,18 +6,17 @@ Both the Python API and ``ckaad-fast train`` build their configuration with
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from ..errors import ArgumentError
 from ..model import CHECKPOINT_NAME, ModelConfig, PlainConfig, checkpoint_file, load_checkpoint
 from ..models import BACKBONES, backbone_spec
 from ..strategies import STRATEGIES, get_strategy
+from ..validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
 __all__ = ["TrainConfig", "AMP_MODES", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LOG_NAME",
            "resolve_config"]
@@ -41,17 +40,11 @@ DOMAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 LAYOUT_DOMAINS = {"mvtec": "industrial", "visa": "industrial", "folder": "medical"}
 
 
+_KIND = "TrainConfig"
+
+
 def _bad(name: str, must: str, value) -> ValueError:
-    return ValueError(f"TrainConfig.{name} must {must}, got {value!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
+    return bad(_KIND, name, must, value)
 
 
 @dataclass
@@ -128,43 +121,32 @@ class TrainConfig(PlainConfig):
     elastic_sigma: float = 5.0
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise _bad("strategy", f"be one of {STRATEGIES}", self.strategy)
-        if self.backbone not in BACKBONES:
-            raise _bad("backbone", f"be one of {tuple(BACKBONES)}", self.backbone)
-        try:
-            layers = tuple(int(v) for v in self.layers)
-        except (TypeError, ValueError):
-            raise _bad("layers", "be a sequence of ints in 1..4", self.layers) from None
-        if not layers or any(not 1 <= v <= 4 for v in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
-            raise _bad("layers", "be a non-empty, strictly increasing sequence of ints in 1..4", self.layers)
-        self.layers = layers
+        check_choice(_KIND, "strategy", self.strategy, STRATEGIES)
+        check_choice(_KIND, "backbone", self.backbone, BACKBONES)
+        self.layers = check_layers(_KIND, self.layers)
         if self.weights is not None:
             if isinstance(self.weights, os.PathLike):
                 self.weights = os.fspath(self.weights)
             if not isinstance(self.weights, str):
                 raise _bad("weights", "be 'imagenet', 'none' or a path", self.weights)
-        size = (self.image_size, self.image_size) if _is_int(self.image_size) else tuple(self.image_size)
-        if len(size) != 2 or not all(_is_int(v) and v >= 16 for v in size):
-            raise _bad("image_size", "be an int or an (h, w) pair of ints >= 16", self.image_size)
-        self.image_size = (int(size[0]), int(size[1]))
+        self.image_size = check_image_size(_KIND, self.image_size)
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise _bad(name, "be an int >= 1", v)
         for name in ("ae_lr", "d_lr", "margin", "sigma", "elastic_sigma"):
             v = getattr(self, name)
-            if not _is_number(v) or v <= 0:
+            if not is_number(v) or v <= 0:
                 raise _bad(name, "be a finite number > 0", v)
         for name in ("lam", "elastic_alpha"):
             v = getattr(self, name)
-            if not _is_number(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise _bad(name, "be a finite number >= 0", v)
         for name in ("gamma", "alpha"):
             v = getattr(self, name)
-            if not _is_number(v) or not 0.0 <= v <= 1.0:
+            if not is_number(v) or not 0.0 <= v <= 1.0:
                 raise _bad(name, "lie in [0, 1]", v)
-        if self.clip_norm is not None and (not _is_number(self.clip_norm) or self.clip_norm <= 0):
+        if self.clip_norm is not None and (not is_number(self.clip_norm) or self.clip_norm <= 0):
             raise _bad("clip_norm", "be a finite number > 0 or None", self.clip_norm)
         try:
             betas = tuple(float(b) for b in self.betas)
@@ -173,7 +155,7 @@ class TrainConfig(PlainConfig):
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise _bad("betas", "be two numbers in [0, 1)", self.betas)
         self.betas = betas
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise _bad("seed", "be an int", self.seed)
         try:
             dev = torch.device(self.device)
@@ -190,17 +172,13 @@ class TrainConfig(PlainConfig):
             raise _bad("amp", "not be 'fp16' on the CPU (use 'bf16')", self.amp)
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
             raise _bad("compile", "be a bool or a torch.compile backend name", self.compile)
-        if not _is_int(self.num_workers) or self.num_workers < 0:
+        if not is_int(self.num_workers) or self.num_workers < 0:
             raise _bad("num_workers", "be an int >= 0", self.num_workers)
         if not isinstance(self.evaluate, bool):
             raise _bad("evaluate", "be True or False", self.evaluate)
-        if not _is_int(self.eval_every) or self.eval_every < 0:
+        if not is_int(self.eval_every) or self.eval_every < 0:
             raise _bad("eval_every", "be an int >= 0", self.eval_every)
-        if self.topk is not None and (not _is_int(self.topk) or self.topk < 1):
-            raise _bad("topk", "be an int >= 1 or None", self.topk)
-        h, w = self.image_size
-        if self.topk is not None and self.topk > h * w:
-            raise _bad("topk", f"be at most the map's {h * w} pixels", self.topk)
+        check_topk(_KIND, self.topk, self.image_size)
 
     # -- conversions (to_dict / from_dict come from PlainConfig) ---------------------------------
     def model_config(self) -> ModelConfig:
