@@ -92,13 +92,6 @@ def real_arg(v, name: str, lo: float = 0.0, lo_open: bool = False, hi: float | N
     return float(v)
 
 
-def int_arg(v, name: str, lo: int, hi: int) -> int:
-    """``v`` as an int when it is an integer (Python, NumPy or a 0-d tensor) in [lo, hi]."""
-    if not is_int(v) or not lo <= operator.index(v) <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
-    return operator.index(v)
-
-
 def out_size_pair(out_size, name: str = "out_size") -> tuple[int, int]:
     """``out_size`` (an int or an (h, w) pair of ints) as an (h, w) tuple; errors call it ``name``."""
     if is_int(out_size):

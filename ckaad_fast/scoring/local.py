@@ -10,10 +10,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
-
-import numpy as np
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from .. import distributed as ddp
 from ..atomic import atomic_save_npy
