@@ -193,10 +193,13 @@ class _Labelled:
         return item[0], self.label, item[-1] if isinstance(item[-1], str) else ""
 
 
-def split_for_calibration(train_set, anomaly_set=None, share: float = 0.1, seed: int = 0):
+def split_for_calibration(train_set, anomaly_set=None, share: float = 0.1, seed: int = 0,
+                          target_fpr: float = 0.01):
     """Hold out ``share`` of the normal training images (and of the coarse anomalies, when there
     are any) for calibration, drawn with ``seed``: ``(train_set, anomaly_set, calibration_set)``,
-    the first two to train on, the last never seen in training (its items ``(image, label, path)``)."""
+    the first two to train on, the last never seen in training (its items ``(image, label, path)``).
+    A held-out set that could not be calibrated on (normal images only, fewer than
+    ``1 / target_fpr``) is refused here, before any training."""
     if not (isinstance(share, (int, float)) and 0 < share < 1):
         raise ArgumentError("calibrate_share", f"must lie in (0, 1), got {share!r}")
     rng = np.random.default_rng(seed)
@@ -216,6 +219,11 @@ def split_for_calibration(train_set, anomaly_set=None, share: float = 0.1, seed:
     if anomaly_set is not None and len(anomaly_set) > 1:
         anomalies_kept, anomalies_held = split(anomaly_set)
         parts.append(_Labelled(anomalies_held, 1))
+    need = int(math.ceil(1.0 / target_fpr - 1e-9))
+    if len(parts) == 1 and len(normal_held) < need:
+        raise ArgumentError("calibrate_share", f"holds out {len(normal_held)} normal images and no anomalies; a "
+                                               f"{100 * target_fpr:g}% false-positive rate needs at least {need}: "
+                                               "raise the share or the rate, or give labelled anomalies")
     return train_kept, anomalies_kept, ConcatDataset(parts)
 
 

@@ -172,13 +172,18 @@ def test_split_for_calibration_is_deterministic_and_disjoint(tmp_path):
     from ckaad_fast.calibration import split_for_calibration
 
     data = list(range(20))
-    a = split_for_calibration(data, None, 0.2, seed=3)
-    b = split_for_calibration(data, None, 0.2, seed=3)
+    a = split_for_calibration(data, None, 0.2, seed=3, target_fpr=0.25)
+    b = split_for_calibration(data, None, 0.2, seed=3, target_fpr=0.25)
     assert list(a[0].indices) == list(b[0].indices) and len(a[2]) == 4
     assert not set(a[0].indices) & set(a[2].datasets[0].dataset.indices)
     with pytest.raises(ArgumentError) as e:
         split_for_calibration(data[:1], None, 0.5)
     assert e.value.name == "calibrate_share"
+    # Normal images only, too few for the rate: refused before any training, not after it.
+    with pytest.raises(ArgumentError) as e:
+        split_for_calibration(list(range(300)), None, 0.1, target_fpr=0.01)
+    assert "needs at least 100" in e.value.message
+    assert len(split_for_calibration(list(range(300)), None, 0.1, target_fpr=0.05)[2]) == 30
 
 
 def test_masks_from_the_calibrated_pixel_threshold(ckpt, tmp_path, capsys):

@@ -187,7 +187,7 @@ def _run(args, cfg, main: bool) -> int:
     calibration_set = None
     if args.calibrate:
         train_set, anomaly_set, calibration_set = split_for_calibration(train_set, anomaly_set, args.calibrate_share,
-                                                                        seed=cfg.seed)
+                                                                        seed=cfg.seed, target_fpr=args.target_fpr)
     result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=args.out, eval_set=test_set,
                    resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if not main:
