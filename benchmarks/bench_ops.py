@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import ckaad_fast.ops as ops
 from benchmarks.common import (best_of_rounds, check_agreement, feature_bench_parser, max_abs_diff, median_time,
-                               memory_floor, print_table, save_rows)
+                               memory_floor, peak_memory, print_table, save_rows)
 
 WRN50_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
 QUICK_SHAPES = [(16, 16, 16), (32, 8, 8), (64, 4, 4)]
@@ -105,15 +105,18 @@ def bench_anomaly_map(args, device):
     times = best_of_rounds({name: (lambda fn=fn: t(fn)) for name, fn in paths.items()}, args.rounds)
     times["read both feature sets, write the maps (floor)"] = floor
     ours = times["anomaly_map (ckaad_fast)"]
-    rows = [(name, tb * 1e3, tb / ours, feat_bytes / batch / tb / 1e9) for name, tb in times.items()]
+    # Peak memory of one batch beyond the inputs (the output maps alone: batch x out^2 x 4 bytes).
+    mem = {name: peak_memory(lambda fn=fn: fn(*sets[0]), device) for name, fn in paths.items()}
+    mem["read both feature sets, write the maps (floor)"] = batch * out_size * out_size * 4 / 2**20
+    rows = [(name, tb * 1e3, tb / ours, feat_bytes / batch / tb / 1e9, mem[name]) for name, tb in times.items()]
     print_table(
         f"anomaly_map, {len(shapes)} layers {shapes}, batch {batch}, float32, out {out_size}, device {device}",
-        ["path", "ms / image", "time / ours", "GB/s of features"],
+        ["path", "ms / image", "time / ours", "GB/s of features", "peak MiB per batch"],
         rows,
     )
     return [
         {"bench": "anomaly_map", "path": r[0], "ms_per_image": f"{r[1]:.4f}", "ratio_to_ours": f"{r[2]:.3f}",
-         "gbps": f"{r[3]:.2f}", "batch": batch, "shapes": str(shapes)}
+         "gbps": f"{r[3]:.2f}", "peak_mib": f"{r[4]:.1f}", "batch": batch, "shapes": str(shapes)}
         for r in rows
     ]
 
@@ -172,18 +175,20 @@ def bench_losses(args, device):
             compiled = torch.compile(eager_fn)
             timers["compiled"] = lambda: t(compiled, inputs)
         times = best_of_rounds(timers, args.rounds)
+        mem = [peak_memory(lambda fn=fn: fwd_bwd(fn, inputs[0]), device) for fn in (ours_fn, eager_fn)]
         rows.append((name, times["ours"] * 1e3, times["eager"] * 1e3, times.get("compiled", math.nan) * 1e3,
                      times["eager"] / times["ours"], times.get("compiled", math.nan) / times["ours"],
-                     floor * 1e3, 100 * floor / times["ours"]))
+                     floor * 1e3, 100 * floor / times["ours"], mem[0], mem[1]))
     print_table(
         f"losses, forward + backward, {shapes}, batch {batch}, float32, device {device}",
         ["loss", "ckaad_fast ms", "eager autograd ms", "torch.compile ms", "eager / ours", "compiled / ours",
-         "floor ms (read inputs, write grads)", "ours % of floor"],
+         "floor ms (read inputs, write grads)", "ours % of floor", "ours peak MiB", "eager peak MiB"],
         rows,
     )
     return [{"bench": "loss_fwd_bwd", "path": r[0], "ms": f"{r[1]:.4f}", "eager_ms": f"{r[2]:.4f}",
              "compiled_ms": f"{r[3]:.4f}", "speedup": f"{r[4]:.3f}", "speedup_vs_compiled": f"{r[5]:.3f}",
-             "floor_ms": f"{r[6]:.4f}", "pct_of_floor": f"{r[7]:.2f}", "batch": batch, "shapes": str(shapes)}
+             "floor_ms": f"{r[6]:.4f}", "pct_of_floor": f"{r[7]:.2f}", "peak_mib": f"{r[8]:.1f}",
+             "eager_peak_mib": f"{r[9]:.1f}", "batch": batch, "shapes": str(shapes)}
             for r in rows]
 
 

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.common import check_agreement, count_flops, matmul_ceiling, max_abs_diff, median_time, print_table, save_rows
+from benchmarks.common import (check_agreement, count_flops, matmul_ceiling, max_abs_diff, median_time, peak_memory,
+                               print_table, save_rows)
 from ckaad_fast.model import CKAAD, ModelConfig
 from ckaad_fast.scoring import Scorer
 
@@ -130,6 +131,11 @@ def _write_pngs(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def _peak(peaks: dict, path: str) -> float:
+    """The peak memory measured for a row (the reference's row starts with 'reference'), or NaN."""
+    return peaks.get("reference" if path.startswith("reference") else path, float("nan"))
+
+
 def _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model, quick: bool) -> list[tuple]:
     """The exported graph (ckaad-fast export) in ONNX Runtime's CPU provider and in OpenVINO's CPU
     plugin (float32), on the same images as uint8 (the graph normalises them itself), each checked
@@ -199,6 +205,7 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
     t_ref = median_time(lambda i: reference_path(ref_model, dev_inputs[i], topk), device=device,
                         warmup=1, repeats=reps, rotate=2)
     ref_scores, _ = reference_path(ref_model, dev_inputs[0], topk)
+    peaks = {"reference": peak_memory(lambda: reference_path(ref_model, dev_inputs[0], topk), device)}
     ref_model = None  # free its memory before the Scorer's models are built
     rows = [("reference (eager fp32, per-image cosine + interpolate + scipy blur)", batch / t_ref, 1.0, 0.0, "")]
 
@@ -209,6 +216,7 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
             s, _ = scorer(dev_inputs[0])  # compiles / captures here
             setup = time.perf_counter() - t0
             t = median_time(lambda i: scorer(dev_inputs[i]), device=device, warmup=2, repeats=reps + 2, rotate=2)
+            peaks[name] = peak_memory(lambda: scorer(dev_inputs[0]), device)
             s, _ = scorer(dev_inputs[0])
             rel = float(np.max(np.abs(s.float().cpu().numpy() - ref_scores) / np.abs(ref_scores)))
             if "bf16" not in name and "fp16" not in name:  # float32 configurations: the same scores
@@ -250,14 +258,15 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
         f"scoring, {backbone} layers {list(layers)}, {size}x{size}, batch {batch}, device {device}; "
         f"network {flops / 1e9:.2f} GFLOP/image, matmul ceiling "
         + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceilings.items()),
-        ["path", "images / s", "speed-up vs reference", "% of matmul ceiling", "max rel. score diff", "note"],
-        [(r[0], r[1], r[2], f, r[3], r[4]) for r, f in zip(rows, fractions)],
+        ["path", "images / s", "speed-up vs reference", "% of matmul ceiling", "max rel. score diff",
+         "peak MiB per batch", "note"],
+        [(r[0], r[1], r[2], f, r[3], _peak(peaks, r[0]), r[4]) for r, f in zip(rows, fractions)],
     )
     return [
         {"bench": "scoring", "model": backbone, "layers": "-".join(map(str, layers)), "size": size, "batch": batch,
          "path": r[0], "images_per_s": f"{r[1]:.2f}", "ms_per_image": f"{1e3 / r[1]:.4f}", "speedup": f"{r[2]:.3f}",
          "gflop_per_image": f"{flops / 1e9:.3f}", "pct_of_matmul_ceiling": f"{f:.2f}",
-         "max_rel_score_diff": f"{r[3]:.2e}", "note": r[4]}
+         "max_rel_score_diff": f"{r[3]:.2e}", "peak_mib": f"{_peak(peaks, r[0]):.1f}", "note": r[4]}
         for r, f in zip(rows, fractions)
     ]
 

@@ -241,6 +241,53 @@ def memory_floor(sets: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Ten
     )
 
 
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
+    """MiB that one call of ``fn`` needs at its peak beyond what was in use before it, as
+    Liger-Kernel's benchmarks report it: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU
+    the growth of the process's peak resident set (Linux: freed memory is handed back with glibc's
+    malloc_trim and the high-water mark reset through /proc/self/clear_refs first); what the
+    allocator keeps cached between calls still escapes it, so it is a floor of the true peak.
+    NaN where it cannot be measured."""
+    device = torch.device(device)
+    fn()  # warm: caches, lazily built matrices and compiled code are not the op's memory
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _malloc_trim()  # hand freed memory back, so that what the call allocates shows in the resident set
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set to the current one
+        rss0 = _status_kib("VmRSS")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+    except OSError:
+        return float("nan")
+    return max(peak - rss0, 0) / 1024
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {key} in /proc/self/status")
+
+
 def matmul_ceiling(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> float:
     """FLOP/s of a large square matmul on ``device``: the compute ceiling that rows of
     compute-bound work (a network's forward) are compared with. bf16 on CUDA, float32 elsewhere."""
