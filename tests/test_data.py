@@ -545,3 +545,80 @@ def test_coarse_anomaly_set_follows_the_papers_protocols(texture_root, tmp_path)
     with pytest.raises(ArgumentError) as e:
         coarse_anomaly_set(train, ratio_labeled=0.25, num_classes=9)
     assert e.value.name == "ratio_labeled" and "num_classes" in e.value.message
+
+
+# -- the paper's medical layouts ---------------------------------------------------------------------
+def _jpg(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path, format="JPEG")
+
+
+def _isic_tree(root, split_name, classes_by_image):
+    images = root / f"ISIC2018_Task3_{split_name}_Input"
+    gt = root / f"ISIC2018_Task3_{split_name}_GroundTruth"
+    gt.mkdir(parents=True, exist_ok=True)
+    cols = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    lines = ["image," + ",".join(cols)]
+    for i, (name, cls) in enumerate(classes_by_image.items()):
+        _jpg(images / f"{name}.jpg", i)
+        lines.append(name + "," + ",".join("1.0" if c == cls else "0.0" for c in cols))
+    (gt / f"ISIC2018_Task3_{split_name}_GroundTruth.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_isic2018_reads_its_csv_with_nv_normal(tmp_path):
+    from ckaad_fast.data import ISIC2018Dataset, open_dataset
+
+    _isic_tree(tmp_path, "Training", {f"ISIC_{i:07d}": c for i, c in
+                                      enumerate(["NV"] * 6 + ["MEL", "MEL", "BCC", "DF"])})
+    _isic_tree(tmp_path, "Validation", {f"ISIC_{100 + i:07d}": c for i, c in
+                                        enumerate(["NV", "NV", "MEL", "VASC", "BKL"])})
+    train = ISIC2018Dataset(tmp_path, "train", image_size=SIZE)
+    assert len(train) == 6 and train.labels == [0] * 6 and train.normal_class == "NV"
+    assert {c: len(p) for c, p in train.paths_by_class.items()} == {"NV": 6, "MEL": 2, "BCC": 1, "DF": 1}
+    test = open_dataset("isic2018", tmp_path, "test", SIZE)
+    assert sorted(zip(test.classes, test.labels)) == [("BKL", 1), ("MEL", 1), ("NV", 0), ("NV", 0), ("VASC", 1)]
+    assert len(open_dataset("isic2018", tmp_path, "test", SIZE, anomaly_classes=["MEL"])) == 3
+    # The medical protocol draws labelled anomalies from the training split's other classes.
+    drawn = sample_coarse_anomalies(train, 0.25, classes=["MEL"], seed=0)
+    assert len(drawn) == 2 and set(drawn.path_classes) == {"MEL"}
+
+
+def test_isic2018_errors_name_what_is_wrong(tmp_path):
+    from ckaad_fast.data import ISIC2018Dataset
+
+    with pytest.raises(ValueError, match="ground-truth CSV"):
+        ISIC2018Dataset(tmp_path, "train")
+    _isic_tree(tmp_path, "Training", {"ISIC_1": "NV"})
+    csv_file = tmp_path / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv"
+    csv_file.write_text(csv_file.read_text().replace("VASC", "XYZ"))
+    with pytest.raises(ValueError, match=r"unknown \['XYZ'\]"):
+        ISIC2018Dataset(tmp_path, "train")
+    _isic_tree(tmp_path, "Training", {"ISIC_1": "MEL"})
+    with pytest.raises(ValueError, match="no image of the normal class NV"):
+        ISIC2018Dataset(tmp_path, "train")
+
+
+def test_br35h_splits_each_class_80_20_by_sorted_name(tmp_path):
+    from ckaad_fast.data import Br35HDataset, open_dataset
+    from ckaad_fast.errors import ArgumentError
+    from ckaad_fast.training import resolve_config
+
+    for cls, n in (("no", 10), ("yes", 5)):
+        for i in reversed(range(n)):  # written out of order: the split must sort
+            _jpg(tmp_path / cls / f"{cls[0]}{i:02d}.jpg", i)
+    train = Br35HDataset(tmp_path, "train", image_size=SIZE)
+    assert [os.path.basename(p) for p in train.paths] == [f"n{i:02d}.jpg" for i in range(8)]
+    assert [os.path.basename(p) for p in train.paths_by_class["yes"]] == [f"y{i:02d}.jpg" for i in range(4)]
+    test = open_dataset("br35h", tmp_path, "test", SIZE)
+    assert sorted(os.path.basename(p) for p in test.paths) == ["n08.jpg", "n09.jpg", "y04.jpg"]
+    assert sorted(test.labels) == [0, 0, 1]
+    with pytest.raises(ArgumentError) as e:
+        open_dataset("br35h", tmp_path, "test", SIZE, normal_class="no")
+    assert e.value.name == "normal_class"
+    (tmp_path / "yes2").mkdir()
+    with pytest.raises(ValueError, match="class folder"):
+        Br35HDataset(tmp_path / "yes2", "train")
+    # Their domain's defaults, and ISIC's own: the image score is the whole map's mean.
+    assert resolve_config(layout="br35h").backbone == "resnet18"
+    assert resolve_config(layout="isic2018").topk is None

@@ -20,7 +20,9 @@ def add_data_arguments(p, required: bool = True) -> None:
                         "required for --layout mvtec and visa; optional sub-folder of ROOT for --layout folder")
     g.add_argument("--layout", choices=LAYOUTS, default="mvtec",
                    help="how the data set is laid out (default: %(default)s); 'folder' is class-folder data "
-                        "such as Chest X-ray or OCT")
+                        "such as Chest X-ray or OCT; 'isic2018' is ISIC 2018 task 3 as downloaded (images and "
+                        "ground-truth CSV; NV normal, the Validation files as the test split); 'br35h' is Br35H's "
+                        "yes/ and no/ folders, split 80/20 by sorted file name")
     g.add_argument("--normal-class", metavar="NAME",
                    help="--layout folder: the class folder holding normal images (e.g. NORMAL); required there")
     g.add_argument("--anomaly-classes", nargs="+", metavar="NAME",

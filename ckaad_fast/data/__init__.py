@@ -4,7 +4,8 @@ Everything here reads local files only; nothing ever touches the network.
 
 - :mod:`.files`: finding image files, checking they can be read.
 - :mod:`.images`: reading images and masks as tensors (one rule for training and scoring).
-- :mod:`.layouts`: MVTec AD, VisA and class-folder data sets, and :func:`open_dataset`.
+- :mod:`.layouts`: MVTec AD, VisA and class-folder data sets; :mod:`.medical`: ISIC 2018 task 3
+  and Br35H as their users download them; :mod:`.open`: any of them by layout name.
 - :mod:`.anomalies`: the coarse anomaly set (the paper's protocols) and pseudo-anomalies.
 - :mod:`.synthetic`: a realistic anomaly data set with exact masks, made offline (the demo's).
 """
@@ -17,12 +18,16 @@ from .anomalies import (
 )
 from .files import IMAGE_EXTENSIONS, CorruptImageWarning, check_image, is_image_file, list_images
 from .images import decode_image, load_image, load_mask
-from .layouts import LAYOUTS, FolderDataset, ImageFileDataset, MVTecDataset, VisADataset, open_dataset
+from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
+from .medical import Br35HDataset, ISIC2018Dataset
+from .open import LAYOUTS, open_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "AnomalyFolderDataset",
+    "Br35HDataset",
+    "ISIC2018Dataset",
     "CoarseAnomalies",
     "CorruptImageWarning",
     "FolderDataset",

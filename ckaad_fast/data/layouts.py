@@ -18,8 +18,8 @@ its path is appended to the data set's ``skipped`` list, so that ``__getitem__``
 the middle of an epoch. A missing, empty or wrongly laid out folder raises :class:`ValueError`
 saying which layout was expected and what was found.
 
-:func:`open_dataset` builds any of them from a layout name, as ``ckaad-fast train`` and ``eval``
-do.
+:func:`ckaad_fast.data.open_dataset` builds any of them from a layout name, as ``ckaad-fast train``
+and ``eval`` do.
 """
 from __future__ import annotations
 
@@ -31,18 +31,13 @@ from typing import Union
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import IMAGE_EXTENSIONS, check_mode, describe, images_in_dir, readable, subdirs, warn_skip
 from .images import SizeLike, load_image, load_mask, norm_stats, size_hw
 
-__all__ = ["LAYOUTS", "ImageFileDataset", "MVTecDataset", "VisADataset", "FolderDataset", "open_dataset"]
+__all__ = ["ImageFileDataset", "MVTecDataset", "VisADataset", "FolderDataset"]
 
 PathLike = Union[str, os.PathLike]
-
-#: Layout names of :func:`open_dataset`.
-LAYOUTS = ("mvtec", "visa", "folder")
-
 
 class ImageFileDataset(Dataset):
     """The base of every image-file data set: transform parameters, the corrupt-file filter, and image loading."""
@@ -336,6 +331,15 @@ class FolderDataset(ImageFileDataset):
             raise ValueError(
                 f"normal class folder {normal_class!r} not found in {split_dir!r}: {layout}; found classes {classes}"
             )
+        paths_by_class = {c: images_in_dir(os.path.join(split_dir, c), recursive=True) for c in classes}
+        self._index(paths_by_class, anomaly_classes, split_dir, layout)
+
+    def _index(self, paths_by_class: dict[str, list[str]], anomaly_classes, where: str, layout: str) -> None:
+        """Index the images of every class (``paths_by_class``, the normal class among them): the
+        part shared by every class-labelled layout (folders here, CSV-labelled ones in
+        :mod:`.medical`). Serves the normal class on ``train``, every chosen class otherwise."""
+        normal_class, split = self.normal_class, self.split
+        classes = sorted(paths_by_class)
         others = [c for c in classes if c != normal_class]
         if anomaly_classes is None:
             anomaly_classes = others
@@ -344,21 +348,19 @@ class FolderDataset(ImageFileDataset):
             bad = [c for c in anomaly_classes if c not in others]
             if bad:
                 raise ValueError(
-                    f"anomaly classes {bad} not found in {split_dir!r} (or equal to the normal class); "
+                    f"anomaly classes {bad} not found in {where!r} (or equal to the normal class); "
                     f"found classes {classes}"
                 )
         self.anomaly_classes = list(anomaly_classes)
-        self.paths_by_class: dict[str, list[str]] = {
-            c: images_in_dir(os.path.join(split_dir, c), recursive=True) for c in classes
-        }
+        self.paths_by_class = {c: list(paths_by_class[c]) for c in classes}
         if not self.paths_by_class[normal_class]:
-            raise ValueError(f"no images in normal class folder {os.path.join(split_dir, normal_class)!r}: {layout}")
+            raise ValueError(f"no images of the normal class {normal_class!r} in {where!r}: {layout}")
         served = [normal_class] if split == "train" else [normal_class, *self.anomaly_classes]
         items = [(p, int(c != normal_class), c) for c in served for p in self.paths_by_class[c]]
         items.sort(key=lambda it: it[0])
         kept = [it for it in items if self._keep(it[0])]
         if not kept:
-            raise ValueError(f"no readable images in {split_dir!r} for classes {served} ({len(self.skipped)} skipped)")
+            raise ValueError(f"no readable images in {where!r} for classes {served} ({len(self.skipped)} skipped)")
         self.paths = [it[0] for it in kept]
         self.labels = [it[1] for it in kept]
         self.classes = [it[2] for it in kept]
@@ -370,60 +372,3 @@ class FolderDataset(ImageFileDataset):
     def __getitem__(self, idx: int):
         path = self.paths[idx]
         return self._load(path), self.labels[idx], path
-
-
-
-def open_dataset(
-    layout: str,
-    root: PathLike,
-    split: str,
-    image_size: SizeLike = 256,
-    mean: Sequence[float] | None = IMAGENET_MEAN,
-    std: Sequence[float] | None = IMAGENET_STD,
-    *,
-    category: str | None = None,
-    normal_class: str | None = None,
-    anomaly_classes: Sequence[str] | None = None,
-) -> ImageFileDataset:
-    """The ``split`` ("train" or "test") of the data set at ``root`` laid out as ``layout``.
-
-    ``layout``: "mvtec" (:class:`MVTecDataset`, needs ``category``), "visa" (:class:`VisADataset`,
-    needs ``category``) or "folder" (:class:`FolderDataset`, needs ``normal_class``; ``category``,
-    when given, is a sub-folder of ``root``; ``anomaly_classes`` defaults to every other class).
-    Every error is an :class:`~ckaad_fast.errors.ArgumentError` naming the argument at fault.
-    """
-    root = _check_layout_arguments(layout, root, category, normal_class, anomaly_classes)
-    try:
-        if layout == "mvtec":
-            return MVTecDataset(root, category, split, image_size, mean, std)
-        if layout == "visa":
-            return VisADataset(root, category, split, image_size, mean, std)
-        return FolderDataset(root, normal_class, anomaly_classes, split, image_size, mean, std)
-    except ArgumentError:
-        raise
-    except ValueError as e:
-        detail = f"layout {layout}" + (f", category {category}" if category else "")
-        raise ArgumentError("root", f"{os.fspath(root)!r} ({detail}): {e}") from None
-
-
-def _check_layout_arguments(layout, root, category, normal_class, anomaly_classes) -> str:
-    """The folder to read (``root``, or ``root/category`` for class folders), or why not."""
-    if layout not in LAYOUTS:
-        raise ArgumentError("layout", f"must be one of {LAYOUTS}, got {layout!r}")
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise ArgumentError("root", f"folder {root!r} does not exist")
-    if layout in ("mvtec", "visa") and not category:
-        raise ArgumentError("category", f"required with layout {layout}")
-    if layout != "folder":
-        if normal_class or anomaly_classes:
-            raise ArgumentError("normal_class", f"normal_class and anomaly_classes apply to layout folder only, "
-                                f"not {layout}")
-        return root
-    if not normal_class:
-        raise ArgumentError("normal_class", "required with layout folder")
-    if category:
-        root = os.path.join(root, category)
-        if not os.path.isdir(root):
-            raise ArgumentError("category", f"folder {root!r} does not exist")
-    return root

@@ -18,7 +18,7 @@ from ..models import BACKBONES, backbone_spec
 from ..strategies import STRATEGIES, get_strategy
 from ..validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
-__all__ = ["TrainConfig", "AMP_MODES", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LOG_NAME",
+__all__ = ["TrainConfig", "AMP_MODES", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LAYOUT_DEFAULTS", "LOG_NAME",
            "resolve_config"]
 
 AMP_MODES = (None, "bf16", "fp16")
@@ -37,7 +37,10 @@ DOMAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "medical": {"backbone": "resnet18", "layers": (2, 3), "ae_lr": 1e-3},
 }
 #: The domain of each data-set layout (:data:`ckaad_fast.data.LAYOUTS`).
-LAYOUT_DOMAINS = {"mvtec": "industrial", "visa": "industrial", "folder": "medical"}
+LAYOUT_DOMAINS = {"mvtec": "industrial", "visa": "industrial", "folder": "medical", "isic2018": "medical",
+                  "br35h": "medical"}
+#: What one layout's protocol adds to its domain's defaults: ISIC's image score is the whole map's mean.
+LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {"isic2018": {"topk": None}}
 
 
 _KIND = "TrainConfig"
@@ -223,6 +226,7 @@ def resolve_config(
         if layout not in LAYOUT_DOMAINS:
             raise ValueError(f"layout must be one of {tuple(LAYOUT_DOMAINS)}, got {layout!r}")
         base.update(DOMAIN_DEFAULTS[LAYOUT_DOMAINS[layout]])
+        base.update(LAYOUT_DEFAULTS.get(layout, {}))
     if resume_from is not None:
         path = checkpoint_file(resume_from)
         if path.is_dir() or not path.suffix:  # an output folder that does not exist yet

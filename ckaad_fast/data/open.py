@@ -1,0 +1,90 @@
+"""Any of the library's data sets from a layout name: what ``ckaad-fast train``, ``eval`` and
+``calibrate`` call with their data options."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Union
+
+from ..errors import ArgumentError
+from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from .images import SizeLike
+from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
+from .medical import Br35HDataset, ISIC2018Dataset
+
+__all__ = ["LAYOUTS", "open_dataset"]
+
+PathLike = Union[str, os.PathLike]
+
+#: Layout names of :func:`open_dataset`.
+LAYOUTS = ("mvtec", "visa", "folder", "isic2018", "br35h")
+# Layouts whose classes are fixed by the data set: no --normal-class.
+_FIXED_CLASSES = ("isic2018", "br35h")
+
+
+def open_dataset(
+    layout: str,
+    root: PathLike,
+    split: str,
+    image_size: SizeLike = 256,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    *,
+    category: str | None = None,
+    normal_class: str | None = None,
+    anomaly_classes: Sequence[str] | None = None,
+) -> ImageFileDataset:
+    """The ``split`` ("train" or "test") of the data set at ``root`` laid out as ``layout``.
+
+    ``layout``: "mvtec" (:class:`MVTecDataset`, needs ``category``), "visa" (:class:`VisADataset`,
+    needs ``category``), "folder" (:class:`FolderDataset`, needs ``normal_class``; ``category``,
+    when given, is a sub-folder of ``root``; ``anomaly_classes`` defaults to every other class),
+    "isic2018" (:class:`~.medical.ISIC2018Dataset`; ``anomaly_classes`` picks some of its six) or
+    "br35h" (:class:`~.medical.Br35HDataset`).
+    Every error is an :class:`~ckaad_fast.errors.ArgumentError` naming the argument at fault.
+    """
+    root = _check_layout_arguments(layout, root, category, normal_class, anomaly_classes)
+    try:
+        if layout == "mvtec":
+            return MVTecDataset(root, category, split, image_size, mean, std)
+        if layout == "visa":
+            return VisADataset(root, category, split, image_size, mean, std)
+        if layout == "isic2018":
+            return ISIC2018Dataset(root, split, image_size, mean, std, anomaly_classes=anomaly_classes)
+        if layout == "br35h":
+            return Br35HDataset(root, split, image_size, mean, std)
+        return FolderDataset(root, normal_class, anomaly_classes, split, image_size, mean, std)
+    except ArgumentError:
+        raise
+    except ValueError as e:
+        detail = f"layout {layout}" + (f", category {category}" if category else "")
+        raise ArgumentError("root", f"{os.fspath(root)!r} ({detail}): {e}") from None
+
+
+def _check_layout_arguments(layout, root, category, normal_class, anomaly_classes) -> str:
+    """The folder to read (``root``, or ``root/category`` for class folders), or why not."""
+    if layout not in LAYOUTS:
+        raise ArgumentError("layout", f"must be one of {LAYOUTS}, got {layout!r}")
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise ArgumentError("root", f"folder {root!r} does not exist")
+    if layout in ("mvtec", "visa") and not category:
+        raise ArgumentError("category", f"required with layout {layout}")
+    if layout in _FIXED_CLASSES:
+        if normal_class:
+            raise ArgumentError("normal_class", f"layout {layout} fixes its normal class; leave it out")
+        if anomaly_classes and layout == "br35h":
+            raise ArgumentError("anomaly_classes", "layout br35h has one anomaly class (yes); leave it out")
+        return os.path.join(root, category) if category else root
+    if layout != "folder":
+        if normal_class or anomaly_classes:
+            raise ArgumentError("normal_class", f"normal_class and anomaly_classes apply to layout folder only, "
+                                f"not {layout}")
+        return root
+    if not normal_class:
+        raise ArgumentError("normal_class", "required with layout folder")
+    if category:
+        root = os.path.join(root, category)
+        if not os.path.isdir(root):
+            raise ArgumentError("category", f"folder {root!r} does not exist")
+    return root
