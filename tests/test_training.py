@@ -230,6 +230,14 @@ def test_resolve_config_takes_the_papers_domain_defaults_then_the_overrides():
     assert (given.backbone, given.layers, given.ae_lr, given.lam) == ("resnet34", (2, 3), 2e-3, TrainConfig().lam)
     with pytest.raises(ValueError, match=r"TrainConfig\.epochs"):
         resolve_config({"epochs": 0})
+    # The authors' per-data-set settings: VisA 400 epochs, MVTec carpet 10 and transistor's AE lr,
+    # batch 32 for class folders and 64 for ISIC and Br35H; an option still wins.
+    assert resolve_config(layout="visa").epochs == 400
+    carpet, transistor = resolve_config(layout="mvtec", category="carpet"), resolve_config(layout="mvtec",
+                                                                                           category="transistor")
+    assert (carpet.epochs, carpet.ae_lr, transistor.epochs, transistor.ae_lr) == (10, 5e-3, 200, 1e-3)
+    assert [resolve_config(layout=l).batch_size for l in ("mvtec", "folder", "isic2018", "br35h")] == [16, 32, 64, 64]
+    assert resolve_config({"epochs": 7}, layout="mvtec", category="carpet").epochs == 7
 
 
 def test_resolve_config_resumes_with_every_option_of_the_run(data, tmp_path):

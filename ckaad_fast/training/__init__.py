@@ -9,14 +9,26 @@
 """
 from ..model import CHECKPOINT_NAME
 from ..strategies import STRATEGIES, FusedLosses
-from .config import AMP_MODES, DOMAIN_DEFAULTS, LAYOUT_DOMAINS, LOG_NAME, RUN_FIELDS, TrainConfig, resolve_config
+from .config import (
+    AMP_MODES,
+    CATEGORY_DEFAULTS,
+    DOMAIN_DEFAULTS,
+    LAYOUT_DEFAULTS,
+    LAYOUT_DOMAINS,
+    LOG_NAME,
+    RUN_FIELDS,
+    TrainConfig,
+    resolve_config,
+)
 from .loop import TrainResult, train
 from .trainer import Trainer
 
 __all__ = [
     "AMP_MODES",
+    "CATEGORY_DEFAULTS",
     "CHECKPOINT_NAME",
     "DOMAIN_DEFAULTS",
+    "LAYOUT_DEFAULTS",
     "LAYOUT_DOMAINS",
     "LOG_NAME",
     "RUN_FIELDS",
