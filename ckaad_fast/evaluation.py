@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .metrics import evaluate
 
-__all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics", "METRIC_NAMES"]
+__all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics", "format_by_defect_type",
+           "defect_types_of", "METRIC_NAMES"]
 
 # The paper's metrics first, in this order; values are fractions, shown as percentages.
 _PAPER_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image")
@@ -37,8 +38,22 @@ METRIC_NAMES = {
 }
 
 
+def format_by_defect_type(metrics: dict) -> str:
+    """One row per defect type (its images against the normal ones), values as percentages."""
+    table = metrics.get("by_defect_type") or {}
+    cols = [k for k in ("image_auroc", "pixel_auroc", "aupro") if any(k in m for m in table.values())]
+    width = max([len("defect type")] + [len(t) for t in table])
+    lines = ["defect type".ljust(width) + "".join(f"  {METRIC_NAMES[c].split(' (')[0]:>13}" for c in cols),
+             "-" * width + "".join("  " + "-" * 13 for _ in cols)]
+    for t, m in table.items():
+        cells = "".join(f"  {100 * m[c]:13.2f}" if c in m else f"  {'':>13}" for c in cols)
+        lines.append(f"{t.ljust(width)}{cells}  ({m['num_anomalous']} images)")
+    return "\n".join(lines)
+
+
 def format_metrics(metrics: dict) -> str:
     """A two-column table of the metrics, the paper's metrics first (values as percentages)."""
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     keys = [k for k in _PAPER_ORDER if k in metrics] + [k for k in metrics if k not in _PAPER_ORDER]
     rows = []
     for k in keys:
@@ -158,27 +173,62 @@ def _concat(parts: list[Predictions]) -> Predictions:
 
 
 def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                   num_workers: int = 0, distributed: bool = False) -> dict:
+                   num_workers: int = 0, distributed: bool = False, by_defect_type: bool = False) -> dict:
     """Image AUROC, best F1 and its accuracy, and, where the data set has masks with anomalous
     pixels, pixel AUROC, AUPRO (standard) and AUPRO (reference per-image protocol), plus
     ``num_images`` and ``num_anomalous``. See :func:`ckaad_fast.metrics.evaluate`.
 
     ``distributed=True``: call it on every rank of a process group (e.g. under torchrun); the
     data set is sharded over the ranks (see :func:`predict_dataset`), the metrics are computed on
-    rank 0 and every rank returns them (an error there is raised on every rank)."""
+    rank 0 and every rank returns them (an error there is raised on every rank).
+
+    ``by_defect_type=True`` adds ``by_defect_type``: for each anomaly type of the data set (MVTec's
+    test sub-folders, the classes of class-labelled sets; see :func:`defect_types_of`) the same
+    metrics on its images and the normal ones: which defects the model finds, the paper's question
+    (the coarse anomalies' type is seen in training, the others are not)."""
+    types = defect_types_of(dataset) if by_defect_type else None
     if distributed:
         from . import distributed as ddp
 
         if ddp.is_distributed():
             pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
                                    num_workers=num_workers, distributed=True)
-            return ddp.run_on_main(lambda: _metrics(pred))
+            return ddp.run_on_main(lambda: _metrics(pred, types))
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
                            num_workers=num_workers)
-    return _metrics(pred)
+    return _metrics(pred, types)
 
 
-def _metrics(pred: Predictions) -> dict:
+def defect_types_of(dataset) -> list[str] | None:
+    """Each item's defect type, "good" for normal ones: MVTec's ``defect_types``, or the
+    ``classes`` of a class-labelled set (its normal class as "good"); None where the data set
+    does not say (VisA's split file)."""
+    if getattr(dataset, "defect_types", None) is not None:
+        return list(dataset.defect_types)
+    classes, normal = getattr(dataset, "classes", None), getattr(dataset, "normal_class", None)
+    if classes is not None and normal is not None:
+        return ["good" if c == normal else c for c in classes]
+    return None
+
+
+def _metrics(pred: Predictions, types: list[str] | None = None) -> dict:
+    out = _flat_metrics(pred)
+    if types is not None:
+        kinds = np.asarray(types)
+        out["by_defect_type"] = {
+            t: _flat_metrics(_subset(pred, (kinds == "good") | (kinds == t)))
+            for t in dict.fromkeys(x for x in types if x != "good")
+        }
+    return out
+
+
+def _subset(pred: Predictions, keep: np.ndarray) -> Predictions:
+    idx = np.flatnonzero(keep)
+    return Predictions(pred.scores[idx], pred.labels[idx], pred.maps[idx],
+                       None if pred.masks is None else pred.masks[idx], [pred.paths[i] for i in idx])
+
+
+def _flat_metrics(pred: Predictions) -> dict:
     labels = pred.labels
     if len(np.unique(labels)) < 2:
         raise ValueError("the test set must hold both normal and anomalous images to compute AUROC, "

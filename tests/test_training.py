@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,22 @@ def test_resolve_config_resumes_with_every_option_of_the_run(data, tmp_path):
     with pytest.raises(ArgumentError) as e:
         resolve_config(resume_from=tmp_path / "bad")
     assert e.value.name == "resume_from"
+
+
+def test_metrics_by_defect_type_are_each_types_images_against_the_normal_ones(data):
+    from ckaad_fast.evaluation import format_by_defect_type, predict_dataset
+    from ckaad_fast.metrics import evaluate
+
+    torch.manual_seed(0)
+    model = CKAAD(tiny().model_config(), weights="none").eval()
+    metrics = evaluate_model(model, data["test"], batch_size=2, progress=False, by_defect_type=True)
+    types = data["test"].defect_types
+    assert set(metrics["by_defect_type"]) == set(types) - {"good"}
+    pred = predict_dataset(model, data["test"], batch_size=2, progress=False)
+    for t, m in metrics["by_defect_type"].items():
+        keep = np.array([x in ("good", t) for x in types])
+        want = evaluate(pred.labels[keep], pred.scores[keep], pred.masks[keep], pred.maps[keep])
+        assert m["image_auroc"] == pytest.approx(want["image_auroc"]) and m["aupro"] == pytest.approx(want["aupro"])
+        assert m["num_anomalous"] == sum(x == t for x in types)
+    table = format_by_defect_type(metrics)
+    assert all(t in table for t in metrics["by_defect_type"])

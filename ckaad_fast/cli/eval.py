@@ -19,7 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="score a test split with a trained checkpoint and report image/pixel AUROC, F1, AUPRO",
         description="Evaluate a checkpoint written by `ckaad-fast train` on the test split of a data set: "
                     "image AUROC, best F1 and its accuracy, and, where masks exist, pixel AUROC and AUPRO "
-                    "(standard and the reference code's per-image protocol).",
+                    "(standard and the reference code's per-image protocol); then the same for each defect "
+                    "type (MVTec's test sub-folders, the anomaly classes of class folders) against the normal "
+                    "images.",
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint file written by `ckaad-fast train` (or its output folder)")
@@ -61,7 +63,7 @@ def _device(text: str):
 
 def _run(args, dist_info) -> int:
     from ..atomic import atomic_write_json
-    from ..evaluation import evaluate_model, format_metrics
+    from ..evaluation import evaluate_model, format_by_defect_type, format_metrics
     from ..calibration import read_calibration
     from ..model import checkpoint_file, load_checkpoint, model_from_checkpoint
 
@@ -77,10 +79,12 @@ def _run(args, dist_info) -> int:
     test_set = dataset_from_args(args, "test", cfg.image_size, cfg.mean, cfg.std)
     metrics = evaluate_model(model, test_set, batch_size=args.batch_size, device=device,
                              progress=not args.quiet and dist_info.is_main, num_workers=args.num_workers,
-                             distributed=dist_info.distributed)
+                             distributed=dist_info.distributed, by_defect_type=True)
     if not dist_info.is_main:
         return 0
     print(format_metrics(metrics))
+    if metrics.get("by_defect_type"):
+        print(format_by_defect_type(metrics))
     calibration = read_calibration(ckpt)
     print(f"calibration: {calibration.describe()}" if calibration is not None else
           "calibration: none (run ckaad-fast calibrate to give score a decision)")
