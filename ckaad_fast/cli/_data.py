@@ -8,7 +8,7 @@ from ..data import LAYOUTS
 
 
 def add_data_arguments(p, required: bool = True) -> None:
-    """--data, --category, --layout, --normal-class, --anomaly-classes (into an argument group of
+    """--data, --category, --layout, --normal-class, --anomaly-classes, --mask-resize (into an argument group of
     their own, or into ``p`` itself when it is one)."""
     g = p if isinstance(p, argparse._ArgumentGroup) else p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="ROOT",
@@ -28,6 +28,10 @@ def add_data_arguments(p, required: bool = True) -> None:
     g.add_argument("--anomaly-classes", nargs="+", metavar="NAME",
                    help="--layout folder: the anomaly class folders to test on and to draw labelled anomalies "
                         "from (default: every class folder other than --normal-class)")
+    g.add_argument("--mask-resize", choices=("nearest", "bilinear"), default="nearest",
+                   help="how ground-truth masks are brought to the image size: nearest (any non-zero pixel is "
+                        "anomalous; no region is lost) or bilinear (the authors' code: bilinear, then > 0.5; "
+                        "for comparing with their numbers) (default: %(default)s)")
 
 
 def dataset_from_args(args, split: str, image_size, mean, std):
@@ -35,4 +39,5 @@ def dataset_from_args(args, split: str, image_size, mean, std):
     from ..data import open_dataset
 
     return open_dataset(args.layout, args.data, split, image_size, mean, std, category=args.category,
-                        normal_class=args.normal_class, anomaly_classes=args.anomaly_classes)
+                        normal_class=args.normal_class, anomaly_classes=args.anomaly_classes,
+                        mask_resize=getattr(args, "mask_resize", "nearest"))

@@ -102,6 +102,10 @@ def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 0.5)")
     g.add_argument("--margin", type=positive_float, default=None,
                    help="hinge margin a of the energy discriminators (default: 5)")
+    g.add_argument("--protocol", choices=("ours", "reference"), default=None,
+                   help="with a coarse anomaly set: ours (full anomaly batches reshuffled every pass, generated "
+                        "features weighted alpha : 1 - alpha) or reference (the authors' loader and loss "
+                        "averaging, to compare with their numbers) (default: ours)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation, data order, pseudo-anomalies and anomaly draw (default: 0)")
 
@@ -145,7 +149,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = ("strategy", "backbone", "layers", "image_size", "weights", "epochs", "batch_size", "ae_lr",
               "d_lr", "lam", "gamma", "alpha", "margin", "seed", "device", "amp", "compile", "num_workers",
-              "eval_every", "evaluate")
+              "eval_every", "evaluate", "protocol")
 
 
 def build_config(args):

@@ -6,6 +6,7 @@ Everything here reads local files only; nothing ever touches the network.
 - :mod:`.images`: reading images and masks as tensors (one rule for training and scoring).
 - :mod:`.layouts`: MVTec AD, VisA and class-folder data sets; :mod:`.medical`: ISIC 2018 task 3
   and Br35H as their users download them; :mod:`.open`: any of them by layout name.
+- :mod:`.splits`: the validation split the medical protocol holds out of the training set.
 - :mod:`.anomalies`: the coarse anomaly set (the paper's protocols) and pseudo-anomalies.
 - :mod:`.synthetic`: a realistic anomaly data set with exact masks, made offline (the demo's).
 """
@@ -21,10 +22,12 @@ from .images import decode_image, load_image, load_mask
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
 from .open import LAYOUTS, open_dataset
+from .splits import VALIDATION_SHARE, carve_validation
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
+    "VALIDATION_SHARE",
     "AnomalyFolderDataset",
     "Br35HDataset",
     "ISIC2018Dataset",
@@ -35,6 +38,7 @@ __all__ = [
     "MVTecDataset",
     "PseudoAnomalyDataset",
     "VisADataset",
+    "carve_validation",
     "check_image",
     "coarse_anomaly_set",
     "decode_image",

@@ -113,12 +113,23 @@ def load_image(
     return x
 
 
-def load_mask(path: PathLike | None, image_size: SizeLike = 256) -> torch.Tensor:
+#: How a ground-truth mask is brought to the image size: ``"nearest"`` (ours: any non-zero pixel
+#: of the original is anomalous, resized by nearest neighbour, so no anomalous region is lost or
+#: grown) or ``"bilinear"`` (the authors' code: the 8-bit mask resized bilinearly, then > 0.5 of
+#: full scale; thin regions can vanish at 1024 -> 256).
+MASK_RESIZES = ("nearest", "bilinear")
+
+
+def load_mask(path: PathLike | None, image_size: SizeLike = 256, resize: str = "nearest") -> torch.Tensor:
     """Read a ground-truth mask as a ``(1, H, W)`` float32 tensor of 0s and 1s.
 
-    Any non-zero pixel (in any channel) is anomalous; the mask is resized with nearest neighbour.
-    ``path=None`` gives an all-zero mask (a normal image).
+    ``resize="nearest"``: any non-zero pixel (in any channel) is anomalous, and the binary mask is
+    resized with nearest neighbour. ``resize="bilinear"``: the mask's 8-bit values (the maximum
+    over channels) are resized bilinearly and a pixel is anomalous above 127.5 (0.5 of 255), as
+    the authors' code does. ``path=None`` gives an all-zero mask (a normal image).
     """
+    if resize not in MASK_RESIZES:
+        raise ValueError(f"mask resize must be one of {MASK_RESIZES}, got {resize!r}")
     h, w = size_hw(image_size)
     if path is None:
         return torch.zeros(1, h, w)
@@ -126,6 +137,13 @@ def load_mask(path: PathLike | None, image_size: SizeLike = 256) -> torch.Tensor
         arr = np.asarray(im)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
+    if resize == "bilinear":
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        gray = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        if gray.size != (w, h):
+            gray = gray.resize((w, h), Image.BILINEAR)
+        return torch.from_numpy((np.asarray(gray) > 127.5).astype(np.float32))[None]
     binary = Image.fromarray((arr > 0).astype(np.uint8) * 255)
     if binary.size != (w, h):
         binary = binary.resize((w, h), Image.NEAREST)

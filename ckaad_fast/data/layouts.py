@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import IMAGE_EXTENSIONS, check_mode, describe, images_in_dir, readable, subdirs, warn_skip
-from .images import SizeLike, load_image, load_mask, norm_stats, size_hw
+from .images import MASK_RESIZES, SizeLike, load_image, load_mask, norm_stats, size_hw
 
 __all__ = ["ImageFileDataset", "MVTecDataset", "VisADataset", "FolderDataset"]
 
@@ -84,6 +84,12 @@ class ImageFileDataset(Dataset):
 
 
 
+def _check_mask_resize(mode: str) -> str:
+    if mode not in MASK_RESIZES:
+        raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, got {mode!r}")
+    return mode
+
+
 def _find_mask(gt_dir: str, stem: str) -> str | None:
     for name in (stem + "_mask", stem):
         for ext in IMAGE_EXTENSIONS:
@@ -107,7 +113,8 @@ class MVTecDataset(ImageFileDataset):
     (``<name>.png`` is also accepted as a mask name, and any of :data:`IMAGE_EXTENSIONS` for both.)
 
     Items are ``(image (3,H,W), label, mask (1,H,W), path)`` with label 0 for ``good`` and 1
-    otherwise; masks of normal images are zeros. ``split="train"`` yields only the normal images
+    otherwise; masks of normal images are zeros; ``mask_resize`` is ``"nearest"`` (ours) or
+    ``"bilinear"`` (the authors' rule; see :func:`~.images.load_mask`). ``split="train"`` yields only the normal images
     of ``train/good``. Attributes: ``paths``, ``labels``, ``mask_paths`` (None for normal images),
     ``defect_types`` (per item, ``"good"`` for normal), ``skipped``.
     """
@@ -121,10 +128,12 @@ class MVTecDataset(ImageFileDataset):
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
         check: str = "verify",
+        mask_resize: str = "nearest",
     ) -> None:
         super().__init__(image_size, mean, std, check)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.mask_resize = _check_mask_resize(mask_resize)
         self.root = os.fspath(root)
         self.category = category
         self.split = split
@@ -192,7 +201,7 @@ class MVTecDataset(ImageFileDataset):
     def __getitem__(self, idx: int):
         path = self.paths[idx]
         image = self._load(path)
-        mask = load_mask(self.mask_paths[idx], self.image_size)
+        mask = load_mask(self.mask_paths[idx], self.image_size, self.mask_resize)
         return image, self.labels[idx], mask, path
 
 
@@ -218,8 +227,10 @@ class VisADataset(ImageFileDataset):
         std: Sequence[float] | None = IMAGENET_STD,
         check: str = "verify",
         csv_path: PathLike | None = None,
+        mask_resize: str = "nearest",
     ) -> None:
         super().__init__(image_size, mean, std, check)
+        self.mask_resize = _check_mask_resize(mask_resize)
         self.root = os.fspath(root)
         self.category = category
         self.split = split
@@ -281,7 +292,8 @@ class VisADataset(ImageFileDataset):
 
     def __getitem__(self, idx: int):
         path = self.paths[idx]
-        return self._load(path), self.labels[idx], load_mask(self.mask_paths[idx], self.image_size), path
+        mask = load_mask(self.mask_paths[idx], self.image_size, self.mask_resize)
+        return self._load(path), self.labels[idx], mask, path
 
 
 class FolderDataset(ImageFileDataset):

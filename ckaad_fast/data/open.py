@@ -8,7 +8,7 @@ from typing import Union
 
 from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from .images import SizeLike
+from .images import MASK_RESIZES, SizeLike
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
 
@@ -33,6 +33,7 @@ def open_dataset(
     category: str | None = None,
     normal_class: str | None = None,
     anomaly_classes: Sequence[str] | None = None,
+    mask_resize: str = "nearest",
 ) -> ImageFileDataset:
     """The ``split`` ("train" or "test") of the data set at ``root`` laid out as ``layout``.
 
@@ -40,15 +41,18 @@ def open_dataset(
     needs ``category``), "folder" (:class:`FolderDataset`, needs ``normal_class``; ``category``,
     when given, is a sub-folder of ``root``; ``anomaly_classes`` defaults to every other class),
     "isic2018" (:class:`~.medical.ISIC2018Dataset`; ``anomaly_classes`` picks some of its six) or
-    "br35h" (:class:`~.medical.Br35HDataset`).
+    "br35h" (:class:`~.medical.Br35HDataset`). ``mask_resize`` ("nearest", ours, or "bilinear", the
+    authors'; see :func:`~.images.load_mask`) applies to the layouts with masks.
     Every error is an :class:`~ckaad_fast.errors.ArgumentError` naming the argument at fault.
     """
     root = _check_layout_arguments(layout, root, category, normal_class, anomaly_classes)
+    if mask_resize not in MASK_RESIZES:
+        raise ArgumentError("mask_resize", f"must be one of {MASK_RESIZES}, got {mask_resize!r}")
     try:
         if layout == "mvtec":
-            return MVTecDataset(root, category, split, image_size, mean, std)
+            return MVTecDataset(root, category, split, image_size, mean, std, mask_resize=mask_resize)
         if layout == "visa":
-            return VisADataset(root, category, split, image_size, mean, std)
+            return VisADataset(root, category, split, image_size, mean, std, mask_resize=mask_resize)
         if layout == "isic2018":
             return ISIC2018Dataset(root, split, image_size, mean, std, anomaly_classes=anomaly_classes)
         if layout == "br35h":

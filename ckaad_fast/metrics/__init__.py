@@ -33,11 +33,12 @@ from .pro import (
     label_regions,
     mean_per_image,
 )
-from .roc import auroc_sorted_negatives, image_auroc, image_f1_acc, pixel_auroc
+from .roc import auroc_sorted_negatives, f1_acc_at, image_auroc, image_f1_acc, pixel_auroc
 
 __all__ = [
     "image_auroc",
     "image_f1_acc",
+    "f1_acc_at",
     "pixel_auroc",
     "aupro",
     "aupro_per_image",

@@ -5,7 +5,7 @@ import numpy as np
 
 from .inputs import image_inputs, pixel_inputs, require_both_pixel_classes
 
-__all__ = ["image_auroc", "pixel_auroc", "image_f1_acc", "auroc_sorted_negatives"]
+__all__ = ["image_auroc", "pixel_auroc", "image_f1_acc", "f1_acc_at", "auroc_sorted_negatives"]
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:
@@ -93,3 +93,18 @@ def image_f1_acc(labels, scores) -> tuple[float, float, float]:
     acc = float(np.mean((s >= threshold) == y))
     return float(f1[best]), acc, float(threshold)
 
+
+
+def f1_acc_at(labels, scores, threshold: float) -> tuple[float, float]:
+    """F1 of "anomalous" and accuracy when ``score >= threshold`` is called anomalous: the numbers
+    of a decision fixed beforehand (on a validation split), not chosen on the scores themselves as
+    :func:`image_f1_acc` chooses its threshold."""
+    y, s = image_inputs(labels, scores)
+    if not np.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    pred = s >= float(threshold)
+    tp = float(np.sum(pred & (y == 1)))
+    fp = float(np.sum(pred & (y == 0)))
+    fn = float(np.sum(~pred & (y == 1)))
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return float(f1), float(np.mean(pred == y))

@@ -18,18 +18,21 @@ from ..models import BACKBONES, backbone_spec
 from ..strategies import STRATEGIES, get_strategy
 from ..validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
-__all__ = ["TrainConfig", "AMP_MODES", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LAYOUT_DEFAULTS",
+__all__ = ["TrainConfig", "AMP_MODES", "PROTOCOLS", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LAYOUT_DEFAULTS",
            "CATEGORY_DEFAULTS", "LOG_NAME",
            "resolve_config"]
 
 AMP_MODES = (None, "bf16", "fp16")
+#: ``"ours"``: this library's choices where they differ from the authors' code on purpose;
+#: ``"reference"``: the authors' behaviour (see :class:`TrainConfig`).
+PROTOCOLS = ("ours", "reference")
 #: The file name of a run's log (one JSON line per epoch) in its output folder.
 LOG_NAME = "log.jsonl"
 
 #: Fields that define the run: a resumed run must have the same values as the checkpoint.
 RUN_FIELDS = (
     "strategy", "backbone", "layers", "image_size", "batch_size", "ae_lr", "d_lr", "lam", "gamma",
-    "alpha", "margin", "clip_norm", "betas", "seed", "topk", "sigma", "elastic_alpha", "elastic_sigma",
+    "alpha", "margin", "clip_norm", "betas", "seed", "topk", "sigma", "elastic_alpha", "elastic_sigma", "protocol",
 )
 
 #: The paper's settings per domain: industrial data (MVTec AD, VisA) and medical class-folder data.
@@ -107,6 +110,14 @@ class TrainConfig(PlainConfig):
         topk: image score = mean of the top-k map values (None: mean of the map, the ISIC protocol).
         sigma: the anomaly map's Gaussian blur.
         elastic_alpha, elastic_sigma: the elastic distortion of the pseudo-anomalies.
+        protocol: where a run may differ from the authors' code, ``"ours"`` (the default) or
+            ``"reference"`` (theirs). With a coarse anomaly set, ours draws full anomaly batches
+            only (``drop_last``), reshuffled at every pass, and weighs the generated features of
+            normal and anomalous inputs alpha : 1 - alpha (Eq. 5-6), so the loss is the paper's
+            whatever the two batch sizes; theirs keeps the last short batch, replays one shuffle
+            for the whole epoch (``itertools.cycle``) and averages over the concatenated batch, so
+            a small anomaly batch weighs less. (The data side, their bilinear mask resize, is the
+            data set's ``mask_resize``; :mod:`ckaad_fast.experiments` sets both.)
     """
 
     _kind = "training configuration"
@@ -137,6 +148,7 @@ class TrainConfig(PlainConfig):
     sigma: float = 4.0
     elastic_alpha: float = 200.0
     elastic_sigma: float = 5.0
+    protocol: str = "ours"
 
     def __post_init__(self):
         check_choice(_KIND, "strategy", self.strategy, STRATEGIES)
@@ -197,6 +209,7 @@ class TrainConfig(PlainConfig):
         if not is_int(self.eval_every) or self.eval_every < 0:
             raise _bad("eval_every", "be an int >= 0", self.eval_every)
         check_topk(_KIND, self.topk, self.image_size)
+        check_choice(_KIND, "protocol", self.protocol, PROTOCOLS)
 
     # -- conversions (to_dict / from_dict come from PlainConfig) ---------------------------------
     def model_config(self) -> ModelConfig:

@@ -24,6 +24,7 @@ uninterrupted run on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -224,7 +225,13 @@ class _EpochBatches:
         if self.anomalies is not None:
             # Global anomaly batch, a multiple of the number of processes.
             a_batch = min(cfg.batch_size, len(self.anomalies)) // world * world
-            anomaly_iter = cycle(epoch_loader(self.anomalies, a_batch, cfg, epoch, 1, drop_last=True, world=world))
+            if cfg.protocol == "reference":
+                # The authors': the last short batch kept, one shuffle replayed all epoch.
+                anomaly_iter = itertools.cycle(epoch_loader(self.anomalies, a_batch, cfg, epoch, 1,
+                                                            drop_last=False, world=world))
+            else:
+                anomaly_iter = cycle(epoch_loader(self.anomalies, a_batch, cfg, epoch, 1, drop_last=True,
+                                                  world=world))
         return loader, anomaly_iter
 
     def split(self, batch, anomaly_iter):
