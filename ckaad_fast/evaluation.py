@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .metrics import evaluate
 
 __all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics", "format_by_defect_type",
-           "defect_types_of", "METRIC_NAMES"]
+           "defect_types_of", "metrics_from_predictions", "METRIC_NAMES"]
 
 # The paper's metrics first, in this order; values are fractions, shown as percentages.
 _PAPER_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image")
@@ -193,10 +193,10 @@ def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", 
         if ddp.is_distributed():
             pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
                                    num_workers=num_workers, distributed=True)
-            return ddp.run_on_main(lambda: _metrics(pred, types))
+            return ddp.run_on_main(lambda: metrics_from_predictions(pred, types))
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
                            num_workers=num_workers)
-    return _metrics(pred, types)
+    return metrics_from_predictions(pred, types)
 
 
 def defect_types_of(dataset) -> list[str] | None:
@@ -211,7 +211,9 @@ def defect_types_of(dataset) -> list[str] | None:
     return None
 
 
-def _metrics(pred: Predictions, types: list[str] | None = None) -> dict:
+def metrics_from_predictions(pred: Predictions, types: list[str] | None = None) -> dict:
+    """The metrics of :func:`evaluate_model` from predictions already made; with ``types`` (each
+    item's defect type, "good" for normal ones: :func:`defect_types_of`) also ``by_defect_type``."""
     out = _flat_metrics(pred)
     if types is not None:
         kinds = np.asarray(types)

@@ -30,6 +30,7 @@ from ckaad_fast.data import (  # noqa: E402
     sample_coarse_anomalies,
 )
 from ckaad_fast.models import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from trees import isic_tree as _isic_tree, jpg as _jpg  # noqa: E402
 from ckaad_fast.data.synthetic import (  # noqa: E402
     DEFECT_TYPES,
     add_defect,
@@ -548,24 +549,6 @@ def test_coarse_anomaly_set_follows_the_papers_protocols(texture_root, tmp_path)
 
 
 # -- the paper's medical layouts ---------------------------------------------------------------------
-def _jpg(path, seed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path, format="JPEG")
-
-
-def _isic_tree(root, split_name, classes_by_image):
-    images = root / f"ISIC2018_Task3_{split_name}_Input"
-    gt = root / f"ISIC2018_Task3_{split_name}_GroundTruth"
-    gt.mkdir(parents=True, exist_ok=True)
-    cols = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
-    lines = ["image," + ",".join(cols)]
-    for i, (name, cls) in enumerate(classes_by_image.items()):
-        _jpg(images / f"{name}.jpg", i)
-        lines.append(name + "," + ",".join("1.0" if c == cls else "0.0" for c in cols))
-    (gt / f"ISIC2018_Task3_{split_name}_GroundTruth.csv").write_text("\n".join(lines) + "\n")
-
-
 def test_isic2018_reads_its_csv_with_nv_normal(tmp_path):
     from ckaad_fast.data import ISIC2018Dataset, open_dataset
 

@@ -24,7 +24,7 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # Subcommand modules, in the order --help lists them.
-_COMMANDS = ("train", "eval", "calibrate", "score", "export", "demo")
+_COMMANDS = ("train", "eval", "calibrate", "score", "export", "experiment", "demo")
 
 # The option that sets each Python argument whose name differs from the option's.
 _FLAGS = {
@@ -32,6 +32,8 @@ _FLAGS = {
     "resume_from": "--out",
     "ratio_labeled": "--ratio-labeled/--num-anomaly-classes",
     "data": "--data/--normal",
+    "num_classes": "--num-anomaly-classes",
+    "table": "TABLE",
 }
 
 

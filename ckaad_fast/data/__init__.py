@@ -21,7 +21,7 @@ from .files import IMAGE_EXTENSIONS, CorruptImageWarning, check_image, is_image_
 from .images import decode_image, load_image, load_mask
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
-from .open import LAYOUTS, open_dataset
+from .open import LAYOUTS, list_categories, open_dataset
 from .splits import VALIDATION_SHARE, carve_validation
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "load_image",
+    "list_categories",
     "load_mask",
     "open_dataset",
     "sample_coarse_anomalies",

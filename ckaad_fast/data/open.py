@@ -8,11 +8,12 @@ from typing import Union
 
 from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from .files import describe, subdirs
 from .images import MASK_RESIZES, SizeLike
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
 
-__all__ = ["LAYOUTS", "open_dataset"]
+__all__ = ["LAYOUTS", "open_dataset", "list_categories"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -92,3 +93,29 @@ def _check_layout_arguments(layout, root, category, normal_class, anomaly_classe
         if not os.path.isdir(root):
             raise ArgumentError("category", f"folder {root!r} does not exist")
     return root
+
+
+def list_categories(layout: str, root: PathLike) -> list[str]:
+    """The categories of an industrial data set, sorted: MVTec's folders holding ``train/good``,
+    VisA's objects in ``split_csv/1cls.csv``. Raises :class:`~ckaad_fast.errors.ArgumentError`
+    (naming ``root``) when there is none."""
+    import csv
+
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise ArgumentError("root", f"folder {root!r} does not exist")
+    if layout == "mvtec":
+        found = [c for c in subdirs(root) if os.path.isdir(os.path.join(root, c, "train", "good"))]
+        expected = "category folders ROOT/<category>/train/good"
+    elif layout == "visa":
+        table = os.path.join(root, "split_csv", "1cls.csv")
+        if not os.path.isfile(table):
+            raise ArgumentError("root", f"VisA split file {table!r} not found; {describe(root)}")
+        with open(table, newline="", encoding="utf-8") as f:
+            found = sorted({(r.get("object") or "").strip() for r in csv.DictReader(f)} - {""})
+        expected = "objects in split_csv/1cls.csv"
+    else:
+        raise ArgumentError("layout", f"categories are listed for layouts mvtec and visa, not {layout!r}")
+    if not found:
+        raise ArgumentError("root", f"no {expected} in {root!r}; {describe(root)}")
+    return found
