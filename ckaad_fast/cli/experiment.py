@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from ._types import positive_float, positive_int, ratio_float
+from ._types import nonneg_int, positive_float, positive_int, ratio_float
 from .train import layer_int
 
 
@@ -42,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "replaced by each category (e.g. ROOT/{category}/coarse_anomalies)")
     g = p.add_argument_group("protocol")
     g.add_argument("--strategies", nargs="+", choices=STRATEGIES, metavar="NAME",
-                   help=f"the rows, among {', '.join(STRATEGIES)} (default: all five; table2: cka_patch)")
+                   help=f"the rows, among {', '.join(STRATEGIES)} (default: table1 recon cka_patch; table2 cka_patch; "
+                        "table3 all five)")
     g.add_argument("--ratios", nargs="+", type=ratio_float, metavar="R_L",
                    help="table1: the ratios r_l of labelled anomalies (default: 0 0.01 0.02 0.05)")
     g.add_argument("--num-anomaly-classes", type=positive_int, default=1, metavar="K",
@@ -64,6 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--ae-lr", type=positive_float, metavar="LR", help="auto-encoder learning rate")
     g.add_argument("--device", metavar="cpu|cuda", help="device to train and score on (default: cpu)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision")
+    g.add_argument("--num-workers", type=nonneg_int, metavar="N",
+                   help="data-loading worker processes per run (JPEG data sets decode every epoch: use several)")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="the experiment's folder (results, table, runs)")
     g.add_argument("--dry-run", action="store_true", help="list the runs the experiment takes, and which are done")
@@ -72,7 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_SETTINGS = ("epochs", "batch_size", "image_size", "backbone", "layers", "weights", "ae_lr", "device", "amp")
+_SETTINGS = ("epochs", "batch_size", "image_size", "backbone", "layers", "weights", "ae_lr", "device", "amp",
+             "num_workers")
 
 
 def build_experiment(args):

@@ -8,7 +8,8 @@ to and the key that marks it finished), by the paper's protocols:
   medical columns): for each r_l > 0 and k = 1, one run per anomaly class j, its labelled
   anomalies drawn from class j only (the mean over j is reported); for k > 1, ``draws`` runs,
   each on k classes drawn at random (draw d always draws the same classes, so every strategy and
-  r_l sees the same draws). r_l = 0 needs no class: one run. A strategy that uses no anomalies
+  r_l sees the same draws). r_l = 0 needs no class: one run (strategies that use anomalies then
+  train on elastic pseudo-anomalies, as ``ckaad-fast train`` does). A strategy that uses no anomalies
   (``recon``) runs once, at the first r_l, since the labelled anomalies cannot change it.
 - **industrial data** (``mvtec``, ``visa``; Table 2, Table 3's MVTec columns): one run per
   category, with the elastic pseudo-anomalies of the paper (or ``anomaly_dir``).
@@ -38,6 +39,9 @@ INDUSTRIAL_LAYOUTS = ("mvtec", "visa")
 TABLE1_RATIOS = (0.0, 0.01, 0.02, 0.05)
 #: Table 3's r_l on class-labelled data (k = 1).
 TABLE3_RATIO = 0.05
+#: The rows of each table by default: Table 1 compares the method with its Recon baseline (the
+#: paper's other rows are other methods), Table 2 is the method alone, Table 3 all five strategies.
+TABLE_STRATEGIES = {"table1": ("recon", "cka_patch"), "table2": ("cka_patch",), "table3": STRATEGIES}
 #: The training settings an experiment may set for all its runs (:class:`~ckaad_fast.training.TrainConfig` fields).
 SETTINGS = ("backbone", "layers", "weights", "image_size", "epochs", "batch_size", "ae_lr", "d_lr", "lam", "gamma",
             "alpha", "margin", "device", "amp", "compile", "num_workers")
@@ -75,7 +79,7 @@ class Experiment:
         categories: industrial layouts: the categories (None: every one found); class folders:
             at most one, a sub-folder of ``root``.
         normal_class: the normal class of ``layout="folder"``.
-        strategies: the rows (None: table1 and table3 every strategy, table2 ``cka_patch``).
+        strategies: the rows (None: :data:`TABLE_STRATEGIES`).
         ratios: the r_l of table1 (None: 0, 1%, 2%, 5%); table3 uses 5%.
         num_classes: k, the number of anomaly classes the labelled anomalies come from.
         draws: with k > 1, the number of random class draws averaged.
@@ -116,7 +120,7 @@ class Experiment:
         self.categories = None if self.categories is None else tuple(self.categories)
         if self.categories is not None and self.layout in CLASS_LAYOUTS and len(self.categories) > 1:
             raise ArgumentError("categories", "a class-labelled data set takes at most one category (a sub-folder)")
-        default = ("cka_patch",) if self.table == "table2" else STRATEGIES
+        default = TABLE_STRATEGIES.get(self.table, STRATEGIES)
         self.strategies = tuple(self.strategies or default)
         for s in self.strategies:
             get_strategy(s)

@@ -43,7 +43,10 @@ def _cell(v):
 
 def result_rows(rows: list[dict]) -> list[dict]:
     """One flat dict per run (the columns of results.csv)."""
-    return [{k: _cell(r.get(k)) for k in _FLAT} for r in rows]
+    out = [{k: _cell(r.get(k)) for k in _FLAT} for r in rows]
+    for flat, r in zip(out, rows):
+        flat["image_size"] = "x".join(str(v) for v in r.get("image_size") or ())
+    return out
 
 
 def by_defect_rows(rows: list[dict]) -> list[dict]:
