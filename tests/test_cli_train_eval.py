@@ -136,3 +136,17 @@ def test_resume_keeps_eval_and_every_other_option_of_the_run(root, tmp_path):
                  "--epochs", "3", "--no-eval", "--quiet"]) == 0
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [("eval" in r) for r in records] == [True, True, False]
+
+
+def test_train_protocol_and_eval_mask_resize_options(tmp_path):
+    from ckaad_fast.cli import build_parser
+    from ckaad_fast.cli.train import build_config
+
+    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "o"),
+                                      "--protocol", "reference"])
+    assert build_config(args).protocol == "reference"
+    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "o")])
+    assert build_config(args).protocol == "ours"
+    args = build_parser().parse_args(["eval", "--checkpoint", "c.pt", "--data", str(tmp_path), "--category", "x",
+                                      "--mask-resize", "bilinear"])
+    assert args.mask_resize == "bilinear"

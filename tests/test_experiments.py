@@ -262,3 +262,34 @@ def test_reference_protocol_averages_generated_terms_over_the_concatenated_batch
     # Ours: alpha = 0.5 of normal and anomalous inputs' reconstructions, two terms (4 and 1 images);
     # theirs: one mean over the five, so the single anomalous image weighs 1/5.
     assert seen == {"ours": [4, 1], "reference": [5]}
+
+
+def _industrial_row(seed, category, auc, strategy="cka_patch"):
+    return {"run_id": f"{category}-{strategy}-{seed}", "seed": seed, "strategy": strategy, "ratio_labeled": 0.0,
+            "anomaly_classes": [], "category": category, "image_auroc": auc, "pixel_auroc": auc, "aupro": auc,
+            "aupro_per_image": auc}
+
+
+def test_table2_rows_are_categories_with_their_mean(tmp_path):
+    rows = [_industrial_row(0, "bottle", 0.9), _industrial_row(0, "cable", 0.7),
+            _industrial_row(1, "bottle", 1.0), _industrial_row(1, "cable", 0.8)]
+    md = markdown(Experiment("table2", "mvtec", str(tmp_path), seeds=(0, 1)), rows)
+    assert "| Category | I-AUROC | P-AUROC | PRO (FPR≤0.3) | PRO (per image) |" in md
+    assert "| bottle | 95.00 ± 7.07 |" in md and "| cable | 75.00 ± 7.07 |" in md
+    # The mean over the categories of each seed (0.8, 0.9), then over seeds.
+    assert "| **Mean** | 85.00 ± 7.07 |" in md
+    md3 = markdown(Experiment("table3", "mvtec", str(tmp_path), strategies=("cka_patch",)), rows[:2])
+    assert "| CKAPatch | 80.00 | 80.00 | 80.00 | 80.00 |" in md3
+
+
+def test_the_reference_protocol_reaches_the_training_and_the_masks(texture_root, monkeypatch):
+    from ckaad_fast.experiments import single
+
+    exp = Experiment("table3", "mvtec", str(texture_root), protocol="reference", settings=TINY)
+    spec = RunSpec("brick", "cka_patch", 0.0, (), 5)
+    cfg = single.run_config(exp, spec)
+    assert (cfg.protocol, cfg.seed, cfg.strategy, cfg.epochs, cfg.eval_every) == ("reference", 5, "cka_patch", 1, 0)
+    train_set, anomalies, valid, test = single._run_data(exp, spec, cfg)
+    assert anomalies is None and valid is None and test.mask_resize == "bilinear"
+    ours = Experiment("table3", "mvtec", str(texture_root), settings=TINY)
+    assert single._run_data(ours, spec, single.run_config(ours, spec))[3].mask_resize == "nearest"
