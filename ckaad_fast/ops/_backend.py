@@ -91,3 +91,21 @@ def use_triton(t: torch.Tensor) -> bool:
             "TRITON_INTERPRET=1 before importing ckaad_fast, or use backend 'auto'"
         )
     return False
+
+
+def eager_cpu_path(tensors) -> bool:
+    """Whether a loss on ``tensors`` may run as a plain ``torch.autograd.Function`` instead of its
+    ``custom_op``: CPU tensors on the PyTorch path, in plain eager mode (not traced by
+    ``torch.compile``/``torch.export``, no functorch transform, no dispatch mode such as
+    make_fx's or FakeTensor's, no tensor subclass). The two compute the same thing; the
+    Function skips the Python of the autograd wrapper ``custom_op`` generates (150-300 µs per
+    forward + backward, measured), which is the whole cost of a loss over small score maps.
+    Anything that traces still sees the registered op."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    t = tensors[0]
+    if t.device.type != "cpu" or use_triton(t) or torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(type(x) is torch.Tensor for x in tensors)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels.dtypes import acc_dtype
-from ._backend import energy_kernels, use_triton
+from ._backend import eager_cpu_path, energy_kernels, use_triton
 from .checks import check_float_tensor, real_arg
 from ._layout import flat_in_memory_order
 
@@ -92,6 +93,67 @@ def _backward(ctx, grad):
 _energy_op.register_autograd(_backward, setup_context=_setup)
 
 
+# --------------------------------------------------------------------------------------------
+# The eager CPU path: the same loss as one autograd.Function over all terms at once
+# --------------------------------------------------------------------------------------------
+# (numels, weights, high, dtype) -> (slope a_i, offset b): loss = sum_i a_i * N1_i + b, where N1_i
+# is the L1 norm of term i's scores (low terms) or of their clamp to [-margin, margin] (high
+# terms, since max(0, m - |s|) = m - min(|s|, m)).
+_PLANS: dict[tuple, tuple[torch.Tensor, float]] = {}
+_MAX_PLANS = 64
+
+
+def _plan(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float, acc: torch.dtype):
+    key = (tuple(s.numel() for s in scores), tuple(weights), tuple(high), margin, acc)
+    plan = _PLANS.get(key)
+    if plan is None:
+        slopes = torch.tensor([(-w if h else w) / s.numel() for s, w, h in zip(scores, weights, high)], dtype=acc)
+        offset = float(sum(w * margin for w, h in zip(weights, high) if h))
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = (slopes, offset)
+    return plan
+
+
+class _EagerEnergy(torch.autograd.Function):
+    """:func:`_energy_op` and its backward for CPU tensors in eager mode, in the fewest PyTorch
+    passes over each score tensor: forward one L1 norm (low terms) or a clamp and an L1 norm
+    (high terms), reduced into the loss by one dot product; backward sign, scale and (high
+    terms) the clamp's mask. No ``custom_op`` wrapper runs (see :func:`._backend.eager_cpu_path`);
+    the values and gradients are the op's."""
+
+    @staticmethod
+    def forward(ctx, margin: float, high: tuple, slopes: torch.Tensor, offset: float, *scores: torch.Tensor):
+        acc = slopes.dtype
+        xs = [s if s.dtype == acc else s.to(acc) for s in scores]
+        norms = torch.stack([torch.linalg.vector_norm(F.hardtanh(x, -margin, margin) if h else x, 1)
+                             for x, h in zip(xs, high)])
+        ctx.save_for_backward(slopes, *xs)
+        ctx.margin, ctx.high, ctx.dtypes = margin, high, [s.dtype for s in scores]
+        return torch.dot(norms, slopes) + offset
+
+    @staticmethod
+    def backward(ctx, grad):
+        slopes, *xs = ctx.saved_tensors
+        coef = (slopes * grad).unbind()
+        m = ctx.margin
+        grads = []
+        for x, h, c, dtype in zip(xs, ctx.high, coef, ctx.dtypes):
+            g = torch.sign(x).mul_(c)  # d|s|/ds = sign(s): 0 at 0 and at NaN, as autograd's abs backward
+            if h:  # d min(|s|, m)/ds passes only where |s| < m (hardtanh's backward)
+                g = torch.ops.aten.hardtanh_backward(g, x, -m, m)
+            grads.append(g if g.dtype == dtype else g.to(dtype))
+        return (None, None, None, None, *grads)
+
+
+def _energy(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float) -> torch.Tensor:
+    """The loss through the eager CPU Function where it may run, else the registered op."""
+    if eager_cpu_path(scores):
+        slopes, offset = _plan(scores, weights, high, margin, acc_dtype(scores[0].dtype))
+        return _EagerEnergy.apply(margin, tuple(high), slopes, offset, *scores)
+    return _energy_op(scores, weights, high, margin)
+
+
 def _check_scores(groups: dict[str, list]) -> list:
     """Check each layer's score tensor, naming it; return them all, in order, as one list."""
     scores = []
@@ -116,7 +178,7 @@ def energy_hinge_loss(scores: torch.Tensor, high: bool, margin: float = 5.0) -> 
     check_float_tensor(scores, "scores")
     if scores.numel() == 0:
         raise ValueError(f"scores is empty (shape {tuple(scores.shape)}): the mean is undefined")
-    return _energy_op([scores], [1.0], [bool(high)], real_arg(margin, "margin"))
+    return _energy([scores], [1.0], [bool(high)], real_arg(margin, "margin"))
 
 
 def _as_layers(x, name: str) -> list:
@@ -154,10 +216,10 @@ def discriminator_loss(
     scores = _check_scores({"s_normal": normal, "s_anomalous": anomalous, "s_generated": generated})
     weights = [1.0] * L + [1.0 - gamma] * L + [float(gamma)] * L
     high = [False] * L + [True] * 2 * L
-    return _energy_op(scores, weights, high, float(margin))
+    return _energy(scores, weights, high, float(margin))
 
 
 def generator_loss(s_generated: Sequence[torch.Tensor]) -> torch.Tensor:
     r"""The auto-encoder's adversarial loss, Eq. 12: :math:`\sum_s \mathrm{mean}|\tilde s|` over layers."""
     scores = _check_scores({"s_generated": _as_layers(s_generated, "s_generated")})
-    return _energy_op(scores, [1.0] * len(scores), [False] * len(scores), 5.0)
+    return _energy(scores, [1.0] * len(scores), [False] * len(scores), 5.0)

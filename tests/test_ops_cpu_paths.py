@@ -1,0 +1,90 @@
+"""The CPU paths' two shortcuts: the eager autograd.Function of the energy losses (the op's
+values and gradients, and the registered op whenever something traces) and the reused gradient
+buffers of the reconstruction loss (never a buffer someone still holds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ckaad_fast.ops as ops
+from ckaad_fast.ops import _buffers, energy
+
+
+def _scores(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n, h, scale: (scale * torch.randn(n, 1, h, h + 1, generator=g)).to(dtype).requires_grad_()  # noqa: E731
+    sn = [make(3, 5, 1.0), make(3, 2, 1.0)]
+    sa = [make(2, 5, 6.0), make(2, 2, 6.0)]
+    sg = [make(5, 5, 6.0), make(5, 2, 6.0).transpose(2, 3)]  # one non-contiguous
+    with torch.no_grad():
+        sa[0][0, 0, 0, 0] = 5.0  # exactly the margin: relu's kink
+        sn[1][0, 0, 0, 0] = 0.0  # abs's kink
+    return sn, sa, sg
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_eager_energy_path_equals_the_registered_op(dtype):
+    sn, sa, sg = _scores(dtype)
+    leaves = sn + sa + sg
+    fast = ops.discriminator_loss(sn, sa, sg, gamma=0.3, margin=5.0)
+    assert type(fast.grad_fn).__name__ == "_EagerEnergyBackward"
+    slow = energy._energy_op(leaves, [1.0] * 2 + [0.7] * 2 + [0.3] * 2, [False] * 2 + [True] * 4, 5.0)
+    assert "ckaad_fast" in type(slow.grad_fn).__name__ or slow.grad_fn is not None
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fast, leaves), torch.autograd.grad(slow, leaves)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    gen = ops.generator_loss(sg)
+    torch.testing.assert_close(gen, sum(s.float().abs().mean() if dtype != torch.float64 else s.abs().mean()
+                                        for s in sg).to(gen.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_eager_energy_path_gradcheck():
+    sn, sa, sg = _scores(torch.float64, seed=3)
+    with torch.no_grad():
+        sa[0][0, 0, 0, 0] = 4.0  # away from the kinks, where finite differences hold
+        sn[1][0, 0, 0, 0] = 0.5
+    assert torch.autograd.gradcheck(lambda *t: ops.discriminator_loss(t[:2], t[2:4], t[4:]), sn + sa + sg)
+
+
+def test_tracing_sees_the_registered_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    s = torch.randn(2, 1, 4, 4)
+    graph = make_fx(lambda x: ops.generator_loss([x]))(s)
+    assert "ckaad_fast.energy_loss" in str(graph.graph)
+    compiled = torch.compile(lambda x: ops.discriminator_loss([x], [x * 2], [x * 3]), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(s), ops.discriminator_loss([s], [s * 2], [s * 3]))
+
+
+def test_reused_gradient_buffers_never_change_a_gradient_still_held():
+    shapes = [(2, 64, 64, 64), (2, 128, 16, 16)]  # 2 MiB and 256 KiB (below the reuse size) per sample set
+    g = torch.Generator().manual_seed(0)
+    make = lambda grad=True: [torch.randn(*s, generator=g).requires_grad_(grad) for s in shapes]  # noqa: E731
+    # Only the reconstructions need a gradient, as in training: one buffer per layer and call.
+    xs, ys = make(), make(False)
+    kept = torch.autograd.grad(ops.cosine_reconstruction_loss(ys, xs), xs)
+    snapshot = [k.clone() for k in kept]
+    xs2, ys2 = make(), make(False)
+    other = torch.autograd.grad(ops.cosine_reconstruction_loss(ys2, xs2), xs2)
+    for k, s in zip(kept, snapshot):
+        assert torch.equal(k, s)  # the held gradient was not written over
+    assert kept[0].data_ptr() != other[0].data_ptr()
+    # Once dropped, its buffer is written again, and the new gradient is right.
+    ptr = other[0].data_ptr()
+    del other
+    third = torch.autograd.grad(ops.cosine_reconstruction_loss(ys2, xs2), xs2)
+    assert third[0].data_ptr() == ptr
+    expected = torch.autograd.grad(sum((1 - torch.nn.functional.cosine_similarity(
+        x.flatten(1), y.flatten(1), dim=1, eps=1e-8)).mean() for x, y in zip(xs2, ys2)), xs2)
+    for a, b in zip(third, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    ops.release_buffers()
+    assert not _buffers._cache
+
+
+def test_small_or_non_cpu_buffers_are_not_cached():
+    ops.release_buffers()
+    t = _buffers.reusable_empty((10, 10), torch.float32, "cpu")
+    assert t.shape == (10, 10) and not _buffers._cache
