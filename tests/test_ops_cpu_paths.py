@@ -88,3 +88,25 @@ def test_small_or_non_cpu_buffers_are_not_cached():
     ops.release_buffers()
     t = _buffers.reusable_empty((10, 10), torch.float32, "cpu")
     assert t.shape == (10, 10) and not _buffers._cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_long_rows_take_the_chunked_dots_and_match_the_definition(dtype):
+    from ckaad_fast.ops import cosine
+
+    g = torch.Generator().manual_seed(1)
+    n = cosine._DOT_CHUNK * 2 + 7  # chunks, and a short last one
+    x = torch.randn(3, n, generator=g, dtype=torch.float64)
+    y = (x + 0.3 * torch.randn(3, n, generator=g, dtype=torch.float64))
+    sums = cosine._flat_sums_torch(x.to(dtype), y.to(dtype))
+    xr, yr = x.to(dtype).double(), y.to(dtype).double()
+    expected = torch.stack([(xr * yr).sum(1), (xr * xr).sum(1), (yr * yr).sum(1)], 1)
+    assert sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
+    xs = x.view(3, 1, 1, n).to(dtype).requires_grad_()
+    loss = ops.cosine_reconstruction_loss([xs], [y.view(3, 1, 1, n).to(dtype)])
+    ref = (1 - torch.nn.functional.cosine_similarity(xr, yr, dim=1, eps=1e-8)).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-10 if dtype == torch.float64 else 1e-5,
+                               atol=1e-12 if dtype == torch.float64 else 5e-6)  # 1 - cos of float32 sums
+    loss.backward()
+    assert xs.grad.dtype == dtype and xs.grad.shape == xs.shape
