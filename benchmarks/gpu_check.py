@@ -354,7 +354,7 @@ def time_scorer_and_training(chk: Check, device, smoke: bool, csv_rows: list, de
 
     if smoke:
         models = [("resnet18", (1, 2), 64, 2)]
-        configs = [("Scorer fp32 eager", {})]
+        configs = [("Scorer fp32 eager", {"dtype": "float32"})]
     else:
         models = [("resnet18", (2, 3), 256, 128), ("wide_resnet50_2", (1, 2, 3), 256, 128)]
         configs = [

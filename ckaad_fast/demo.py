@@ -171,7 +171,8 @@ def _score(run: dict, device, progress) -> dict:
 
     test_set, image_size = run["test_set"], run["config"].image_size
     _say(f"[3/4] scoring the {len(test_set)} test images with the trained checkpoint", progress)
-    scorer = Scorer.from_checkpoint(run["result"].checkpoint, device=device, batch_size=16)
+    # float32 whatever the CPU: the demo's numbers are the README's on every machine.
+    scorer = Scorer.from_checkpoint(run["result"].checkpoint, device=device, dtype="float32", batch_size=16)
     results = list(scorer.score_paths(test_set.paths, return_maps=True, return_images=True))
     bad = [r for r in results if not r.ok]
     if bad:

@@ -66,7 +66,7 @@ def model_forward(model, paths):
 
 # ------------------------------------------------------------------------------------------------
 def test_call_equals_model_forward(model):
-    scorer = Scorer(tiny_model())
+    scorer = Scorer(tiny_model(), dtype="float32")
     x = torch.randn(3, 3, SIZE, SIZE)
     s, m = scorer(x)
     with torch.inference_mode():
@@ -79,7 +79,7 @@ def test_call_equals_model_forward(model):
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_score_paths_equals_model_forward_in_input_order(model, ckpt, images, num_workers):
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=3, num_workers=num_workers)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=3, num_workers=num_workers)
     order = images[::-1]  # not sorted: results must follow the order given
     results = list(scorer.score_paths(order))
     assert [r.path for r in results] == order
@@ -92,14 +92,14 @@ def test_score_paths_equals_model_forward_in_input_order(model, ckpt, images, nu
 
 def test_score_folder_and_no_maps(ckpt, images):
     folder = os.path.dirname(images[0])
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=4, num_workers=0)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=4, num_workers=0)
     res = list(scorer.score_folder(folder, return_maps=False))
     assert [r.path for r in res] == sorted(images)
     assert all(r.map is None and r.score is not None for r in res)
 
 
 def test_padding_never_leaks(model, ckpt, images, monkeypatch):
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=4, num_workers=0, pad_batches=True)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=4, num_workers=0, pad_batches=True)
     seen = []
     run = scorer._run
 
@@ -120,12 +120,12 @@ def test_padding_never_leaks(model, ckpt, images, monkeypatch):
 
 
 def test_pad_repeats_the_last_image():
-    scorer = Scorer(tiny_model(), batch_size=5, pad_batches=True)
+    scorer = Scorer(tiny_model(), dtype="float32", batch_size=5, pad_batches=True)
     x = torch.randn(2, 3, SIZE, SIZE)
     p = scorer._pad(x)
     assert p.shape[0] == 5
     assert torch.equal(p[:2], x) and all(torch.equal(p[i], x[1]) for i in range(2, 5))
-    assert Scorer(tiny_model(), batch_size=5)._pad(x) is x  # off by default on the CPU without compile
+    assert Scorer(tiny_model(), dtype="float32", batch_size=5)._pad(x) is x  # off by default on the CPU without compile
 
 
 def test_bad_files_are_reported_and_the_rest_scored(model, ckpt, images, tmp_path):
@@ -138,7 +138,7 @@ def test_bad_files_are_reported_and_the_rest_scored(model, ckpt, images, tmp_pat
     text.write_text("hello")
     missing = tmp_path / "missing.png"
     paths = [images[0], str(corrupt), images[1], str(truncated), str(missing), str(text), images[2]]
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=2, num_workers=1)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=2, num_workers=1)
     results = list(scorer.score_paths(paths))
     assert [r.path for r in results] == paths
     assert [r.ok for r in results] == [True, False, True, False, False, False, True]
@@ -152,13 +152,13 @@ def test_bad_files_are_reported_and_the_rest_scored(model, ckpt, images, tmp_pat
 
 
 def test_all_bad_batch(ckpt, tmp_path):
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=2, num_workers=0)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=2, num_workers=0)
     res = list(scorer.score_paths([tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]))
     assert [r.ok for r in res] == [False, False, False]
 
 
 def test_empty_inputs_raise_clear_errors(ckpt, tmp_path):
-    scorer = Scorer.from_checkpoint(ckpt)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
     with pytest.raises(ValueError, match="no image paths"):
         scorer.score_paths([])
     (tmp_path / "empty").mkdir()
@@ -220,25 +220,30 @@ def test_cpu_options_are_checked():
         s(torch.randn(3, SIZE, SIZE))
     with pytest.raises(TypeError, match="floating"):
         s(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
-    assert s.dtype == torch.float32 and "efficientnet_lite0" in repr(s)
+    # auto: bfloat16 where the CPU multiplies it in hardware, float32 elsewhere; repr says which.
+    from ckaad_fast.scoring.device import cpu_has_bf16_matmul
+
+    assert s.dtype == (torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32) and "efficientnet_lite0" in repr(s)
+    assert f"dtype={str(s.dtype).removeprefix('torch.')}" in repr(s)
+    assert Scorer(m, dtype="float32").dtype == torch.float32
 
 
 def test_topk_override(model):
     x = torch.randn(2, 3, SIZE, SIZE)
-    s1, m = Scorer(model, topk=1)(x)
+    s1, m = Scorer(model, dtype="float32", topk=1)(x)
     torch.testing.assert_close(s1, m.flatten(1).max(1).values)
-    sm, m = Scorer(model, topk="mean")(x)
+    sm, m = Scorer(model, dtype="float32", topk="mean")(x)
     torch.testing.assert_close(sm, m.flatten(1).mean(1))
 
 
 def test_stream_does_not_leak_inference_mode(ckpt, images):
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=2, num_workers=0)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=2, num_workers=0)
     modes = [torch.is_inference_mode_enabled() for _ in scorer.score_paths(images[:4], return_maps=False)]
     assert modes == [False] * 4
 
 
 def test_early_stop_shuts_down_workers(ckpt, images):
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=2, num_workers=1)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=2, num_workers=1)
     stream = scorer.score_paths(images)
     first = next(stream)
     stream.close()  # must neither hang nor raise
@@ -246,7 +251,7 @@ def test_early_stop_shuts_down_workers(ckpt, images):
 
 
 def test_on_batch_and_images(ckpt, images):
-    scorer = Scorer.from_checkpoint(ckpt, batch_size=3, num_workers=0)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32", batch_size=3, num_workers=0)
     calls = []
     res = list(scorer.score_paths(images, return_images=True, on_batch=lambda: calls.append(1)))
     assert len(calls) == 3  # 7 images in batches of 3
@@ -273,7 +278,7 @@ def test_decode_matches_load_image(kind, tmp_path, model):
     im.save(path)
     cfg = model.config
     ref = load_image(path, SIZE, cfg.mean, cfg.std)
-    scorer = Scorer(model)
+    scorer = Scorer(model, dtype="float32")
     raw = decode_image(path, SIZE)
     got = scorer.normalise(raw[None])[0]
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
@@ -285,7 +290,7 @@ def test_decode_matches_load_image(kind, tmp_path, model):
 @pytest.mark.skipif(not os.environ.get("CKAAD_FAST_SLOW_TESTS"), reason="torch.compile takes ~1 min on 2 cores; set CKAAD_FAST_SLOW_TESTS=1")
 def test_compile_matches_eager(model, images):
     torch._dynamo.reset()
-    scorer = Scorer(model, compile=True, batch_size=4, num_workers=0)
+    scorer = Scorer(model, dtype="float32", compile=True, batch_size=4, num_workers=0)
     assert scorer.pad_batches
     with torch._dynamo.config.patch(error_on_recompile=True):  # the padded last batch reuses the graph
         res = list(scorer.score_paths(images))
@@ -298,8 +303,8 @@ def test_mixed_precision_forward_runs_the_fused_ops_on_bf16_features(model, monk
     """The GPU's autocast path, exercised on the CPU: bf16 features and reconstructions go
     through the fused map and score, which come out in float32 and close to the fp32 result."""
     x = torch.randn(2, 3, SIZE, SIZE)
-    s32, m32 = Scorer(model)(x)
-    scorer = Scorer(model)
+    s32, m32 = Scorer(model, dtype="float32")(x)
+    scorer = Scorer(model, dtype="float32")
     monkeypatch.setattr(scorer, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     s16, m16 = scorer(x)
     assert s16.dtype == torch.float32 and m16.dtype == torch.float32
@@ -308,7 +313,8 @@ def test_mixed_precision_forward_runs_the_fused_ops_on_bf16_features(model, monk
 
 
 def test_bfloat16_on_the_cpu_scores_like_float32(model, images):
-    """Opt-in on the CPU (autocast, channels_last): close to float32, maps and scores in float32."""
+    """bfloat16 on the CPU (autocast, channels_last; auto picks it where the CPU has bf16 units):
+    close to float32, maps and scores in float32."""
     cfg = model.config
     x = torch.stack([load_image(p, SIZE, cfg.mean, cfg.std) for p in images])
     s32, m32 = Scorer(model, dtype="float32")(x)

@@ -96,10 +96,11 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="compute dtype of the backbone and auto-encoder: auto (default) is bfloat16 on "
-                        "a GPU (autocast) and float32 on the CPU; bfloat16 on the CPU is about twice as "
-                        "fast where it has AMX or AVX-512 BF16 units (scores within about 1e-2 relative); "
-                        "float16 needs a GPU. Maps and scores are always computed in float32")
+                   help="compute dtype of the backbone and auto-encoder: auto (default) is bfloat16 "
+                        "(autocast) on a GPU and on a CPU with AMX or AVX-512 BF16 units (about 3x faster there, "
+                        "scores within about 1e-2 relative), float32 on other CPUs; float32 gives the same "
+                        "scores on every CPU; float16 needs a GPU. The dtype used is in OUT/run.json. Maps "
+                        "and scores are always computed in float32")
     p.add_argument("--compile", action="store_true",
                    help="build the forward with torch.compile (a one-off compilation of a minute or more; "
                         "worth it for large runs)")

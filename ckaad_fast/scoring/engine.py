@@ -19,8 +19,9 @@ from a static input buffer. When shapes are static (compile or CUDA graphs), a s
 last one of a stream, or one with unreadable files left out) is padded to ``batch_size`` by
 repeating its last image, and the padding's results are dropped before anything is returned.
 
-On the CPU the same API runs the CPU paths of the ops; the backbone and auto-encoder in float32, or
-in bfloat16 autocast (channels_last) when asked for.
+On the CPU the same API runs the CPU paths of the ops; the backbone and auto-encoder in bfloat16
+autocast (channels_last) where the CPU has bfloat16 matrix units, else (or with dtype="float32")
+in float32.
 """
 from __future__ import annotations
 
@@ -77,10 +78,10 @@ class Scorer:
     Args:
         model: the detector (moved to ``device`` and put in eval mode; not copied).
         device: "cpu" or "cuda[:N]".
-        dtype: compute dtype of the backbone and the auto-encoder: None/"auto" (bfloat16 on CUDA,
-            float32 on the CPU), "float32", "bfloat16" (autocast; on the CPU too, about twice as
-            fast where it has bfloat16 matrix units, see :func:`~.device.resolve_dtype`) or
-            "float16" (CUDA only). Maps and scores are float32 whatever the dtype.
+        dtype: compute dtype of the backbone and the auto-encoder: None/"auto" (bfloat16 on CUDA
+            and on a CPU with bfloat16 matrix units, float32 on other CPUs; see
+            :func:`~.device.resolve_dtype`), "float32", "bfloat16" (autocast) or "float16" (CUDA
+            only). Maps and scores are float32 whatever the dtype.
         compile: build the forward with ``torch.compile(fullgraph=True, dynamic=False)``.
         cuda_graphs: capture the forward into a CUDA graph per batch shape (CUDA only).
         batch_size: images per batch for :meth:`score_paths`.
