@@ -245,7 +245,9 @@ def _flat_grads(x, y, coef, need_x: bool, need_y: bool):
         xa, ya = x2d.to(acc), y2d.to(acc)
 
         def out():  # float32/64 gradients go to a reused buffer: fresh pages cost more than the math
-            return reusable_empty(x2d.shape, acc, x2d.device) if x2d.dtype == acc else None
+            # (not while autograd records, as under create_graph=True: out= has no derivative)
+            reuse = x2d.dtype == acc and not torch.is_grad_enabled()
+            return reusable_empty(x2d.shape, acc, x2d.device) if reuse else None
 
         gx2d = torch.mul(xa, coef[:, 1:2], out=out()).addcmul_(ya, coef[:, 0:1]).to(x.dtype) if need_x else None
         gy2d = torch.mul(ya, coef[:, 2:3], out=out()).addcmul_(xa, coef[:, 0:1]).to(y.dtype) if need_y else None

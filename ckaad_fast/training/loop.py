@@ -149,6 +149,9 @@ def _check_inputs(cfg: TrainConfig, train_set, anomaly_set, eval_set, world: int
                          f"of the number of processes ({world}): each takes batch_size / {world} images")
     if anomaly_set is not None and len(anomaly_set) == 0:
         raise ValueError("anomaly_set is empty: pass None to use elastic pseudo-anomalies")
+    if cfg.protocol == "reference" and world > 1 and cfg.uses_anomalies and anomaly_set is not None:
+        raise ValueError("TrainConfig.protocol 'reference' runs on one process: its short last anomaly batch "
+                         f"cannot be split over {world} processes (use protocol 'ours' under torchrun)")
     own_pseudo = isinstance(anomaly_set, PseudoAnomalyDataset) and anomaly_set.normal_dataset is train_set
     if cfg.uses_anomalies and anomaly_set is not None and len(anomaly_set) < world and not own_pseudo:
         raise ValueError(f"anomaly_set has {len(anomaly_set)} images, fewer than the {world} processes: "
