@@ -183,7 +183,7 @@ def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", 
     rank 0 and every rank returns them (an error there is raised on every rank).
 
     ``by_defect_type=True`` adds ``by_defect_type``: for each anomaly type of the data set (MVTec's
-    test sub-folders, the classes of class-labelled sets; see :func:`defect_types_of`) the same
+    test sub-folders, VisA's ``image_anno.csv`` labels, the classes of class-labelled sets; see :func:`defect_types_of`) the same
     metrics on its images and the normal ones: which defects the model finds, the paper's question
     (the coarse anomalies' type is seen in training, the others are not)."""
     types = defect_types_of(dataset) if by_defect_type else None
@@ -202,7 +202,7 @@ def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", 
 def defect_types_of(dataset) -> list[str] | None:
     """Each item's defect type, "good" for normal ones: MVTec's ``defect_types``, or the
     ``classes`` of a class-labelled set (its normal class as "good"); None where the data set
-    does not say (VisA's split file)."""
+    does not say (VisA without its ``image_anno.csv``)."""
     if getattr(dataset, "defect_types", None) is not None:
         return list(dataset.defect_types)
     classes, normal = getattr(dataset, "classes", None), getattr(dataset, "normal_class", None)

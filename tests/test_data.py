@@ -340,6 +340,30 @@ def test_visa(texture_root, tmp_path):
         VisADataset(root, "pcb1", "train", csv_path=root / "split_csv" / "bad.csv")
 
 
+def test_visa_defect_types_come_from_image_anno_csv(texture_root, tmp_path):
+    from ckaad_fast.evaluation import defect_types_of
+
+    root = _visa_from(texture_root, tmp_path)
+    assert VisADataset(root, "pcb1", "test", image_size=32).defect_types is None  # no image_anno.csv
+    with open(root / "split_csv" / "1cls.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["object"] == "pcb1"]
+    anomalous = [r["image"] for r in rows if r["label"] == "anomaly"]
+    with open(root / "pcb1" / "image_anno.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "mask"])
+        for r in rows:
+            if r["label"] == "normal":
+                w.writerow([r["image"], "normal", ""])
+        for i, img in enumerate(anomalous):
+            w.writerow([img, "bent" if i == 0 else "melt, scratch", ""])
+    test = VisADataset(root, "pcb1", "test", image_size=32)
+    by_path = dict(zip(test.paths, test.defect_types))
+    assert by_path[str(root / anomalous[0])] == "bent"
+    assert {by_path[str(root / a)] for a in anomalous[1:]} == {"melt, scratch"}
+    assert [t for t, lab in zip(test.defect_types, test.labels) if lab == 0] == ["good"] * 3
+    assert defect_types_of(test) == test.defect_types
+
+
 def _folder_from(texture_root, tmp_path, n_per_class=None):
     """Class folders: NORMAL from train/good, anomaly classes from the defect types (jpg, nested)."""
     root = tmp_path / "med"

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Evaluate a checkpoint written by `ckaad-fast train` on the test split of a data set: "
                     "image AUROC, best F1 and its accuracy, and, where masks exist, pixel AUROC and AUPRO "
                     "(standard and the reference code's per-image protocol); then the same for each defect "
-                    "type (MVTec's test sub-folders, the anomaly classes of class folders) against the normal "
+                    "type (MVTec's test sub-folders, VisA's image_anno.csv labels, the anomaly classes of class folders) "
+                    "against the normal "
                     "images.",
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH",

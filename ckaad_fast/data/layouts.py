@@ -212,7 +212,9 @@ class VisADataset(ImageFileDataset):
     ``object,split,label,image,mask``; ``label`` is ``normal`` or ``anomaly``; ``image`` and
     ``mask`` are paths relative to ``root`` (``mask`` is empty for normal images). Items are
     ``(image, label, mask, path)`` as for :class:`MVTecDataset`. ``split`` is matched against the
-    csv's ``split`` column (``train`` or ``test`` in VisA's 1cls split).
+    csv's ``split`` column (``train`` or ``test`` in VisA's 1cls split). Where VisA's own
+    ``root/<category>/image_anno.csv`` is there too, ``defect_types`` holds each test image's
+    defect label from it (for the per-defect-type metrics of ``ckaad-fast eval``).
     """
 
     COLUMNS = ("object", "split", "label", "image", "mask")
@@ -289,11 +291,27 @@ class VisADataset(ImageFileDataset):
         self.paths = [it[0] for it in kept]
         self.labels = [it[1] for it in kept]
         self.mask_paths = [it[2] for it in kept]
+        #: Each item's defect type ("good" for normal ones) from VisA's ``<category>/image_anno.csv``
+        #: (its ``label`` column, e.g. "chunk of wax missing"), or None without that file.
+        self.defect_types = _visa_defect_types(self.root, category, self.paths, self.labels)
 
     def __getitem__(self, idx: int):
         path = self.paths[idx]
         mask = load_mask(self.mask_paths[idx], self.image_size, self.mask_resize)
         return self._load(path), self.labels[idx], mask, path
+
+
+def _visa_defect_types(root: str, category: str, paths: list[str], labels: list[int]) -> list[str] | None:
+    table = os.path.join(root, category, "image_anno.csv")
+    if not os.path.isfile(table):
+        return None
+    with open(table, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"image", "label"} <= {h.strip() for h in (reader.fieldnames or [])}:
+            return None
+        kind = {os.path.normpath(os.path.join(root, (r.get("image") or "").strip())): (r.get("label") or "").strip()
+                for r in reader}
+    return ["good" if lab == 0 else (kind.get(os.path.normpath(p)) or "anomaly") for p, lab in zip(paths, labels)]
 
 
 class FolderDataset(ImageFileDataset):
