@@ -55,12 +55,16 @@ class StepTensors:
 
     ``feats``: the backbone's features of the normal images, then of the anomalous ones (one
     tensor per layer); ``recon``: the auto-encoder's reconstructions of the same; ``n``: how
-    many of the images are normal.
+    many of the images are normal; ``alpha``: the weight of the normal inputs' reconstructions
+    in every term over generated features (the configured alpha, or under
+    ``protocol="reference"`` the normal images' share of the batch, which is the authors' mean
+    over the concatenated batch).
     """
 
     feats: Sequence[torch.Tensor]
     recon: Sequence[torch.Tensor]
     n: int
+    alpha: float = 0.5
 
 
 class FusedLosses:
@@ -133,11 +137,11 @@ def _energy_d_loss(D, x: StepTensors, cfg, losses) -> torch.Tensor:
     s_n = [s[:n] for s in scores]
     s_a = [s[n:total] for s in scores]
     s_gen = [s[total:] for s in scores]
-    return mixture(lambda g: losses.discriminator(s_n, s_a, g, cfg.gamma, cfg.margin), s_gen, n, cfg.alpha)
+    return mixture(lambda g: losses.discriminator(s_n, s_a, g, cfg.gamma, cfg.margin), s_gen, n, x.alpha)
 
 
 def _energy_g_loss(D, x: StepTensors, rec, cfg, losses) -> torch.Tensor:
-    return rec + cfg.lam * mixture(losses.generator, D(x.recon), x.n, cfg.alpha)
+    return rec + cfg.lam * mixture(losses.generator, D(x.recon), x.n, x.alpha)
 
 
 def _gan_d_loss(D, x: StepTensors, cfg, losses) -> torch.Tensor:
@@ -146,11 +150,11 @@ def _gan_d_loss(D, x: StepTensors, cfg, losses) -> torch.Tensor:
     scores = D([torch.cat([f[:n], r]) for f, r in zip(x.feats, x.recon)])
     s_real = [s[:n] for s in scores]
     s_gen = [s[n:] for s in scores]
-    return bce_sum(s_real, 1.0) + mixture(lambda s: bce_sum(s, 0.0), s_gen, n, cfg.alpha)
+    return bce_sum(s_real, 1.0) + mixture(lambda s: bce_sum(s, 0.0), s_gen, n, x.alpha)
 
 
 def _gan_g_loss(D, x: StepTensors, rec, cfg, losses) -> torch.Tensor:
-    return rec + cfg.lam * mixture(lambda s: bce_sum(s, 1.0), D(x.recon), x.n, cfg.alpha)
+    return rec + cfg.lam * mixture(lambda s: bce_sum(s, 1.0), D(x.recon), x.n, x.alpha)
 
 
 def _recon_sub_g_loss(D, x: StepTensors, rec, cfg, losses) -> torch.Tensor:

@@ -6,8 +6,8 @@ A thin layer over :class:`ckaad_fast.experiments.Experiment` (the protocols and 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 from ._types import nonneg_int, positive_float, positive_int, ratio_float
 from .train import layer_int
@@ -94,8 +94,6 @@ def run(args) -> int:
     from ..experiments import run_experiment
 
     exp = build_experiment(args)
-    if not os.path.isdir(args.data):
-        raise ValueError(f"--data: folder {args.data!r} does not exist")
     rows = run_experiment(exp, args.out, progress=not args.quiet, dry_run=args.dry_run)
     if args.dry_run:
         done = sum(r["done"] for r in rows)
@@ -103,5 +101,5 @@ def run(args) -> int:
             print(("done  " if r["done"] else "todo  ") + r["run_id"])
         print(f"{len(rows)} runs, {done} done, {len(rows) - done} to make", file=sys.stderr)
         return 0
-    print(open(os.path.join(args.out, "table.md"), encoding="utf-8").read(), end="")
+    print(Path(args.out, "table.md").read_text(encoding="utf-8"), end="")
     return 0

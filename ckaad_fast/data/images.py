@@ -120,6 +120,13 @@ def load_image(
 MASK_RESIZES = ("nearest", "bilinear")
 
 
+def check_mask_resize(mode: str) -> str:
+    """``mode`` if it is one of :data:`MASK_RESIZES`, else a ValueError naming the choices."""
+    if mode not in MASK_RESIZES:
+        raise ValueError(f"mask resize must be one of {MASK_RESIZES}, got {mode!r}")
+    return mode
+
+
 def load_mask(path: PathLike | None, image_size: SizeLike = 256, resize: str = "nearest") -> torch.Tensor:
     """Read a ground-truth mask as a ``(1, H, W)`` float32 tensor of 0s and 1s.
 
@@ -128,8 +135,7 @@ def load_mask(path: PathLike | None, image_size: SizeLike = 256, resize: str = "
     over channels) are resized bilinearly and a pixel is anomalous above 127.5 (0.5 of 255), as
     the authors' code does. ``path=None`` gives an all-zero mask (a normal image).
     """
-    if resize not in MASK_RESIZES:
-        raise ValueError(f"mask resize must be one of {MASK_RESIZES}, got {resize!r}")
+    check_mask_resize(resize)
     h, w = size_hw(image_size)
     if path is None:
         return torch.zeros(1, h, w)

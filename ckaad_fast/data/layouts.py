@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import IMAGE_EXTENSIONS, check_mode, describe, images_in_dir, readable, subdirs, warn_skip
-from .images import MASK_RESIZES, SizeLike, load_image, load_mask, norm_stats, size_hw
+from .images import SizeLike, check_mask_resize, load_image, load_mask, norm_stats, size_hw
 
 __all__ = ["ImageFileDataset", "MVTecDataset", "VisADataset", "FolderDataset"]
 
@@ -84,12 +84,6 @@ class ImageFileDataset(Dataset):
 
 
 
-def _check_mask_resize(mode: str) -> str:
-    if mode not in MASK_RESIZES:
-        raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, got {mode!r}")
-    return mode
-
-
 def _find_mask(gt_dir: str, stem: str) -> str | None:
     for name in (stem + "_mask", stem):
         for ext in IMAGE_EXTENSIONS:
@@ -133,7 +127,7 @@ class MVTecDataset(ImageFileDataset):
         super().__init__(image_size, mean, std, check)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.mask_resize = _check_mask_resize(mask_resize)
+        self.mask_resize = check_mask_resize(mask_resize)
         self.root = os.fspath(root)
         self.category = category
         self.split = split
@@ -232,7 +226,7 @@ class VisADataset(ImageFileDataset):
         mask_resize: str = "nearest",
     ) -> None:
         super().__init__(image_size, mean, std, check)
-        self.mask_resize = _check_mask_resize(mask_resize)
+        self.mask_resize = check_mask_resize(mask_resize)
         self.root = os.fspath(root)
         self.category = category
         self.split = split

@@ -9,7 +9,7 @@ from typing import Union
 from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import describe, subdirs
-from .images import MASK_RESIZES, SizeLike
+from .images import SizeLike, check_mask_resize
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
 
@@ -47,8 +47,10 @@ def open_dataset(
     Every error is an :class:`~ckaad_fast.errors.ArgumentError` naming the argument at fault.
     """
     root = _check_layout_arguments(layout, root, category, normal_class, anomaly_classes)
-    if mask_resize not in MASK_RESIZES:
-        raise ArgumentError("mask_resize", f"must be one of {MASK_RESIZES}, got {mask_resize!r}")
+    try:
+        check_mask_resize(mask_resize)
+    except ValueError as e:
+        raise ArgumentError("mask_resize", str(e)) from None
     try:
         if layout == "mvtec":
             return MVTecDataset(root, category, split, image_size, mean, std, mask_resize=mask_resize)

@@ -105,10 +105,11 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, progress: boo
     todo = [r for r in runs if r.run_id not in done]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.table} runs", unit="run",
                disable=not progress, dynamic_ncols=True)
+    datasets: dict = {}  # each split indexed once for all the runs
     try:
         for spec in todo:
             bar.set_postfix_str(spec.run_id, refresh=True)
-            row = run_one(exp, spec, out / "runs" / spec.run_id, progress=progress)
+            row = run_one(exp, spec, out / "runs" / spec.run_id, progress=progress, datasets=datasets)
             append_line(out / RESULTS_NAME, row)
             write_outputs(exp, _planned(read_results(out), runs), out)
             bar.update(1)

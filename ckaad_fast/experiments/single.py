@@ -37,16 +37,24 @@ def run_config(exp: Experiment, spec: RunSpec):
     return resolve_config(given, layout=exp.layout, category=spec.category)
 
 
-def _open(exp: Experiment, spec: RunSpec, split: str, cfg):
+def _open(exp: Experiment, spec: RunSpec, split: str, cfg, cache: dict | None):
+    """The split, indexed once per experiment: every run of a category reads the same files
+    (the protocol's splits are copies of it, never changes to it)."""
     mean, std = cfg.normalization()
-    return open_dataset(exp.layout, exp.root, split, cfg.image_size, mean, std, category=spec.category,
-                        normal_class=exp.normal_class,
-                        mask_resize="bilinear" if exp.protocol == "reference" else "nearest")
+    key = (split, spec.category, tuple(cfg.image_size), mean, std)
+    if cache is not None and key in cache:
+        return cache[key]
+    ds = open_dataset(exp.layout, exp.root, split, cfg.image_size, mean, std, category=spec.category,
+                      normal_class=exp.normal_class,
+                      mask_resize="bilinear" if exp.protocol == "reference" else "nearest")
+    if cache is not None:
+        cache[key] = ds
+    return ds
 
 
-def _run_data(exp: Experiment, spec: RunSpec, cfg):
+def _run_data(exp: Experiment, spec: RunSpec, cfg, cache: dict | None = None):
     """(training set, coarse anomaly set or None, validation set or None, test set)."""
-    train_set, valid_set, anomalies = _open(exp, spec, "train", cfg), None, None
+    train_set, valid_set, anomalies = _open(exp, spec, "train", cfg, cache), None, None
     mean, std = cfg.normalization()
     if exp.class_labelled:
         train_set, valid_set = carve_validation(train_set, seed=spec.seed)
@@ -57,16 +65,18 @@ def _run_data(exp: Experiment, spec: RunSpec, cfg):
     elif exp.anomaly_dir and cfg.uses_anomalies:
         folder = exp.anomaly_dir.replace("{category}", spec.category or "")
         anomalies = AnomalyFolderDataset(folder, cfg.image_size, mean, std)
-    return train_set, anomalies, valid_set, _open(exp, spec, "test", cfg)
+    return train_set, anomalies, valid_set, _open(exp, spec, "test", cfg, cache)
 
 
-def run_one(exp: Experiment, spec: RunSpec, out_dir: str | Path, progress: bool = True) -> dict:
+def run_one(exp: Experiment, spec: RunSpec, out_dir: str | Path, progress: bool = True,
+            datasets: dict | None = None) -> dict:
     """Train and evaluate one run into ``out_dir`` (its checkpoint and log); its result row:
-    the run's fields, the metrics (``by_defect_type`` among them), the data's sizes, seconds."""
+    the run's fields, the metrics (``by_defect_type`` among them), the data's sizes, seconds.
+    ``datasets``: a dict kept across the runs of an experiment, so each split is indexed once."""
     out = Path(out_dir)
     cfg = run_config(exp, spec)
     t0 = time.perf_counter()
-    train_set, anomalies, valid_set, test_set = _run_data(exp, spec, cfg)
+    train_set, anomalies, valid_set, test_set = _run_data(exp, spec, cfg, datasets)
     resume = (out / CHECKPOINT_NAME).is_file()
     result = train(cfg, train_set, anomaly_set=anomalies, out_dir=out, resume=resume, progress=progress)
     t1 = time.perf_counter()

@@ -42,7 +42,7 @@ def reusable_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor, from the cache when one of that shape and dtype
     is no longer used by anyone (see the module); the caller must overwrite all of it."""
     device = torch.device(device)
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_REUSE_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     key = (tuple(shape), dtype)

@@ -11,8 +11,8 @@ One step (:meth:`Trainer.step`), as in the authors' loop:
    ``cosine_reconstruction_loss(F_normal, F~_normal)`` and the strategy's G loss on top.
 
 Under ``protocol="reference"`` the terms over generated features are the mean over the whole
-concatenated batch, as in the authors' code: the losses see ``alpha`` = the normal images' share
-of the step's batch instead of the configured mixture weight.
+concatenated batch, as in the authors' code: the step's ``StepTensors.alpha`` is the normal
+images' share of the batch instead of the configured mixture weight.
 
 What each strategy computes is in :mod:`ckaad_fast.strategies`; nothing here depends on which
 strategy runs.
@@ -29,17 +29,6 @@ from ..strategies import FusedLosses, StepTensors, get_strategy
 from .config import TrainConfig
 
 __all__ = ["Trainer"]
-
-
-class _BatchShareAlpha:
-    """The configuration as the losses see it under ``protocol="reference"``: everything as
-    configured but ``alpha``, the normal images' share of this step's batch."""
-
-    def __init__(self, config: TrainConfig, alpha: float):
-        self._config, self.alpha = config, alpha
-
-    def __getattr__(self, name: str):
-        return getattr(self._config, name)
 
 
 class Trainer:
@@ -59,7 +48,6 @@ class Trainer:
     def __init__(self, model: CKAAD, config: TrainConfig, losses: Any = None, *, distributed: bool = False):
         self.model = model
         self.config = config
-        self._loss_config: Any = config
         self.losses = FusedLosses() if losses is None else losses
         self.device = torch.device(config.device)
         self.strategy = get_strategy(config.strategy)
@@ -125,10 +113,8 @@ class Trainer:
             with nvtx_range("auto-encoder"):
                 recon = self._ae(feats)
             recon = [r if r.dtype == f.dtype else r.to(f.dtype) for r, f in zip(recon, feats)]
-        x = StepTensors(feats, recon, n)
-        self._loss_config = self.config
-        if self.config.protocol == "reference" and strategy.uses_anomalies:
-            self._loss_config = _BatchShareAlpha(self.config, n / images.shape[0])
+        reference = self.config.protocol == "reference" and strategy.uses_anomalies
+        x = StepTensors(feats, recon, n, n / images.shape[0] if reference else self.config.alpha)
         d_loss = self._discriminator_step(x) if self.discriminator is not None else None
         g_loss, rec = self._generator_step(x)
         zero = g_loss.new_zeros(())
@@ -140,8 +126,8 @@ class Trainer:
             self.discriminator.requires_grad_(True)
             self.opt_d.zero_grad(set_to_none=True)
             with self._autocast():
-                detached = StepTensors(x.feats, [r.detach() for r in x.recon], x.n)
-                d_loss = self.strategy.d_loss(self._d, detached, self._loss_config, self.losses)
+                detached = StepTensors(x.feats, [r.detach() for r in x.recon], x.n, x.alpha)
+                d_loss = self.strategy.d_loss(self._d, detached, self.config, self.losses)
             self._update(d_loss, self.opt_d, self.scaler_d, self.discriminator.parameters())
         return d_loss
 
@@ -154,7 +140,7 @@ class Trainer:
             with self._autocast():
                 n = x.n
                 rec = self.losses.reconstruction([f[:n] for f in x.feats], [r[:n] for r in x.recon])
-                g_loss = self.strategy.g_loss(self._d_frozen, x, rec, self._loss_config, self.losses)
+                g_loss = self.strategy.g_loss(self._d_frozen, x, rec, self.config, self.losses)
             self._update(g_loss, self.opt_ae, self.scaler_ae)
             if self.discriminator is not None:
                 self.discriminator.requires_grad_(True)
