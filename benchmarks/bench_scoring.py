@@ -41,7 +41,8 @@ from PIL import Image
 
 from benchmarks.common import (check_agreement, count_flops, matmul_ceiling, max_abs_diff, median_time, peak_memory,
                                print_table, save_rows)
-from ckaad_fast.model import CKAAD, ModelConfig
+from ckaad_fast.model import ModelConfig
+from ckaad_fast.training import CKAAD
 from ckaad_fast.scoring import Scorer
 
 TARGET_IPS = 2000.0
@@ -252,7 +253,8 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
     # how far each path is from what the hardware could do.
     with torch.no_grad():
         flops = count_flops(lambda x: model.autoencoder(model.backbone(x)), inputs[0][:1])
-    ceilings = {"fp32": matmul_ceiling(device, torch.float32), "bf16": matmul_ceiling(device, torch.bfloat16)}
+    ceilings = {"fp32": matmul_ceiling(device, torch.float32, quick=args.quick),
+                "bf16": matmul_ceiling(device, torch.bfloat16, quick=args.quick)}
     fractions = [100 * flops * r[1] / ceilings["bf16" if "bf16" in r[0] else "fp32"] for r in rows]
     print_table(
         f"scoring, {backbone} layers {list(layers)}, {size}x{size}, batch {batch}, device {device}; "

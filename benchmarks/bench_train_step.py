@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from benchmarks.common import (append_results, best_of_rounds, check_agreement, count_flops, matmul_ceiling,
                                max_abs_diff, median_time, memory_floor, print_table)
 
-from ckaad_fast.model import CKAAD
+from ckaad_fast.training import CKAAD
 from ckaad_fast.training import FusedLosses, TrainConfig, Trainer
 
 
@@ -166,7 +166,7 @@ def main(argv=None) -> list[dict]:
         ceilings = {
             # The step is compute-bound: its FLOPs against a large matmul in the step's precision.
             "train step": _step_flops(model, cfg, inputs)
-            / matmul_ceiling(device, torch.bfloat16 if amp == "bf16" else torch.float32),
+            / matmul_ceiling(device, torch.bfloat16 if amp == "bf16" else torch.float32, quick=args.quick),
             # The losses are memory-bound: reading their inputs and writing their gradients.
             "losses fwd+bwd": _losses_floor(model, cfg, inputs, repeats, device),
         }

@@ -288,13 +288,15 @@ def _status_kib(key: str) -> int:
     raise OSError(f"no {key} in /proc/self/status")
 
 
-def matmul_ceiling(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> float:
+def matmul_ceiling(device: str | torch.device = "cpu", dtype: torch.dtype | None = None, quick: bool = False) -> float:
     """FLOP/s of a large square matmul on ``device``: the compute ceiling that rows of
-    compute-bound work (a network's forward) are compared with. bf16 on CUDA, float32 elsewhere."""
+    compute-bound work (a network's forward) are compared with. bf16 on CUDA, float32 elsewhere.
+    ``quick``: a 256-wide product, for the scripts' --quick runs (a CPU without bfloat16 matrix
+    units emulates a 2048-wide bfloat16 product in minutes; the number is then only a smoke test)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else 2048
+    n = 256 if quick else (8192 if device.type == "cuda" else 2048)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)

@@ -9,8 +9,15 @@
   too small for that rate (fewer than ``1 / target_fpr`` images) is refused.
 
 It also records the minimum and maximum of the image scores and of the maps, for anomalib's
-normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)``: the threshold maps to exactly 0.5
-and the score stays monotone in the raw one. :func:`write_calibration` stores the result in a
+normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)`` (:func:`ckaad_fast.head.normalized_score`):
+the threshold maps to 0.5 and the score stays monotone in the raw one. Decisions compare the raw
+float32 score with a float32 threshold (:func:`ckaad_fast.head.decision_threshold`), the same
+comparison in Python, numpy and an exported graph.
+
+The calibration records the precision its scores were computed in (``precision``, float32 by
+default: the same scores on every CPU and GPU up to float32 rounding). A
+:class:`~ckaad_fast.scoring.Scorer` of the checkpoint scores in that precision unless told
+otherwise, so that the images of the calibration set get exactly the decisions it promised. :func:`write_calibration` stores the result in a
 checkpoint (a ``calibration`` entry; checkpoints without one load as before), where
 :class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score`` find it.
 """
@@ -26,8 +33,10 @@ from torch.utils.data import ConcatDataset, Subset
 from .atomic import atomic_torch_save
 from .errors import ArgumentError
 from .evaluation import predict_dataset
+from .head import DEFAULT_SENSITIVITY, decision_threshold, float32_at_least, normalized_score
 from .metrics import image_f1_acc
 from .model import PlainConfig, checkpoint_file, load_checkpoint
+from .precision import canonical_precision
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
            "read_calibration", "split_for_calibration", "threshold_at_fpr"]
@@ -51,8 +60,15 @@ class Calibration(PlainConfig):
     map_max: float | None = None
     num_normal: int = 0
     num_anomalous: int = 0
+    #: The precision the calibration set was scored in (None: a calibration older than this
+    #: record, which was float32).
+    precision: str | None = None
 
     def __post_init__(self):
+        if self.precision is not None:
+            self.precision = canonical_precision(self.precision, "precision")
+            if self.precision == "auto":
+                raise ValueError("calibration precision must be a resolved one (float32, bfloat16, float16), not auto")
         if self.method not in METHODS:
             raise ValueError(f"calibration method must be one of {METHODS}, got {self.method!r}")
         for name in ("image_threshold", "score_min", "score_max"):
@@ -61,9 +77,12 @@ class Calibration(PlainConfig):
 
     def normalize(self, scores):
         """anomalib's normalised score: ``clip((s - t) / (max - min) + 0.5, 0, 1)``; t -> 0.5."""
-        span = max(self.score_max - self.score_min, 1e-12)
-        out = np.clip((np.asarray(scores, dtype=np.float64) - self.image_threshold) / span + 0.5, 0.0, 1.0)
+        out = normalized_score(scores, self.image_threshold, self.score_min, self.score_max)
         return float(out) if out.ndim == 0 else out
+
+    def decision_threshold(self, sensitivity: float = DEFAULT_SENSITIVITY) -> float:
+        """The float32 raw score at or above which an image is anomalous at ``sensitivity``."""
+        return decision_threshold(self.image_threshold, self.score_min, self.score_max, sensitivity)
 
     def normalize_map(self, amap):
         """A map on the same scale: ``clip((m - t) / (map_max - map_min) + 0.5, 0, 1)`` with the pixel
@@ -71,13 +90,13 @@ class Calibration(PlainConfig):
         t = self.pixel_threshold if self.pixel_threshold is not None else self.image_threshold
         lo = self.map_min if self.map_min is not None else self.score_min
         hi = self.map_max if self.map_max is not None else self.score_max
-        span = max(hi - lo, 1e-12)
-        return np.clip((np.asarray(amap, dtype=np.float32) - t) / span + 0.5, 0.0, 1.0).astype(np.float32)
+        return normalized_score(np.asarray(amap, dtype=np.float32), t, lo, hi).astype(np.float32)
 
-    def is_anomalous(self, score: float, sensitivity: float = 0.5) -> bool:
+    def is_anomalous(self, score: float, sensitivity: float = DEFAULT_SENSITIVITY) -> bool:
         """The decision at ``sensitivity`` (0-1; 0.5 is the calibrated threshold, higher flags
-        more): ``normalized score >= 1 - sensitivity``."""
-        return bool(self.normalize(score) >= 1.0 - sensitivity)
+        more): the score at or above :meth:`decision_threshold` (where the normalised score
+        reaches ``1 - sensitivity``)."""
+        return bool(score >= self.decision_threshold(sensitivity))
 
     def describe(self) -> str:
         how = (f"best F1 on {self.num_normal} normal and {self.num_anomalous} anomalous images"
@@ -89,19 +108,22 @@ class Calibration(PlainConfig):
 
 
 def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
-    """The lowest threshold at which at most ``target_fpr`` of ``normal_scores`` are >= it."""
+    """The lowest float32 threshold at which at most ``target_fpr`` of ``normal_scores`` are >= it.
+
+    Scores are float32 on every path, so the threshold is a float32 number too (the next one
+    above the (k+1)-th largest score): exact in every precision it is compared in."""
     s = np.sort(np.asarray(normal_scores, dtype=np.float64))
     n = s.size
     k = int(math.floor(target_fpr * n + 1e-9))  # how many normal images may be flagged
-    if k == 0:
-        return float(np.nextafter(s[-1], np.inf))
     # Everything strictly above the (k+1)-th largest score: ties never push the rate above target.
-    return float(np.nextafter(s[n - 1 - k], np.inf))
+    return float32_at_least(float(np.nextafter(s[n - 1 - k], np.inf)))
 
 
-def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None) -> Calibration:
+def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None,
+                            precision: str | None = "float32") -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
-    its masks and maps). Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    its masks and maps), computed in ``precision``. Errors are
+    :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
@@ -116,7 +138,7 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
     if n_normal == 0:
         raise ArgumentError("data", "the calibration set holds no normal image")
     cal = dict(score_min=float(scores.min()), score_max=float(scores.max()), num_normal=n_normal,
-               num_anomalous=n_anom)
+               num_anomalous=n_anom, precision=precision)
     if maps is not None:
         maps = np.asarray(maps)
         cal.update(map_min=float(maps.min()), map_max=float(maps.max()))
@@ -135,11 +157,15 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
 
 
 def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, device="cpu",
-              progress: bool = False) -> Calibration:
+              progress: bool = False, precision: str = "float32") -> Calibration:
     """Score ``dataset`` (items ``(image, label, [mask,] path)``, never the test set) with ``model``
-    and pick its :class:`Calibration` (see the module)."""
-    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress)
-    return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps)
+    in ``precision`` (float32 by default; see the module) and pick its :class:`Calibration`."""
+    from .precision import precision_name, resolve_precision
+
+    dtype = resolve_precision(precision, device, "precision")
+    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
+    return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
+                                   precision=precision_name(dtype))
 
 
 class _AsNormal:

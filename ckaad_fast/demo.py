@@ -137,14 +137,15 @@ def _check_arguments(category, image_size, epochs, n_train, n_test_good, n_test_
 def _train(out: Path, root, category, image_size, epochs, batch_size, seed, device, backbone, weights,
            progress) -> dict:
     """Stage 2: train the paper's patch-level strategy on the normal images and the coarse anomalies."""
-    from .calibration import calibrate, split_for_calibration, write_calibration
     from .data import AnomalyFolderDataset, MVTecDataset
     from .data.synthetic import COARSE_DIR
-    from .training import TrainConfig, train
+    from .pipeline import fit
+    from .training import resolve_config
 
-    cfg = TrainConfig(strategy="cka_patch", backbone=backbone, weights=weights, image_size=image_size,
-                      epochs=epochs, batch_size=batch_size, seed=seed, device=device, eval_every=0,
-                      topk=min(100, image_size * image_size))
+    # The synthetic set is laid out as MVTec AD: its defaults, with the demo's small settings.
+    cfg = resolve_config({"strategy": "cka_patch", "backbone": backbone, "weights": weights, "image_size": image_size,
+                          "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device, "eval_every": 0,
+                          "topk": min(100, image_size * image_size)}, layout="mvtec")
     layers = ", ".join(str(v) for v in cfg.layers)
     _say(f"[2/4] training CKAAD ({backbone} layers {layers}, {weights} weights, strategy cka_patch) "
          f"for {epochs} epochs on {device}", progress)
@@ -154,11 +155,10 @@ def _train(out: Path, root, category, image_size, epochs, batch_size, seed, devi
     # As `ckaad-fast train --calibrate`: a fifth of the images is held out, and the decision
     # threshold is picked on them after training, so the report shows a decision made without
     # looking at the test set.
-    train_set, anomaly_set, held_out = split_for_calibration(train_set, anomaly_set, CALIBRATION_SHARE, seed=seed)
-    result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=out / "train", progress=progress,
-                   overwrite=True)
-    calibration = calibrate(result.model, held_out, batch_size=batch_size, device=device)
-    write_calibration(result.checkpoint, calibration)
+    fitted = fit(cfg, train_set, out / "train", anomaly_set, calibrate=True, calibrate_share=CALIBRATION_SHARE,
+                 overwrite=True, progress=progress)
+    result, calibration = fitted.result, fitted.calibration
+    train_set, anomaly_set = fitted.train_set, fitted.anomaly_set
     test_set = MVTecDataset(root, category, "test", image_size=image_size, mean=mean, std=std)
     return {"config": cfg, "category": category, "root": root, "train_set": train_set, "anomaly_set": anomaly_set,
             "test_set": test_set, "result": result, "calibration": calibration}
@@ -171,8 +171,9 @@ def _score(run: dict, device, progress) -> dict:
 
     test_set, image_size = run["test_set"], run["config"].image_size
     _say(f"[3/4] scoring the {len(test_set)} test images with the trained checkpoint", progress)
-    # float32 whatever the CPU: the demo's numbers are the README's on every machine.
-    scorer = Scorer.from_checkpoint(run["result"].checkpoint, device=device, dtype="float32", batch_size=16)
+    # The calibration's precision (float32), as ckaad-fast score's default: the decisions are the
+    # calibration's, and the numbers the same on every CPU up to float32 rounding.
+    scorer = Scorer.from_checkpoint(run["result"].checkpoint, device=device, batch_size=16)
     results = list(scorer.score_paths(test_set.paths, return_maps=True, return_images=True))
     bad = [r for r in results if not r.ok]
     if bad:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .metrics import evaluate
+from .precision import channels_last_for, resolve_precision
 
 __all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics", "format_by_defect_type",
            "defect_types_of", "metrics_from_predictions", "METRIC_NAMES"]
@@ -91,9 +92,10 @@ def _split_item(batch):
 
 
 def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                    num_workers: int = 0, distributed: bool = False) -> Predictions | None:
+                    num_workers: int = 0, distributed: bool = False, precision=None) -> Predictions | None:
     """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
-    training mode it had). Masks are resized (nearest) to the maps' size when they differ.
+    training mode it had), a :class:`~ckaad_fast.model.Detector`'s forward in ``precision`` (None:
+    its default, float32). Masks are resized (nearest) to the maps' size when they differ.
 
     ``distributed=True`` (call it on every rank of a process group): each rank scores its
     contiguous shard of whole batches (:func:`ckaad_fast.distributed.shard` with ``block=batch_size``,
@@ -112,7 +114,8 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
             part = None
             if stop > start:
                 part = predict_dataset(model, Subset(dataset, range(start, stop)), batch_size=batch_size,
-                                       device=device, progress=progress and ddp.is_main(), num_workers=num_workers)
+                                       device=device, progress=progress and ddp.is_main(), num_workers=num_workers,
+                                       precision=precision)
             parts = ddp.gather_object(part)
             if parts is None:
                 return None
@@ -122,6 +125,11 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     device = torch.device(device)
     was_training = model.training
     model.to(device).eval()
+    # The Scorer's layout rule: the same convolution algorithms, so the same scores.
+    dtype = None if precision is None else resolve_precision(precision, device)
+    channels_last = channels_last_for(device, torch.float32 if dtype is None else dtype)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     scores, labels, maps, masks, paths = [], [], [], [], []
@@ -131,9 +139,9 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
             for batch in tqdm(loader, desc="scoring", disable=not progress, leave=False, dynamic_ncols=True):
                 images, lab, mask, p = _split_item(batch)
                 images = images.to(device, non_blocking=True)
-                if device.type == "cuda":
+                if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                s, m = model(images)
+                s, m = model(images) if dtype is None else model(images, dtype)
                 m = m.float().cpu()
                 scores.append(s.float().cpu())
                 maps.append(m)

@@ -4,11 +4,10 @@ IR, and a model repository for NVIDIA Triton Inference Server.
 :class:`ScoringGraph` is what a production line deploys: ``image`` (B, 3, H, W) uint8 RGB in,
 ``score`` (B,), ``normalized_score`` (B,), ``is_anomalous`` (B,) bool and ``anomaly_map``
 (B, H, W) float32 out. It normalises the raw pixels, runs the backbone and the auto-encoder, and
-computes the anomaly map and the image score with standard operators only: the fused ops' exact
-arithmetic written as sums of products (the cosine map) and two small matrix products per layer
-(the upsampling and the blur, folded into the matrices the ops build from scipy's rules,
-:func:`ckaad_fast.ops.scoring.upsample_blur_matrix`), so the exported graph needs no custom
-operator. With a calibration in the checkpoint (:mod:`ckaad_fast.calibration`), the normalised
+computes the anomaly map and the image score through the one inference head in its
+standard-operator form (:func:`ckaad_fast.ops.anomaly_map_standard_ops`, the fused op's own
+decomposition: sums of products for the cosine map, two small matrix products per layer for the
+upsampling and the blur), so the exported graph needs no custom operator. With a calibration in the checkpoint (:mod:`ckaad_fast.calibration`), the normalised
 score and the decision are computed in the graph too; without one, ``normalized_score`` is the
 raw score and ``is_anomalous`` is all false, and the sidecar says ``"calibrated": false``.
 
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,8 +31,9 @@ from . import __version__
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
-from .model import CKAAD, fingerprint, load_checkpoint, model_from_checkpoint
-from .ops.scoring import upsample_blur_matrix
+from .head import DEFAULT_SENSITIVITY, InferenceHead, check_sensitivity, feature_sizes, normalized_score
+from .model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
+from .precision import canonical_precision
 
 __all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
            "INPUT_NAME", "OUTPUT_NAMES"]
@@ -44,58 +45,47 @@ OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
 
 
 class ScoringGraph(nn.Module):
-    """uint8 images -> (score, normalized_score, is_anomalous, anomaly_map), standard ops only."""
+    """uint8 images -> (score, normalized_score, is_anomalous, anomaly_map), standard ops only.
 
-    def __init__(self, model: CKAAD, calibration=None, sensitivity: float = 0.5, dtype: torch.dtype = torch.float32):
+    The detector's own forward with the inference head's standard-operator form
+    (:mod:`ckaad_fast.head`): no formula of the scoring path is written here. The network's
+    weights are cast to ``dtype`` (exporters want a graph in one dtype, not autocast); the maps and
+    scores are float32. The decision compares the float32 score with the float32 decision
+    threshold, exactly as the Scorer does.
+    """
+
+    def __init__(self, model: Detector, calibration=None, sensitivity: float = DEFAULT_SENSITIVITY,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        # The backbone and the auto-encoder in ``dtype``; the maps and scores always in float32.
         self.dtype = dtype
         self.model = model.eval().to(dtype)
         cfg = model.config
         self.image_size = tuple(cfg.image_size)
-        self.topk = cfg.topk
+        self.head = InferenceHead(cfg.sigma, cfg.border, cfg.topk, standard_ops=True,
+                                  sizes=(self.image_size, feature_sizes(self.image_size, model.backbone.strides)))
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
-        h, w = self.image_size
-        sizes = [(-(-h // s), -(-w // s)) for s in model.backbone.strides]
-        for i, (hs, ws) in enumerate(sizes):
-            rows = upsample_blur_matrix(hs, h, cfg.sigma, 4.0, cfg.border)
-            cols = upsample_blur_matrix(ws, w, cfg.sigma, 4.0, cfg.border)
-            self.register_buffer(f"rows{i}", torch.from_numpy(rows).float())
-            self.register_buffer(f"cols{i}_t", torch.from_numpy(cols.T.copy()).float())
-        self.layers = len(sizes)
+        self.calibration = calibration
         self.calibrated = calibration is not None
-        t, lo, hi = ((calibration.image_threshold, calibration.score_min, calibration.score_max)
-                     if calibration is not None else (0.0, 0.0, 1.0))
-        self.register_buffer("threshold", torch.tensor(float(t)))
-        self.register_buffer("span", torch.tensor(max(float(hi - lo), 1e-12)))
-        self.register_buffer("cut", torch.tensor(1.0 - float(sensitivity)))
+        cut = calibration.decision_threshold(sensitivity) if calibration is not None else 0.0
+        # float32 exactly: decision_threshold is a float32 number.
+        self.register_buffer("decision", torch.tensor(cut, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor):
         x = ((image.to(torch.float32) / 255.0 - self.mean) / self.std).to(self.dtype)
-        feats = self.model.backbone(x)
-        recon = self.model.autoencoder(feats)
-        amap = None
-        for i, (f, r) in enumerate(zip(feats, recon)):
-            f, r = f.float(), r.float()
-            dot = (f * r).sum(1)
-            na = (f * f).sum(1).sqrt().clamp_min(1e-8)
-            nb = (r * r).sum(1).sqrt().clamp_min(1e-8)
-            err = 1.0 - dot / (na * nb)  # (B, h, w): the cosine error map
-            up = torch.matmul(torch.matmul(getattr(self, f"rows{i}"), err), getattr(self, f"cols{i}_t"))
-            amap = up if amap is None else amap + up
-        flat = amap.reshape(amap.shape[0], -1)
-        score = flat.mean(1) if self.topk is None else torch.topk(flat, self.topk, dim=1).values.mean(1)
+        # precision float32: no autocast; the network runs in its weights' dtype.
+        score, amap = self.model(x, torch.float32, self.head)
         if self.calibrated:
-            normalized = torch.clamp((score - self.threshold) / self.span + 0.5, 0.0, 1.0)
-            anomalous = normalized >= self.cut
+            c = self.calibration
+            normalized = normalized_score(score, c.image_threshold, c.score_min, c.score_max)
+            anomalous = score >= self.decision
         else:
             normalized = score
             anomalous = torch.zeros_like(score, dtype=torch.bool)
         return score, normalized, anomalous, amap
 
 
-def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: float = 0.5,
+def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: float = DEFAULT_SENSITIVITY,
                 overwrite: bool = False) -> Path:
     """Export the scoring forward of ``checkpoint`` to ``out_dir/model.onnx`` (with its sidecar
     ``model.json``); ``batch``: a fixed batch size, or None for a dynamic one. Returns the file."""
@@ -105,8 +95,9 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, sensitivity: float = 0.5,
-           overwrite: bool = False, device: str = "cpu", dtype: str = "float32") -> Path:
+def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
+           sensitivity: float = DEFAULT_SENSITIVITY, overwrite: bool = False, device: str = "cpu",
+           dtype: str = "float32") -> Path:
     """Export the scoring forward of ``checkpoint`` into ``out_dir`` as ``format`` ("onnx":
     model.onnx; "openvino": model.xml and model.bin; "pt2": an AOTInductor package, model.pt2,
     compiled for ``device``), with the sidecar ``model.json``. ``dtype``: the backbone's and the
@@ -114,8 +105,9 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
     the model file. Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
+    dtype = canonical_precision(dtype, "dtype")
     if dtype not in _DTYPES:
-        raise ArgumentError("dtype", f"must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        raise ArgumentError("dtype", f"must be one of {tuple(_DTYPES)} (a graph has one precision), got {dtype!r}")
     if dtype == "bfloat16" and format != "pt2":
         raise ArgumentError("dtype", f"bfloat16 graphs are for --format pt2; {format} takes float32 or float16 "
                                      "(ONNX Runtime refuses bfloat16 convolutions)")
@@ -130,14 +122,19 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
         raise ArgumentError("out", f"{str(target)!r} exists: choose another folder or --overwrite")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ArgumentError("batch", f"must be a positive int or dynamic, got {batch!r}")
-    if not (isinstance(sensitivity, (int, float)) and 0 <= sensitivity <= 1):
-        raise ArgumentError("sensitivity", f"must lie in [0, 1], got {sensitivity!r}")
+    try:
+        sensitivity = check_sensitivity(sensitivity)
+    except ValueError as e:
+        raise ArgumentError("sensitivity", str(e).removeprefix("sensitivity ")) from None
     try:
         ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt)
         calibration = read_calibration(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise ArgumentError("checkpoint", str(e)) from None
+    if calibration is not None and (calibration.precision or "float32") != dtype:
+        warnings.warn(f"exporting in {dtype} a model calibrated in {calibration.precision or 'float32'}: decisions "
+                      "near the threshold can differ from the calibration's", UserWarning, stacklevel=2)
     graph = ScoringGraph(model, calibration, sensitivity, _DTYPES[dtype]).eval()
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
@@ -160,6 +157,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None, 
         "calibrated": calibration is not None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "sensitivity": sensitivity,
+        "decision_threshold": float(graph.decision) if calibration is not None else None,
         "device": str(device),
         "dtype": dtype,
         "tool": f"ckaad_fast {__version__}",

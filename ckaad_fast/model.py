@@ -1,9 +1,9 @@
-"""The CKAAD detector as one module: frozen backbone, auto-encoder, discriminators, and scoring
-through the fused ops; plus checkpoints that are safe to load.
+"""The detector that scores, its configuration, and checkpoints that are safe to load.
 
-``CKAAD(config)(images)`` returns ``(scores, maps)``: the image scores (B,) and anomaly maps
-(B, H, W) of Eq. 14, computed by :func:`ckaad_fast.ops.anomaly_map` and
-:func:`ckaad_fast.ops.image_score`.
+``Detector(config)(images)`` returns ``(scores, maps)``: the image scores (B,) and anomaly maps
+(B, H, W) of Eq. 14, through the one inference head (:mod:`ckaad_fast.head`). A checkpoint
+written by training also holds the discriminator's weights; :func:`model_from_checkpoint` leaves
+them out (scoring never calls it), :func:`ckaad_fast.training.ckaad_from_checkpoint` keeps them.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ import torch.nn as nn
 from . import ops
 from .atomic import atomic_torch_save
 from .models import BACKBONES, build_backbone
+from .head import InferenceHead
 from .models.autoencoder import FeatureAutoEncoder
-from .models.discriminator import MultiLayerImageDiscriminator, MultiLayerPatchDiscriminator
+from .precision import autocast, resolve_precision
 from .profiling import nvtx_range
-from .strategies import get_strategy
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
-__all__ = ["CKAAD", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
-           "model_from_checkpoint"]
+__all__ = ["Detector", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
+           "model_from_checkpoint", "config_from_checkpoint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -74,7 +74,10 @@ class ModelConfig(PlainConfig):
     def __post_init__(self):
         # Checked here, so that a bad checkpoint fails when it is loaded, naming the field, and
         # never after results were written.
-        get_strategy(self.strategy)  # a ValueError naming the choices for an unknown one
+        # The strategy is training's business (it picks the discriminator); scoring never reads
+        # it, and training checks the name when it builds the model.
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise bad(_KIND, "strategy", "be a strategy name", self.strategy)
         check_choice(_KIND, "backbone", self.backbone, BACKBONES)
         self.layers = check_layers(_KIND, self.layers)
         self.image_size = check_image_size(_KIND, self.image_size)
@@ -105,8 +108,10 @@ def _triple(name: str, value, positive: bool):
     return out
 
 
-class CKAAD(nn.Module):
-    """Backbone F (frozen), auto-encoder G and, for the adversarial strategies, discriminator D.
+class Detector(nn.Module):
+    """The detector that scores: backbone F (frozen), auto-encoder G and the inference head
+    (:class:`~ckaad_fast.head.InferenceHead`). Training's extra parts (discriminators, losses,
+    strategies) live in :mod:`ckaad_fast.training` (:class:`~ckaad_fast.training.CKAAD`).
 
     ``weights`` is passed to :func:`ckaad_fast.models.build_backbone` ('imagenet', 'none' or a
     state_dict path); a checkpoint carries the backbone's weights, so loading one needs neither.
@@ -123,15 +128,7 @@ class CKAAD(nn.Module):
             config.std = tuple(bb.std)
         # The backbone table's recipe: for the ResNets, the authors' auto-encoder.
         self.autoencoder = FeatureAutoEncoder.for_backbone(config.backbone, config.layers)
-        kind = get_strategy(config.strategy).discriminator
-        if kind == "patch":
-            self.discriminator = MultiLayerPatchDiscriminator(bb.channels)
-        elif kind == "image":
-            h, w = config.image_size
-            sizes = [(-(-h // s), -(-w // s)) for s in bb.strides]
-            self.discriminator = MultiLayerImageDiscriminator(bb.channels, sizes)
-        else:
-            self.discriminator = None
+        self.head = InferenceHead(config.sigma, config.border, config.topk)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         with nvtx_range("backbone"):
@@ -141,32 +138,35 @@ class CKAAD(nn.Module):
         with nvtx_range("auto-encoder"):
             return self.autoencoder(features)
 
-    def score_features(self, features, reconstructions, out_size=None):
-        """Anomaly maps (B, H, W) float32 and image scores (B,) from features and reconstructions."""
-        cfg = self.config
-        out_size = out_size or cfg.image_size
-        maps = ops.anomaly_map(features, reconstructions, out_size=out_size, sigma=cfg.sigma, border=cfg.border)
-        return ops.image_score(maps, cfg.topk), maps
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (B,), maps (B, H, W)) for a batch of normalised images (B, 3, H, W)."""
-        feats = self.features(images)
-        recon = self.reconstruct(feats)
-        return self.score_features(feats, recon, out_size=tuple(images.shape[-2:]))
+    def forward(self, images: torch.Tensor, precision: torch.dtype | str = torch.float32,
+                head: InferenceHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (B,), maps (B, H, W)), float32, for a batch of normalised images (B, 3, H, W):
+        the backbone and the auto-encoder in ``precision`` (a name of
+        :data:`ckaad_fast.precision.PRECISIONS` or a torch dtype; float32 by default), then the
+        head (``head``, else the model's own) in float32. Every scoring path calls this."""
+        if not isinstance(precision, torch.dtype):
+            precision = resolve_precision(precision, images.device)
+        with autocast(images.device, precision):
+            feats = self.features(images)
+            recon = self.reconstruct(feats)
+        return (head or self.head)(feats, recon, images.shape[-2:])
 
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
-def fingerprint(model: CKAAD) -> str:
-    """SHA-256 of a detector's configuration and weights: equal exactly when two models score alike
-    (whatever device or memory layout they sit in). Results folders record it (scoring's run
-    manifest) so that a resume never mixes the rows of two models."""
+def fingerprint(model: Detector) -> str:
+    """SHA-256 of a detector's configuration and the weights that score (training's parts left
+    out): equal exactly when two models score alike (whatever device or memory layout they sit
+    in, and whether training's model or the scoring detector holds them). Results folders record
+    it (scoring's run manifest) so that a resume never mixes the rows of two models."""
     import hashlib
     import json
 
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
+        if name.startswith(TRAINING_ONLY_PREFIXES):
+            continue
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
@@ -174,7 +174,7 @@ def fingerprint(model: CKAAD) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path, model: CKAAD, **state) -> None:
+def save_checkpoint(path, model: Detector, **state) -> None:
     """Write ``model`` (weights and configuration) and any extra ``state`` (optimisers, epoch,
     RNG states: tensors, numbers, strings and containers of them) to ``path`` atomically."""
     atomic_torch_save(
@@ -229,28 +229,47 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict | str | os.PathLike, map_location="cpu") -> CKAAD:
-    """Rebuild the detector saved in a checkpoint (a path or a dict from :func:`load_checkpoint`).
-    A checkpoint whose configuration is invalid, or whose weights do not fit it, raises a
-    ValueError saying so before anything is scored."""
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt, map_location)
+#: State-dict prefixes of training's parts, which a checkpoint holds and the Detector does not.
+TRAINING_ONLY_PREFIXES = ("discriminator.",)
+
+
+def config_from_checkpoint(ckpt: dict) -> ModelConfig:
+    """The :class:`ModelConfig` a checkpoint dict holds; a ValueError says what is wrong."""
     missing = [k for k in ("config", "model") if k not in ckpt]
     if missing:
         raise ValueError(f"the checkpoint holds no {' and no '.join(missing)}: it was not written by save_checkpoint")
     if not isinstance(ckpt["config"], dict):
         raise ValueError("the checkpoint's configuration is not a mapping")
     try:
-        config = ModelConfig.from_dict(ckpt["config"])
+        return ModelConfig.from_dict(ckpt["config"])
     except TypeError as e:
         raise ValueError(f"the checkpoint's configuration is invalid: {e}") from None
-    with warnings.catch_warnings():
-        # The backbone is built empty and filled from the checkpoint: no random-weights warning.
-        warnings.simplefilter("ignore")
-        model = CKAAD(config, weights="none")
+
+
+def fill_from_checkpoint(model: nn.Module, ckpt: dict, map_location="cpu", skip: tuple[str, ...] = ()):
+    """Load the checkpoint's weights into ``model`` (every key, except those starting with one of
+    ``skip``); a ValueError when they do not fit. Returns the model on ``map_location``."""
+    state = ckpt["model"]
+    if skip and isinstance(state, dict):
+        state = {k: v for k, v in state.items() if not k.startswith(skip)}
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"the checkpoint's weights do not fit its configuration ({first[:300]})") from None
     return model.to(map_location) if map_location is not None else model
+
+
+def model_from_checkpoint(ckpt: dict | str | os.PathLike, map_location="cpu") -> Detector:
+    """Rebuild the :class:`Detector` saved in a checkpoint (a path or a dict from
+    :func:`load_checkpoint`), without training's parts. A checkpoint whose configuration is
+    invalid, or whose weights do not fit it, raises a ValueError saying so before anything is
+    scored."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt, map_location)
+    config = config_from_checkpoint(ckpt)
+    with warnings.catch_warnings():
+        # The backbone is built empty and filled from the checkpoint: no random-weights warning.
+        warnings.simplefilter("ignore")
+        model = Detector(config, weights="none")
+    return fill_from_checkpoint(model, ckpt, map_location, skip=TRAINING_ONLY_PREFIXES)

@@ -11,6 +11,20 @@ LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed")
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p of a floating-point type (half the distance from 1 to the next number)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def sum_error_bound(n: int, abs_sum, acc_dtype: torch.dtype):
+    """The worst-case error of a sum of ``n`` exactly representable terms accumulated in
+    ``acc_dtype`` in *any* order (Higham, Accuracy and Stability, Thm 4.1: ``gamma_{n-1}`` times
+    the sum of the terms' magnitudes): a tolerance from the arithmetic, not from one CPU's
+    rounding (SIMD widths, blocking and thread counts only reorder the sum)."""
+    u = unit_roundoff(acc_dtype)
+    return (n - 1) * u / (1 - (n - 1) * u) * abs_sum
+
+
 def assume_interpreter_computes(backend: str, dtype: torch.dtype) -> None:
     """Discard a hypothesis example the Triton interpreter cannot check: its bf16 arithmetic is
     wrong (docs/ARCHITECTURE.md, "Triton's interpreter"); compiled kernels are checked in bf16 on

@@ -146,3 +146,61 @@ def test_markdown_links_resolve():
             if not (md.parent / target).exists():
                 broken.append(f"{md.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def _floors_of_this_page() -> dict[str, int]:
+    """{module prefix: floor} from the table under 'The layers' in docs/ARCHITECTURE.md: each
+    row's backticked paths (a file, or a folder with a trailing slash; bare names continue the
+    row's folder)."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = text.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    floors = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*(\d+)\s*\|([^|]*)\|", line)
+        if not m:
+            continue
+        folder = ""
+        for path in re.findall(r"`([^`]+)`", m.group(2)):
+            if path.startswith("kernels/"):
+                floors["ckaad_fast.kernels"] = int(m.group(1))
+                continue
+            if "/" in path.rstrip("/"):
+                folder = path.rstrip("/").rsplit("/", 1)[0] + "/"  # where the row's bare names live
+            full = path if "/" in path else folder + path
+            name = full.removesuffix("/").removesuffix(".py").replace("/", ".")
+            floors[name.removesuffix(".__init__")] = int(m.group(1))
+    return floors
+
+
+def _floor(module: str, floors: dict[str, int]) -> int | None:
+    best = None
+    for prefix, floor in floors.items():
+        # The package root (its __init__) places itself only, never the modules under it.
+        inside = module.startswith(prefix + ".") and prefix != "ckaad_fast"
+        if (module == prefix or inside) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, floor)
+    return None if best is None else best[1]
+
+
+def test_every_import_goes_down_the_floors_of_this_page():
+    floors = _floors_of_this_page()
+    unplaced = [m for m in MODULES if _floor(m, floors) is None]
+    assert not unplaced, f"modules the table of docs/ARCHITECTURE.md does not place: {unplaced}"
+    bad = []
+    for m, imps in GRAPH.items():
+        home = max((p for p in floors if m == p or (m.startswith(p + ".") and p != "ckaad_fast")), key=len)
+        for t, _, line in imps:
+            if t == home or t.startswith(home + "."):
+                continue  # within its own folder (or the package root's version)
+            if _floor(t, floors) >= _floor(m, floors):
+                bad.append(f"{m}:{line} (floor {_floor(m, floors)}) imports {t} (floor {_floor(t, floors)})")
+    assert not bad, bad
+
+
+def test_the_floor_rule_can_fail():
+    # The page's parser finds every floor, so a wrong placement is caught, not skipped.
+    floors = _floors_of_this_page()
+    assert floors["ckaad_fast.head"] == 4 and floors["ckaad_fast.model"] == 5 and floors["ckaad_fast.kernels"] == 1
+    assert _floor("ckaad_fast.scoring.engine", floors) > _floor("ckaad_fast.model", floors)
+    assert _floor("ckaad_fast.data.registry", floors) == floors["ckaad_fast.data"]
+    assert _floor("ckaad_fast.not_in_the_table", floors) is None

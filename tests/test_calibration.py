@@ -21,7 +21,8 @@ from ckaad_fast.calibration import (
 )
 from ckaad_fast.cli import main
 from ckaad_fast.errors import ArgumentError
-from ckaad_fast.model import CKAAD, ModelConfig, load_checkpoint, save_checkpoint
+from ckaad_fast.model import ModelConfig, load_checkpoint, save_checkpoint
+from ckaad_fast.training import CKAAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from ckaad_fast import profiling
 from ckaad_fast.cli import build_parser, main
-from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint
+from ckaad_fast.model import ModelConfig, save_checkpoint
+from ckaad_fast.training import CKAAD
 from ckaad_fast.scoring import Scorer, map_names
 
 SIZE = 32

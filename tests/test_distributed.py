@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from ckaad_fast import distributed as ddp
 from ckaad_fast.cli import main
-from ckaad_fast.model import CKAAD, ModelConfig, model_from_checkpoint, save_checkpoint
+from ckaad_fast.model import ModelConfig, model_from_checkpoint, save_checkpoint
+from ckaad_fast.training import CKAAD, ckaad_from_checkpoint
 from ckaad_fast.scoring import PARTS_DIR, part_name, read_scores_csv
 from ckaad_fast.data.synthetic import make_texture_dataset
 
@@ -148,8 +149,8 @@ def test_two_ranks_train_like_one_process_and_evaluate_alike(texture, tmp_path):
     for k in ("d_loss", "g_loss", "recon_loss"):
         assert b[0][k] == pytest.approx(a[0][k], rel=1e-5, abs=1e-6), k
     assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt", "log.jsonl"]
-    model = model_from_checkpoint(two / "checkpoint.pt")  # a single process reads rank 0's checkpoint
-    assert isinstance(model, CKAAD)
+    model = ckaad_from_checkpoint(two / "checkpoint.pt")  # a single process reads rank 0's checkpoint
+    assert isinstance(model, CKAAD) and model.discriminator is not None
 
     # A 2-process checkpoint resumes in one process (the global batch does not depend on the
     # number of processes), and goes on as the 1-process run does.

@@ -238,7 +238,7 @@ def test_reference_loader_keeps_the_short_batch_and_replays_one_shuffle():
 
 
 def test_reference_protocol_averages_generated_terms_over_the_concatenated_batch():
-    from ckaad_fast.model import CKAAD
+    from ckaad_fast.training import CKAAD
     from ckaad_fast.strategies import FusedLosses
     from ckaad_fast.training import TrainConfig, Trainer
 
@@ -289,7 +289,7 @@ def test_the_reference_protocol_reaches_the_training_and_the_masks(texture_root,
     spec = RunSpec("brick", "cka_patch", 0.0, (), 5)
     cfg = single.run_config(exp, spec)
     assert (cfg.protocol, cfg.seed, cfg.strategy, cfg.epochs, cfg.eval_every) == ("reference", 5, "cka_patch", 1, 0)
-    train_set, anomalies, valid, test = single._run_data(exp, spec, cfg)
-    assert anomalies is None and valid is None and test.mask_resize == "bilinear"
+    anomalies, test = single._anomalies(exp, spec, cfg), single._open(exp, spec, "test", cfg, None)
+    assert anomalies is None and not exp.class_labelled and test.mask_resize == "bilinear"
     ours = Experiment("table3", "mvtec", str(texture_root), settings=TINY)
-    assert single._run_data(ours, spec, single.run_config(ours, spec))[3].mask_resize == "nearest"
+    assert single._open(ours, spec, "test", single.run_config(ours, spec), None).mask_resize == "nearest"

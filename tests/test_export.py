@@ -17,7 +17,8 @@ from ckaad_fast.calibration import Calibration, write_calibration  # noqa: E402
 from ckaad_fast.cli import main  # noqa: E402
 from ckaad_fast.errors import ArgumentError  # noqa: E402
 from ckaad_fast.export import export, export_onnx  # noqa: E402
-from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint  # noqa: E402
+from ckaad_fast.model import ModelConfig, save_checkpoint  # noqa: E402
+from ckaad_fast.training import CKAAD  # noqa: E402
 from ckaad_fast.scoring import Scorer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # an export takes seconds

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from ckaad_fast.cli import main
-from ckaad_fast.model import CKAAD, ModelConfig, load_checkpoint, save_checkpoint
+from ckaad_fast.model import ModelConfig, load_checkpoint, save_checkpoint
+from ckaad_fast.training import CKAAD
 from ckaad_fast.scoring import read_scores_csv
 from ckaad_fast.scoring.lock import LOCK_NAME
 

@@ -288,7 +288,8 @@ def test_bad_forward_inputs():
 def test_the_model_builds_the_authors_autoencoder_for_every_backbone(backbone, layers, count):
     # Through CKAAD(ModelConfig(...)), the path training takes, not a helper only tests call; the
     # counts are those of the authors' released model files. On the meta device: no memory, no time.
-    from ckaad_fast.model import CKAAD, ModelConfig
+    from ckaad_fast.model import ModelConfig
+    from ckaad_fast.training import CKAAD
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random-weights warning: the backbone is not the point here

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from ckaad_fast.data import load_image
-from ckaad_fast.model import CKAAD, ModelConfig, save_checkpoint
+from ckaad_fast.model import ModelConfig, save_checkpoint
+from ckaad_fast.training import CKAAD
 from ckaad_fast.data import decode_image
 from ckaad_fast.scoring import Scorer, ScoreResult
 
@@ -221,7 +222,7 @@ def test_cpu_options_are_checked():
     with pytest.raises(TypeError, match="floating"):
         s(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
     # auto: bfloat16 where the CPU multiplies it in hardware, float32 elsewhere; repr says which.
-    from ckaad_fast.scoring.device import cpu_has_bf16_matmul
+    from ckaad_fast.precision import cpu_has_bf16_matmul
 
     assert s.dtype == (torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32) and "efficientnet_lite0" in repr(s)
     assert f"dtype={str(s.dtype).removeprefix('torch.')}" in repr(s)
@@ -299,14 +300,13 @@ def test_compile_matches_eager(model, images):
     np.testing.assert_allclose(np.stack([r.map for r in res]), m0.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_mixed_precision_forward_runs_the_fused_ops_on_bf16_features(model, monkeypatch):
+def test_mixed_precision_forward_runs_the_fused_ops_on_bf16_features(model):
     """The GPU's autocast path, exercised on the CPU: bf16 features and reconstructions go
     through the fused map and score, which come out in float32 and close to the fp32 result."""
     x = torch.randn(2, 3, SIZE, SIZE)
     s32, m32 = Scorer(model, dtype="float32")(x)
-    scorer = Scorer(model, dtype="float32")
-    monkeypatch.setattr(scorer, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    s16, m16 = scorer(x)
+    with torch.inference_mode():  # the detector's own forward, in its contiguous layout
+        s16, m16 = model.eval()(x, "bfloat16")
     assert s16.dtype == torch.float32 and m16.dtype == torch.float32
     assert torch.isfinite(m16).all()
     assert ((m16 - m32).norm() / m32.norm()).item() < 0.05

@@ -11,7 +11,8 @@ import torch
 from ckaad_fast import ops
 from ckaad_fast.data import AnomalyFolderDataset, MVTecDataset
 from ckaad_fast.evaluation import evaluate_model
-from ckaad_fast.model import CKAAD, load_checkpoint, model_from_checkpoint
+from ckaad_fast.model import Detector, load_checkpoint, model_from_checkpoint
+from ckaad_fast.training import CKAAD, ckaad_from_checkpoint
 from ckaad_fast.data.synthetic import make_texture_dataset
 from ckaad_fast.strategies import STRATEGIES, mixture
 from ckaad_fast.training import TrainConfig, Trainer, train
@@ -157,8 +158,10 @@ def test_checkpoint_is_weights_only_and_scores(data, tmp_path):
     ckpt = torch.load(res.checkpoint, map_location="cpu", weights_only=True)
     assert TrainConfig.from_dict(ckpt["train_config"]) == tiny(strategy="cka_img")
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
-    model = model_from_checkpoint(ckpt)
-    assert isinstance(model, CKAAD) and model.config.strategy == "cka_img"
+    model = model_from_checkpoint(ckpt)  # what scores: no discriminator
+    assert type(model) is Detector and not hasattr(model, "discriminator") and model.config.strategy == "cka_img"
+    full = ckaad_from_checkpoint(ckpt)  # what training resumes: with it
+    assert isinstance(full, CKAAD) and full.discriminator is not None
     logged = res.history[0]["eval"]
     metrics = evaluate_model(model, data["test"], batch_size=2, progress=False)
     for k in ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image"):

@@ -57,3 +57,14 @@ def ratio_float(text: str) -> float:
 def fraction(text: str) -> float:
     """A number strictly between 0 and 1 (a rate, a share)."""
     return _float(text, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def precision(text: str) -> str:
+    """A precision name of :mod:`ckaad_fast.precision` (aliases fp32, bf16, fp16 accepted)."""
+    from ..errors import ArgumentError
+    from ..precision import canonical_precision
+
+    try:
+        return canonical_precision(text)
+    except ArgumentError as e:
+        raise argparse.ArgumentTypeError(e.message) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ._data import add_data_arguments, dataset_from_args
-from ._types import fraction, nonneg_int, positive_int
+from ._types import fraction, nonneg_int, positive_int, precision
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,6 +32,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images scored per batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device to score on (default: %(default)s)")
+    p.add_argument("--dtype", type=precision, default="float32", metavar="float32|bfloat16|float16|auto",
+                   help="precision the calibration set is scored in, recorded in the checkpoint; ckaad-fast score "
+                        "then scores in it by default, so that its decisions on this set are the promised ones. "
+                        "float32 (default) gives the same scores on every CPU and GPU; bfloat16 is faster where "
+                        "the hardware multiplies it (auto picks it there) (default: %(default)s)")
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,7 +64,7 @@ def run(args) -> int:
     else:
         data = dataset_from_args(args, args.split, cfg.image_size, cfg.mean, cfg.std)
     cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
-                    progress=not args.quiet)
+                    progress=not args.quiet, precision=args.dtype)
     written = write_calibration(args.checkpoint, cal, out=args.out)
     print(f"calibration: {cal.describe()}")
     print(f"written to:  {written}")

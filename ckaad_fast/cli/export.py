@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import unit_float
+from ..head import DEFAULT_SENSITIVITY
+from ._types import precision, unit_float
 
 
 def _batch(text: str):
@@ -36,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="onnx: for ONNX Runtime (OUT/model.onnx); openvino: OpenVINO IR (OUT/model.xml and .bin); "
                         "pt2: an AOTInductor package for torch._inductor.aoti_load_package (OUT/model.pt2; a "
                         "compilation of a minute or more) (default: %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--dtype", type=precision, default="float32", metavar="float32|float16|bfloat16",
                    help="the backbone's and auto-encoder's dtype in the graph; the maps and scores stay float32 "
                         "(default: %(default)s; bfloat16 suits pt2 on CPUs with AMX and on GPUs)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda",
@@ -44,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="a fixed batch size, or dynamic (default)")
-    p.add_argument("--sensitivity", type=unit_float, default=0.5, metavar="S",
+    p.add_argument("--sensitivity", type=unit_float, default=DEFAULT_SENSITIVITY, metavar="S",
                    help="the decision built into the graph for a calibrated checkpoint: is_anomalous when "
                         "normalized_score >= 1 - S (default: %(default)s, the calibrated threshold)")
     p.add_argument("--triton-repo", metavar="DIR",

@@ -12,7 +12,8 @@ import os
 import sys
 import textwrap
 
-from ._types import finite_float, nonneg_int, positive_int, unit_float
+from ..head import DEFAULT_SENSITIVITY
+from ._types import finite_float, nonneg_int, positive_int, precision, unit_float
 
 
 #: The exit code of a run that finished but could not score every image (see the error column).
@@ -95,11 +96,14 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="compute dtype of the backbone and auto-encoder: auto (default) is bfloat16 "
-                        "(autocast) on a GPU and on a CPU with AMX or AVX-512 BF16 units (about 3x faster there, "
-                        "scores within about 1e-2 relative), float32 on other CPUs; float32 gives the same "
-                        "scores on every CPU; float16 needs a GPU. The dtype used is in OUT/run.json. Maps "
+    p.add_argument("--dtype", type=precision, default=None, metavar="auto|float32|bfloat16|float16",
+                   help="precision of the backbone and auto-encoder. Default: a calibrated checkpoint's own "
+                        "(the precision ckaad-fast calibrate scored in, float32 unless told otherwise), so that "
+                        "its decisions are the calibration's; an uncalibrated one's: auto. auto is bfloat16 "
+                        "(autocast) on a GPU and on a CPU with AMX or AVX-512 BF16 units (about 3x faster there; "
+                        "scores move by about 1e-3 relative, up to 3e-2), float32 on other CPUs. Another "
+                        "precision than the calibration's is allowed, with a warning: decisions near the "
+                        "threshold can then differ. Recorded in OUT/run.json; --resume refuses a change. Maps "
                         "and scores are always computed in float32")
     p.add_argument("--compile", action="store_true",
                    help="build the forward with torch.compile (a one-off compilation of a minute or more; "
@@ -181,7 +185,7 @@ def _run(args, device, dist_info) -> int:
             args.out,
             maps=args.maps,
             threshold=args.threshold,
-            sensitivity=0.5 if args.sensitivity is None else args.sensitivity,
+            sensitivity=DEFAULT_SENSITIVITY if args.sensitivity is None else args.sensitivity,
             masks=args.masks == "png",
             resume=args.resume,
             overwrite=args.overwrite,
@@ -220,7 +224,7 @@ def _report(args, summary, dist_info) -> None:
         msg += f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
     if summary.anomalous is not None:
         rule = (f"threshold {args.threshold:g}" if args.threshold is not None
-                else f"the calibrated threshold, sensitivity {0.5 if args.sensitivity is None else args.sensitivity:g}")
+                else f"the calibrated threshold, sensitivity {DEFAULT_SENSITIVITY if args.sensitivity is None else args.sensitivity:g}")
         msg += f"; {summary.anomalous} anomalous at {rule}"
     print(msg, file=sys.stderr)
     if summary.failed:

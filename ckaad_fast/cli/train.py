@@ -14,7 +14,9 @@ import os
 import sys
 
 from ._data import add_data_arguments, dataset_from_args
-from ._types import fraction, nonneg_float, nonneg_int, positive_float, positive_int, ratio_float, unit_float
+from ..data.anomalies import RATIO_LABELED
+from ..pipeline import CALIBRATE_SHARE, TARGET_FPR
+from ._types import fraction, nonneg_float, nonneg_int, positive_float, positive_int, precision, ratio_float, unit_float
 
 
 def layer_int(text: str) -> int:
@@ -51,7 +53,7 @@ def _add_anomaly_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of labelled anomalous images (image-level labels only) used as the coarse anomaly "
                         "set; default: elastic pseudo-anomalies for mvtec/visa, a draw from the training "
                         "classes for folder")
-    g.add_argument("--ratio-labeled", type=ratio_float, default=0.05, metavar="R_L",
+    g.add_argument("--ratio-labeled", type=ratio_float, default=RATIO_LABELED, metavar="R_L",
                    help="--layout folder: fraction r_l of the training set made of labelled anomalies "
                         "(default: %(default)s; 0 falls back to pseudo-anomalies)")
     g.add_argument("--num-anomaly-classes", type=positive_int, default=1, metavar="K",
@@ -115,19 +117,23 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibrate", action="store_true",
                    help="hold out --calibrate-share of the training images (and of the coarse anomalies) and, "
                         "after training, store the decision threshold picked on them in the checkpoint")
-    g.add_argument("--calibrate-share", type=fraction, default=0.1, metavar="SHARE",
+    g.add_argument("--calibrate-share", type=fraction, default=CALIBRATE_SHARE, metavar="SHARE",
                    help="with --calibrate: the share held out (default: %(default)s)")
-    g.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
+    g.add_argument("--target-fpr", type=fraction, default=TARGET_FPR, metavar="RATE",
                    help="with --calibrate and no anomalies held out: the false-positive rate on normal images "
                         "(default: %(default)s)")
+    g.add_argument("--calibrate-dtype", type=precision, default="float32", metavar="float32|bfloat16|auto",
+                   help="with --calibrate: the precision the held-out images are scored in, recorded in the "
+                        "checkpoint and used by ckaad-fast score by default (default: %(default)s)")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, metavar="cpu|cuda",
                    help="device to train on, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA, with loss scaling) (default: none)")
+    g.add_argument("--amp", type=precision, default=None, metavar="float32|bfloat16|float16",
+                   help="mixed precision: bfloat16 (bf16; CPU or CUDA) or float16 (fp16; CUDA, with loss scaling); "
+                        "float32 (or none) trains without autocast (default: float32)")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="wrap the auto-encoder and discriminator in torch.compile (optionally with BACKEND, "
                         "default inductor)")
@@ -174,10 +180,9 @@ def run(args) -> int:
 
 
 def _run(args, cfg, main: bool) -> int:
-    from ..calibration import split_for_calibration
     from ..data import coarse_anomaly_set
     from ..evaluation import format_metrics
-    from ..training import train
+    from ..pipeline import fit
 
     mean, std = cfg.normalization()
     train_set = dataset_from_args(args, "train", cfg.image_size, mean, std)
@@ -191,17 +196,14 @@ def _run(args, cfg, main: bool) -> int:
         if coarse is not None and not args.quiet and main:
             print(f"coarse anomaly set: {len(anomaly_set)} images of class(es) {', '.join(coarse.classes)}",
                   file=sys.stderr)
-
-    calibration_set = None
-    if args.calibrate:
-        train_set, anomaly_set, calibration_set = split_for_calibration(train_set, anomaly_set, args.calibrate_share,
-                                                                        seed=cfg.seed, target_fpr=args.target_fpr)
-    result = train(cfg, train_set, anomaly_set=anomaly_set, out_dir=args.out, eval_set=test_set,
-                   resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    fitted = fit(cfg, train_set, args.out, anomaly_set, calibrate=args.calibrate, calibrate_share=args.calibrate_share,
+                 target_fpr=args.target_fpr, precision=args.calibrate_dtype, eval_set=test_set, resume=args.resume,
+                 overwrite=args.overwrite, progress=not args.quiet)
     if not main:
         return 0
-    if calibration_set is not None:
-        _calibrate(args, cfg, result, calibration_set)
+    if fitted.calibration is not None:
+        print(f"calibration: {fitted.calibration.describe()}")
+    result = fitted.result
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     print(f"log:        {result.log}")
@@ -211,12 +213,3 @@ def _run(args, cfg, main: bool) -> int:
         if "eval" in last:
             print(format_metrics(last["eval"]))
     return 0
-
-
-def _calibrate(args, cfg, result, calibration_set) -> None:
-    from ..calibration import calibrate, write_calibration
-
-    cal = calibrate(result.model, calibration_set, target_fpr=args.target_fpr, batch_size=cfg.batch_size,
-                    device=cfg.device, progress=not args.quiet)
-    write_calibration(result.checkpoint, cal)
-    print(f"calibration: {cal.describe()}")

@@ -5,7 +5,8 @@ Everything here reads local files only; nothing ever touches the network.
 - :mod:`.files`: finding image files, checking they can be read.
 - :mod:`.images`: reading images and masks as tensors (one rule for training and scoring).
 - :mod:`.layouts`: MVTec AD, VisA and class-folder data sets; :mod:`.medical`: ISIC 2018 task 3
-  and Br35H as their users download them; :mod:`.open`: any of them by layout name.
+  and Br35H as their users download them; :mod:`.registry`: the table of layouts (reader, domain,
+  labelled classes, the authors' settings); :mod:`.open`: any of them by layout name.
 - :mod:`.splits`: the validation split the medical protocol holds out of the training set.
 - :mod:`.anomalies`: the coarse anomaly set (the paper's protocols) and pseudo-anomalies.
 - :mod:`.synthetic`: a realistic anomaly data set with exact masks, made offline (the demo's).
@@ -21,12 +22,16 @@ from .files import IMAGE_EXTENSIONS, CorruptImageWarning, check_image, is_image_
 from .images import decode_image, load_image, load_mask
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
-from .open import LAYOUTS, list_categories, open_dataset
+from .open import list_categories, open_dataset
+from .registry import LAYOUT_TABLE, LAYOUTS, Layout, layout_spec
 from .splits import VALIDATION_SHARE, carve_validation
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
+    "LAYOUT_TABLE",
+    "Layout",
+    "layout_spec",
     "VALIDATION_SHARE",
     "AnomalyFolderDataset",
     "Br35HDataset",

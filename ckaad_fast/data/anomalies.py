@@ -29,8 +29,11 @@ from .files import list_images
 from .images import SizeLike
 from .layouts import FolderDataset, ImageFileDataset
 
-__all__ = ["CoarseAnomalies", "sample_coarse_anomalies", "AnomalyFolderDataset", "PseudoAnomalyDataset",
+__all__ = ["RATIO_LABELED", "CoarseAnomalies", "sample_coarse_anomalies", "AnomalyFolderDataset", "PseudoAnomalyDataset",
            "coarse_anomaly_set"]
+
+#: The paper's default share r_l of labelled anomalies in a class-folder training set (5%).
+RATIO_LABELED = 0.05
 
 PathLike = Union[str, os.PathLike]
 
@@ -264,7 +267,7 @@ def coarse_anomaly_set(
     train_set: Dataset,
     *,
     anomaly_dir: PathLike | None = None,
-    ratio_labeled: float = 0.05,
+    ratio_labeled: float = RATIO_LABELED,
     num_classes: int = 1,
     seed: int | None = 0,
     image_size: SizeLike = 256,

@@ -10,17 +10,13 @@ from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import describe, subdirs
 from .images import SizeLike, check_mask_resize
-from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
-from .medical import Br35HDataset, ISIC2018Dataset
+from .layouts import ImageFileDataset
+from .registry import LAYOUT_TABLE, LAYOUTS
 
 __all__ = ["LAYOUTS", "open_dataset", "list_categories"]
 
 PathLike = Union[str, os.PathLike]
 
-#: Layout names of :func:`open_dataset`.
-LAYOUTS = ("mvtec", "visa", "folder", "isic2018", "br35h")
-# Layouts whose classes are fixed by the data set: no --normal-class.
-_FIXED_CLASSES = ("isic2018", "br35h")
 
 
 def open_dataset(
@@ -52,15 +48,8 @@ def open_dataset(
     except ValueError as e:
         raise ArgumentError("mask_resize", str(e)) from None
     try:
-        if layout == "mvtec":
-            return MVTecDataset(root, category, split, image_size, mean, std, mask_resize=mask_resize)
-        if layout == "visa":
-            return VisADataset(root, category, split, image_size, mean, std, mask_resize=mask_resize)
-        if layout == "isic2018":
-            return ISIC2018Dataset(root, split, image_size, mean, std, anomaly_classes=anomaly_classes)
-        if layout == "br35h":
-            return Br35HDataset(root, split, image_size, mean, std)
-        return FolderDataset(root, normal_class, anomaly_classes, split, image_size, mean, std)
+        return LAYOUT_TABLE[layout].read(root, split, image_size, mean, std, category, normal_class,
+                                         anomaly_classes, mask_resize)
     except ArgumentError:
         raise
     except ValueError as e:
@@ -75,9 +64,10 @@ def _check_layout_arguments(layout, root, category, normal_class, anomaly_classe
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise ArgumentError("root", f"folder {root!r} does not exist")
-    if layout in ("mvtec", "visa") and not category:
+    spec = LAYOUT_TABLE[layout]
+    if spec.needs_category and not category:
         raise ArgumentError("category", f"required with layout {layout}")
-    if layout in _FIXED_CLASSES:
+    if spec.fixed_classes:
         if normal_class:
             raise ArgumentError("normal_class", f"layout {layout} fixes its normal class; leave it out")
         if anomaly_classes and layout == "br35h":

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.registry import LAYOUT_TABLE
 from ..errors import ArgumentError
 from ..strategies import STRATEGIES, get_strategy
 from ..training import PROTOCOLS
@@ -33,8 +34,10 @@ __all__ = ["TABLES", "CLASS_LAYOUTS", "INDUSTRIAL_LAYOUTS", "TABLE1_RATIOS", "Ex
 
 #: The tables an experiment can make.
 TABLES = ("table1", "table2", "table3")
-CLASS_LAYOUTS = ("folder", "isic2018", "br35h")
-INDUSTRIAL_LAYOUTS = ("mvtec", "visa")
+# Views of the layout table (ckaad_fast.data.LAYOUT_TABLE): the class-labelled (medical
+# protocol) layouts and the industrial ones.
+CLASS_LAYOUTS = tuple(name for name, spec in LAYOUT_TABLE.items() if spec.class_labelled)
+INDUSTRIAL_LAYOUTS = tuple(name for name, spec in LAYOUT_TABLE.items() if spec.domain == "industrial")
 #: The r_l of the paper's Table 1.
 TABLE1_RATIOS = (0.0, 0.01, 0.02, 0.05)
 #: Table 3's r_l on class-labelled data (k = 1).

@@ -19,11 +19,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data import AnomalyFolderDataset, carve_validation, open_dataset, sample_coarse_anomalies
+from ..data import AnomalyFolderDataset, open_dataset, sample_coarse_anomalies
 from ..evaluation import defect_types_of, metrics_from_predictions, predict_dataset
 from ..metrics import f1_acc_at, image_f1_acc
 from ..model import CHECKPOINT_NAME
-from ..training import resolve_config, train
+from ..pipeline import fit
+from ..training import resolve_config
 from .plan import Experiment, RunSpec
 
 __all__ = ["run_one", "run_config"]
@@ -52,20 +53,23 @@ def _open(exp: Experiment, spec: RunSpec, split: str, cfg, cache: dict | None):
     return ds
 
 
-def _run_data(exp: Experiment, spec: RunSpec, cfg, cache: dict | None = None):
-    """(training set, coarse anomaly set or None, validation set or None, test set)."""
-    train_set, valid_set, anomalies = _open(exp, spec, "train", cfg, cache), None, None
+def _anomalies(exp: Experiment, spec: RunSpec, cfg):
+    """The run's coarse anomaly set: a dataset, or (class-labelled data) how to draw it from the
+    training split left after the validation carve-out; None without one."""
     mean, std = cfg.normalization()
     if exp.class_labelled:
-        train_set, valid_set = carve_validation(train_set, seed=spec.seed)
-        if cfg.uses_anomalies and spec.ratio_labeled > 0:
+        if not (cfg.uses_anomalies and spec.ratio_labeled > 0):
+            return None
+
+        def draw(train_set):
             coarse = sample_coarse_anomalies(train_set, spec.ratio_labeled, classes=spec.anomaly_classes,
                                              seed=spec.seed)
-            anomalies = AnomalyFolderDataset(coarse, cfg.image_size, mean, std)
-    elif exp.anomaly_dir and cfg.uses_anomalies:
+            return AnomalyFolderDataset(coarse, cfg.image_size, mean, std)
+        return draw
+    if exp.anomaly_dir and cfg.uses_anomalies:
         folder = exp.anomaly_dir.replace("{category}", spec.category or "")
-        anomalies = AnomalyFolderDataset(folder, cfg.image_size, mean, std)
-    return train_set, anomalies, valid_set, _open(exp, spec, "test", cfg, cache)
+        return AnomalyFolderDataset(folder, cfg.image_size, mean, std)
+    return None
 
 
 def run_one(exp: Experiment, spec: RunSpec, out_dir: str | Path, progress: bool = True,
@@ -76,9 +80,11 @@ def run_one(exp: Experiment, spec: RunSpec, out_dir: str | Path, progress: bool 
     out = Path(out_dir)
     cfg = run_config(exp, spec)
     t0 = time.perf_counter()
-    train_set, anomalies, valid_set, test_set = _run_data(exp, spec, cfg, datasets)
+    test_set = _open(exp, spec, "test", cfg, datasets)
     resume = (out / CHECKPOINT_NAME).is_file()
-    result = train(cfg, train_set, anomaly_set=anomalies, out_dir=out, resume=resume, progress=progress)
+    fitted = fit(cfg, _open(exp, spec, "train", cfg, datasets), out, _anomalies(exp, spec, cfg),
+                 validation=exp.class_labelled, resume=resume, progress=progress)
+    result, train_set, anomalies, valid_set = fitted.result, fitted.train_set, fitted.anomaly_set, fitted.validation_set
     t1 = time.perf_counter()
     pred = predict_dataset(result.model, test_set, batch_size=cfg.batch_size, device=cfg.device, progress=False)
     metrics = metrics_from_predictions(pred, defect_types_of(test_set))

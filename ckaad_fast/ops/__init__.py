@@ -10,12 +10,13 @@ from ._backend import BACKENDS, backend, current_backend
 from ._buffers import release_buffers
 from .cosine import cosine_error_map, cosine_error_map_float32, cosine_reconstruction_loss
 from .energy import discriminator_loss, energy_hinge_loss, generator_loss
-from .scoring import anomaly_map, image_score, upsample_blur_sum
+from .scoring import anomaly_map, anomaly_map_standard_ops, image_score, upsample_blur_sum
 
 __all__ = [
     "release_buffers",
     "BACKENDS",
     "anomaly_map",
+    "anomaly_map_standard_ops",
     "backend",
     "cosine_error_map",
     "cosine_error_map_float32",

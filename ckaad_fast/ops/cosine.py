@@ -14,6 +14,7 @@ import torch
 from ..kernels.dtypes import acc_dtype
 from ._backend import cosine_kernels, eager_cpu_path, use_triton
 from ._buffers import reusable_empty
+from ._double import grads_by_autograd, safe_norm, wants_double_backward
 from .checks import check_alike, check_layer_lists, check_pair, real_arg
 from ._layout import rows_in_memory_order
 
@@ -116,10 +117,22 @@ def _cosine_map_setup(ctx, inputs, output):
     ctx.eps = eps
 
 
+def _cosine_map_formula(a, b, eps: float):
+    """The error map in plain, twice-differentiable PyTorch (accumulated in float32 or float64)."""
+    acc = acc_dtype(a.dtype)
+    x, y = a.to(acc), b.to(acc)
+    return 1 - (x * y).sum(1) / (safe_norm((x * x).sum(1), eps) * safe_norm((y * y).sum(1), eps))
+
+
 def _cosine_map_backward(ctx, grad_err, _grad_stats):
     a, b, stats = ctx.saved_tensors
     if grad_err is None:
         return None, None, None, None
+    if wants_double_backward():
+        eps = ctx.eps
+        ga, gb = grads_by_autograd(lambda x, y: _cosine_map_formula(x, y, eps), (a, b), ctx.needs_input_grad[:2],
+                                   grad_err)
+        return ga, gb, None, None
     grad_a, grad_b = _cosine_map_backward_op(a, b, grad_err, stats, ctx.eps)
     return grad_a, grad_b, None, None
 
@@ -289,6 +302,24 @@ def _flat_setup(ctx, inputs, output):
     ctx.eps = eps
 
 
+def _flat_loss_formula(a, b, eps: float):
+    """The loss in plain, twice-differentiable PyTorch (accumulated in float32 or float64)."""
+    total = None
+    for x, y in zip(a, b):
+        acc = acc_dtype(x.dtype)
+        x2, y2 = x.reshape(x.shape[0], -1).to(acc), y.reshape(y.shape[0], -1).to(acc)
+        cos = (x2 * y2).sum(1) / (safe_norm((x2 * x2).sum(1), eps) * safe_norm((y2 * y2).sum(1), eps))
+        term = (1 - cos).mean()
+        total = term if total is None else total + term
+    return total
+
+
+def _flat_grads_by_autograd(tensors, n: int, needs, grad, eps: float):
+    """(grads of the first n tensors, grads of the rest), twice differentiable."""
+    got = grads_by_autograd(lambda *t: _flat_loss_formula(t[:n], t[n:], eps), tensors, needs, grad)
+    return got[:n], got[n:]
+
+
 def _flat_backward(ctx, grad, _grad_sums):
     saved = ctx.saved_tensors
     n = ctx.n_layers
@@ -296,6 +327,10 @@ def _flat_backward(ctx, grad, _grad_sums):
     need_a, need_b = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
     if grad is None or not (need_a or need_b):
         return [None] * n, [None] * n, None
+    if wants_double_backward():
+        needs = [*ctx.needs_input_grad[0], *ctx.needs_input_grad[1]]
+        ga, gb = _flat_grads_by_autograd(saved[:2 * n], n, needs, grad, ctx.eps)
+        return ga, gb, None
     grads_a, grads_b = _flat_cosine_loss_backward_op(
         list(saved[:n]), list(saved[n:2 * n]), grad, saved[-1], ctx.eps, need_a, need_b
     )
@@ -324,6 +359,9 @@ class _EagerFlatCosine(torch.autograd.Function):
         need_a, need_b = any(ctx.needs_input_grad[2:2 + n]), any(ctx.needs_input_grad[2 + n:])
         if not (need_a or need_b):
             return (None,) * (2 + 2 * n)
+        if wants_double_backward():
+            ga, gb = _flat_grads_by_autograd(tensors, n, ctx.needs_input_grad[2:], grad, ctx.eps)
+            return (None, None, *ga, *gb)
         ga, gb = _flat_backward_impl(tensors[:n], tensors[n:], grad, sums, ctx.eps, need_a, need_b)
         return (None, None, *(ga if need_a else [None] * n), *(gb if need_b else [None] * n))
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..kernels.dtypes import acc_dtype
 from ._backend import eager_cpu_path, energy_kernels, use_triton
+from ._double import grads_by_autograd, wants_double_backward
 from .checks import check_float_tensor, real_arg
 from ._layout import flat_in_memory_order
 
@@ -85,7 +86,22 @@ def _setup(ctx, inputs, output):
     ctx.args = (weights, high, margin)
 
 
+def _energy_formula(scores, weights, high, margin: float):
+    """The loss in plain, twice-differentiable PyTorch."""
+    total = None
+    for s, w, h in zip(scores, weights, high):
+        e = s.to(acc_dtype(s.dtype)).abs()
+        term = (torch.relu(margin - e) if h else e).mean() * w
+        total = term if total is None else total + term
+    return total
+
+
 def _backward(ctx, grad):
+    if wants_double_backward():
+        weights, high, margin = ctx.args
+        grads = grads_by_autograd(lambda *s: _energy_formula(s, weights, high, margin), ctx.saved_tensors,
+                                  ctx.needs_input_grad[0], grad)
+        return grads, None, None, None
     grads = _energy_backward_op(list(ctx.saved_tensors), grad, *ctx.args)
     return list(grads), None, None, None
 
@@ -128,15 +144,26 @@ class _EagerEnergy(torch.autograd.Function):
         xs = [s if s.dtype == acc else s.to(acc) for s in scores]
         norms = torch.stack([torch.linalg.vector_norm(F.hardtanh(x, -margin, margin) if h else x, 1)
                              for x, h in zip(xs, high)])
-        ctx.save_for_backward(slopes, *xs)
+        # The scores themselves (not their float32 copies), so that a double backward reaches them.
+        ctx.save_for_backward(slopes, *scores)
         ctx.margin, ctx.high, ctx.dtypes = margin, high, [s.dtype for s in scores]
         return torch.dot(norms, slopes) + offset
 
     @staticmethod
     def backward(ctx, grad):
-        slopes, *xs = ctx.saved_tensors
-        coef = (slopes * grad).unbind()
+        slopes, *scores = ctx.saved_tensors
         m = ctx.margin
+        if wants_double_backward():
+            n = [s.numel() for s in scores]
+            # loss = sum_i slope_i * numel_i * mean(term_i) + offset: weights slope * numel, sign
+            # folded in (a high term's slope is -w / numel of m - min(|s|, m)).
+            weights = [abs(float(a)) * k for a, k in zip(slopes.tolist(), n)]
+            grads = grads_by_autograd(lambda *s: _energy_formula(s, weights, ctx.high, m), scores,
+                                      ctx.needs_input_grad[4:], grad)
+            return (None, None, None, None, *grads)
+        acc = slopes.dtype
+        xs = [s if s.dtype == acc else s.to(acc) for s in scores]
+        coef = (slopes * grad).unbind()
         grads = []
         for x, h, c, dtype in zip(xs, ctx.high, coef, ctx.dtypes):
             g = torch.sign(x).mul_(c)  # d|s|/ds = sign(s): 0 at 0 and at NaN, as autograd's abs backward

@@ -17,6 +17,7 @@ import torch
 
 from ..profiling import nvtx_range
 from ._backend import upsample_blur_kernels, use_triton
+from ._double import wants_double_backward
 from .checks import (
     check_alike,
     check_float_tensor,
@@ -168,6 +169,15 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    if wants_double_backward():
+        # R^T G C in plain matmuls: linear in G, so autograd differentiates it again.
+        sigma, truncate, border = ctx.args
+        out_h, out_w = grad.shape[1], grad.shape[2]
+        grads = [torch.matmul(_axis_matrix(h, out_h, sigma, truncate, border, grad.device, grad.dtype, False).t(),
+                              torch.matmul(grad, _axis_matrix(w, out_w, sigma, truncate, border, grad.device,
+                                                              grad.dtype, False)))
+                 for h, w in zip(ctx.sizes[0::2], ctx.sizes[1::2])]
+        return grads, None, None, None, None, None
     grads = _upsample_blur_backward_op(grad.contiguous(), ctx.sizes, *ctx.args)
     return list(grads), None, None, None, None, None
 
@@ -253,6 +263,46 @@ def anomaly_map(
         maps = [cosine_error_map_float32(fs, ft) for fs, ft in zip(fs_list, ft_list)]
     with nvtx_range("upsample+blur"):
         return _upsample_blur_op(maps, out_h, out_w, float(sigma), float(truncate), border)
+
+
+def anomaly_map_standard_ops(
+    fs_list: Sequence[torch.Tensor],
+    ft_list: Sequence[torch.Tensor],
+    out_size=256,
+    sigma: float = 4.0,
+    truncate: float = 4.0,
+    border: str = "reflect",
+    matrices: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """:func:`anomaly_map`'s own decomposition into standard operators, for exporters (ONNX,
+    OpenVINO, AOTInductor) that cannot carry the fused custom op: the same arithmetic (per layer
+    the cosine error with the same eps rule, accumulated in float32, then ``R @ E @ C^T`` with the
+    same matrices, summed). Equal to :func:`anomaly_map` up to float32 rounding; not for training
+    (its backward is autograd's, not the fused one).
+
+    ``matrices``: each layer's ``(R, C^T)`` in float32 (:func:`upsample_blur_matrix`), e.g. a
+    module's buffers, which is what a tracer (``torch.export``) needs; without them they are
+    built on each call (never cached here, so that a traced call leaves no fake tensor behind)."""
+    fs_list, ft_list = check_layer_lists(fs_list, ft_list, "fs_list", "ft_list")
+    out_h, out_w = _out_size(out_size)
+    sigma, truncate = _check_blur(sigma, truncate, border, out_h, out_w)
+    eps = 1e-8
+    total = None
+    for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
+        a, b = fs.float(), ft.float()
+        dot = (a * b).sum(1)
+        na = (a * a).sum(1).sqrt().clamp_min(eps)
+        nb = (b * b).sum(1).sqrt().clamp_min(eps)
+        err = 1.0 - dot / (na * nb)
+        if matrices is not None:
+            rows, cols_t = matrices[i]
+        else:
+            rows = torch.from_numpy(_axis_matrix_np(err.shape[1], out_h, sigma, truncate, border)).to(err.device, torch.float32)
+            cols_t = torch.from_numpy(_axis_matrix_np(err.shape[2], out_w, sigma, truncate, border).T.copy()).to(
+                err.device, torch.float32)
+        up = torch.matmul(torch.matmul(rows, err), cols_t)
+        total = up if total is None else total + up
+    return total
 
 
 def image_score(amap: torch.Tensor, topk: int | None = 100) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """Scoring images with a trained detector: the engine, and the results folder of ``ckaad-fast score``.
 
-- :mod:`.device`: which device and compute dtype the scorer runs in.
 - :mod:`.decoding`: decoding files on DataLoader worker processes.
 - :mod:`.engine`: :class:`Scorer`, the forward (compile, CUDA graphs) and the streams of files.
 - :mod:`.results`: OUT/scores.csv, OUT/maps/, OUT/parts/, and reading them back for a resume.
@@ -8,7 +7,6 @@
   over a process group.
 """
 from .engine import ScoreResult, Scorer
-from .device import resolve_device, resolve_dtype
 from .results import (
     CSV_NAME,
     MAP_FORMATS,
@@ -36,7 +34,5 @@ __all__ = [
     "map_names",
     "part_name",
     "read_scores_csv",
-    "resolve_device",
-    "resolve_dtype",
     "score_to_folder",
 ]

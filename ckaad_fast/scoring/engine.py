@@ -22,12 +22,17 @@ repeating its last image, and the padding's results are dropped before anything 
 On the CPU the same API runs the CPU paths of the ops; the backbone and auto-encoder in bfloat16
 autocast (channels_last) where the CPU has bfloat16 matrix units, else (or with dtype="float32")
 in float32.
+
+The forward is the detector's own (:meth:`ckaad_fast.model.Detector.forward`, through the one
+inference head): the Scorer only adds the device, the memory layout, compilation, CUDA graphs and
+streaming. A calibrated model is scored by default in the precision its calibration was computed
+in, so that the calibration's decisions are the Scorer's (see :mod:`ckaad_fast.precision`).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -35,15 +40,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import ops
 from ..calibration import read_calibration
 from ..data import list_images
-from ..model import CKAAD, fingerprint, load_checkpoint, model_from_checkpoint
+from ..errors import ArgumentError
+from ..head import InferenceHead
+from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
+from ..precision import channels_last_for, precision_name, resolve_device, resolve_precision
 from ..profiling import nvtx_enabled, stage
 from .decoding import DecodeDataset, collate, worker_init
-from .device import resolve_device, resolve_dtype
 
 __all__ = ["Scorer", "ScoreResult", "NON_FINITE_ERROR"]
+
+
+def _scoring_dtype(dtype, calibration, device) -> torch.dtype:
+    """The Scorer's precision: the one asked for, else the calibration's, else "auto"; a warning
+    when it differs from the calibration's (see :class:`Scorer`)."""
+    calibrated = None if calibration is None else (calibration.precision or "float32")
+    chosen = resolve_precision(dtype if dtype is not None else (calibrated or "auto"), device, "dtype")
+    if calibrated is not None and precision_name(chosen) != calibrated:
+        warnings.warn(
+            f"scoring in {precision_name(chosen)} a model calibrated in {calibrated}: scores move by about 1e-3 "
+            f"relative (up to 3e-2), so images near the threshold can be decided differently from the "
+            f"calibration's promise; leave dtype out (or pass {calibrated!r}) to score as it was calibrated",
+            UserWarning, stacklevel=3)
+    return chosen
 
 #: The error of an image whose score is not a finite number (the image or the model gave NaN/Inf).
 NON_FINITE_ERROR = "non-finite score ({}): the image or the model produced NaN or infinite values"
@@ -73,15 +93,19 @@ class ScoreResult:
 
 
 class Scorer:
-    """Fast inference with a trained :class:`~ckaad_fast.model.CKAAD`.
+    """Fast inference with a trained :class:`~ckaad_fast.model.Detector`.
 
     Args:
         model: the detector (moved to ``device`` and put in eval mode; not copied).
         device: "cpu" or "cuda[:N]".
-        dtype: compute dtype of the backbone and the auto-encoder: None/"auto" (bfloat16 on CUDA
-            and on a CPU with bfloat16 matrix units, float32 on other CPUs; see
-            :func:`~.device.resolve_dtype`), "float32", "bfloat16" (autocast) or "float16" (CUDA
-            only). Maps and scores are float32 whatever the dtype.
+        dtype: precision of the backbone and the auto-encoder (:mod:`ckaad_fast.precision`):
+            None follows the calibration (the precision it was computed in; float32 for
+            calibrations older than that record) and, for a model without one, "auto";
+            "auto" is bfloat16 on CUDA and on a CPU with bfloat16 matrix units, float32 on other
+            CPUs; "float32", "bfloat16" (autocast) or "float16" (CUDA only). Maps and scores are
+            float32 whatever the dtype. A precision other than the calibration's is allowed,
+            warned about (decisions near the threshold can differ from the calibration's) and
+            recorded in every results folder's run.json.
         compile: build the forward with ``torch.compile(fullgraph=True, dynamic=False)``.
         cuda_graphs: capture the forward into a CUDA graph per batch shape (CUDA only).
         batch_size: images per batch for :meth:`score_paths`.
@@ -114,10 +138,13 @@ class Scorer:
         warmup: int = 3,
         calibration=None,
     ):
-        if not isinstance(model, CKAAD):
-            raise TypeError(f"model must be a ckaad_fast.model.CKAAD, got {type(model).__name__}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        if not isinstance(model, Detector):
+            raise TypeError(f"model must be a ckaad_fast.model.Detector, got {type(model).__name__}")
+        try:
+            self.device = resolve_device(device)
+            self.dtype = _scoring_dtype(dtype, calibration, self.device)
+        except ArgumentError as e:
+            raise ValueError(str(e)) from None
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device; on the CPU leave it off")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -136,14 +163,15 @@ class Scorer:
         self.pad_batches = (self.compile or self.cuda_graphs) if pad_batches is None else bool(pad_batches)
         self.warmup = warmup
 
-        # channels_last where the convolutions want it: on a GPU, and for oneDNN's bfloat16 on the CPU.
-        self._channels_last = self.device.type == "cuda" or self.dtype != torch.float32
+        self._channels_last = channels_last_for(self.device, self.dtype)
         model = model.eval().to(self.device)
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._mean = torch.tensor(self.config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # The model's own head, unless another top-k was asked for.
+        self.head = model.head if self.topk == model.head.topk else InferenceHead(self.config.sigma, self.config.border, self.topk)
         self._fn: Callable = self._forward_eager
         if self.compile:
             self._fn = torch.compile(self._forward_eager, fullgraph=True, dynamic=False)
@@ -186,26 +214,14 @@ class Scorer:
     # -------------------------------------------------------------------------------------------
     # The forward
     # -------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.dtype != torch.float32:
-            # cache_enabled=False: cached casts would be captured into a graph and go stale.
-            return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
-        return contextlib.nullcontext()
+    @property
+    def precision(self) -> str:
+        """The precision name of :attr:`dtype` ("float32", "bfloat16", "float16")."""
+        return precision_name(self.dtype)
 
     def _forward_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone and auto-encoder in the compute dtype, then the fused map and score in float32."""
-        m = self.model
-        cfg = self.config
-        with self._autocast():
-            feats = m.features(x)
-            recon = m.reconstruct(feats)
-        # Under autocast a layer's output dtype depends on its last op; the fused ops take pairs
-        # of one dtype (and accumulate in float32 whatever it is).
-        recon = [r if r.dtype == f.dtype else r.to(f.dtype) for f, r in zip(feats, recon)]
-        with torch.autocast(self.device.type, enabled=False):
-            maps = ops.anomaly_map(feats, recon, out_size=tuple(x.shape[-2:]), sigma=cfg.sigma, border=cfg.border)
-            scores = ops.image_score(maps, self.topk)
-        return scores, maps
+        """The detector's forward in the scorer's precision, with the scorer's head."""
+        return self.model(x, self.dtype, self.head)
 
     def _capture(self, x: torch.Tensor):
         """Warm up on a side stream, then capture one CUDA graph for ``x``'s shape."""

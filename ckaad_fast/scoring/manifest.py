@@ -1,7 +1,8 @@
 """The run manifest beside scores.csv: what made the results, so that a resume never mixes models.
 
 ``OUT/run.json`` records the model's fingerprint (SHA-256 of its configuration and weights), the
-options that change a score (top-k, image size, blur sigma and border), the compute dtype, the
+options that change a score (top-k, image size, blur sigma and border, the compute dtype), the
+calibration's precision, the
 tool's version and the folder relative paths were given from. ``--resume`` compares it with the
 run about to start and refuses on any difference that changes scores; relative paths of the
 earlier run are resolved against its folder, so rows match whichever way a path is spelt.
@@ -22,8 +23,9 @@ __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "manifest_of", "read_manifest", "
 
 MANIFEST_NAME = "run.json"
 MANIFEST_FORMAT = "ckaad_fast.scores"
-# What makes two runs' scores comparable: a resume refuses when one of these differs.
-_SAME_SCORES = ("model_sha256", "topk", "image_size", "sigma", "border")
+# What makes two runs' scores comparable: a resume refuses when one of these differs (the
+# precision too: bfloat16 moves scores, so one scores.csv never mixes two precisions).
+_SAME_SCORES = ("model_sha256", "topk", "image_size", "sigma", "border", "dtype")
 
 
 def manifest_of(scorer) -> dict:
@@ -40,7 +42,9 @@ def manifest_of(scorer) -> dict:
         "topk": scorer.topk,
         "sigma": c.sigma,
         "border": c.border,
-        "dtype": str(scorer.dtype).removeprefix("torch."),
+        "dtype": scorer.precision,
+        "calibration_precision": (None if scorer.calibration is None
+                                  else scorer.calibration.precision or "float32"),
         "cwd": os.getcwd(),
     }
 

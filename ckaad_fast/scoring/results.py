@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..atomic import atomic_write_text, remove_stale_temporaries
+from ..head import DEFAULT_SENSITIVITY
 from .manifest import check_resume, path_key, read_manifest, write_manifest
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
@@ -157,7 +160,7 @@ class Verdict:
 
     threshold: float | None = None
     calibration: object | None = None
-    sensitivity: float = 0.5
+    sensitivity: float = DEFAULT_SENSITIVITY
 
     @property
     def columns(self) -> list[str]:
@@ -171,7 +174,7 @@ class Verdict:
     def anomalous(self, score: float) -> bool:
         if self.threshold is not None:
             return score >= self.threshold
-        return self.calibration.is_anomalous(score, self.sensitivity)
+        return score >= self.calibration.decision_threshold(self.sensitivity)
 
 
 def finish_row(r: dict, verdict: Verdict) -> dict:
@@ -179,7 +182,9 @@ def finish_row(r: dict, verdict: Verdict) -> dict:
     an empty verdict where there is no finite score (a NaN is never 'not anomalous')."""
     out = {"path": r["path"], "score": r.get("score", ""), "error": r.get("error", "")}
     try:
-        score = float(out["score"]) if out["score"] != "" else None
+        # The float32 score the model gave: its 9-digit text read back in float64 can lie a hair
+        # below it, which would flip a score that sits exactly at a float32 threshold.
+        score = float(np.float32(out["score"])) if out["score"] != "" else None
     except ValueError:
         score = None
     if score is not None and not math.isfinite(score):
@@ -213,7 +218,7 @@ def csv_text(rows: Sequence[dict], verdict: Verdict) -> str:
 
 
 
-def check_arguments(maps, threshold, map_range, sensitivity: float = 0.5) -> None:
+def check_arguments(maps, threshold, map_range, sensitivity: float = DEFAULT_SENSITIVITY) -> None:
     """ValueError for a bad ``maps`` format, threshold, colour range or sensitivity."""
     if not (isinstance(sensitivity, (int, float)) and not isinstance(sensitivity, bool) and 0 <= sensitivity <= 1):
         raise ValueError(f"sensitivity must be a number in [0, 1], got {sensitivity!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import distributed as ddp
+from ..head import DEFAULT_SENSITIVITY
 from .engine import Scorer
 from .local import LocalRun
 from .lock import FolderLock
@@ -30,7 +31,7 @@ def score_to_folder(
     flush_seconds: float = 2.0,
     on_batch: Callable[[], None] | None = None,
     distributed: bool | None = None,
-    sensitivity: float = 0.5,
+    sensitivity: float = DEFAULT_SENSITIVITY,
     masks: bool = False,
 ) -> ScoreSummary:
     """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.

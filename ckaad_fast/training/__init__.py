@@ -2,6 +2,7 @@
 
 - :mod:`.config`: :class:`TrainConfig`, the paper's per-domain defaults and the resume rule
   (:func:`resolve_config`).
+- :mod:`.module`: :class:`CKAAD`, the scoring detector plus its strategy's discriminator.
 - :mod:`.trainer`: :class:`Trainer`, one D step and one G step; what each strategy computes is
   in :mod:`ckaad_fast.strategies`.
 - :mod:`.loaders`: the loaders of every epoch, their seeds, the RNG states of a checkpoint.
@@ -22,12 +23,15 @@ from .config import (
     resolve_config,
 )
 from .loop import TrainResult, train
+from .module import CKAAD, ckaad_from_checkpoint
 from .trainer import Trainer
 
 __all__ = [
     "AMP_MODES",
     "CATEGORY_DEFAULTS",
     "CHECKPOINT_NAME",
+    "CKAAD",
+    "ckaad_from_checkpoint",
     "DOMAIN_DEFAULTS",
     "LAYOUT_DEFAULTS",
     "LAYOUT_DOMAINS",

@@ -12,9 +12,11 @@ from typing import Any, Mapping
 
 import torch
 
+from ..data.registry import LAYOUT_TABLE, layout_spec
 from ..errors import ArgumentError
 from ..model import CHECKPOINT_NAME, ModelConfig, PlainConfig, checkpoint_file, load_checkpoint
 from ..models import BACKBONES, backbone_spec
+from ..precision import canonical_precision
 from ..strategies import STRATEGIES, get_strategy
 from ..validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
@@ -40,19 +42,10 @@ DOMAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "industrial": {"backbone": "wide_resnet50_2", "layers": (1, 2, 3), "ae_lr": 5e-3},
     "medical": {"backbone": "resnet18", "layers": (2, 3), "ae_lr": 1e-3},
 }
-#: The domain of each data-set layout (:data:`ckaad_fast.data.LAYOUTS`).
-LAYOUT_DOMAINS = {"mvtec": "industrial", "visa": "industrial", "folder": "medical", "isic2018": "medical",
-                  "br35h": "medical"}
-#: What each layout's protocol adds to its domain's defaults, from the authors' training scripts:
-#: MVTec 200 epochs at batch 16, VisA 400; class folders (Chest X-ray, OCT) batch 32, ISIC and
-#: Br35H batch 64; ISIC's image score is the whole map's mean.
-LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mvtec": {"epochs": 200, "batch_size": 16},
-    "visa": {"epochs": 400, "batch_size": 16},
-    "folder": {"epochs": 200, "batch_size": 32},
-    "isic2018": {"epochs": 200, "batch_size": 64, "topk": None},
-    "br35h": {"epochs": 200, "batch_size": 64},
-}
+#: The domain of each data-set layout, and what each layout's protocol adds to its domain's
+#: defaults: views of :data:`ckaad_fast.data.LAYOUT_TABLE`, where both are written.
+LAYOUT_DOMAINS = {name: spec.domain for name, spec in LAYOUT_TABLE.items()}
+LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(spec.defaults) for name, spec in LAYOUT_TABLE.items()}
 #: The authors' exceptions for single categories: (layout, category) -> settings. (OCT's 10 epochs
 #: cannot be told from a class-folder layout: pass --epochs 10 there.)
 CATEGORY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
@@ -164,11 +157,12 @@ class TrainConfig(PlainConfig):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
                 raise _bad(name, "be an int >= 1", v)
-        for name in ("ae_lr", "d_lr", "margin", "sigma", "elastic_sigma"):
+        for name in ("ae_lr", "d_lr", "margin", "elastic_sigma"):
             v = getattr(self, name)
             if not is_number(v) or v <= 0:
                 raise _bad(name, "be a finite number > 0", v)
-        for name in ("lam", "elastic_alpha"):
+        # sigma 0 is no blur, as in ModelConfig (the head takes it).
+        for name in ("lam", "elastic_alpha", "sigma"):
             v = getattr(self, name)
             if not is_number(v) or v < 0:
                 raise _bad(name, "be a finite number >= 0", v)
@@ -194,10 +188,14 @@ class TrainConfig(PlainConfig):
         if dev.type not in ("cpu", "cuda"):
             raise _bad("device", "be a CPU or CUDA device", self.device)
         self.device = str(self.device)
-        if isinstance(self.amp, str) and self.amp.lower() in ("none", ""):
-            self.amp = None
-        if self.amp not in AMP_MODES:
-            raise _bad("amp", "be None, 'bf16' or 'fp16'", self.amp)
+        # Any precision name of ckaad_fast.precision; stored in the checkpoints' compact form.
+        try:
+            name = canonical_precision(self.amp, "amp") if self.amp is not None else "float32"
+        except ArgumentError:
+            raise _bad("amp", "be a precision: None/float32, bfloat16 (bf16) or float16 (fp16)", self.amp) from None
+        if name == "auto":
+            raise _bad("amp", "name a precision, not auto (training's precision is chosen, not guessed)", self.amp)
+        self.amp = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}[name]
         if self.amp == "fp16" and dev.type != "cuda":
             raise _bad("amp", "not be 'fp16' on the CPU (use 'bf16')", self.amp)
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
@@ -210,6 +208,11 @@ class TrainConfig(PlainConfig):
             raise _bad("eval_every", "be an int >= 0", self.eval_every)
         check_topk(_KIND, self.topk, self.image_size)
         check_choice(_KIND, "protocol", self.protocol, PROTOCOLS)
+
+    @property
+    def precision(self) -> str:
+        """:attr:`amp` as a precision name of :mod:`ckaad_fast.precision`."""
+        return {None: "float32", "bf16": "bfloat16", "fp16": "float16"}[self.amp]
 
     # -- conversions (to_dict / from_dict come from PlainConfig) ---------------------------------
     def model_config(self) -> ModelConfig:
@@ -253,10 +256,9 @@ def resolve_config(
     """
     base = {**TrainConfig().to_dict()}
     if layout is not None:
-        if layout not in LAYOUT_DOMAINS:
-            raise ValueError(f"layout must be one of {tuple(LAYOUT_DOMAINS)}, got {layout!r}")
-        base.update(DOMAIN_DEFAULTS[LAYOUT_DOMAINS[layout]])
-        base.update(LAYOUT_DEFAULTS.get(layout, {}))
+        spec = layout_spec(layout)
+        base.update(DOMAIN_DEFAULTS[spec.domain])
+        base.update(spec.defaults)
         base.update(CATEGORY_DEFAULTS.get((layout, category), {}))
     if resume_from is not None:
         path = checkpoint_file(resume_from)

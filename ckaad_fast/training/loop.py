@@ -41,8 +41,9 @@ from .. import distributed as ddp
 from ..atomic import append_line, atomic_write_lines, remove_stale_temporaries
 from ..data import PseudoAnomalyDataset
 from ..evaluation import evaluate_model
-from ..model import CHECKPOINT_NAME, CKAAD, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..model import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import LOG_NAME, RUN_FIELDS, TrainConfig
+from .module import CKAAD, ckaad_from_checkpoint
 from .loaders import Images, WithDistortion, cycle, epoch_loader, rng_state, seed_everything, set_rng_state
 from .trainer import Trainer
 
@@ -277,7 +278,7 @@ class _Run:
         if resume:
             # Rank 0 reads the checkpoint and hands it to the others: out_dir need not be shared.
             ckpt = ddp.run_on_main(self._load)
-            model = model_from_checkpoint(ckpt, map_location=device)
+            model = ckaad_from_checkpoint(ckpt, map_location=device)
         else:
             seed_everything(cfg.seed)
             model = CKAAD(cfg.model_config(), weights=cfg.weights).to(device)

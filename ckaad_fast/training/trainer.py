@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from ..model import CKAAD
+from ..precision import resolve_precision
 from ..profiling import nvtx_range
 from ..strategies import FusedLosses, StepTensors, get_strategy
 from .config import TrainConfig
+from .module import CKAAD
 
 __all__ = ["Trainer"]
 
@@ -61,7 +62,8 @@ class Trainer:
         fp16 = config.amp == "fp16"
         self.scaler_ae = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+        dtype = resolve_precision(config.precision, self.device, "amp")
+        self.amp_dtype = None if dtype == torch.float32 else dtype
         self.channels_last = self.device.type == "cuda"
         self.distributed = bool(distributed)
         self._ae = model.autoencoder

@@ -1,0 +1,133 @@
+"""The inference head, written once: features and reconstructions -> anomaly maps -> image
+scores -> normalised scores -> decisions.
+
+Every path that scores an image goes through here: :class:`~ckaad_fast.model.Detector` (and so
+``eval``, ``calibrate`` and training's evaluation), the :class:`~ckaad_fast.scoring.Scorer`, and
+the exported graph (:mod:`ckaad_fast.export`), which asks for the ops' own decomposition into
+standard operators (``standard_ops=True``) instead of the fused custom ops.
+
+Decisions are made on the raw score against a *decision threshold* that is a float32 number
+(rounded up from the calibration's float64 value, :func:`decision_threshold`). Scores are float32
+on every path, so comparing a float32 score with that threshold gives the same answer in float32
+(an exported graph), in float64 (Python) and in numpy, for every score including one that sits
+exactly at the calibration quantile. The normalised score (anomalib's
+``clip((s - t) / (max - min) + 0.5, 0, 1)``) is for people and dashboards; it reads 0.5 at the
+threshold up to its own rounding, and it never decides.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .ops.scoring import upsample_blur_matrix
+from .profiling import nvtx_range
+
+__all__ = ["InferenceHead", "DEFAULT_SENSITIVITY", "float32_at_least", "normalized_score", "decision_threshold",
+           "check_sensitivity", "feature_sizes"]
+
+#: The sensitivity at which the calibrated threshold decides (0: flag least, 1: flag everything).
+DEFAULT_SENSITIVITY = 0.5
+#: The truncation of the Gaussian blur, in sigmas (scipy's default, the authors').
+TRUNCATE = 4.0
+
+
+def feature_sizes(image_size, strides) -> list[tuple[int, int]]:
+    """The (h, w) of each backbone layer's feature map for an ``image_size`` input: ceil(size /
+    stride), the convolutions' padding rule."""
+    h, w = image_size
+    return [(-(-h // s), -(-w // s)) for s in strides]
+
+
+class InferenceHead(nn.Module):
+    """Features and reconstructions -> (image scores (B,), anomaly maps (B, H, W)), float32.
+
+    ``sigma``, ``border``: the blur of :func:`ckaad_fast.ops.anomaly_map`; ``topk``: the image
+    score is the mean of the ``topk`` largest map values (None: the map's mean). Holds no weights.
+    ``standard_ops=True`` computes the same maps with standard operators only (for exporters);
+    with ``sizes=(out_size, feature sizes)`` its upsampling-and-blur matrices are buffers, which a
+    tracer needs (see :func:`ckaad_fast.ops.anomaly_map_standard_ops`).
+    """
+
+    def __init__(self, sigma: float, border: str, topk: int | None, standard_ops: bool = False, sizes=None):
+        super().__init__()
+        self.sigma = float(sigma)
+        self.border = border
+        self.topk = topk
+        self.standard_ops = standard_ops
+        self._layers = 0
+        if standard_ops and sizes is not None:
+            (out_h, out_w), layers = sizes
+            for i, (h, w) in enumerate(layers):
+                rows = upsample_blur_matrix(h, out_h, self.sigma, TRUNCATE, border)
+                cols = upsample_blur_matrix(w, out_w, self.sigma, TRUNCATE, border)
+                self.register_buffer(f"rows{i}", torch.from_numpy(rows).float())
+                self.register_buffer(f"cols{i}_t", torch.from_numpy(cols.T.copy()).float())
+            self._layers = len(layers)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma:g}, border={self.border!r}, topk={self.topk}, standard_ops={self.standard_ops}"
+
+    def anomaly_maps(self, features, reconstructions, out_size) -> torch.Tensor:
+        # Under autocast a layer's output dtype depends on its last op; the maps take pairs of one
+        # dtype (and accumulate in float32 whatever it is).
+        reconstructions = [r if r.dtype == f.dtype else r.to(f.dtype) for f, r in zip(features, reconstructions)]
+        if not self.standard_ops:
+            return ops.anomaly_map(features, reconstructions, out_size=tuple(out_size), sigma=self.sigma,
+                                   truncate=TRUNCATE, border=self.border)
+        matrices = ([(getattr(self, f"rows{i}"), getattr(self, f"cols{i}_t")) for i in range(self._layers)]
+                    if self._layers else None)
+        return ops.anomaly_map_standard_ops(features, reconstructions, out_size=tuple(out_size), sigma=self.sigma,
+                                            truncate=TRUNCATE, border=self.border, matrices=matrices)
+
+    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        return ops.image_score(maps, self.topk)
+
+    def forward(self, features, reconstructions, out_size) -> tuple[torch.Tensor, torch.Tensor]:
+        # Whatever precision the networks ran in, the head runs in float32.
+        with torch.autocast(features[0].device.type, enabled=False), nvtx_range("head"):
+            maps = self.anomaly_maps(features, reconstructions, out_size)
+            return self.image_scores(maps), maps
+
+
+# ------------------------------------------------------------------------------------------------
+# From scores to decisions (numbers a calibration holds: threshold t, scores' range lo..hi)
+# ------------------------------------------------------------------------------------------------
+def check_sensitivity(sensitivity) -> float:
+    if isinstance(sensitivity, bool) or not isinstance(sensitivity, (int, float)) or not 0 <= sensitivity <= 1:
+        raise ValueError(f"sensitivity must lie in [0, 1], got {sensitivity!r}")
+    return float(sensitivity)
+
+
+def float32_at_least(x: float) -> float:
+    """The smallest float32 number >= ``x``, as a Python float (exact in float64)."""
+    f = np.float32(x)
+    if float(f) < x:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)
+
+
+def _span(lo: float, hi: float) -> float:
+    return max(float(hi) - float(lo), 1e-12)
+
+
+def normalized_score(scores, threshold: float, lo: float, hi: float):
+    """anomalib's normalised score ``clip((s - t) / (hi - lo) + 0.5, 0, 1)``: for numpy arrays
+    (computed in float64) and torch tensors (in their dtype) alike. Monotone in ``s``; t -> 0.5."""
+    if not isinstance(scores, torch.Tensor):
+        scores = np.asarray(scores, dtype=np.float64)
+    return ((scores - threshold) / _span(lo, hi) + 0.5).clip(0.0, 1.0)
+
+
+def decision_threshold(threshold: float, lo: float, hi: float, sensitivity: float = DEFAULT_SENSITIVITY) -> float:
+    """The raw score at or above which an image is anomalous at ``sensitivity``: where the
+    normalised score reaches ``1 - sensitivity``, i.e. ``t + (0.5 - sensitivity) (hi - lo)``,
+    rounded up to a float32 number (see the module). Sensitivity 1 flags everything (-inf)."""
+    sensitivity = check_sensitivity(sensitivity)
+    cut = 1.0 - sensitivity
+    if cut <= 0.0:
+        return -math.inf
+    return float32_at_least(float(threshold) + (cut - 0.5) * _span(lo, hi))

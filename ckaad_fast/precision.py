@@ -1,0 +1,118 @@
+"""Where and in which precision the networks run: one vocabulary for train, score, calibrate,
+eval and export, and one answer to "is this device usable".
+
+Precision names: ``"float32"``, ``"bfloat16"``, ``"float16"``, and ``"auto"`` (the fastest that
+keeps scores within bfloat16 rounding: bfloat16 on CUDA and on a CPU with bfloat16 matrix units,
+float32 on any other CPU). The aliases ``fp32``, ``none`` (training's "no mixed precision"),
+``bf16``, ``fp16`` and ``half`` are accepted everywhere and mean the same. The precision is that
+of the backbone and the auto-encoder (autocast); the anomaly maps and the scores are float32
+whatever it is.
+
+A precision changes the scores (bfloat16 moves them by about 1e-3 relative, up to 3e-2 on real
+models): a calibration records the one it was computed in (:mod:`ckaad_fast.calibration`) and
+scoring uses it unless told otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import ArgumentError
+
+__all__ = ["PRECISIONS", "canonical_precision", "resolve_precision", "precision_name", "autocast",
+           "cpu_has_bf16_matmul", "resolve_device", "check_device_usable", "channels_last_for"]
+
+#: The precision names (aliases aside) every option and argument takes.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+_ALIASES = {
+    "auto": "auto",
+    "float32": "float32", "fp32": "float32", "float": "float32", "none": "float32", "": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def canonical_precision(name, argument: str = "precision") -> str:
+    """``name`` (a precision name, an alias, a torch dtype or None for "auto") as one of
+    :data:`PRECISIONS`; anything else raises an :class:`~ckaad_fast.errors.ArgumentError` naming
+    ``argument``."""
+    if name is None:
+        return "auto"
+    if isinstance(name, torch.dtype):
+        for k, v in _DTYPES.items():
+            if v == name:
+                return k
+        raise ArgumentError(argument, f"must be float32, bfloat16 or float16, got {name}")
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _ALIASES:
+        raise ArgumentError(argument, f"must be one of {', '.join(PRECISIONS)} (or fp32, bf16, fp16), got {name!r}")
+    return _ALIASES[key]
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16; Linux's
+    /proc/cpuinfo flags), where bfloat16 pays off; oneDNN emulates it elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    names = set(flags.split())
+    return bool({"amx_bf16", "avx512_bf16"} & names) and torch.backends.mkldnn.is_available()
+
+
+def resolve_precision(name, device, argument: str = "precision") -> torch.dtype:
+    """The torch dtype ``name`` means on ``device`` ("auto" resolved as the module says); float16
+    on a CPU is refused (no CPU multiplies it fast, and its range overflows features)."""
+    key = canonical_precision(name, argument)
+    device = torch.device(device)
+    if key == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else torch.float32
+    if key == "float16" and device.type != "cuda":
+        raise ArgumentError(argument, "float16 needs a CUDA device; on the CPU use bfloat16 or float32")
+    return _DTYPES[key]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: what manifests, sidecars and calibrations record."""
+    return canonical_precision(dtype)
+
+
+def autocast(device, dtype: torch.dtype):
+    """The context the networks run in: autocast to ``dtype`` (no cast cache, so that nothing
+    stale is captured into a CUDA graph), or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
+
+
+def channels_last_for(device, dtype: torch.dtype) -> bool:
+    """Whether the networks run in channels_last: on a GPU, and for oneDNN's bfloat16 on the CPU
+    (where it is the fast layout). Every scoring path follows this one rule, since the layout
+    picks the convolution algorithm and so the last bits of every score."""
+    return torch.device(device).type == "cuda" or dtype != torch.float32
+
+
+def check_device_usable(device, argument: str = "device") -> torch.device:
+    """``device`` as a torch.device of type cpu or cuda, refusing CUDA where there is none: the
+    one place that asks whether CUDA is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ArgumentError(argument, f"unknown device {device!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ArgumentError(argument, f"must be 'cpu' or 'cuda[:N]', got {str(dev)!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(argument, f"{str(device)!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_device(device) -> torch.device:
+    """``device`` as a usable torch.device, a CUDA one with its index (the current GPU when none
+    is given)."""
+    dev = check_device_usable(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
