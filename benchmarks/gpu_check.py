@@ -494,13 +494,15 @@ def check_decisions(chk: Check, device, smoke: bool):
         with torch.inference_mode():
             s_det, m_det = model(x)
             s_sc, _ = Scorer(build_model(backbone, layers, size), device=device, dtype="float32")(x)
+            # The head's two forms on the very same features: the fused ops, and the standard
+            # operators the exported graph carries (the networks' own rounding kept out).
             graph = ScoringGraph(build_model(backbone, layers, size)).to(device).eval()
-            u8 = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8).to(device)
-            s_g = graph(u8)[0]
-            mean = torch.tensor(model.config.mean, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(model.config.std, device=device).view(1, 3, 1, 1)
-            s_ref = model((u8.float() / 255.0 - mean) / std)[0]
+            feats = model.features(x)
+            recon = model.reconstruct(feats)
+            s_ref, m_ref = model.head(feats, recon, x.shape[-2:])
+            s_g, m_g = graph.head(feats, recon, x.shape[-2:])
         torch.testing.assert_close(s_sc, s_det, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m_g, m_ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(s_g, s_ref, rtol=1e-4, atol=1e-5)
         row["detail"] = (f"Scorer vs Detector {(s_sc - s_det).abs().max().item():.1e}, standard-operator head vs fused "
                          f"{(s_g - s_ref).abs().max().item():.1e}")

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset, Subset
 
 from .atomic import atomic_torch_save
@@ -63,8 +64,13 @@ class Calibration(PlainConfig):
     #: The precision the calibration set was scored in (None: a calibration older than this
     #: record, which was float32).
     precision: str | None = None
+    #: The kind of device it was scored on ("cpu" or "cuda"; None: not recorded): on a GPU,
+    #: float32 convolutions run in TF32 by PyTorch's default, which moves scores by about 1e-4.
+    device: str | None = None
 
     def __post_init__(self):
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"calibration device must be 'cpu', 'cuda' or None, got {self.device!r}")
         if self.precision is not None:
             self.precision = canonical_precision(self.precision, "precision")
             if self.precision == "auto":
@@ -103,8 +109,9 @@ class Calibration(PlainConfig):
                if self.method == "f1" else
                f"false-positive rate {100 * self.target_fpr:g}% on {self.num_normal} normal images")
         pixel = f", pixel threshold {self.pixel_threshold:.6g}" if self.pixel_threshold is not None else ""
+        where = f" on {self.device}" if self.device else ""
         return (f"image threshold {self.image_threshold:.6g} ({how}){pixel}; scores on that set "
-                f"{self.score_min:.6g} .. {self.score_max:.6g}")
+                f"{self.score_min:.6g} .. {self.score_max:.6g}, computed in {self.precision or 'float32'}{where}")
 
 
 def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
@@ -120,7 +127,7 @@ def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
 
 
 def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None,
-                            precision: str | None = "float32") -> Calibration:
+                            precision: str | None = "float32", device: str | None = None) -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
     its masks and maps), computed in ``precision``. Errors are
     :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
@@ -138,7 +145,7 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
     if n_normal == 0:
         raise ArgumentError("data", "the calibration set holds no normal image")
     cal = dict(score_min=float(scores.min()), score_max=float(scores.max()), num_normal=n_normal,
-               num_anomalous=n_anom, precision=precision)
+               num_anomalous=n_anom, precision=precision, device=device)
     if maps is not None:
         maps = np.asarray(maps)
         cal.update(map_min=float(maps.min()), map_max=float(maps.max()))
@@ -165,7 +172,7 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     dtype = resolve_precision(precision, device, "precision")
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
     return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
-                                   precision=precision_name(dtype))
+                                   precision=precision_name(dtype), device=torch.device(device).type)
 
 
 class _AsNormal:

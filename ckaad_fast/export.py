@@ -33,7 +33,7 @@ from .calibration import read_calibration
 from .errors import ArgumentError
 from .head import DEFAULT_SENSITIVITY, InferenceHead, check_sensitivity, feature_sizes, normalized_score
 from .model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
-from .precision import canonical_precision
+from .precision import canonical_precision, cuda_usable
 
 __all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
            "INPUT_NAME", "OUTPUT_NAMES"]
@@ -113,7 +113,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
                                      "(ONNX Runtime refuses bfloat16 convolutions)")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ArgumentError("device", f"must be cpu or cuda[:N], got {device!r}")
-    if str(device).startswith("cuda") and (format != "pt2" or not torch.cuda.is_available()):
+    if str(device).startswith("cuda") and (format != "pt2" or not cuda_usable()):
         raise ArgumentError("device", "cuda is for --format pt2 on a machine with a GPU; onnx and openvino "
                                       "graphs are exported on the CPU and run on any device their runtime has")
     out = Path(out_dir)

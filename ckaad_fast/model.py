@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import ops
 from .atomic import atomic_torch_save
 from .models import BACKBONES, build_backbone
 from .head import InferenceHead

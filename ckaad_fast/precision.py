@@ -21,7 +21,8 @@ import torch
 from .errors import ArgumentError
 
 __all__ = ["PRECISIONS", "canonical_precision", "resolve_precision", "precision_name", "autocast",
-           "cpu_has_bf16_matmul", "resolve_device", "check_device_usable", "channels_last_for"]
+           "cpu_has_bf16_matmul", "resolve_device", "check_device_usable", "channels_last_for",
+           "cuda_usable", "default_device"]
 
 #: The precision names (aliases aside) every option and argument takes.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -95,6 +96,16 @@ def channels_last_for(device, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cuda" or dtype != torch.float32
 
 
+def cuda_usable() -> bool:
+    """Whether this machine has a CUDA device torch can use: the one place that asks."""
+    return torch.cuda.is_available()
+
+
+def default_device() -> str:
+    """"cuda" where a GPU is usable, else "cpu": what a command scores on when told nothing."""
+    return "cuda" if cuda_usable() else "cpu"
+
+
 def check_device_usable(device, argument: str = "device") -> torch.device:
     """``device`` as a torch.device of type cpu or cuda, refusing CUDA where there is none: the
     one place that asks whether CUDA is available."""
@@ -104,7 +115,7 @@ def check_device_usable(device, argument: str = "device") -> torch.device:
         raise ArgumentError(argument, f"unknown device {device!r} ({e})") from None
     if dev.type not in ("cpu", "cuda"):
         raise ArgumentError(argument, f"must be 'cpu' or 'cuda[:N]', got {str(dev)!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not cuda_usable():
         raise ArgumentError(argument, f"{str(device)!r} asked for, but CUDA is not available on this machine")
     return dev
 

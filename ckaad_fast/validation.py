@@ -13,7 +13,8 @@ def bad(kind: str, name: str, must: str, value) -> ValueError:
 
 
 def is_int(v) -> bool:
-    """Python and NumPy integers, never bools."""
+    """Python and NumPy integers, never bools: what a configuration field that is saved may hold
+    (the ops take 0-d integer tensors too: ``ops.checks.is_index_like``)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from ckaad_fast import distributed as ddp
 from ckaad_fast.cli import main
-from ckaad_fast.model import ModelConfig, model_from_checkpoint, save_checkpoint
+from ckaad_fast.model import ModelConfig, save_checkpoint
 from ckaad_fast.training import CKAAD, ckaad_from_checkpoint
 from ckaad_fast.scoring import PARTS_DIR, part_name, read_scores_csv
 from ckaad_fast.data.synthetic import make_texture_dataset

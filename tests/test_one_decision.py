@@ -59,7 +59,7 @@ def test_score_flags_exactly_what_the_calibration_promised(ckpt, tmp_path, preci
     assert main(["calibrate", "--checkpoint", str(ckpt), "--normal", str(normal), "--target-fpr", "0.1",
                  "--dtype", precision, "--quiet"]) == 0
     cal = read_calibration(load_checkpoint(ckpt))
-    assert cal.precision == precision
+    assert (cal.precision, cal.device) == (precision, "cpu")
     out = tmp_path / "out"
     assert main(["score", "--checkpoint", str(ckpt), "--input", str(normal), "--out", str(out), "--num-workers", "0",
                  "--no-progress"]) == 0
@@ -91,6 +91,20 @@ def test_a_resume_refuses_a_change_of_precision(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dtype 'bfloat16' there, 'float32' now" in err
     assert len(_rows(out)) == 5  # nothing mixed in
+
+
+def test_a_calibration_made_on_another_kind_of_device_is_warned_about():
+    cal = Calibration(image_threshold=1.0, score_min=0.0, score_max=2.0, method="f1", precision="float32",
+                      device="cuda")
+    assert "computed in float32 on cuda" in cal.describe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Detector(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=SIZE, topk=10),
+                         weights="none")
+    with pytest.warns(UserWarning, match="calibrated on cuda"):
+        Scorer(model, calibration=cal)
+    with pytest.raises(ValueError, match="device"):
+        Calibration(image_threshold=1.0, score_min=0.0, score_max=2.0, method="f1", device="tpu")
 
 
 def test_old_calibrations_are_float32_ones():

@@ -52,13 +52,9 @@ def _device(text: str):
     import torch
 
     from ..distributed import local_device
+    from ..precision import check_device_usable
 
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device: {text!r} is not a torch device (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text}: CUDA is not available")
+    device = check_device_usable(text, "device")
     return torch.device(local_device(device))  # cuda:LOCAL_RANK under torchrun
 
 

@@ -135,13 +135,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..distributed import distributed_session
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..precision import default_device
+
+    device = args.device or default_device()
     # Under torchrun: join the process group (NCCL on GPUs, gloo on the CPU); else nothing.
     with distributed_session(device) as dist_info:
         return _run(args, device, dist_info)

@@ -61,8 +61,12 @@ def check_same_batch(tensors: Sequence[torch.Tensor], name: str) -> None:
         raise ValueError(f"every tensor in {name} must have the same batch size, got {sizes}")
 
 
-def is_int(v) -> bool:
+def is_index_like(v) -> bool:
     """Python, NumPy and 0-d integer tensor ints (what evaluation loops pass), never bools.
+
+    Wider than :func:`ckaad_fast.validation.is_int` on purpose: an op's argument is used at once,
+    so a 0-d tensor is fine; a configuration field is saved (JSON, checkpoints), so it must be a
+    plain integer.
 
     Decided by type, not by catching operator.index's TypeError: torch.compile in torch 2.11
     turns that TypeError into an internal error instead of letting the except clause see it.
@@ -78,7 +82,7 @@ def is_int(v) -> bool:
 
 def is_real(v) -> bool:
     """Python and NumPy real numbers (``np.float32(4)`` too), never bools. By type, as
-    :func:`is_int`, for torch.compile's sake."""
+    :func:`is_index_like`, for torch.compile's sake."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
@@ -94,10 +98,10 @@ def real_arg(v, name: str, lo: float = 0.0, lo_open: bool = False, hi: float | N
 
 def out_size_pair(out_size, name: str = "out_size") -> tuple[int, int]:
     """``out_size`` (an int or an (h, w) pair of ints) as an (h, w) tuple; errors call it ``name``."""
-    if is_int(out_size):
+    if is_index_like(out_size):
         pair = (operator.index(out_size),) * 2
     elif (isinstance(out_size, (tuple, list)) or (isinstance(out_size, np.ndarray) and out_size.ndim == 1)) and (
-            len(out_size) == 2 and all(is_int(v) for v in out_size)):
+            len(out_size) == 2 and all(is_index_like(v) for v in out_size)):
         pair = tuple(operator.index(v) for v in out_size)
     else:
         raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {out_size!r}")

@@ -24,7 +24,7 @@ from .checks import (
     check_layer_lists,
     check_pair,
     check_same_batch,
-    is_int,
+    is_index_like,
     out_size_pair,
     real_arg,
 )
@@ -323,6 +323,6 @@ def image_score(amap: torch.Tensor, topk: int | None = 100) -> torch.Tensor:
     with nvtx_range("top-k"):
         if topk is None:
             return flat.mean(1)
-        if not is_int(topk) or not 1 <= operator.index(topk) <= flat.shape[1]:
+        if not is_index_like(topk) or not 1 <= operator.index(topk) <= flat.shape[1]:
             raise ValueError(f"topk must be an int in [1, H*W = {flat.shape[1]}] or None, got {topk!r}")
         return torch.topk(flat, operator.index(topk), dim=1, sorted=False).values.mean(1)

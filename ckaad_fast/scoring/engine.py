@@ -63,6 +63,12 @@ def _scoring_dtype(dtype, calibration, device) -> torch.dtype:
             f"relative (up to 3e-2), so images near the threshold can be decided differently from the "
             f"calibration's promise; leave dtype out (or pass {calibrated!r}) to score as it was calibrated",
             UserWarning, stacklevel=3)
+    if calibration is not None and calibration.device not in (None, device.type):
+        warnings.warn(
+            f"scoring on {device.type} a model calibrated on {calibration.device}: the two compute float32 "
+            "convolutions differently (a GPU uses TF32 by default), which moves scores by about 1e-4 relative; "
+            "images that close to the threshold can be decided differently from the calibration's promise",
+            UserWarning, stacklevel=3)
     return chosen
 
 #: The error of an image whose score is not a finite number (the image or the model gave NaN/Inf).
@@ -126,7 +132,7 @@ class Scorer:
 
     def __init__(
         self,
-        model: CKAAD,
+        model: Detector,
         device="cpu",
         dtype=None,
         compile: bool = False,

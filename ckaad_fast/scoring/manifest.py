@@ -45,6 +45,7 @@ def manifest_of(scorer) -> dict:
         "dtype": scorer.precision,
         "calibration_precision": (None if scorer.calibration is None
                                   else scorer.calibration.precision or "float32"),
+        "calibration_device": None if scorer.calibration is None else scorer.calibration.device,
         "cwd": os.getcwd(),
     }
 

@@ -16,7 +16,7 @@ from ..data.registry import LAYOUT_TABLE, layout_spec
 from ..errors import ArgumentError
 from ..model import CHECKPOINT_NAME, ModelConfig, PlainConfig, checkpoint_file, load_checkpoint
 from ..models import BACKBONES, backbone_spec
-from ..precision import canonical_precision
+from ..precision import canonical_precision, check_device_usable
 from ..strategies import STRATEGIES, get_strategy
 from ..validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
@@ -274,6 +274,5 @@ def resolve_config(
             base = dict(saved)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     cfg = TrainConfig.from_dict({**base, **given})
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig.device {cfg.device!r}: CUDA is not available on this machine")
+    check_device_usable(cfg.device, "device")
     return cfg

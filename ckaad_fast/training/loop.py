@@ -41,6 +41,7 @@ from .. import distributed as ddp
 from ..atomic import append_line, atomic_write_lines, remove_stale_temporaries
 from ..data import PseudoAnomalyDataset
 from ..evaluation import evaluate_model
+from ..precision import check_device_usable
 from ..model import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import LOG_NAME, RUN_FIELDS, TrainConfig
 from .module import CKAAD, ckaad_from_checkpoint
@@ -108,9 +109,7 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     cfg = config
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} was asked for but CUDA is not available")
+    device = check_device_usable(cfg.device, "device")
     dinfo = ddp.init_distributed(device)  # a no-op outside torchrun
     run = _Run(cfg, Path(out_dir), ddp.local_device(device), dinfo.world_size, dinfo.is_main, progress)
     ddp.run_on_main(lambda: run.check_files(resume, overwrite))  # rank 0's files decide; every rank raises
