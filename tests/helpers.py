@@ -93,3 +93,40 @@ def guarded(shape, dtype, guard: int = 64):
 def assert_guards_intact(buf: torch.Tensor, guard: int = 64):
     assert torch.isnan(buf[:guard]).all() and torch.isnan(buf[-guard:]).all(), "write outside the output"
     assert not torch.isnan(buf[guard:-guard]).any(), "output element left unwritten"
+
+
+def write_pngs(folder, n: int, seed: int, size: int):
+    """``n`` random RGB PNGs of ``size`` x ``size`` in a new ``folder`` (000.png, 001.png, ...)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def read_rows(out) -> list[dict]:
+    """The rows of ``out/scores.csv``."""
+    import csv
+
+    with open(out / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tiny_checkpoint(path, size: int, strategy: str = "recon", **state):
+    """A seeded efficientnet_lite0 (random weights, layers 1 2, top-10) training checkpoint at
+    ``path``, with ``state`` stored beside it."""
+    import warnings
+
+    from ckaad_fast.model import ModelConfig, save_checkpoint
+    from ckaad_fast.training import CKAAD
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        model = CKAAD(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=size, topk=10,
+                                  strategy=strategy), weights="none").eval()
+    save_checkpoint(path, model, **state)
+    return path

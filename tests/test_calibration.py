@@ -2,14 +2,11 @@
 calibrate -> score path."""
 from __future__ import annotations
 
-import csv
 import math
 import os
-import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ckaad_fast.calibration import (
@@ -21,8 +18,9 @@ from ckaad_fast.calibration import (
 )
 from ckaad_fast.cli import main
 from ckaad_fast.errors import ArgumentError
-from ckaad_fast.model import ModelConfig, load_checkpoint, save_checkpoint
-from ckaad_fast.training import CKAAD
+from ckaad_fast.model import load_checkpoint
+
+from helpers import read_rows, tiny_checkpoint, write_pngs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,27 +77,14 @@ SIZE = 32
 
 @pytest.fixture
 def ckpt(tmp_path):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = CKAAD(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=SIZE, topk=10,
-                                  strategy="recon"), weights="none").eval()
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(path, model, epoch=3, note="kept")
-    return path
+    return tiny_checkpoint(tmp_path / "tiny.pt", SIZE, "recon", epoch=3, note="kept")
 
 
 def _pngs(folder, n, seed):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
+    return write_pngs(folder, n, seed, SIZE)
 
 
-def _rows(out):
-    with open(out / "scores.csv", newline="") as f:
-        return list(csv.DictReader(f))
+_rows = read_rows
 
 
 def test_calibrate_then_score_gives_normalised_scores_and_decisions(ckpt, tmp_path, capsys):

@@ -3,7 +3,6 @@ by ``score`` in every precision, thresholds exact in float32, the exported graph
 Scorer does, resumes that refuse a change of precision, and second derivatives that are right."""
 from __future__ import annotations
 
-import csv
 import json
 import warnings
 
@@ -16,9 +15,10 @@ import ckaad_fast.ops as ops
 from ckaad_fast.calibration import Calibration, read_calibration, threshold_at_fpr
 from ckaad_fast.cli import main
 from ckaad_fast.head import decision_threshold, float32_at_least, normalized_score
-from ckaad_fast.model import Detector, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ckaad_fast.model import Detector, ModelConfig, load_checkpoint, model_from_checkpoint
 from ckaad_fast.scoring import Scorer
-from ckaad_fast.training import CKAAD
+
+from helpers import read_rows, tiny_checkpoint, write_pngs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 32
@@ -26,27 +26,14 @@ SIZE = 32
 
 @pytest.fixture
 def ckpt(tmp_path):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = CKAAD(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=SIZE, topk=10,
-                                  strategy="cka_patch"), weights="none").eval()
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(path, model)
-    return path
+    return tiny_checkpoint(tmp_path / "tiny.pt", SIZE, "cka_patch")
 
 
 def _pngs(folder, n, seed):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
+    return write_pngs(folder, n, seed, SIZE)
 
 
-def _rows(out):
-    with open(out / "scores.csv", newline="") as f:
-        return list(csv.DictReader(f))
+_rows = read_rows
 
 
 # -- the calibration's promise --------------------------------------------------------------------

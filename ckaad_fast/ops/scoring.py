@@ -229,6 +229,18 @@ def _check_blur(sigma, truncate, border, out_h: int, out_w: int) -> tuple[float,
     return sigma, truncate
 
 
+def _check_map_inputs(fs_list, ft_list, out_size, sigma, truncate, border):
+    """The anomaly map's arguments checked (one rule for its fused and standard-operator forms)."""
+    fs_list, ft_list = check_layer_lists(fs_list, ft_list, "fs_list", "ft_list")
+    for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
+        check_pair(fs, ft, f"fs_list[{i}]", f"ft_list[{i}]", ndim=4)
+    check_alike(fs_list, "fs_list")
+    check_same_batch(fs_list, "fs_list")
+    out_h, out_w = _out_size(out_size)
+    sigma, truncate = _check_blur(sigma, truncate, border, out_h, out_w)
+    return fs_list, ft_list, out_h, out_w, sigma, truncate
+
+
 def anomaly_map(
     fs_list: Sequence[torch.Tensor],
     ft_list: Sequence[torch.Tensor],
@@ -252,13 +264,8 @@ def anomaly_map(
     float32 (float64 for float64 features): the error maps are kept in float32 whatever the
     features' dtype.
     """
-    fs_list, ft_list = check_layer_lists(fs_list, ft_list, "fs_list", "ft_list")
-    for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
-        check_pair(fs, ft, f"fs_list[{i}]", f"ft_list[{i}]", ndim=4)
-    check_alike(fs_list, "fs_list")
-    check_same_batch(fs_list, "fs_list")
-    out_h, out_w = _out_size(out_size)
-    sigma, truncate = _check_blur(sigma, truncate, border, out_h, out_w)
+    fs_list, ft_list, out_h, out_w, sigma, truncate = _check_map_inputs(fs_list, ft_list, out_size, sigma, truncate,
+                                                                       border)
     with nvtx_range("error map"):
         maps = [cosine_error_map_float32(fs, ft) for fs, ft in zip(fs_list, ft_list)]
     with nvtx_range("upsample+blur"):
@@ -283,9 +290,8 @@ def anomaly_map_standard_ops(
     ``matrices``: each layer's ``(R, C^T)`` in float32 (:func:`upsample_blur_matrix`), e.g. a
     module's buffers, which is what a tracer (``torch.export``) needs; without them they are
     built on each call (never cached here, so that a traced call leaves no fake tensor behind)."""
-    fs_list, ft_list = check_layer_lists(fs_list, ft_list, "fs_list", "ft_list")
-    out_h, out_w = _out_size(out_size)
-    sigma, truncate = _check_blur(sigma, truncate, border, out_h, out_w)
+    fs_list, ft_list, out_h, out_w, sigma, truncate = _check_map_inputs(fs_list, ft_list, out_size, sigma, truncate,
+                                                                       border)
     eps = 1e-8
     total = None
     for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):

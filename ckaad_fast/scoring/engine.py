@@ -45,7 +45,7 @@ from ..data import list_images
 from ..errors import ArgumentError
 from ..head import InferenceHead
 from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
-from ..precision import channels_last_for, precision_name, resolve_device, resolve_precision
+from ..precision import channels_last_for, cpu_has_bf16_matmul, precision_name, resolve_device, resolve_precision
 from ..profiling import nvtx_enabled, stage
 from .decoding import DecodeDataset, collate, worker_init
 
@@ -62,6 +62,11 @@ def _scoring_dtype(dtype, calibration, device) -> torch.dtype:
             f"scoring in {precision_name(chosen)} a model calibrated in {calibrated}: scores move by about 1e-3 "
             f"relative (up to 3e-2), so images near the threshold can be decided differently from the "
             f"calibration's promise; leave dtype out (or pass {calibrated!r}) to score as it was calibrated",
+            UserWarning, stacklevel=3)
+    if chosen == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul():
+        warnings.warn(
+            "scoring in bfloat16 on a CPU without bfloat16 matrix units (AMX, AVX-512 BF16): it is emulated, about "
+            "12x slower than float32 (measured on a 2-core AVX2 EPYC); calibrate in float32 for such machines",
             UserWarning, stacklevel=3)
     if calibration is not None and calibration.device not in (None, device.type):
         warnings.warn(
