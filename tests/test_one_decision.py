@@ -257,3 +257,14 @@ def test_the_drop_in_losss_hessian_vector_product_is_rd4ads():
     per_pos = hvp(lambda a, b: dropin.cosine_distillation_loss([a], [b], per_position=True))
     per_pos_ref = hvp(lambda a, b: ref.cosine_error_map(a, b).mean())
     torch.testing.assert_close(per_pos, per_pos_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_results_folder_of_the_earlier_fingerprint_rule_is_refused_clearly(tmp_path):
+    from ckaad_fast.errors import ArgumentError
+    from ckaad_fast.scoring.manifest import check_resume
+
+    now = {"version": 2, "model_sha256": "b" * 64, "topk": 10, "image_size": [32, 32], "sigma": 4.0,
+           "border": "reflect", "dtype": "float32"}
+    with pytest.raises(ArgumentError, match="earlier ckaad_fast"):
+        check_resume({**now, "version": 1, "model_sha256": "a" * 64}, now, tmp_path)
+    check_resume({**now, "version": 1}, now, tmp_path)  # no discriminator: alike by both rules, resumed

@@ -57,7 +57,9 @@ def check_layer_lists(xs, ys, name_x: str, name_y: str) -> tuple[list, list]:
 
 def check_same_batch(tensors: Sequence[torch.Tensor], name: str) -> None:
     sizes = [t.shape[0] for t in tensors]
-    if len(set(sizes)) > 1:
+    # Compared, never hashed: under torch.export a dynamic batch is a SymInt, which a set would
+    # specialise to the example's size (or refuse to hash).
+    if any(s != sizes[0] for s in sizes[1:]):
         raise ValueError(f"every tensor in {name} must have the same batch size, got {sizes}")
 
 

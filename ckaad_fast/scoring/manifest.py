@@ -33,7 +33,9 @@ def manifest_of(scorer) -> dict:
     c = scorer.config
     return {
         "format": MANIFEST_FORMAT,
-        "version": 1,
+        # 2: the fingerprint covers what scores (backbone, auto-encoder, configuration), not
+        # training's discriminator; version 1 fingerprinted the whole training checkpoint.
+        "version": 2,
         "tool": f"ckaad_fast {__version__}",
         "model_sha256": scorer.fingerprint(),
         "backbone": c.backbone,
@@ -74,6 +76,12 @@ def check_resume(saved: dict | None, current: dict, out: Path) -> None:
     if saved is None:
         return
     diff = [k for k in _SAME_SCORES if saved.get(k) != current.get(k)]
+    if diff == ["model_sha256"] and saved.get("version") == 1:
+        raise ArgumentError(
+            "resume",
+            f"the results in {str(out)!r} were written by an earlier ckaad_fast whose model fingerprint also covered "
+            "the training-only discriminator, so this one cannot tell whether the checkpoint is the same: use "
+            "--overwrite to score everything again (or another --out)")
     if diff:
         detail = "; ".join(f"{k} {_show(k, saved.get(k))} there, {_show(k, current.get(k))} now" for k in diff)
         raise ArgumentError(
