@@ -304,48 +304,54 @@ def check_compile_and_graphs(chk: Check, device, smoke: bool):
             torch.manual_seed(0)
             model = CKAAD(cfg.model_config(), weights="none").to(device)
 
-        def losses(images):
+        def losses(images, fused=True):
             feats = model.features(images)
             recon = model.reconstruct(feats)
+            if not fused:  # the same step with the plain-PyTorch reference of the loss
+                return (ref.cosine_reconstruction_loss(feats, recon).float(),)
             d = model.discriminator
             d_loss = ops.discriminator_loss(d([f.detach() for f in feats]), d([f.detach() for f in feats]),
                                             d([r.detach() for r in recon]))
             s_gen = d(recon)
-            return d_loss, ops.cosine_reconstruction_loss(feats, recon), 0.02 * ops.generator_loss(s_gen), s_gen
+            return ops.cosine_reconstruction_loss(feats, recon), d_loss, 0.02 * ops.generator_loss(s_gen), s_gen
 
         params = list(model.autoencoder.parameters())[:3]
+
+        def grads(loss):
+            return torch.autograd.grad(loss, params, retain_graph=True)
+
+        def normwise(ge, gc):
+            return max(((c - e).norm() / e.norm().clamp_min(1e-30)).item() for e, c in zip(ge, gc))
+
         # float32 on both sides: cuDNN's TF32 convolutions (on by default) would round each product
         # to 10 bits in one run and maybe not in the other.
         with _no_tf32():
             eager = losses(x)
             compiled = torch.compile(losses, fullgraph=True, backend=backend)(x)
-            grads = [[torch.autograd.grad(run[k], params, retain_graph=True) for k in (1, 2)] for run in (eager, compiled)]
+            compiled_ref = torch.compile(lambda i: losses(i, fused=False), fullgraph=True, backend=backend)(x)
+            g_eager, g_comp, g_ref = grads(eager[0]), grads(compiled[0]), grads(compiled_ref[0])
         for e, c in zip(eager[:3], compiled[:3]):
             torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-5)
-
-        def normwise(ge, gc):
-            return max(((c - e).norm() / e.norm().clamp_min(1e-30)).item() for e, c in zip(ge, gc))
-
-        # The reconstruction loss is smooth: compilation only reorders the float32 sums of a weight
-        # gradient (K ~ 1e5 terms), which keeps about sqrt(K) u ~ 2e-5 of its norm; 1e-4 leaves room
-        # and still catches any wrong formula.
-        smooth = normwise(grads[0][0], grads[1][0])
-        if smooth > 1e-4:
-            raise AssertionError(f"reconstruction-loss weight gradients differ by {smooth:.2e} of their norm (> 1e-4)")
-        # The energy |s| has a kink at 0: a patch score that rounds to either side of it flips its
-        # gradient's sign, so the adversarial gradients of two runs differ by about the share of
-        # scores near 0. Reported, with that share; the loss op itself must agree exactly on
-        # identical scores, compiled or not.
-        adv = normwise(grads[0][1], grads[1][1])
-        near = sum(int((sg.abs() < 1e-4 * sg.abs().max()).sum()) for sg in eager[3])
-        total = sum(sg.numel() for sg in eager[3])
+        # The fused ops under compile against the plain formula under the same compile: only the
+        # loss differs, and the float32 sums of a weight gradient (K ~ 1e5 terms) keep about
+        # sqrt(K) u ~ 2e-5 of its norm; 1e-4 leaves room and catches any wrong formula.
+        ours = normwise(g_ref, g_comp)
+        if ours > 1e-4:
+            raise AssertionError(f"the fused loss's weight gradients under compile differ from the reference's by "
+                                 f"{ours:.2e} of their norm (> 1e-4)")
+        # Compiled against eager is reported, not asserted: Inductor's code for the networks'
+        # backward is less accurate than eager's on this auto-encoder (on a 2-core EPYC, against a
+        # float64 run: compiled 1.5e-3 of the norm, eager 2.4e-5, with the reference loss as much
+        # as with the fused one), which is PyTorch's, not the fused ops'.
+        network = normwise(g_eager, g_comp)
+        # The energy |s| has a kink at 0: the loss op must agree exactly on identical scores.
         fixed = [sg.detach().clone().requires_grad_(True) for sg in eager[3]]
         g_e = torch.autograd.grad(ops.generator_loss(fixed), fixed)
         g_c = torch.autograd.grad(torch.compile(ops.generator_loss, fullgraph=True, backend=backend)(fixed), fixed)
         for e, c in zip(g_e, g_c):
             torch.testing.assert_close(c, e, rtol=1e-6, atol=0)
-        row["detail"] = (f"losses {eager[0].item():.4f}, {eager[1].item():.4f}; recon-loss gradients within {smooth:.1e}, "
-                         f"adversarial ones {adv:.1e} (normwise; {near} of {total} D scores within 1e-4 of |s|'s kink)")
+        row["detail"] = (f"losses {eager[0].item():.4f}, {eager[1].item():.4f}; fused vs reference loss under compile "
+                         f"{ours:.1e} (normwise); compiled vs eager step {network:.1e} (Inductor's, reported)")
 
     if device.type != "cuda":
         chk.rows.append({"section": "graphs", "check": "CUDA graphs", "verdict": "SKIP", "detail": "no CUDA device", "seconds": "0"})
