@@ -7,9 +7,11 @@ IR, and a model repository for NVIDIA Triton Inference Server.
 computes the anomaly map and the image score through the one inference head in its
 standard-operator form (:func:`ckaad_fast.ops.anomaly_map_standard_ops`, the fused op's own
 decomposition: sums of products for the cosine map, two small matrix products per layer for the
-upsampling and the blur), so the exported graph needs no custom operator. With a calibration in the checkpoint (:mod:`ckaad_fast.calibration`), the normalised
-score and the decision are computed in the graph too; without one, ``normalized_score`` is the
-raw score and ``is_anomalous`` is all false, and the sidecar says ``"calibrated": false``.
+upsampling and the blur), so the exported graph needs no custom operator. With a calibration in
+the checkpoint (:mod:`ckaad_fast.calibration`), the normalised score and the decision are computed
+in the graph too (the float32 score against the float32 decision threshold, as the Scorer
+decides); without one, ``normalized_score`` is the raw score and ``is_anomalous`` is all false,
+and the sidecar says ``"calibrated": false``.
 
 :func:`export` writes ``model.onnx`` (or OpenVINO's ``model.xml`` and ``model.bin``) and
 ``model.json``, the sidecar with the model's fingerprint, image size, normalisation, calibration

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_torch_save
-from .models import BACKBONES, build_backbone
 from .head import InferenceHead
+from .models import BACKBONES, build_backbone
 from .models.autoencoder import FeatureAutoEncoder
 from .precision import autocast, resolve_precision
 from .profiling import nvtx_range

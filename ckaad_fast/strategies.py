@@ -2,7 +2,7 @@
 
 Each :class:`Strategy` says, in one place, everything that differs between them: whether its step
 takes a batch of anomalous images, which discriminator the model builds for it, and its
-discriminator (D) and generator (G) losses. :class:`ckaad_fast.model.CKAAD` reads
+discriminator (D) and generator (G) losses. :class:`ckaad_fast.training.CKAAD` reads
 ``discriminator``; :class:`ckaad_fast.training.Trainer` reads the rest and has no other
 knowledge of strategies. To add one, add a row to :data:`STRATEGY_TABLE`.
 

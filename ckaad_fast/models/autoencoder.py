@@ -365,7 +365,7 @@ class FeatureAutoEncoder(nn.Module):
     def for_backbone(cls, name: str, layers: Sequence[int], **kwargs) -> "FeatureAutoEncoder":
         """The auto-encoder of backbone ``name`` and its ``layers`` (1-based), built by the recipe
         of the backbone table (:func:`ckaad_fast.models.backbone.backbone_spec`): for the ResNets,
-        the authors' configuration. :class:`ckaad_fast.model.CKAAD` builds its G this way.
+        the authors' configuration. :class:`ckaad_fast.model.Detector` builds its G this way.
 
         E.g. ``for_backbone("wide_resnet50_2", (1, 2, 3))`` or ``for_backbone("resnet18", (2, 3))``.
         Keyword arguments override the recipe (e.g. ``norm``).

@@ -1,6 +1,6 @@
 """The scoring engine: run a trained detector on images as fast as the hardware allows.
 
-:class:`Scorer` wraps a :class:`~ckaad_fast.model.CKAAD` for inference:
+:class:`Scorer` wraps a :class:`~ckaad_fast.model.Detector` for inference:
 
 - ``scorer(images)`` scores a batch of normalised images (B, 3, H, W) and returns
   ``(scores (B,), maps (B, H, W))`` in float32 on the scorer's device;
@@ -182,7 +182,8 @@ class Scorer:
         self._mean = torch.tensor(self.config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # The model's own head, unless another top-k was asked for.
-        self.head = model.head if self.topk == model.head.topk else InferenceHead(self.config.sigma, self.config.border, self.topk)
+        self.head = (model.head if self.topk == model.head.topk
+                     else InferenceHead(self.config.sigma, self.config.border, self.topk))
         self._fn: Callable = self._forward_eager
         if self.compile:
             self._fn = torch.compile(self._forward_eager, fullgraph=True, dynamic=False)
