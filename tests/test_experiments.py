@@ -187,6 +187,23 @@ def test_table1_runs_end_to_end_and_resumes_without_redoing_runs(isic, tmp_path)
     # Other settings in the same folder would mix two experiments in one table.
     with pytest.raises(ArgumentError, match="holds another experiment"):
         run_experiment(Experiment("table1", "isic2018", str(isic), settings={**TINY, "epochs": 2}), out)
+    # A crash that tore the last record: that run is made again, reported, and nothing is glued.
+    ledger = out / "results.jsonl"
+    text = ledger.read_bytes()
+    ledger.write_bytes(text[: len(text) - 40])
+    with pytest.warns(RuntimeWarning, match=r"results\.jsonl.*line 6: not a whole JSON record"):
+        rows3 = run_experiment(exp2, out, progress=False)
+    assert len(rows3) == 6 and [r["run_id"] for r in rows3] == [r["run_id"] for r in rows2]
+    # The torn line is set aside (kept byte for byte), the ledger holds whole records only.
+    assert (out / "results.jsonl.damaged").read_bytes() == text[: len(text) - 40].split(b"\n")[5] + b"\n"
+    assert [json.loads(x)["run_id"] for x in ledger.read_text().splitlines()] == [r["run_id"] for r in rows2]
+    # A second experiment on the same folder while one runs: refused, naming the first.
+    from ckaad_fast.scoring.lock import FolderLock
+
+    with FolderLock(out, what="ckaad-fast experiment"):
+        with pytest.raises(FileExistsError, match="in use by another ckaad-fast experiment"):
+            run_experiment(Experiment("table1", "isic2018", str(isic), strategies=("cka_patch",), ratios=(0.05,),
+                                      seeds=(0, 1, 2), settings=TINY), out, progress=False)
 
 
 @pytest.mark.slow

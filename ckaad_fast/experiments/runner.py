@@ -7,9 +7,12 @@
     OUT/table.md             the table in the paper's format (and the per-defect-type table)
     OUT/runs/<run_id>/       each run's checkpoint.pt and log.jsonl
 
-A run is finished once its line is in ``results.jsonl`` (appended in one synced write) and is
-never made again; an unfinished run continues from its last checkpoint. The CSVs and the table
-are rewritten atomically after every run, so they always hold every finished run.
+A run is finished once its record is in ``results.jsonl`` (appended in one synced write; see
+:mod:`.ledger` for what a crash or a stray edit there does) and is never made again; an
+unfinished run continues from its last checkpoint. The CSVs and the table are rewritten
+atomically after every run, so they always hold every finished run. One experiment at a time
+works in a folder: a second one on the same ``OUT`` refuses, naming the first (its lock,
+``OUT/.ckaad-fast.lock``, as ``ckaad-fast score``'s).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from ..atomic import append_line, atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text
 from ..data import FolderDataset, list_categories, open_dataset
 from ..errors import ArgumentError
+from ..scoring.lock import FolderLock
+from .ledger import append_record, read_ledger, set_aside
 from .plan import Experiment, RunSpec
 from .single import run_one
 from .tables import by_defect_rows, markdown, result_rows, write_csv
@@ -52,25 +57,23 @@ def plan_experiment(exp: Experiment) -> list[RunSpec]:
     return exp.plan(categories=tuple(found))
 
 
-def read_results(out_dir: str | Path) -> list[dict]:
-    """The finished runs' result lines (a torn last line, from a crash mid-write, is ignored)."""
-    path = Path(out_dir) / RESULTS_NAME
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+def read_results(out_dir: str | Path, warn: bool = False) -> list[dict]:
+    """The finished runs' records (a damaged line is skipped; with ``warn``, reported naming the
+    file and the line: see :mod:`.ledger`)."""
+    return read_ledger(Path(out_dir) / RESULTS_NAME, warn=warn).records
 
 
 def _check_folder(exp: Experiment, out: Path, create: bool = True) -> None:
     """``out`` is new, or holds this experiment (the same data, protocol and settings)."""
     meta = out / EXPERIMENT_NAME
     if meta.is_file():
-        saved = json.loads(meta.read_text(encoding="utf-8"))
+        try:
+            saved = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ArgumentError("out", f"{str(meta)!r} cannot be read ({type(e).__name__}: {e}): choose another "
+                                       "folder, or remove it to start this experiment there afresh") from None
+        if not isinstance(saved, dict):
+            raise ArgumentError("out", f"{str(meta)!r} is not an experiment's description: choose another folder")
         now = json.loads(json.dumps(exp.describe()))
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
@@ -94,15 +97,23 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, progress: boo
     """Make every run of ``exp`` not yet finished in ``out_dir`` (see the module), then return
     all the finished runs' rows. ``dry_run``: make nothing, return the planned runs as rows
     ``{"run_id", "done"}``."""
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     runs = plan_experiment(exp)
     _check_folder(exp, out, create=not dry_run)
-    done = {r["run_id"] for r in read_results(out)} if (out / EXPERIMENT_NAME).is_file() else set()
+    done = {r["run_id"] for r in read_results(out, warn=True)} if (out / EXPERIMENT_NAME).is_file() else set()
     if dry_run:
         return [{"run_id": r.run_id, "done": r.run_id in done} for r in runs]
-    todo = [r for r in runs if r.run_id not in done]
+    with FolderLock(out, what="ckaad-fast experiment"):  # one experiment per folder at a time
+        # Read again under the lock: an experiment that held it may have finished runs meanwhile.
+        ledger = read_ledger(out / RESULTS_NAME, warn=False)
+        set_aside(ledger)  # damaged lines (reported above) out of the way, kept in results.jsonl.damaged
+        done = {r["run_id"] for r in ledger.records}
+        return _run_todo(exp, out, runs, [r for r in runs if r.run_id not in done], progress)
+
+
+def _run_todo(exp: Experiment, out: Path, runs: list[RunSpec], todo: list[RunSpec], progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.table} runs", unit="run",
                disable=not progress, dynamic_ncols=True)
     datasets: dict = {}  # each split indexed once for all the runs
@@ -110,7 +121,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, progress: boo
         for spec in todo:
             bar.set_postfix_str(spec.run_id, refresh=True)
             row = run_one(exp, spec, out / "runs" / spec.run_id, progress=progress, datasets=datasets)
-            append_line(out / RESULTS_NAME, row)
+            append_record(out / RESULTS_NAME, row)
             write_outputs(exp, _planned(read_results(out), runs), out)
             bar.update(1)
     finally:
