@@ -41,7 +41,8 @@ from .model import PlainConfig, checkpoint_file, load_checkpoint
 from .precision import canonical_precision
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
-           "read_calibration", "split_for_calibration", "threshold_at_fpr"]
+           "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
+           "check_calibration_out", "check_set_size"]
 
 METHODS = ("f1", "fpr")
 
@@ -81,6 +82,9 @@ class Calibration(PlainConfig):
         for name in ("image_threshold", "score_min", "score_max"):
             if not math.isfinite(float(getattr(self, name))):
                 raise ValueError(f"calibration {name} must be finite, got {getattr(self, name)!r}")
+        if not float(self.score_max) > float(self.score_min):
+            # Every normalised score would saturate at 0 or 1: the range carries no information.
+            raise ValueError(f"calibration score_max ({self.score_max!r}) must exceed score_min ({self.score_min!r})")
 
     def normalize(self, scores):
         """anomalib's normalised score: ``clip((s - t) / (max - min) + 0.5, 0, 1)``; t -> 0.5."""
@@ -145,6 +149,10 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
     n_normal, n_anom = int((labels == 0).sum()), int((labels == 1).sum())
     if n_normal == 0:
         raise ArgumentError("data", "the calibration set holds no normal image")
+    if scores.max() == scores.min():
+        raise ArgumentError("data", f"every one of the {scores.size} calibration images got the same score "
+                                    f"({scores[0]:.6g}): the model cannot tell them apart, so no threshold picked on "
+                                    "them means anything (is it trained? are the images all alike?)")
     cal = dict(score_min=float(scores.min()), score_max=float(scores.max()), num_normal=n_normal,
                num_anomalous=n_anom, precision=precision, device=device)
     if maps is not None:
@@ -155,10 +163,7 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
         if masks is not None and maps is not None and np.asarray(masks).any():
             cal["pixel_threshold"] = image_f1_acc(np.asarray(masks).reshape(-1) > 0, maps.reshape(-1))[2]
     else:
-        need = int(math.ceil(1.0 / target_fpr - 1e-9))
-        if n_normal < need:
-            raise ArgumentError("data", f"a {100 * target_fpr:g}% false-positive rate needs at least {need} normal "
-                                        f"images to calibrate on, got {n_normal}")
+        check_set_size(n_normal, 0, target_fpr)
         cal.update(method="fpr", target_fpr=float(target_fpr),
                    image_threshold=threshold_at_fpr(scores[labels == 0], target_fpr))
     return Calibration(**cal)
@@ -170,10 +175,48 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     in ``precision`` (float32 by default; see the module) and pick its :class:`Calibration`."""
     from .precision import precision_name, resolve_precision
 
+    if isinstance(dataset, _AsNormal):  # all normal: too small a set is refused before any scoring
+        check_set_size(len(dataset), 0, target_fpr)
     dtype = resolve_precision(precision, device, "precision")
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
     return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
                                    precision=precision_name(dtype), device=torch.device(device).type)
+
+
+def check_calibration_split(split: str, layout: str) -> None:
+    """Refuse, before anything is scored, a split a threshold must never come from: the test
+    split (the numbers it is judged by) and the training split (images the model has learnt:
+    their scores are lower than fresh ones', so a 5% target flagged 33% of fresh normal images in
+    one run), and say what to do instead. The layouts hold only those two splits."""
+    hint = ("hold normal images out of training and pass --normal DIR, or train with --calibrate, which holds "
+            "them out for you")
+    if split == "test":
+        raise ArgumentError("split", f"never calibrate on the test split: {hint}")
+    if split == "train":
+        raise ArgumentError("split", f"the training split holds the images the model learnt from, whose scores "
+                                     f"are lower than fresh ones' (the threshold would flag far more than its "
+                                     f"target): {hint}")
+    raise ArgumentError("split", f"layout {layout!r} has no {split!r} split (only train and test): {hint}")
+
+
+def check_calibration_out(out) -> None:
+    """Refuse, before anything is scored, an ``out`` that cannot take the calibrated checkpoint."""
+    if out is None:
+        return
+    path = os.fspath(out)
+    if os.path.isdir(path):
+        raise ArgumentError("out", f"{path!r} is a folder: name the checkpoint file to write (e.g. {path}/calibrated.pt)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ArgumentError("out", f"folder {parent!r} does not exist")
+
+
+def check_set_size(n_normal: int, n_anomalous: int, target_fpr: float) -> None:
+    """Refuse, before anything is scored, a normal-only set too small for ``target_fpr``."""
+    need = int(math.ceil(1.0 / target_fpr - 1e-9))
+    if n_anomalous == 0 and n_normal < need:
+        raise ArgumentError("data", f"a {100 * target_fpr:g}% false-positive rate needs at least {need} normal "
+                                    f"images to calibrate on, got {n_normal}")
 
 
 class _AsNormal:

@@ -38,11 +38,13 @@ from .model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
 from .precision import canonical_precision, cuda_usable
 
 __all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
-           "INPUT_NAME", "OUTPUT_NAMES"]
+           "INPUT_NAME", "OUTPUT_NAMES", "MAX_BATCH", "check_triton_options"]
 
 FORMATS = ("onnx", "openvino", "pt2")
 _FILES = {"onnx": "model.onnx", "openvino": "model.xml", "pt2": "model.pt2"}
 INPUT_NAME = "image"
+#: The largest batch a graph is exported for (fixed, or the bound of a dynamic one).
+MAX_BATCH = 4096
 OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
 
 
@@ -122,8 +124,8 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
     target = out / _FILES[format]
     if target.exists() and not overwrite:
         raise ArgumentError("out", f"{str(target)!r} exists: choose another folder or --overwrite")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise ArgumentError("batch", f"must be a positive int or dynamic, got {batch!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH):
+        raise ArgumentError("batch", f"must be an int in [1, {MAX_BATCH}] or dynamic, got {batch!r}")
     try:
         sensitivity = check_sensitivity(sensitivity)
     except ValueError as e:
@@ -175,7 +177,7 @@ def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str
     h, w = graph.image_size
     graph = graph.to(device)
     example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8, device=device)
-    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}}
+    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     with torch.no_grad():
         program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
     # The packager insists on a name ending in .pt2: a temporary one beside the target, renamed.
@@ -195,7 +197,7 @@ def _write_onnx(graph: ScoringGraph, target: Path, batch: int | None) -> None:
         raise ArgumentError("format", "onnx needs the export extra: pip install 'ckaad_fast[export]'")
     h, w = graph.image_size
     example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8)
-    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}}
+    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     with torch.no_grad(), atomic_path(target) as tmp:
         program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     dynamic_shapes=dynamic, dynamo=True, verbose=False)
@@ -228,6 +230,15 @@ def _write_openvino(graph: ScoringGraph, target: Path, batch: int | None) -> Non
 # ------------------------------------------------------------------------------------------------
 # NVIDIA Triton Inference Server
 # ------------------------------------------------------------------------------------------------
+def check_triton_options(format: str, batch: int | None, max_batch_size) -> None:
+    """Refuse, before anything is written, options a Triton model repository cannot take."""
+    if format != "onnx" or batch is not None:
+        raise ArgumentError("triton_repo", "needs an ONNX export with a dynamic batch (--format onnx --batch dynamic)")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= MAX_BATCH:
+        raise ArgumentError("max_batch_size", f"must be an int in [1, {MAX_BATCH}] (the graph's batch bound), "
+                                              f"got {max_batch_size!r}")
+
+
 def triton_config(name: str, image_size, max_batch_size: int = 64) -> str:
     """The ``config.pbtxt`` of the exported ONNX graph under Triton's ONNX Runtime backend, with
     dynamic batching (the batch dimension is implicit in Triton's dims)."""
@@ -249,6 +260,7 @@ def write_triton_repository(onnx_file, repo_dir, name: str = "ckaad", max_batch_
     import shutil
 
     onnx_file = Path(onnx_file)
+    check_triton_options("onnx", None, max_batch_size)
     side = onnx_file.with_name("model.json")
     meta = json.loads(side.read_text()) if side.is_file() else {}
     if meta.get("format") != "onnx" or meta.get("input", {}).get("batch") != "dynamic":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from .atomic import atomic_torch_save
 from .head import InferenceHead
 from .models import BACKBONES, build_backbone
 from .models.autoencoder import FeatureAutoEncoder
+from .models.safe_load import refusal_reason
 from .precision import autocast, resolve_precision
 from .profiling import nvtx_range
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
@@ -194,18 +194,6 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def _refusal_reason(e: Exception) -> str:
-    """Why torch refused a file, in one line: the forbidden global when there is one (the sign of
-    a file that would run code), else the first line of the error. Never torch's advice to retry
-    with weights_only=False, which is the wrong advice for a hostile file."""
-    text = str(e)
-    m = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", text)
-    if m:
-        return f"it names the Python object {m.group(1) or m.group(2)}, which a checkpoint never holds"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint dict with ``weights_only=True`` (no arbitrary unpickling), checking that
     it is one of ours; errors name the path and say what is wrong. ``path`` may be a run's output
@@ -218,7 +206,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except Exception as e:  # noqa: BLE001 - every failure here means the same thing to a user
         raise ValueError(
             f"{str(path)!r} is not a ckaad_fast checkpoint and may be unsafe: torch.load(weights_only=True) "
-            f"refused it ({_refusal_reason(e)}). Checkpoints written by ckaad-fast train or save_checkpoint "
+            f"refused it ({refusal_reason(e)}). Checkpoints written by ckaad-fast train or save_checkpoint "
             "always load this way; do not load this file with weights_only=False unless you trust its source"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["bad", "is_int", "is_number", "check_choice", "check_layers", "check_image_size", "check_topk"]
+__all__ = ["MAX_IMAGE_SIDE", "bad", "is_int", "is_number", "check_choice", "check_layers", "check_image_size", "check_topk"]
 
 
 def bad(kind: str, name: str, must: str, value) -> ValueError:
@@ -42,15 +42,20 @@ def check_layers(kind: str, layers) -> tuple[int, ...]:
     return out
 
 
+#: The largest image side a model takes: the ops' bound on an anomaly map's side
+#: (``ops.scoring.MAX_OUT_SIDE``; a test keeps the two equal), checked before any work.
+MAX_IMAGE_SIDE = 4096
+
+
 def check_image_size(kind: str, image_size) -> tuple[int, int]:
-    """An int or an (h, w) pair of ints >= 16, as (h, w)."""
+    """An int or an (h, w) pair of ints in [16, MAX_IMAGE_SIDE], as (h, w)."""
     size = (image_size, image_size) if is_int(image_size) else image_size
     try:
         size = tuple(size)
     except TypeError:
         size = ()
-    if len(size) != 2 or not all(is_int(v) and v >= 16 for v in size):
-        raise bad(kind, "image_size", "be an int or an (h, w) pair of ints >= 16", image_size)
+    if len(size) != 2 or not all(is_int(v) and 16 <= v <= MAX_IMAGE_SIDE for v in size):
+        raise bad(kind, "image_size", f"be an int or an (h, w) pair of ints in [16, {MAX_IMAGE_SIDE}]", image_size)
     return int(size[0]), int(size[1])
 
 

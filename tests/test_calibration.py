@@ -64,11 +64,17 @@ def test_normalised_scores_are_monotone_with_the_threshold_at_one_half():
     ([0, 0, 1], [0.1, float("nan"), 0.3], 0.01, "data", "no finite score"),
     ([0] * 50, list(range(50)), 0.01, "data", "at least 100 normal images"),
     ([0] * 50, list(range(50)), 1.5, "target_fpr", "(0, 1)"),
+    ([0] * 200, [0.7] * 200, 0.01, "data", "got the same score"),
 ])
 def test_bad_calibration_sets_are_refused_naming_the_argument(labels, scores, fpr, name, words):
     with pytest.raises(ArgumentError) as e:
         calibration_from_scores(labels, scores, fpr)
     assert e.value.name == name and words in e.value.message
+
+
+def test_a_stored_calibration_with_no_score_range_is_refused():
+    with pytest.raises(ValueError, match="must exceed score_min"):
+        Calibration(image_threshold=1.0, score_min=1.0, score_max=1.0, method="fpr", target_fpr=0.01)
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -118,6 +124,28 @@ def test_calibration_needs_held_out_data_and_says_so(ckpt, tmp_path, capsys):
     assert read_calibration(load_checkpoint(ckpt)) is None  # nothing written
     assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(tmp_path), "--split", "test"]) == 2
     assert "never calibrate on the test split" in capsys.readouterr().err
+
+
+def test_calibration_inputs_are_refused_before_anything_is_scored(ckpt, tmp_path, capsys, monkeypatch):
+    import ckaad_fast.calibration as calibration
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored before refusing")
+
+    monkeypatch.setattr(calibration, "predict_dataset", no_scoring)
+    base = ["calibrate", "--checkpoint", str(ckpt), "--quiet"]
+    # The training images (their scores are lower than fresh ones'), and a split the layout lacks.
+    assert main(base + ["--data", str(tmp_path), "--category", "x", "--split", "train"]) == 2
+    assert "--split" in (err := capsys.readouterr().err) and "learnt from" in err and "--normal DIR" in err
+    assert main(base + ["--data", str(tmp_path), "--category", "x"]) == 2
+    assert "has no 'val' split" in (err := capsys.readouterr().err) and "--normal DIR" in err
+    # Too few normal images for the rate, and an --out that is a folder: before scoring.
+    assert main(base + ["--normal", str(_pngs(tmp_path / "few", 12, 0))]) == 2
+    assert "at least 100" in capsys.readouterr().err
+    assert main(base + ["--normal", str(_pngs(tmp_path / "many", 10, 1)), "--target-fpr", "0.1",
+                        "--out", str(tmp_path)]) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a folder" in err
+    assert read_calibration(load_checkpoint(ckpt)) is None  # nothing written
 
 
 def test_checkpoints_without_calibration_score_as_before(ckpt, tmp_path):

@@ -85,6 +85,16 @@ def test_export_refuses_an_existing_export_and_bad_arguments(ckpt, tmp_path, cap
         main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y"), "--format", "tflite"])
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "z")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    # Every option is checked before anything is written.
+    for extra, flag in ((["--batch", "4"], "--triton-repo"), (["--max-batch-size", "0"], "--max-batch-size"),
+                        (["--max-batch-size", "-5"], "--max-batch-size")):
+        out = tmp_path / f"t{extra[1]}"
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--triton-repo",
+                     str(tmp_path / "repo"), *extra]) == 2
+        assert flag in capsys.readouterr().err and not out.exists() and not (tmp_path / "repo").exists()
+    with pytest.raises(ArgumentError, match=r"\[1, 4096\]"):
+        export_onnx(ckpt, tmp_path / "big", batch=100_000)
+    assert not (tmp_path / "big").exists()
 
 
 def test_openvino_scores_like_the_scorer(ckpt, tmp_path):

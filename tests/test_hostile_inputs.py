@@ -23,6 +23,7 @@ from ckaad_fast.model import ModelConfig, load_checkpoint, save_checkpoint
 from ckaad_fast.training import CKAAD
 from ckaad_fast.scoring import read_scores_csv
 from ckaad_fast.scoring.lock import LOCK_NAME
+from helpers import tiny_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
 
@@ -265,6 +266,18 @@ def test_a_hostile_checkpoint_is_named_unsafe(tmp_path, capsys):
     assert "may be unsafe" in err and "system" in err and "will likely succeed" not in err
 
 
+def test_hostile_backbone_weights_are_refused_without_advice_to_run_them(tmp_path):
+    from ckaad_fast.models import build_backbone
+
+    evil = tmp_path / "weights.pt"
+    torch.save({"conv1.weight": _Evil()}, evil)
+    with pytest.raises(RuntimeError) as e:
+        build_backbone("resnet18", weights=str(evil), layers=(1, 2))
+    msg = str(e.value)
+    assert "system" in msg and str(evil) in msg
+    assert "will likely succeed" not in msg and "unless you trust its source" in msg
+
+
 # -- 7. disks and files ----------------------------------------------------------------------------
 def test_a_full_disk_during_training_is_one_line(tmp_path, capsys, monkeypatch):
     from ckaad_fast.data.synthetic import make_texture_dataset
@@ -350,3 +363,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(ckpt, tmp_path):
     assert 0 < len(kept) < 7 and (out / LOCK_NAME).exists()  # the dead run's lock is left behind
     assert score(ckpt, root, out, "--resume") == 0  # ... and taken over
     assert (out / "scores.csv").read_bytes() == (ref / "scores.csv").read_bytes()
+
+
+def test_a_checkpoint_with_a_huge_image_size_is_refused_before_any_work(tmp_path, capsys):
+    from ckaad_fast.ops.scoring import MAX_OUT_SIDE
+    from ckaad_fast.validation import MAX_IMAGE_SIDE
+
+    assert MAX_IMAGE_SIDE == MAX_OUT_SIDE  # the bound the ops accept
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt", SIZE))
+    for side in (100_000, 5000):
+        ckpt["config"]["image_size"] = [side, side]
+        torch.save(ckpt, tmp_path / "huge.pt")
+        png(tmp_path / "in" / "a.png")
+        assert score(tmp_path / "huge.pt", tmp_path / "in", tmp_path / f"out{side}") == ERROR
+        err = capsys.readouterr().err
+        assert "image_size" in err and "4096" in err and err.strip().count("\n") == 0
+        assert not (tmp_path / f"out{side}" / "scores.csv").exists()  # nothing half-written

@@ -24,7 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a folder of normal images held out from training (searched recursively): calibrate at "
                         "--target-fpr; instead of the data options")
     p.add_argument("--split", default="val", metavar="NAME",
-                   help="with --data: the split to calibrate on, never the test split (default: %(default)s)")
+                   help="with --data: the split to calibrate on; never the test split nor the training images "
+                        "(both refused before anything is scored); the layouts hold no other split today, so "
+                        "prefer --normal DIR or train --calibrate (default: %(default)s)")
     p.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
                    help="false-positive rate on normal images when the set has no anomalies (default: %(default)s)")
     p.add_argument("--out", metavar="PATH",
@@ -47,13 +49,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..calibration import calibrate, normal_folder_set, write_calibration
+    from ..calibration import (
+        calibrate,
+        check_calibration_out,
+        check_calibration_split,
+        normal_folder_set,
+        write_calibration,
+    )
     from ..model import model_from_checkpoint
 
     if (args.normal is None) == (args.data is None):
         raise ValueError("--normal DIR or --data ROOT (with its layout options): give exactly one")
-    if args.data is not None and args.split == "test":
-        raise ValueError("--split: never calibrate on the test split; hold out a validation split or --normal images")
+    check_calibration_out(args.out)
+    if args.data is not None:
+        check_calibration_split(args.split, args.layout)
     try:
         model = model_from_checkpoint(args.checkpoint)
     except (ValueError, FileNotFoundError) as e:

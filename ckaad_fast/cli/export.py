@@ -60,8 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..export import export, write_triton_repository
+    from ..export import check_triton_options, export, write_triton_repository
 
+    if args.triton_repo:  # checked before anything is written
+        check_triton_options(args.format, args.batch, args.max_batch_size)
     path = export(args.checkpoint, args.out, args.format, batch=args.batch, sensitivity=args.sensitivity,
                   overwrite=args.overwrite, device=args.device, dtype=args.dtype)
     print(f"exported: {path} (and model.json beside it)")

@@ -26,6 +26,7 @@ from .efficientnet_lite import (
     LITE0_FEATURE_STRIDES,
     EfficientNetLite0,
 )
+from .safe_load import refusal_reason
 
 __all__ = ["FeatureExtractor", "build_backbone", "backbone_spec", "lite0_weights_path", "AutoEncoderRecipe",
            "BackboneSpec", "BACKBONES", "IMAGENET_MEAN", "IMAGENET_STD", "LITE0_PACKAGE", "LITE0_WEIGHTS_FILE"]
@@ -256,7 +257,9 @@ def _load_state_dict_file(net: nn.Module, path: WeightsArg, name: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; the path is what the user needs
-        raise RuntimeError(f"{name}: could not read weights file {str(path)!r}: {e}") from e
+        raise RuntimeError(f"{name}: could not read weights file {str(path)!r} (torch.load(weights_only=True) "
+                           f"refused it: {refusal_reason(e, 'a state_dict')}); do not load it with "
+                           "weights_only=False unless you trust its source") from None
     if not isinstance(state, dict):
         raise RuntimeError(f"{name}: weights file {str(path)!r} holds a {type(state).__name__}, "
                            "not a state_dict")
