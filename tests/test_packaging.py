@@ -65,3 +65,16 @@ def test_installing_the_wheel_keeps_the_installed_torch(wheel, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     planned = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert planned == {"ckaad-fast"} or planned == {"ckaad_fast"}, planned
+
+
+def test_a_bare_checkout_imports_its_kernels():
+    """From a checkout that is not installed (``python -S``: no site-packages, so no editable
+    finder), ``ckaad_fast.kernels`` is the top-level ``kernels/`` folder, as an install maps it:
+    the GPU check runs from such a checkout even when an editable install failed."""
+    root = ROOT
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ckaad_fast.kernels as k; "
+            "print(k.__file__); print(k.__name__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(root)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    path, name = out.stdout.split()
+    assert Path(path) == root / "kernels" / "__init__.py" and name == "ckaad_fast.kernels"
