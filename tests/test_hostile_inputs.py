@@ -379,3 +379,54 @@ def test_a_checkpoint_with_a_huge_image_size_is_refused_before_any_work(tmp_path
         err = capsys.readouterr().err
         assert "image_size" in err and "4096" in err and err.strip().count("\n") == 0
         assert not (tmp_path / f"out{side}" / "scores.csv").exists()  # nothing half-written
+
+
+def test_a_resume_of_rows_without_a_manifest_is_refused(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", SIZE)
+    for i in range(3):
+        png(tmp_path / "in" / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    assert score(ckpt, tmp_path / "in", out) == 0
+    (out / "run.json").unlink()  # rows of unknown origin (another model could have made them)
+    before = (out / "scores.csv").read_bytes()
+    assert score(ckpt, tmp_path / "in", out, "--resume") == ERROR
+    err = capsys.readouterr().err
+    assert "--resume" in err and "run.json" in err and "--overwrite" in err
+    assert (out / "scores.csv").read_bytes() == before  # nothing mixed in, nothing dropped
+
+
+def test_a_resume_through_a_linked_folder_matches_the_same_images(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", SIZE)
+    for i in range(4):
+        png(tmp_path / "in" / f"{i}.png", seed=i)
+    (tmp_path / "link").symlink_to(tmp_path / "in", target_is_directory=True)
+    out = tmp_path / "out"
+    assert score(ckpt, tmp_path / "in", out) == 0
+    assert score(ckpt, tmp_path / "link", out, "--resume") == 0
+    assert len(rows_of(out)) == 4  # one row per image, whichever way its folder is spelt
+
+
+@pytest.mark.slow
+def test_sigterm_ends_score_like_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", SIZE)
+    for i in range(400):
+        png(tmp_path / "in" / f"{i:03d}.png", seed=i)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ckaad_fast", "score", "--checkpoint", str(ckpt), "--input",
+                             str(tmp_path / "in"), "--out", str(out), "--batch-size", "1", "--num-workers", "0",
+                             "--no-progress"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the lock is taken once the handler is in place
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "kept in" in err and "--resume" in err
+    assert not (out / LOCK_NAME).exists()  # released on the way out
+    assert (out / "scores.csv").is_file()

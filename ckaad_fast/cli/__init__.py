@@ -10,9 +10,12 @@ back into the names of options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import ArgumentError
@@ -62,8 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a service manager stopping the job, ``kill``, torchrun ending its workers) ends a
+    command as Ctrl-C does: it says what was kept, and every lock and temporary file is released
+    on the way out. The previous handler comes back afterwards (main() also runs in-process)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    with _sigterm_as_interrupt():
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

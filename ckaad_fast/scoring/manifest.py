@@ -53,8 +53,8 @@ def manifest_of(scorer) -> dict:
 
 
 def read_manifest(out: Path) -> dict | None:
-    """The manifest of the earlier run in ``out``, or None (none written: results of an older
-    version, which are resumed unchecked)."""
+    """The manifest of the earlier run in ``out``, or None (none written; a resume of rows
+    without one is refused: see :func:`~.results.begin_run`)."""
     try:
         data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -96,10 +96,10 @@ def _show(key: str, value) -> str:
 
 
 def path_key(path: str, base: str | None = None) -> str:
-    """The key rows are matched by on a resume: the absolute, normalised path (a relative one
-    taken from ``base``, the run's folder), so that ``a.png``, ``./a.png`` and ``/data/a.png``
-    are one image."""
-    return os.path.normpath(os.path.join(base or os.getcwd(), path))
+    """The key rows are matched by on a resume: the real, absolute path (a relative one taken
+    from ``base``, the run's folder; symbolic links resolved), so that ``a.png``, ``./a.png``,
+    ``/data/a.png`` and the same file reached through a linked folder are one image."""
+    return os.path.realpath(os.path.join(base or os.getcwd(), path))
 
 
 def keys_of(paths: Sequence[str], base: str | None = None) -> dict[str, str]:

@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from ..atomic import atomic_write_text, remove_stale_temporaries
+from ..errors import ArgumentError
 from ..head import DEFAULT_SENSITIVITY
-from .manifest import check_resume, path_key, read_manifest, write_manifest
+from .manifest import MANIFEST_NAME, check_resume, path_key, read_manifest, write_manifest
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
@@ -277,6 +278,11 @@ def begin_run(out: Path, manifest: dict, keys: dict[str, str], resume: bool,
     remove the temporary files a killed run left, and record this run's manifest. Call it while
     holding the folder's lock."""
     saved = read_manifest(out) if resume else None
+    if resume and saved is None and ((out / CSV_NAME).is_file() or part_files(out)):
+        # Rows without a manifest: nothing says which model or options made them, so a resume
+        # could mix two models' rows in one file without a word.
+        raise ArgumentError("resume", f"{str(out)!r} holds results but no {MANIFEST_NAME} saying what made them: "
+                                      "use --overwrite to score everything again, or another --out")
     check_resume(saved, manifest, out)
     old, extra, parts = earlier_run(out, keys, resume, overwrite, base=saved.get("cwd") if saved else None)
     remove_stale_temporaries(out, recursive=True)
