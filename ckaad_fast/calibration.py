@@ -38,7 +38,7 @@ from .evaluation import predict_dataset
 from .head import DEFAULT_SENSITIVITY, decision_threshold, float32_at_least, normalized_score
 from .metrics import image_f1_acc
 from .model import PlainConfig, checkpoint_file, load_checkpoint
-from .precision import canonical_precision
+from .precision import canonical_precision, precision_name, resolve_precision
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
            "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
@@ -173,8 +173,6 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
               progress: bool = False, precision: str = "float32") -> Calibration:
     """Score ``dataset`` (items ``(image, label, [mask,] path)``, never the test set) with ``model``
     in ``precision`` (float32 by default; see the module) and pick its :class:`Calibration`."""
-    from .precision import precision_name, resolve_precision
-
     if isinstance(dataset, _AsNormal):  # all normal: too small a set is refused before any scoring
         check_set_size(len(dataset), 0, target_fpr)
     dtype = resolve_precision(precision, device, "precision")
@@ -211,9 +209,14 @@ def check_calibration_out(out) -> None:
         raise ArgumentError("out", f"folder {parent!r} does not exist")
 
 
+def normal_images_needed(target_fpr: float) -> int:
+    """How many normal images a normal-only set needs for ``target_fpr``: 1 / rate."""
+    return int(math.ceil(1.0 / target_fpr - 1e-9))
+
+
 def check_set_size(n_normal: int, n_anomalous: int, target_fpr: float) -> None:
     """Refuse, before anything is scored, a normal-only set too small for ``target_fpr``."""
-    need = int(math.ceil(1.0 / target_fpr - 1e-9))
+    need = normal_images_needed(target_fpr)
     if n_anomalous == 0 and n_normal < need:
         raise ArgumentError("data", f"a {100 * target_fpr:g}% false-positive rate needs at least {need} normal "
                                     f"images to calibrate on, got {n_normal}")
@@ -296,7 +299,7 @@ def split_for_calibration(train_set, anomaly_set=None, share: float = 0.1, seed:
     if anomaly_set is not None and len(anomaly_set) > 1:
         anomalies_kept, anomalies_held = split(anomaly_set)
         parts.append(_Labelled(anomalies_held, 1))
-    need = int(math.ceil(1.0 / target_fpr - 1e-9))
+    need = normal_images_needed(target_fpr)
     if len(parts) == 1 and len(normal_held) < need:
         raise ArgumentError("calibrate_share", f"holds out {len(normal_held)} normal images and no anomalies; a "
                                                f"{100 * target_fpr:g}% false-positive rate needs at least {need}: "

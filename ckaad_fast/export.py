@@ -35,7 +35,7 @@ from .calibration import read_calibration
 from .errors import ArgumentError
 from .head import DEFAULT_SENSITIVITY, InferenceHead, check_sensitivity, feature_sizes, normalized_score
 from .model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
-from .precision import canonical_precision, cuda_usable
+from .precision import canonical_precision, cuda_usable, torch_dtype
 
 __all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
            "INPUT_NAME", "OUTPUT_NAMES", "MAX_BATCH", "check_triton_options"]
@@ -96,9 +96,6 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
     return export(checkpoint, out_dir, "onnx", batch, sensitivity, overwrite)
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
            sensitivity: float = DEFAULT_SENSITIVITY, overwrite: bool = False, device: str = "cpu",
            dtype: str = "float32") -> Path:
@@ -109,9 +106,8 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
     the model file. Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
+    graph_dtype = torch_dtype(dtype, "dtype")  # a graph has one precision: never auto
     dtype = canonical_precision(dtype, "dtype")
-    if dtype not in _DTYPES:
-        raise ArgumentError("dtype", f"must be one of {tuple(_DTYPES)} (a graph has one precision), got {dtype!r}")
     if dtype == "bfloat16" and format != "pt2":
         raise ArgumentError("dtype", f"bfloat16 graphs are for --format pt2; {format} takes float32 or float16 "
                                      "(ONNX Runtime refuses bfloat16 convolutions)")
@@ -139,7 +135,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
     if calibration is not None and (calibration.precision or "float32") != dtype:
         warnings.warn(f"exporting in {dtype} a model calibrated in {calibration.precision or 'float32'}: decisions "
                       "near the threshold can differ from the calibration's", UserWarning, stacklevel=2)
-    graph = ScoringGraph(model, calibration, sensitivity, _DTYPES[dtype]).eval()
+    graph = ScoringGraph(model, calibration, sensitivity, graph_dtype).eval()
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         _write_onnx(graph, target, batch)

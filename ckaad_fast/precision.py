@@ -20,7 +20,7 @@ import torch
 
 from .errors import ArgumentError
 
-__all__ = ["PRECISIONS", "canonical_precision", "resolve_precision", "precision_name", "autocast",
+__all__ = ["PRECISIONS", "canonical_precision", "torch_dtype", "resolve_precision", "precision_name", "autocast",
            "cpu_has_bf16_matmul", "resolve_device", "check_device_usable", "channels_last_for",
            "cuda_usable", "default_device"]
 
@@ -64,6 +64,15 @@ def cpu_has_bf16_matmul() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & names) and torch.backends.mkldnn.is_available()
 
 
+def torch_dtype(name, argument: str = "precision") -> torch.dtype:
+    """The torch dtype of a precision that names one (not "auto": that one depends on the device,
+    see :func:`resolve_precision`)."""
+    key = canonical_precision(name, argument)
+    if key == "auto":
+        raise ArgumentError(argument, f"must name one precision ({', '.join(_DTYPES)}), not auto")
+    return _DTYPES[key]
+
+
 def resolve_precision(name, device, argument: str = "precision") -> torch.dtype:
     """The torch dtype ``name`` means on ``device`` ("auto" resolved as the module says); float16
     on a CPU is refused (no CPU multiplies it fast, and its range overflows features)."""
@@ -73,7 +82,7 @@ def resolve_precision(name, device, argument: str = "precision") -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else torch.float32
     if key == "float16" and device.type != "cuda":
         raise ArgumentError(argument, "float16 needs a CUDA device; on the CPU use bfloat16 or float32")
-    return _DTYPES[key]
+    return torch_dtype(key, argument)
 
 
 def precision_name(dtype: torch.dtype) -> str:

@@ -13,11 +13,7 @@ from typing import Any, Callable
 from .layouts import FolderDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
 
-__all__ = ["Layout", "LAYOUT_TABLE", "LAYOUTS", "DOMAINS", "layout_spec"]
-
-#: The domains and what they share: industrial inspection (per-category models, pixel masks) and
-#: medical class-folder data (one normal class against anomaly classes).
-DOMAINS = ("industrial", "medical")
+__all__ = ["Layout", "LAYOUT_TABLE", "LAYOUTS", "layout_spec"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +21,9 @@ class Layout:
     """One way a data set is laid out on disk.
 
     ``read(root, split, image_size, mean, std, category, normal_class, anomaly_classes,
-    mask_resize)`` opens a split; ``domain`` is one of :data:`DOMAINS`; ``class_labelled``: its
+    mask_resize)`` opens a split; ``domain`` is "industrial" (per-category models, pixel masks) or
+    "medical" (one normal class against anomaly classes), the keys of training's
+    ``DOMAIN_DEFAULTS``; ``class_labelled``: its
     anomalies come in labelled classes (the medical protocol: a validation split, k-class draws);
     ``needs_category``: a category (MVTec's folder, VisA's object) must be named;
     ``fixed_classes``: the data set fixes its normal class (no ``normal_class``);

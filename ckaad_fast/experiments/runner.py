@@ -100,18 +100,21 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, progress: boo
     out = Path(out_dir)
     runs = plan_experiment(exp)
     _check_folder(exp, out, create=not dry_run)
-    done = {r["run_id"] for r in read_results(out, warn=True)} if (out / EXPERIMENT_NAME).is_file() else set()
     if dry_run:
+        done = {r["run_id"] for r in read_results(out, warn=True)} if (out / EXPERIMENT_NAME).is_file() else set()
         return [{"run_id": r.run_id, "done": r.run_id in done} for r in runs]
     with FolderLock(out, what="ckaad-fast experiment"):  # one experiment per folder at a time
-        # Read again under the lock: an experiment that held it may have finished runs meanwhile.
-        ledger = read_ledger(out / RESULTS_NAME, warn=False)
-        set_aside(ledger)  # damaged lines (reported above) out of the way, kept in results.jsonl.damaged
+        # Read under the lock, once: what another experiment finished before it let go counts.
+        ledger = read_ledger(out / RESULTS_NAME)
+        set_aside(ledger)  # damaged lines (just reported) out of the way, kept in results.jsonl.damaged
         done = {r["run_id"] for r in ledger.records}
-        return _run_todo(exp, out, runs, [r for r in runs if r.run_id not in done], progress)
+        return _run_todo(exp, out, runs, [r for r in runs if r.run_id not in done], ledger.records, progress)
 
 
-def _run_todo(exp: Experiment, out: Path, runs: list[RunSpec], todo: list[RunSpec], progress: bool) -> list[dict]:
+def _run_todo(exp: Experiment, out: Path, runs: list[RunSpec], todo: list[RunSpec], records: list[dict],
+              progress: bool) -> list[dict]:
+    """Make the runs of ``todo``, appending each record to the ledger and to ``records`` (the
+    ledger's, read under the lock this runs in), and write the tables after each."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.table} runs", unit="run",
@@ -122,11 +125,12 @@ def _run_todo(exp: Experiment, out: Path, runs: list[RunSpec], todo: list[RunSpe
             bar.set_postfix_str(spec.run_id, refresh=True)
             row = run_one(exp, spec, out / "runs" / spec.run_id, progress=progress, datasets=datasets)
             append_record(out / RESULTS_NAME, row)
-            write_outputs(exp, _planned(read_results(out), runs), out)
+            records.append(json.loads(json.dumps(row)))  # as the ledger holds it
+            write_outputs(exp, _planned(records, runs), out)
             bar.update(1)
     finally:
         bar.close()
-    rows = _planned(read_results(out), runs)
+    rows = _planned(records, runs)
     write_outputs(exp, rows, out)
     if progress:
         print(f"{len(rows)} runs in {out / 'table.md'}", file=sys.stderr)

@@ -117,8 +117,9 @@ def _cosine_map_setup(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _cosine_map_formula(a, b, eps: float):
-    """The error map in plain, twice-differentiable PyTorch (accumulated in float32 or float64)."""
+def cosine_map_formula(a, b, eps: float = 1e-8):
+    """The error map in plain, twice-differentiable PyTorch (accumulated in float32 or float64):
+    what double backward differentiates and what exporters carry instead of the fused op."""
     acc = acc_dtype(a.dtype)
     x, y = a.to(acc), b.to(acc)
     return 1 - (x * y).sum(1) / (safe_norm((x * x).sum(1), eps) * safe_norm((y * y).sum(1), eps))
@@ -130,7 +131,7 @@ def _cosine_map_backward(ctx, grad_err, _grad_stats):
         return None, None, None, None
     if wants_double_backward():
         eps = ctx.eps
-        ga, gb = grads_by_autograd(lambda x, y: _cosine_map_formula(x, y, eps), (a, b), ctx.needs_input_grad[:2],
+        ga, gb = grads_by_autograd(lambda x, y: cosine_map_formula(x, y, eps), (a, b), ctx.needs_input_grad[:2],
                                    grad_err)
         return ga, gb, None, None
     grad_a, grad_b = _cosine_map_backward_op(a, b, grad_err, stats, ctx.eps)

@@ -28,7 +28,7 @@ from .checks import (
     out_size_pair,
     real_arg,
 )
-from .cosine import cosine_error_map_float32
+from .cosine import cosine_error_map_float32, cosine_map_formula
 
 BORDERS = ("reflect", "mirror")
 _DEVICES = ("cpu", "cuda")
@@ -292,20 +292,15 @@ def anomaly_map_standard_ops(
     built on each call (never cached here, so that a traced call leaves no fake tensor behind)."""
     fs_list, ft_list, out_h, out_w, sigma, truncate = _check_map_inputs(fs_list, ft_list, out_size, sigma, truncate,
                                                                        border)
-    eps = 1e-8
     total = None
     for i, (fs, ft) in enumerate(zip(fs_list, ft_list)):
-        a, b = fs.float(), ft.float()
-        dot = (a * b).sum(1)
-        na = (a * a).sum(1).sqrt().clamp_min(eps)
-        nb = (b * b).sum(1).sqrt().clamp_min(eps)
-        err = 1.0 - dot / (na * nb)
+        err = cosine_map_formula(fs, ft)  # the op's own formula, in float32 (float64 for float64)
         if matrices is not None:
             rows, cols_t = matrices[i]
         else:
-            rows = torch.from_numpy(_axis_matrix_np(err.shape[1], out_h, sigma, truncate, border)).to(err.device, torch.float32)
+            rows = torch.from_numpy(_axis_matrix_np(err.shape[1], out_h, sigma, truncate, border)).to(err.device, err.dtype)
             cols_t = torch.from_numpy(_axis_matrix_np(err.shape[2], out_w, sigma, truncate, border).T.copy()).to(
-                err.device, torch.float32)
+                err.device, err.dtype)
         up = torch.matmul(torch.matmul(rows, err), cols_t)
         total = up if total is None else total + up
     return total

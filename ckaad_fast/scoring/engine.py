@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader
 
 from ..calibration import read_calibration
 from ..data import list_images
-from ..errors import ArgumentError
 from ..head import InferenceHead
 from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
 from ..precision import channels_last_for, cpu_has_bf16_matmul, precision_name, resolve_device, resolve_precision
@@ -151,11 +150,8 @@ class Scorer:
     ):
         if not isinstance(model, Detector):
             raise TypeError(f"model must be a ckaad_fast.model.Detector, got {type(model).__name__}")
-        try:
-            self.device = resolve_device(device)
-            self.dtype = _scoring_dtype(dtype, calibration, self.device)
-        except ArgumentError as e:
-            raise ValueError(str(e)) from None
+        self.device = resolve_device(device)
+        self.dtype = _scoring_dtype(dtype, calibration, self.device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device; on the CPU leave it off")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

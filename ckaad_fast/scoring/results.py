@@ -27,7 +27,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..errors import ArgumentError
-from ..head import DEFAULT_SENSITIVITY
+from ..head import DEFAULT_SENSITIVITY, check_sensitivity
 from .manifest import MANIFEST_NAME, check_resume, path_key, read_manifest, write_manifest
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
@@ -221,8 +221,7 @@ def csv_text(rows: Sequence[dict], verdict: Verdict) -> str:
 
 def check_arguments(maps, threshold, map_range, sensitivity: float = DEFAULT_SENSITIVITY) -> None:
     """ValueError for a bad ``maps`` format, threshold, colour range or sensitivity."""
-    if not (isinstance(sensitivity, (int, float)) and not isinstance(sensitivity, bool) and 0 <= sensitivity <= 1):
-        raise ValueError(f"sensitivity must be a number in [0, 1], got {sensitivity!r}")
+    check_sensitivity(sensitivity)
     if maps not in MAP_FORMATS:
         raise ValueError(f"maps must be one of {MAP_FORMATS}, got {maps!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
