@@ -313,7 +313,8 @@ def check_compile_and_graphs(chk: Check, device, smoke: bool):
             d_loss = ops.discriminator_loss(d([f.detach() for f in feats]), d([f.detach() for f in feats]),
                                             d([r.detach() for r in recon]))
             s_gen = d(recon)
-            return ops.cosine_reconstruction_loss(feats, recon), d_loss, 0.02 * ops.generator_loss(s_gen), s_gen
+            return (ops.cosine_reconstruction_loss(feats, recon), d_loss, 0.02 * ops.generator_loss(s_gen), s_gen,
+                    feats, recon)
 
         params = list(model.autoencoder.parameters())[:3]
 
@@ -332,13 +333,28 @@ def check_compile_and_graphs(chk: Check, device, smoke: bool):
             g_eager, g_comp, g_ref = grads(eager[0]), grads(compiled[0]), grads(compiled_ref[0])
         for e, c in zip(eager[:3], compiled[:3]):
             torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-5)
-        # The fused ops under compile against the plain formula under the same compile: only the
-        # loss differs, and the float32 sums of a weight gradient (K ~ 1e5 terms) keep about
-        # sqrt(K) u ~ 2e-5 of its norm; 1e-4 leaves room and catches any wrong formula.
-        ours = normwise(g_ref, g_comp)
-        if ours > 1e-4:
-            raise AssertionError(f"the fused loss's weight gradients under compile differ from the reference's by "
-                                 f"{ours:.2e} of their norm (> 1e-4)")
+        # What is ours: the loss op's own gradient, d loss / d recon, fused under compile against the
+        # float64 formula under compile, on the same leaf tensors. The gradient is built from three
+        # float32 sums (dot product and two squared norms) over K = C*H*W terms per image, each off
+        # by about sqrt(K) u when rounding errors are independent; 8 sqrt(K) u leaves room for
+        # three of them and a few more roundings, and a wrong formula is off by O(1). The weight gradients of the whole step (fused vs reference
+        # loss, each graph compiled on its own) are reported, not asserted: they pass through
+        # Inductor's backward of the networks, whose code and cuDNN's algorithm choices differ
+        # between the two graphs (1.3e-6 in one H200 run, 5.2e-4 in the next).
+        leaf_f = [f.detach().clone().requires_grad_(True) for f in compiled[4]]
+        leaf_r = [r.detach().clone().requires_grad_(True) for r in compiled[5]]
+        with _no_tf32():
+            l_fused = torch.compile(ops.cosine_reconstruction_loss, fullgraph=True, backend=backend)(leaf_f, leaf_r)
+            l_plain = torch.compile(ref.cosine_reconstruction_loss, fullgraph=True, backend=backend)(leaf_f, leaf_r)
+            d_fused = torch.autograd.grad(l_fused, leaf_r)
+            d_plain = torch.autograd.grad(l_plain.float(), leaf_r)
+        ours = normwise(d_plain, d_fused)
+        terms = max(f[0].numel() for f in leaf_f)
+        bound = 8 * terms ** 0.5 * 2.0 ** -24
+        if ours > bound:
+            raise AssertionError(f"the fused loss's gradient under compile differs from the float64 formula's by "
+                                 f"{ours:.2e} of its norm (> 8 sqrt(K) u = {bound:.1e}, K = {terms})")
+        step = normwise(g_ref, g_comp)
         # Compiled against eager is reported, not asserted: Inductor's code for the networks'
         # backward is less accurate than eager's on this auto-encoder (on a 2-core EPYC, against a
         # float64 run: compiled 1.5e-3 of the norm, eager 2.4e-5, with the reference loss as much
@@ -351,7 +367,8 @@ def check_compile_and_graphs(chk: Check, device, smoke: bool):
         for e, c in zip(g_e, g_c):
             torch.testing.assert_close(c, e, rtol=1e-6, atol=0)
         row["detail"] = (f"losses {eager[0].item():.4f}, {eager[1].item():.4f}; fused vs reference loss under compile "
-                         f"{ours:.1e} (normwise); compiled vs eager step {network:.1e} (Inductor's, reported)")
+                         f"{ours:.1e} (d loss/d recon, normwise); whole step fused vs reference {step:.1e} and compiled vs eager "
+                         f"{network:.1e} (Inductor's, reported)")
 
     if device.type != "cuda":
         chk.rows.append({"section": "graphs", "check": "CUDA graphs", "verdict": "SKIP", "detail": "no CUDA device", "seconds": "0"})
