@@ -8,6 +8,14 @@
   at most ``target_fpr`` of the normal scores are at or above it (the empirical quantile). A set
   too small for that rate (fewer than ``1 / target_fpr`` images) is refused.
 
+Before trusting a set, it checks that the images it calls normal look normal: scores above Tukey's
+far-out fence of the set's own normal scores (third quartile + 3 interquartile ranges; see
+:func:`suspected_anomalies`) are counted as *suspected anomalies*, recorded with the threshold
+the set would give without them, and, when they set the threshold (it lies above the fence),
+named in a :class:`CalibrationSetWarning`. The threshold is still picked on the whole set (the
+images may be normal after all); the warning says how far it moved. The fence needs three quarters of the set to be normal and catches images that score like
+clear defects; anomalies that score like normal images pass unseen (and move a threshold little).
+
 It also records the minimum and maximum of the image scores and of the maps, for anomalib's
 normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)`` (:func:`ckaad_fast.head.normalized_score`):
 the threshold maps to 0.5 and the score stays monotone in the raw one. Decisions compare the raw
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +51,17 @@ from .precision import canonical_precision, precision_name, resolve_precision
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
            "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
-           "check_calibration_out", "check_set_size"]
+           "check_calibration_out", "check_set_size", "suspected_anomalies", "CalibrationSetWarning", "FENCE_IQRS"]
 
 METHODS = ("f1", "fpr")
+#: How many interquartile ranges above the third quartile a normal image's score may lie before
+#: it is suspected of being an anomaly (Tukey's "far out"): 4.7 standard deviations for normally
+#: distributed scores, about 1 in 150 images for a right-skewed (log-normal, sigma 0.5) set.
+FENCE_IQRS = 3.0
+
+
+class CalibrationSetWarning(UserWarning):
+    """A calibration set's images labelled normal include some that score like anomalies."""
 
 
 @dataclass
@@ -69,6 +86,13 @@ class Calibration(PlainConfig):
     #: The kind of device it was scored on ("cpu" or "cuda"; None: not recorded): on a GPU,
     #: float32 convolutions run in TF32 by PyTorch's default, which moves scores by about 1e-4.
     device: str | None = None
+    #: How many images labelled normal scored above the set's far-out fence (see the module), and
+    #: the image threshold the set gives without them (None: none suspected, or too few left).
+    suspected_anomalies: int = 0
+    threshold_without_suspected: float | None = None
+    #: True when the set was the model's own training images, by explicit override: their scores
+    #: are lower than fresh images', so the threshold flags more than its target on new data.
+    on_training_images: bool = False
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "cuda"):
@@ -115,8 +139,16 @@ class Calibration(PlainConfig):
                f"false-positive rate {100 * self.target_fpr:g}% on {self.num_normal} normal images")
         pixel = f", pixel threshold {self.pixel_threshold:.6g}" if self.pixel_threshold is not None else ""
         where = f" on {self.device}" if self.device else ""
-        return (f"image threshold {self.image_threshold:.6g} ({how}){pixel}; scores on that set "
+        text = (f"image threshold {self.image_threshold:.6g} ({how}){pixel}; scores on that set "
                 f"{self.score_min:.6g} .. {self.score_max:.6g}, computed in {self.precision or 'float32'}{where}")
+        if self.suspected_anomalies:
+            moved = (f" (without them: {self.threshold_without_suspected:.6g})"
+                     if self.threshold_without_suspected is not None else "")
+            text += f"; {self.suspected_anomalies} images labelled normal scored like anomalies{moved}"
+        if self.on_training_images:
+            text += ("; picked on the model's training images (explicit override): expect more false positives "
+                     "than the target on new images")
+        return text
 
 
 def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
@@ -131,11 +163,56 @@ def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
     return float32_at_least(float(np.nextafter(s[n - 1 - k], np.inf)))
 
 
+def suspected_anomalies(normal_scores) -> tuple[np.ndarray, float]:
+    """Which of ``normal_scores`` lie above the far-out fence ``Q3 + FENCE_IQRS * IQR`` of the
+    scores themselves, and the fence: ``(mask, fence)``. Quartiles are robust: up to a quarter of
+    the set can be anomalous without moving the fence much."""
+    s = np.asarray(normal_scores, dtype=np.float64).reshape(-1)
+    q1, q3 = np.percentile(s, [25, 75])
+    fence = float(q3 + FENCE_IQRS * (q3 - q1))
+    return s > fence, fence
+
+
 def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None,
-                            precision: str | None = "float32", device: str | None = None) -> Calibration:
+                            precision: str | None = "float32", device: str | None = None,
+                            paths=None, on_training_images: bool = False) -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
-    its masks and maps), computed in ``precision``. Errors are
-    :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    its masks and maps), computed in ``precision``. Images labelled normal that score like
+    anomalies are counted, recorded and named (``paths``) in a :class:`CalibrationSetWarning`
+    (see the module). Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    cal = _calibration(labels, scores, target_fpr, masks, maps, precision, device)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    cal.on_training_images = bool(on_training_images)
+    normal = np.flatnonzero(labels == 0)
+    suspect, fence = suspected_anomalies(scores[normal])
+    if suspect.any():
+        cal.suspected_anomalies = int(suspect.sum())
+        keep = np.ones(scores.size, dtype=bool)
+        keep[normal[suspect]] = False
+        try:
+            cal.threshold_without_suspected = _calibration(
+                labels[keep], scores[keep], target_fpr, None if masks is None else np.asarray(masks)[keep],
+                None if maps is None else np.asarray(maps)[keep], precision, device).image_threshold
+        except ArgumentError:  # too few left for the rate, or all alike: say so without a number
+            cal.threshold_without_suspected = None
+    if suspect.any() and cal.image_threshold > fence:
+        # Only when the suspects set the threshold (it lies above the fence) is it worth a
+        # warning: below the fence they are among the images the rate allows to be flagged.
+        named = [os.fspath(paths[i]) for i in normal[suspect][:3]] if paths is not None else []
+        moved = (f"; without them it would be {cal.threshold_without_suspected:.6g}"
+                 if cal.threshold_without_suspected is not None else "")
+        warnings.warn(
+            f"{cal.suspected_anomalies} of {normal.size} calibration images labelled normal score above "
+            f"{fence:.6g} (the set's third quartile + {FENCE_IQRS:g} interquartile ranges), as defects do"
+            + (f", e.g. {', '.join(named)}" if named else "")
+            + f". The threshold {cal.image_threshold:.6g} was picked with them{moved}. If they are defects, take "
+              "them out of the normal set and calibrate again; if they are normal, the threshold stands.",
+            CalibrationSetWarning, stacklevel=2)
+    return cal
+
+
+def _calibration(labels, scores, target_fpr, masks, maps, precision, device) -> Calibration:
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
@@ -170,30 +247,37 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
 
 
 def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, device="cpu",
-              progress: bool = False, precision: str = "float32") -> Calibration:
+              progress: bool = False, precision: str = "float32", on_training_images: bool = False) -> Calibration:
     """Score ``dataset`` (items ``(image, label, [mask,] path)``, never the test set) with ``model``
-    in ``precision`` (float32 by default; see the module) and pick its :class:`Calibration`."""
+    in ``precision`` (float32 by default; see the module) and pick its :class:`Calibration`.
+    ``on_training_images=True`` records that the set is the model's own training images (an
+    explicit override; see :func:`check_calibration_split`)."""
     if isinstance(dataset, _AsNormal):  # all normal: too small a set is refused before any scoring
         check_set_size(len(dataset), 0, target_fpr)
     dtype = resolve_precision(precision, device, "precision")
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
     return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
-                                   precision=precision_name(dtype), device=torch.device(device).type)
+                                   precision=precision_name(dtype), device=torch.device(device).type,
+                                   paths=pred.paths, on_training_images=on_training_images)
 
 
-def check_calibration_split(split: str, layout: str) -> None:
+def check_calibration_split(split: str, layout: str, allow_training_images: bool = False) -> None:
     """Refuse, before anything is scored, a split a threshold must never come from: the test
     split (the numbers it is judged by) and the training split (images the model has learnt:
     their scores are lower than fresh ones', so a 5% target flagged 33% of fresh normal images in
-    one run), and say what to do instead. The layouts hold only those two splits."""
+    one run) unless ``allow_training_images`` (an explicit override, recorded in the
+    calibration), and say what to do instead. The layouts hold only those two splits."""
     hint = ("hold normal images out of training and pass --normal DIR, or train with --calibrate, which holds "
             "them out for you")
     if split == "test":
         raise ArgumentError("split", f"never calibrate on the test split: {hint}")
     if split == "train":
+        if allow_training_images:
+            return
         raise ArgumentError("split", f"the training split holds the images the model learnt from, whose scores "
                                      f"are lower than fresh ones' (the threshold would flag far more than its "
-                                     f"target): {hint}")
+                                     f"target): {hint} (or, knowing this, --allow-training-images, which the "
+                                     f"calibration records)")
     raise ArgumentError("split", f"layout {layout!r} has no {split!r} split (only train and test): {hint}")
 
 

@@ -151,7 +151,10 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
         "backbone": model.config.backbone,
         "layers": list(model.config.layers),
         "image_size": [h, w],
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW RGB", "batch": batch or "dynamic"},
+        # The batch sizes the graph was exported for. ONNX Runtime and OpenVINO do not check a
+        # dynamic batch's bounds (see docs/CLI.md, "export"): a server in front of them should.
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW RGB", "batch": batch or "dynamic",
+                  "batch_range": [batch, batch] if batch else [1, MAX_BATCH]},
         "outputs": list(OUTPUT_NAMES),
         "normalization": {"mean": list(model.config.mean), "std": list(model.config.std)},
         "calibrated": calibration is not None,

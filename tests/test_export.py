@@ -16,7 +16,7 @@ import onnxruntime as ort  # noqa: E402
 from ckaad_fast.calibration import Calibration, write_calibration  # noqa: E402
 from ckaad_fast.cli import main  # noqa: E402
 from ckaad_fast.errors import ArgumentError  # noqa: E402
-from ckaad_fast.export import export, export_onnx  # noqa: E402
+from ckaad_fast.export import MAX_BATCH, export, export_onnx  # noqa: E402
 from ckaad_fast.model import ModelConfig, save_checkpoint  # noqa: E402
 from ckaad_fast.training import CKAAD  # noqa: E402
 from ckaad_fast.scoring import Scorer  # noqa: E402
@@ -56,6 +56,7 @@ def test_onnx_runtime_scores_like_the_scorer_with_a_dynamic_batch(ckpt, tmp_path
         assert anomalous.dtype == np.bool_ and not anomalous.any()  # not calibrated: no decision
     side = json.loads((tmp_path / "x" / "model.json").read_text())
     assert side["calibrated"] is False and side["image_size"] == [SIZE, SIZE]
+    assert side["input"]["batch_range"] == [1, MAX_BATCH]
     assert side["model_sha256"] == scorer.fingerprint()
 
 

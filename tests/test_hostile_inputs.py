@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import io
 import os
+import urllib.parse
 import subprocess
 import sys
 import warnings
@@ -76,8 +78,27 @@ def test_a_name_that_is_not_utf8_is_scored_kept_and_resumed(ckpt, tmp_path):
     rows = rows_of(out)
     assert len(rows) == 2 and all(r["score"] and not r["error"] for r in rows)
     assert os.fsencode(rows[0]["path"]) == raw  # the exact bytes come back
+    # The file itself is valid UTF-8 (common readers need it); the name is percent-encoded bytes
+    # behind the documented mark, readable by any CSV reader and decodable without ckaad_fast.
+    text = (out / "scores.csv").read_bytes().decode("utf-8")
+    cells = [r["path"] for r in csv.DictReader(io.StringIO(text))]
+    assert cells[0].startswith("'%") and cells[0].endswith("/caf%E9.png")
+    assert urllib.parse.unquote_to_bytes(cells[0][2:]) == raw
     assert score(ckpt, root, out, "--resume") == 0
     assert len(rows_of(out)) == 2  # matched, not scored again
+
+
+def test_an_error_row_naming_a_non_utf8_file_keeps_the_csv_valid(ckpt, tmp_path):
+    root = tmp_path / "in"
+    png(root / "good.png")
+    raw = os.fsencode(str(root)) + b"/caf\xe9.png"
+    with open(raw, "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "out"
+    assert score(ckpt, root, out) == 1  # an image could not be scored
+    (out / "scores.csv").read_bytes().decode("utf-8")  # valid UTF-8
+    bad = [r for r in rows_of(out) if r["error"]]
+    assert len(bad) == 1 and os.fsencode(bad[0]["path"]) == raw
 
 
 def test_formula_like_names_are_neutralised_and_read_back(ckpt, tmp_path):
@@ -391,8 +412,21 @@ def test_a_resume_of_rows_without_a_manifest_is_refused(tmp_path, capsys):
     before = (out / "scores.csv").read_bytes()
     assert score(ckpt, tmp_path / "in", out, "--resume") == ERROR
     err = capsys.readouterr().err
-    assert "--resume" in err and "run.json" in err and "--overwrite" in err
+    assert "--resume" in err and "run.json" in err and "--overwrite" in err and "--adopt-rows" in err
     assert (out / "scores.csv").read_bytes() == before  # nothing mixed in, nothing dropped
+    # Told what it resumes: the rows are kept as this model's, the new image scored, the old rows
+    # get the decision column from their scores, and run.json records the declaration.
+    old_scores = {r["path"]: r["score"] for r in rows_of(out)}
+    png(tmp_path / "in" / "3.png", seed=3)
+    assert score(ckpt, tmp_path / "in", out, "--resume", "--adopt-rows", "--threshold", "0") == 0
+    rows = rows_of(out)
+    assert len(rows) == 4 and all(r["is_anomalous"] == "True" for r in rows)
+    assert all(r["score"] == old_scores[r["path"]] for r in rows if r["path"] in old_scores)
+    assert json.loads((out / "run.json").read_text())["adopted"]["rows"] == 3
+    # A folder whose manifest already says what made it has nothing to adopt.
+    capsys.readouterr()
+    assert score(ckpt, tmp_path / "in", out, "--resume", "--adopt-rows") == ERROR
+    assert "--adopt-rows" in capsys.readouterr().err
 
 
 def test_a_resume_through_a_linked_folder_matches_the_same_images(tmp_path):

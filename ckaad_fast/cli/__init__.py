@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 
 from .. import __version__
 from ..errors import ArgumentError
@@ -85,8 +86,21 @@ def _sigterm_as_interrupt():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _warnings_as_lines(args.command):
         return _dispatch(args)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Warnings during a command as one line each, ``ckaad-fast CMD: warning: ...``, like its
+    errors (not Python's file:line and source text). Only the format changes, so code that
+    records warnings still gets them."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *a, **k: f"ckaad-fast {command}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def _dispatch(args) -> int:

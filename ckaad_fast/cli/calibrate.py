@@ -27,6 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --data: the split to calibrate on; never the test split nor the training images "
                         "(both refused before anything is scored); the layouts hold no other split today, so "
                         "prefer --normal DIR or train --calibrate (default: %(default)s)")
+    p.add_argument("--allow-training-images", action="store_true",
+                   help="with --data --split train: calibrate on the model's own training images anyway (when no "
+                        "other normal images exist). Their scores are lower than fresh images', so the threshold "
+                        "flags more than --target-fpr on new data; the checkpoint records that it was picked so")
     p.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
                    help="false-positive rate on normal images when the set has no anomalies (default: %(default)s)")
     p.add_argument("--out", metavar="PATH",
@@ -62,7 +66,9 @@ def run(args) -> int:
         raise ValueError("--normal DIR or --data ROOT (with its layout options): give exactly one")
     check_calibration_out(args.out)
     if args.data is not None:
-        check_calibration_split(args.split, args.layout)
+        check_calibration_split(args.split, args.layout, args.allow_training_images)
+    elif args.allow_training_images:
+        raise ValueError("--allow-training-images: only with --data --split train")
     try:
         model = model_from_checkpoint(args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
@@ -73,7 +79,8 @@ def run(args) -> int:
     else:
         data = dataset_from_args(args, args.split, cfg.image_size, cfg.mean, cfg.std)
     cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
-                    progress=not args.quiet, precision=args.dtype)
+                    progress=not args.quiet, precision=args.dtype,
+                    on_training_images=args.data is not None and args.split == "train")
     written = write_calibration(args.checkpoint, cal, out=args.out)
     print(f"calibration: {cal.describe()}")
     print(f"written to:  {written}")

@@ -121,6 +121,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the scored rows of an existing OUT/scores.csv (whose map exists, when maps "
                         "are asked for) and of the OUT/parts/ an interrupted torchrun run left, and score "
                         "the rest (with any number of processes); rows with an error are retried")
+    p.add_argument("--adopt-rows", action="store_true",
+                   help="with --resume, when OUT holds rows but no run.json (an older ckaad_fast, or a folder "
+                        "copied without it): declare that they were made by this checkpoint with these options, "
+                        "keep them and score the rest; run.json records the declaration. Without it such a "
+                        "resume is refused, since nothing else tells two models' rows apart")
     p.add_argument("--overwrite", action="store_true",
                    help="score everything again even though OUT/scores.csv exists")
     p.add_argument("--profile", metavar="DIR", default=None,
@@ -139,6 +144,8 @@ def run(args) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
+    if args.adopt_rows and not args.resume:
+        raise ValueError("--adopt-rows: only with --resume")
     from ..precision import default_device
 
     device = args.device or default_device()
@@ -165,6 +172,11 @@ def _run(args, device, dist_info) -> int:
     if args.sensitivity is not None and scorer.calibration is None:
         raise ValueError("--sensitivity moves a calibrated decision, and this checkpoint holds none: run "
                          "ckaad-fast calibrate first, or give a raw --threshold")
+    if args.adopt_rows and main:
+        from ..scoring import adopt_results
+
+        n = adopt_results(scorer, args.out)
+        print(f"adopted {n} rows in {args.out} as this checkpoint's (recorded in run.json)", file=sys.stderr)
     progress = not args.no_progress and main
     if progress:
         procs = f" over {dist_info.world_size} processes" if dist_info.distributed else ""

@@ -19,7 +19,7 @@ from .anomalies import (
     sample_coarse_anomalies,
 )
 from .files import IMAGE_EXTENSIONS, CorruptImageWarning, check_image, is_image_file, list_images
-from .images import decode_image, load_image, load_mask
+from .images import MAX_UPSCALE, ImageRejected, decode_image, load_image, load_mask, minimum_source_size
 from .layouts import FolderDataset, ImageFileDataset, MVTecDataset, VisADataset
 from .medical import Br35HDataset, ISIC2018Dataset
 from .open import list_categories, open_dataset
@@ -28,6 +28,9 @@ from .splits import VALIDATION_SHARE, carve_validation
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_UPSCALE",
+    "ImageRejected",
+    "minimum_source_size",
     "LAYOUTS",
     "LAYOUT_TABLE",
     "Layout",

@@ -10,7 +10,10 @@ import warnings
 from collections.abc import Iterable
 from typing import Union
 
+import numpy as np
 from PIL import Image
+
+from .images import ImageRejected, check_finite, check_source_size
 
 __all__ = ["IMAGE_EXTENSIONS", "CHECK_MODES", "CorruptImageWarning", "is_image_file", "list_images",
            "images_in_dir", "check_image", "check_mode", "readable", "warn_skip", "subdirs", "describe"]
@@ -142,18 +145,29 @@ def _one_name_per_file(paths: list[str]) -> list[str]:
     return kept
 
 
-def check_image(path: PathLike, full: bool = False) -> str | None:
-    """Return ``None`` when PIL can read ``path``, otherwise a short description of the error.
+def check_image(path: PathLike, full: bool = False, image_size=None) -> str | None:
+    """Return ``None`` when PIL can read ``path`` (and, given the model's ``image_size``, the
+    image can be scored), otherwise a short description of why not.
 
     ``full=False`` runs ``Image.verify()`` (reads the header and, for PNG, checks the chunk CRCs
     without decoding); ``full=True`` also decodes the pixels, which also catches truncated JPEGs.
+    With ``image_size``: an image far below it is refused from its header
+    (:func:`~.images.check_source_size`), and a float image (the only kind that can hold a NaN)
+    is decoded and refused when a pixel is not finite, in either mode.
     """
     try:
         with Image.open(path) as im:
+            size, mode = im.size, im.mode
             im.verify()
-        if full:
+        if image_size is not None:
+            check_source_size(size, image_size)
+        if full or (image_size is not None and mode == "F"):
             with Image.open(path) as im:
                 im.load()
+                if image_size is not None and mode == "F":
+                    check_finite(np.asarray(im, dtype=np.float32))
+    except ImageRejected as e:
+        return str(e)
     except Exception as e:  # noqa: BLE001 - any failure to read means "skip this file"
         return f"{type(e).__name__}: {e}"
     return None
@@ -166,16 +180,17 @@ def check_mode(check: str) -> str:
     return check
 
 
-def readable(path: str, check: str) -> str | None:
-    """None when ``path`` passes the check ``check`` (one of :data:`CHECK_MODES`), else why not."""
+def readable(path: str, check: str, image_size=None) -> str | None:
+    """None when ``path`` passes the check ``check`` (one of :data:`CHECK_MODES`) for a model of
+    input ``image_size`` (see :func:`check_image`), else why not."""
     if check == "none":
         return None
-    return check_image(path, full=(check == "load"))
+    return check_image(path, full=(check == "load"), image_size=image_size)
 
 
 def warn_skip(path: str, reason: str) -> None:
     """Warn that a data set leaves ``path`` out (the warning points at the data set's caller)."""
-    warnings.warn(f"skipping unreadable image {path!r}: {reason}", CorruptImageWarning, stacklevel=3)
+    warnings.warn(f"skipping image {path!r}: {reason}", CorruptImageWarning, stacklevel=3)
 
 
 def subdirs(path: str) -> list[str]:

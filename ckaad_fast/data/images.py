@@ -18,7 +18,8 @@ from PIL import Image
 
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["HIGH_DEPTH_MODES", "SizeLike", "size_hw", "norm_stats", "to_rgb_float01", "load_image", "load_mask",
+__all__ = ["HIGH_DEPTH_MODES", "MAX_UPSCALE", "ImageRejected", "SizeLike", "size_hw", "norm_stats",
+           "minimum_source_size", "check_source_size", "check_finite", "to_rgb_float01", "load_image", "load_mask",
            "decode_image"]
 
 PathLike = Union[str, os.PathLike]
@@ -26,6 +27,45 @@ SizeLike = Union[int, Sequence[int]]
 
 #: PIL modes of 16-bit and float images (common for medical scans), read without clipping to 8 bits.
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+#: The most an image may be enlarged to reach the model's input size, per side. A 1x1 or 8x8 file
+#: stretched to 256x256 holds no detail at the scale the features see, yet it gets a score (in
+#: one run, 1x1 PNGs in a calibration set pushed the threshold above every defect); so an image
+#: smaller than 1/8 of the input on either side is refused, naming the minimum.
+MAX_UPSCALE = 8
+
+
+class ImageRejected(ValueError):
+    """An image file that reads but cannot be scored meaningfully: far smaller than the model's
+    input, or holding non-finite pixel values. Data sets leave it out with a warning; the scorer
+    reports it in its row."""
+
+
+def minimum_source_size(image_size: SizeLike) -> tuple[int, int]:
+    """The smallest (height, width) of a file a model of input ``image_size`` accepts: 1/
+    :data:`MAX_UPSCALE` of each side, rounded up."""
+    h, w = size_hw(image_size)
+    return -(-h // MAX_UPSCALE), -(-w // MAX_UPSCALE)
+
+
+def check_source_size(size_wh: tuple[int, int], image_size: SizeLike) -> None:
+    """:class:`ImageRejected` when an image of PIL size ``size_wh`` (width, height) is too small
+    for ``image_size`` (see :data:`MAX_UPSCALE`)."""
+    w, h = size_wh
+    min_h, min_w = minimum_source_size(image_size)
+    if w < min_w or h < min_h:
+        H, W = size_hw(image_size)
+        raise ImageRejected(f"the image is {w}x{h} pixels, far below the model's input of {W}x{H}: at least "
+                            f"{min_w}x{min_h} is needed (enlarging more than {MAX_UPSCALE}x invents the detail a "
+                            "defect would show)")
+
+
+def check_finite(arr: np.ndarray) -> None:
+    """:class:`ImageRejected` when ``arr`` (a float image's pixels) holds a NaN or an infinity."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        # One NaN would make the whole image NaN through the scaling: refuse it, naming why.
+        raise ImageRejected(f"the image holds {int((~np.isfinite(arr)).sum())} non-finite pixel values (NaN or Inf)")
 
 
 def size_hw(image_size: SizeLike) -> tuple[int, int]:
@@ -58,16 +98,15 @@ def norm_stats(mean, std) -> tuple[tuple[float, ...] | None, tuple[float, ...] |
 
 
 def to_rgb_float01(im: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
-    """Resize (bilinear) and convert any PIL image to an (H, W, 3) float32 array in [0, 1]."""
+    """Resize (bilinear) and convert any PIL image to an (H, W, 3) float32 array in [0, 1].
+    :class:`ImageRejected` for an image far below ``size_wh`` or with non-finite pixels."""
+    check_source_size(im.size, (size_wh[1], size_wh[0]))
     mode = im.mode
     if mode in HIGH_DEPTH_MODES:
         # 16-bit / 32-bit grayscale (common for medical scans): scale to [0, 1] without clipping to
         # 8 bits first, which convert("RGB") would do.
         arr = np.asarray(im, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            # One NaN would make the whole image NaN through the scaling below: refuse it here,
-            # naming what is wrong, rather than score it.
-            raise ValueError(f"the image holds {int((~np.isfinite(arr)).sum())} non-finite pixel values (NaN or Inf)")
+        check_finite(arr)
         if mode == "F":
             peak = float(arr.max()) if arr.size else 1.0
             scale = 1.0 if peak <= 1.0 else peak
@@ -167,6 +206,7 @@ def decode_image(path: PathLike, image_size: SizeLike) -> torch.Tensor:
     """
     h, w = size_hw(image_size)
     with Image.open(path) as im:
+        check_source_size(im.size, (h, w))
         if im.mode in HIGH_DEPTH_MODES:
             arr = to_rgb_float01(im, (w, h))
             return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

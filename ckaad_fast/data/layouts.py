@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import IMAGE_EXTENSIONS, check_mode, describe, images_in_dir, readable, subdirs, warn_skip
-from .images import SizeLike, check_mask_resize, load_image, load_mask, norm_stats, size_hw
+from .images import ImageRejected, SizeLike, check_mask_resize, load_image, load_mask, norm_stats, size_hw
 
 __all__ = ["ImageFileDataset", "MVTecDataset", "VisADataset", "FolderDataset"]
 
@@ -52,7 +52,7 @@ class ImageFileDataset(Dataset):
 
     def _keep(self, path: str, mask_path: str | None = None) -> bool:
         """Check one image (and its mask); warn, record and return False when unreadable."""
-        reason = readable(path, self.check)
+        reason = readable(path, self.check, self.image_size)
         if reason is None and mask_path is not None:
             mr = readable(mask_path, self.check)
             if mr is not None:
@@ -66,6 +66,8 @@ class ImageFileDataset(Dataset):
     def _load(self, path: str) -> torch.Tensor:
         try:
             return load_image(path, self.image_size, self.mean, self.std)
+        except ImageRejected as e:  # only with check="none": the check would have left it out
+            raise RuntimeError(f"image {path!r} cannot be used: {e}") from e
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(
                 f"could not read image {path!r} ({type(e).__name__}: {e}); it passed the check at "

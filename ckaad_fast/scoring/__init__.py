@@ -19,9 +19,10 @@ from .results import (
     part_name,
     read_scores_csv,
 )
-from .runner import score_to_folder
+from .runner import adopt_results, score_to_folder
 
 __all__ = [
+    "adopt_results",
     "CSV_NAME",
     "MAP_FORMATS",
     "MAPS_DIR",

@@ -4,12 +4,21 @@ run is under way, ``OUT/parts/``; how an earlier run's rows are read back for ``
 scores.csv has one row per image, in input order, with the columns ``path``, ``score``,
 ``error`` (empty when the image was scored) and, with a threshold, ``is_anomalous``.
 
-Paths are written as given, with two exceptions that keep the file safe and lossless: a path
-that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a
-carriage return) or that starts with ``'`` is written with a ``'`` in front (OWASP's advice for
-CSV injection; :func:`read_scores_csv` takes it off again), and a file name that is not valid
-UTF-8 is written as its original bytes (Python's ``surrogateescape``), so it names the same file
-when read back.
+Paths are written as given, with two exceptions that keep the file safe, valid UTF-8 and
+lossless (:func:`read_scores_csv` undoes both):
+
+- a path that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, a
+  tab or a carriage return) or that starts with ``'`` is written with a ``'`` in front (OWASP's
+  advice for CSV injection);
+- a file name that is not valid UTF-8 (bytes from another encoding, which POSIX allows) is
+  written as ``'%`` followed by the path's bytes percent-encoded (RFC 3986: every byte outside
+  printable ASCII, and ``%`` itself, as ``%XX``), e.g. ``'%/data/caf%E9.png`` for the Latin-1
+  name ``café.png``. No other cell starts with ``'%`` (a formula-escaped path starts with ``'``
+  and one of ``=+-@'`` or a tab or CR), so the bytes come back exactly:
+  ``urllib.parse.unquote_to_bytes(cell[2:])``.
+
+Other cells (an error message quoting such a name) show its odd bytes as ``\\udcXX`` escapes.
+The CSV is therefore always valid UTF-8, which common readers (pandas, spreadsheets) need.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import io
 import json
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -77,18 +87,40 @@ class ScoreSummary:
 
 # Cells a spreadsheet would evaluate, and the quote that marks an escaped cell.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-# File names that are not valid UTF-8 keep their bytes (see the module's docstring).
+# The mark of a path written as percent-encoded bytes (see the module's docstring).
+_BYTES_MARK = "'%"
+# Printable ASCII but "%": kept as they are in a percent-encoded path, so it stays readable.
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+# Reading: older scores.csv files wrote undecodable names as their raw bytes; read them back so.
 CSV_ERRORS = "surrogateescape"
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes Python could not decode (os.fsdecode)
+        return False
+    return True
+
+
 def escape_cell(text: str) -> str:
-    """``text`` safe for a spreadsheet: a formula-leading cell (or one starting with ``'``) gets a ``'``."""
+    """``text`` safe for a spreadsheet and for UTF-8: a formula-leading cell (or one starting with
+    ``'``) gets a ``'``; a name that is not valid UTF-8 becomes ``'%`` + its bytes percent-encoded."""
+    if not _is_utf8(text):
+        return _BYTES_MARK + urllib.parse.quote_from_bytes(os.fsencode(text), safe=_SAFE)
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def unescape_cell(text: str) -> str:
-    """The inverse of :func:`escape_cell`."""
+    """The inverse of :func:`escape_cell` (a path as Python's file functions take it)."""
+    if text.startswith(_BYTES_MARK):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(text[len(_BYTES_MARK):]))
     return text[1:] if text.startswith("'") else text
+
+
+def plain_cell(text: str) -> str:
+    """Any other cell as valid UTF-8: undecodable bytes shown as ``\\udcXX``."""
+    return text if _is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def read_scores_csv(path) -> list[dict]:
@@ -214,7 +246,8 @@ def csv_text(rows: Sequence[dict], verdict: Verdict) -> str:
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({**r, "path": escape_cell(r["path"])})
+        w.writerow({k: (escape_cell(v) if k == "path" else plain_cell(v) if isinstance(v, str) else v)
+                    for k, v in r.items()})
     return buf.getvalue()
 
 
@@ -236,7 +269,7 @@ def check_arguments(maps, threshold, map_range, sensitivity: float = DEFAULT_SEN
 def write_rows(csv_path: Path, rows: Sequence[dict], verdict: Verdict) -> None:
     """Rewrite ``csv_path`` with ``rows`` atomically and durably (temporary file, fsync, rename)."""
     text = csv_text([finish_row(r, verdict) for r in rows], verdict)
-    atomic_write_text(csv_path, text, fsync=True, errors=CSV_ERRORS)
+    atomic_write_text(csv_path, text, fsync=True)  # strict: escape_cell and plain_cell leave only UTF-8
 
 
 def check_out(out_dir, resume: bool, overwrite: bool) -> None:
@@ -281,8 +314,11 @@ def begin_run(out: Path, manifest: dict, keys: dict[str, str], resume: bool,
         # Rows without a manifest: nothing says which model or options made them, so a resume
         # could mix two models' rows in one file without a word.
         raise ArgumentError("resume", f"{str(out)!r} holds results but no {MANIFEST_NAME} saying what made them: "
-                                      "use --overwrite to score everything again, or another --out")
+                                      "use --overwrite to score everything again, or another --out; or, if you "
+                                      "know they are this checkpoint's with these options, add --adopt-rows")
     check_resume(saved, manifest, out)
+    if saved is not None and "adopted" in saved:  # the declaration stays with the rows it covers
+        manifest = {**manifest, "adopted": saved["adopted"]}
     old, extra, parts = earlier_run(out, keys, resume, overwrite, base=saved.get("cwd") if saved else None)
     remove_stale_temporaries(out, recursive=True)
     write_manifest(out, manifest)

@@ -12,10 +12,35 @@ from ..head import DEFAULT_SENSITIVITY
 from .engine import Scorer
 from .local import LocalRun
 from .lock import FolderLock
-from .results import ScoreSummary, Verdict, check_arguments, check_out
+from ..errors import ArgumentError
+from .manifest import MANIFEST_NAME, manifest_of, read_manifest, write_manifest
+from .results import ScoreSummary, Verdict, check_arguments, check_out, previous_rows
 from .sharded import score_sharded
 
-__all__ = ["score_to_folder"]
+__all__ = ["score_to_folder", "adopt_results"]
+
+
+def adopt_results(scorer: Scorer, out_dir) -> int:
+    """Declare that the rows in ``out_dir`` that no ``run.json`` describes (written by a
+    ckaad_fast older than the manifest, or a folder copied without it) were made by ``scorer``'s
+    model and options, so that a resume keeps them: writes the manifest of a run by ``scorer``
+    with an ``adopted`` entry saying so. Returns the number of rows adopted. Refused, naming
+    ``adopt_rows``, for a folder whose manifest already says what made it (a resume checks that
+    one) or that holds no rows. A resume without a manifest and without this declaration is
+    refused: nothing else could tell two models' rows apart."""
+    out = Path(out_dir)
+    with FolderLock(out):
+        if read_manifest(out) is not None:
+            raise ArgumentError("adopt_rows", f"{str(out / MANIFEST_NAME)!r} already says what made these results: "
+                                              "--resume alone checks it against this run")
+        rows = previous_rows(out)
+        if not rows:
+            raise ArgumentError("adopt_rows", f"{str(out)!r} holds no results to adopt")
+        manifest = manifest_of(scorer)
+        manifest["adopted"] = {"rows": len(rows), "note": "rows found without a manifest, declared by the user to be "
+                                                          "this model's with these options"}
+        write_manifest(out, manifest)
+    return len(rows)
 
 
 def score_to_folder(
