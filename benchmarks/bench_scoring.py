@@ -224,15 +224,21 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
                 # (On a GPU cuDNN's TF32 convolutions differ by layout: a looser bound there.)
                 check_agreement(f"{name} scores vs the reference", max_abs_diff(s, ref_scores),
                                 1e-4 if device.type == "cpu" else 1e-2)
-            rows.append((name, batch / t, t_ref / t, rel, f"setup {setup:.1f} s"))
+            # What really ran (OpenVINO computes bf16 only where the CPU has bf16 units).
+            rows.append((name, batch / t, t_ref / t, rel, f"setup {setup:.1f} s; ran {scorer.engine} {scorer.precision}"))
         except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
             rows.append((name, float("nan"), float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:120]}"))
 
     if device.type == "cpu":
         rows += _runtime_rows(backbone, layers, size, batch, reps, inputs, t_ref, model, args.quick)
 
-    if not args.no_stream:
-        name, kw = configs[-1]
+    # The stream from files: the PyTorch engine's (float32 on the CPU, the last, fastest
+    # configuration on a GPU) and, on the CPU, the fastest runtime engine's.
+    streamed = [configs[0]] + [c for c in configs[1:] if device.type == "cpu" and "engine openvino" in c[0]
+                               and c[1]["dtype"] == "float32"]
+    if device.type != "cpu":
+        streamed = [configs[-1]]
+    for name, kw in ([] if args.no_stream else streamed):
         n_files = batch * (2 if args.quick else 8)
         with tempfile.TemporaryDirectory() as tmp:
             paths = _write_pngs(tmp, n_files, size)
@@ -309,6 +315,11 @@ def main(argv=None):
         # bfloat16 autocast on the CPU (channels_last): timed always, expected to pay off where the
         # CPU has bfloat16 matrix units (AMX, AVX-512 BF16), which the machine line records.
         configs.append(("Scorer bf16 autocast (CPU)", {"dtype": "bfloat16"}))
+        # The runtime engines behind the same Scorer (the graph exported once and cached): what
+        # engine="auto" chooses from on a CPU, and what a calibrated checkpoint is scored with.
+        configs.append(("Scorer fp32, engine onnxruntime", {"dtype": "float32", "engine": "onnxruntime"}))
+        configs.append(("Scorer bf16, engine openvino", {"dtype": "bfloat16", "engine": "openvino"}))
+        configs.append(("Scorer fp32, engine openvino", {"dtype": "float32", "engine": "openvino"}))
 
     rows = []
     for backbone in models:

@@ -46,8 +46,9 @@ from .errors import ArgumentError
 from .evaluation import predict_dataset
 from .head import DEFAULT_SENSITIVITY, decision_threshold, float32_at_least, normalized_score
 from .metrics import image_f1_acc
-from .model import PlainConfig, checkpoint_file, load_checkpoint
+from .model import PlainConfig, checkpoint_file, fingerprint, load_checkpoint
 from .precision import canonical_precision, precision_name, resolve_precision
+from .runtime import ENGINES, RUNTIME_ENGINES, RuntimeModule, build_runtime_engine, resolve_engine
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
            "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
@@ -93,6 +94,9 @@ class Calibration(PlainConfig):
     #: True when the set was the model's own training images, by explicit override: their scores
     #: are lower than fresh images', so the threshold flags more than its target on new data.
     on_training_images: bool = False
+    #: The engine that scored the set (:mod:`ckaad_fast.runtime.engines`; None: a calibration
+    #: older than this record, which was torch's). A Scorer follows it, as it follows precision.
+    engine: str | None = None
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "cuda"):
@@ -101,6 +105,8 @@ class Calibration(PlainConfig):
             self.precision = canonical_precision(self.precision, "precision")
             if self.precision == "auto":
                 raise ValueError("calibration precision must be a resolved one (float32, bfloat16, float16), not auto")
+        if self.engine not in (None, *ENGINES[1:]):
+            raise ValueError(f"calibration engine must be one of {ENGINES[1:]} or None, got {self.engine!r}")
         if self.method not in METHODS:
             raise ValueError(f"calibration method must be one of {METHODS}, got {self.method!r}")
         for name in ("image_threshold", "score_min", "score_max"):
@@ -138,7 +144,7 @@ class Calibration(PlainConfig):
                if self.method == "f1" else
                f"false-positive rate {100 * self.target_fpr:g}% on {self.num_normal} normal images")
         pixel = f", pixel threshold {self.pixel_threshold:.6g}" if self.pixel_threshold is not None else ""
-        where = f" on {self.device}" if self.device else ""
+        where = (f" on {self.device}" if self.device else "") + (f" by {self.engine}" if self.engine else "")
         text = (f"image threshold {self.image_threshold:.6g} ({how}){pixel}; scores on that set "
                 f"{self.score_min:.6g} .. {self.score_max:.6g}, computed in {self.precision or 'float32'}{where}")
         if self.suspected_anomalies:
@@ -175,7 +181,7 @@ def suspected_anomalies(normal_scores) -> tuple[np.ndarray, float]:
 
 def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None,
                             precision: str | None = "float32", device: str | None = None,
-                            paths=None, on_training_images: bool = False) -> Calibration:
+                            paths=None, on_training_images: bool = False, engine: str | None = None) -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
     its masks and maps), computed in ``precision``. Images labelled normal that score like
     anomalies are counted, recorded and named (``paths``) in a :class:`CalibrationSetWarning`
@@ -184,6 +190,7 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     cal.on_training_images = bool(on_training_images)
+    cal.engine = engine
     normal = np.flatnonzero(labels == 0)
     suspect, fence = suspected_anomalies(scores[normal])
     if suspect.any():
@@ -247,18 +254,26 @@ def _calibration(labels, scores, target_fpr, masks, maps, precision, device) -> 
 
 
 def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, device="cpu",
-              progress: bool = False, precision: str = "float32", on_training_images: bool = False) -> Calibration:
+              progress: bool = False, precision: str = "float32", on_training_images: bool = False,
+              engine: str = "auto") -> Calibration:
     """Score ``dataset`` (items ``(image, label, [mask,] path)``, never the test set) with ``model``
-    in ``precision`` (float32 by default; see the module) and pick its :class:`Calibration`.
-    ``on_training_images=True`` records that the set is the model's own training images (an
-    explicit override; see :func:`check_calibration_split`)."""
+    in ``precision`` (float32 by default; see the module) by ``engine`` (:mod:`ckaad_fast.runtime`;
+    "auto": the fastest here, which a Scorer of the calibrated checkpoint then uses too) and pick
+    its :class:`Calibration`. ``on_training_images=True`` records that the set is the model's own
+    training images (an explicit override; see :func:`check_calibration_split`)."""
     if isinstance(dataset, _AsNormal):  # all normal: too small a set is refused before any scoring
         check_set_size(len(dataset), 0, target_fpr)
+    device = torch.device(device)
     dtype = resolve_precision(precision, device, "precision")
-    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
+    name = resolve_engine(engine, device, dtype)
+    scorer = model
+    if name in RUNTIME_ENGINES:
+        runtime = build_runtime_engine(name, model, fingerprint(model), model.config.topk, dtype)
+        scorer, dtype = RuntimeModule(runtime, model.config), runtime.dtype
+    pred = predict_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
     return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
-                                   precision=precision_name(dtype), device=torch.device(device).type,
-                                   paths=pred.paths, on_training_images=on_training_images)
+                                   precision=precision_name(dtype), device=device.type,
+                                   paths=pred.paths, on_training_images=on_training_images, engine=name)
 
 
 def check_calibration_split(split: str, layout: str, allow_training_images: bool = False) -> None:

@@ -27,66 +27,23 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import __version__
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
-from .head import DEFAULT_SENSITIVITY, InferenceHead, check_sensitivity, feature_sizes, normalized_score
-from .model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
+from .runtime.graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, ScoringGraph, write_onnx
+from .head import DEFAULT_SENSITIVITY, check_sensitivity
+from .model import fingerprint, load_checkpoint, model_from_checkpoint
 from .precision import canonical_precision, cuda_usable, torch_dtype
 
+# ScoringGraph and the graph constants live in .runtime.graphs (a floor below, shared with the Scorer's
+# engines) and are named here too, where an exporting user looks for them.
 __all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
            "INPUT_NAME", "OUTPUT_NAMES", "MAX_BATCH", "check_triton_options"]
 
 FORMATS = ("onnx", "openvino", "pt2")
 _FILES = {"onnx": "model.onnx", "openvino": "model.xml", "pt2": "model.pt2"}
-INPUT_NAME = "image"
-#: The largest batch a graph is exported for (fixed, or the bound of a dynamic one).
-MAX_BATCH = 4096
-OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
-
-
-class ScoringGraph(nn.Module):
-    """uint8 images -> (score, normalized_score, is_anomalous, anomaly_map), standard ops only.
-
-    The detector's own forward with the inference head's standard-operator form
-    (:mod:`ckaad_fast.head`): no formula of the scoring path is written here. The network's
-    weights are cast to ``dtype`` (exporters want a graph in one dtype, not autocast); the maps and
-    scores are float32. The decision compares the float32 score with the float32 decision
-    threshold, exactly as the Scorer does.
-    """
-
-    def __init__(self, model: Detector, calibration=None, sensitivity: float = DEFAULT_SENSITIVITY,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.dtype = dtype
-        self.model = model.eval().to(dtype)
-        cfg = model.config
-        self.image_size = tuple(cfg.image_size)
-        self.head = InferenceHead(cfg.sigma, cfg.border, cfg.topk, standard_ops=True,
-                                  sizes=(self.image_size, feature_sizes(self.image_size, model.backbone.strides)))
-        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.calibration = calibration
-        self.calibrated = calibration is not None
-        cut = calibration.decision_threshold(sensitivity) if calibration is not None else 0.0
-        # float32 exactly: decision_threshold is a float32 number.
-        self.register_buffer("decision", torch.tensor(cut, dtype=torch.float32))
-
-    def forward(self, image: torch.Tensor):
-        x = ((image.to(torch.float32) / 255.0 - self.mean) / self.std).to(self.dtype)
-        # precision float32: no autocast; the network runs in its weights' dtype.
-        score, amap = self.model(x, torch.float32, self.head)
-        if self.calibrated:
-            c = self.calibration
-            normalized = normalized_score(score, c.image_threshold, c.score_min, c.score_max)
-            anomalous = score >= self.decision
-        else:
-            normalized = score
-            anomalous = torch.zeros_like(score, dtype=torch.bool)
-        return score, normalized, anomalous, amap
 
 
 def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: float = DEFAULT_SENSITIVITY,
@@ -138,7 +95,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
     graph = ScoringGraph(model, calibration, sensitivity, graph_dtype).eval()
     out.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
-        _write_onnx(graph, target, batch)
+        write_onnx(graph, target, batch)
     elif format == "openvino":
         _write_openvino(graph, target, batch)
     else:
@@ -189,20 +146,6 @@ def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str
             tmp.unlink()
 
 
-def _write_onnx(graph: ScoringGraph, target: Path, batch: int | None) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("onnxscript") is None:  # torch's ONNX exporter needs it
-        raise ArgumentError("format", "onnx needs the export extra: pip install 'ckaad_fast[export]'")
-    h, w = graph.image_size
-    example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8)
-    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
-    with torch.no_grad(), atomic_path(target) as tmp:
-        program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
-        program.save(tmp)
-
-
 def _write_openvino(graph: ScoringGraph, target: Path, batch: int | None) -> None:
     try:
         import openvino as ov
@@ -212,7 +155,7 @@ def _write_openvino(graph: ScoringGraph, target: Path, batch: int | None) -> Non
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_file = Path(tmp) / "model.onnx"
-        _write_onnx(graph, onnx_file, batch)
+        write_onnx(graph, onnx_file, batch)
         model = ov.convert_model(str(onnx_file))
         # Into a temporary folder beside the target, then renamed: the .xml and .bin are a pair.
         staging = Path(tempfile.mkdtemp(prefix=".openvino.", dir=target.parent))

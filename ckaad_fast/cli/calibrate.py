@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..runtime.engines import ENGINES
 from ._data import add_data_arguments, dataset_from_args
 from ._types import fraction, nonneg_int, positive_int, precision
 
@@ -43,6 +44,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "then scores in it by default, so that its decisions on this set are the promised ones. "
                         "float32 (default) gives the same scores on every CPU and GPU; bfloat16 is faster where "
                         "the hardware multiplies it (auto picks it there) (default: %(default)s)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="who scores the set (recorded; ckaad-fast score then uses the same by default, so its "
+                        "decisions on this set are the promised ones): auto, the fastest installed here (torch on "
+                        "a GPU; openvino, else onnxruntime, else torch on the CPU), or torch, openvino, "
+                        "onnxruntime (default: %(default)s)")
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -80,7 +86,7 @@ def run(args) -> int:
         data = dataset_from_args(args, args.split, cfg.image_size, cfg.mean, cfg.std)
     cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
                     progress=not args.quiet, precision=args.dtype,
-                    on_training_images=args.data is not None and args.split == "train")
+                    on_training_images=args.data is not None and args.split == "train", engine=args.engine)
     written = write_calibration(args.checkpoint, cal, out=args.out)
     print(f"calibration: {cal.describe()}")
     print(f"written to:  {written}")

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 from ..head import DEFAULT_SENSITIVITY
+from ..runtime.engines import ENGINES
 from ._types import finite_float, nonneg_int, positive_int, precision, unit_float
 
 
@@ -105,6 +106,14 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "precision than the calibration's is allowed, with a warning: decisions near the "
                         "threshold can then differ. Recorded in OUT/run.json; --resume refuses a change. Maps "
                         "and scores are always computed in float32")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="who runs the forward. Default: a calibrated checkpoint's own (the engine ckaad-fast "
+                        "calibrate scored with: the fastest installed one on its machine), torch for an "
+                        "uncalibrated one. torch: PyTorch with the fused ops (the GPU path; --compile and "
+                        "--cuda-graphs are its options); openvino, onnxruntime: the exported graph on the CPU "
+                        "(float32; openvino also bfloat16), exported once and cached; auto: torch on a GPU, else "
+                        "openvino, else onnxruntime, else torch, the order of the CPU benchmark. Recorded in "
+                        "OUT/run.json; --resume refuses a change")
     p.add_argument("--compile", action="store_true",
                    help="build the forward with torch.compile (a one-off compilation of a minute or more; "
                         "worth it for large runs)")
@@ -224,7 +233,8 @@ def _scorer(args, device):
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
     return Scorer(model, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                  batch_size=args.batch_size, num_workers=args.num_workers, topk=args.topk, calibration=calibration)
+                  batch_size=args.batch_size, num_workers=args.num_workers, topk=args.topk, calibration=calibration,
+                  engine=args.engine)
 
 
 def _report(args, summary, dist_info) -> None:

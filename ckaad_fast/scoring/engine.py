@@ -44,36 +44,15 @@ from ..calibration import read_calibration
 from ..data import list_images
 from ..head import InferenceHead
 from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
-from ..precision import channels_last_for, cpu_has_bf16_matmul, precision_name, resolve_device, resolve_precision
+from ..precision import channels_last_for, precision_name, resolve_device
 from ..profiling import nvtx_enabled, stage
+from ..errors import ArgumentError
+from .choices import scoring_dtype, scoring_engine
 from .decoding import DecodeDataset, collate, worker_init
+from ..runtime import RUNTIME_ENGINES, build_runtime_engine
 
 __all__ = ["Scorer", "ScoreResult", "NON_FINITE_ERROR"]
 
-
-def _scoring_dtype(dtype, calibration, device) -> torch.dtype:
-    """The Scorer's precision: the one asked for, else the calibration's, else "auto"; a warning
-    when it differs from the calibration's (see :class:`Scorer`)."""
-    calibrated = None if calibration is None else (calibration.precision or "float32")
-    chosen = resolve_precision(dtype if dtype is not None else (calibrated or "auto"), device, "dtype")
-    if calibrated is not None and precision_name(chosen) != calibrated:
-        warnings.warn(
-            f"scoring in {precision_name(chosen)} a model calibrated in {calibrated}: scores move by about 1e-3 "
-            f"relative (up to 3e-2), so images near the threshold can be decided differently from the "
-            f"calibration's promise; leave dtype out (or pass {calibrated!r}) to score as it was calibrated",
-            UserWarning, stacklevel=3)
-    if chosen == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul():
-        warnings.warn(
-            "scoring in bfloat16 on a CPU without bfloat16 matrix units (AMX, AVX-512 BF16): it is emulated, about "
-            "12x slower than float32 (measured on a 2-core AVX2 EPYC); calibrate in float32 for such machines",
-            UserWarning, stacklevel=3)
-    if calibration is not None and calibration.device not in (None, device.type):
-        warnings.warn(
-            f"scoring on {device.type} a model calibrated on {calibration.device}: the two compute float32 "
-            "convolutions differently (a GPU uses TF32 by default), which moves scores by about 1e-4 relative; "
-            "images that close to the threshold can be decided differently from the calibration's promise",
-            UserWarning, stacklevel=3)
-    return chosen
 
 #: The error of an image whose score is not a finite number (the image or the model gave NaN/Inf).
 NON_FINITE_ERROR = "non-finite score ({}): the image or the model produced NaN or infinite values"
@@ -132,6 +111,14 @@ class Scorer:
         calibration: the model's :class:`~ckaad_fast.calibration.Calibration`, which
             :func:`~.runner.score_to_folder` turns into normalised scores and decisions
             (:meth:`from_checkpoint` reads it from the checkpoint).
+        engine: who runs the forward (:mod:`ckaad_fast.runtime.engines`): None follows the
+            calibration (the engine its scores came from; torch for calibrations older than
+            that record) and, for a model without one, "torch"; "torch" is the PyTorch forward
+            with the fused ops (compile and cuda_graphs are its options); "onnxruntime" and
+            "openvino" run the exported graph on the CPU (float32; OpenVINO also bfloat16);
+            "auto" picks torch on a GPU and the fastest installed runtime on the CPU. Another
+            engine than the calibration's is allowed, with a warning. :attr:`engine` is the one
+            chosen, recorded in every results folder's run.json.
     """
 
     def __init__(
@@ -147,11 +134,12 @@ class Scorer:
         pad_batches: bool | None = None,
         warmup: int = 3,
         calibration=None,
+        engine: str | None = None,
     ):
         if not isinstance(model, Detector):
             raise TypeError(f"model must be a ckaad_fast.model.Detector, got {type(model).__name__}")
         self.device = resolve_device(device)
-        self.dtype = _scoring_dtype(dtype, calibration, self.device)
+        self.dtype = scoring_dtype(dtype, calibration, self.device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device; on the CPU leave it off")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -188,6 +176,19 @@ class Scorer:
         self._fingerprint: str | None = None
         #: The model's :class:`~ckaad_fast.calibration.Calibration` (from its checkpoint), or None.
         self.calibration = calibration
+        #: The engine that runs the forward ("torch", "onnxruntime" or "openvino"; see .engines).
+        self.engine = scoring_engine(engine, calibration, self.device, self.dtype, self.compile or self.cuda_graphs)
+        self._runtime = None
+        if self.engine in RUNTIME_ENGINES:
+            if self.compile or self.cuda_graphs:
+                raise ArgumentError("engine", f"compile and cuda_graphs are the torch engine's, not {self.engine}'s")
+            self._runtime = build_runtime_engine(self.engine, model, self.fingerprint(), self.topk, self.dtype)
+            if self._runtime.dtype != self.dtype:
+                warnings.warn(f"{self.engine} computes in {precision_name(self._runtime.dtype)} on this CPU, not "
+                              f"{self.precision} (it has no bfloat16 units): scoring in "
+                              f"{precision_name(self._runtime.dtype)}", UserWarning, stacklevel=2)
+                self.dtype = self._runtime.dtype
+            self.pad_batches = False  # the graph takes any batch
 
     # -------------------------------------------------------------------------------------------
     @classmethod
@@ -214,7 +215,7 @@ class Scorer:
         c = self.config
         return (
             f"Scorer(backbone={c.backbone!r}, layers={c.layers}, image_size={self.image_size}, "
-            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
+            f"device={str(self.device)!r}, engine={self.engine!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
             f"compile={self.compile}, cuda_graphs={self.cuda_graphs}, batch_size={self.batch_size}, "
             f"topk={self.topk})"
         )
@@ -256,6 +257,8 @@ class Scorer:
         """The forward on a prepared device batch. With CUDA graphs the outputs are the graph's
         static buffers, overwritten by the next replay: copy them before the next call."""
         with stage("forward"):
+            if self._runtime is not None:
+                return self._runtime(x)
             if not self.cuda_graphs:
                 return self._fn(x)
             key = (tuple(x.shape), tuple(x.stride()), x.dtype)

@@ -1,7 +1,8 @@
 """The run manifest beside scores.csv: what made the results, so that a resume never mixes models.
 
 ``OUT/run.json`` records the model's fingerprint (SHA-256 of its configuration and weights), the
-options that change a score (top-k, image size, blur sigma and border, the compute dtype), the
+options that change a score (top-k, image size, blur sigma and border, the compute dtype, the
+engine that ran the forward), the
 calibration's precision, the
 tool's version and the folder relative paths were given from. ``--resume`` compares it with the
 run about to start and refuses on any difference that changes scores; relative paths of the
@@ -25,7 +26,7 @@ MANIFEST_NAME = "run.json"
 MANIFEST_FORMAT = "ckaad_fast.scores"
 # What makes two runs' scores comparable: a resume refuses when one of these differs (the
 # precision too: bfloat16 moves scores, so one scores.csv never mixes two precisions).
-_SAME_SCORES = ("model_sha256", "topk", "image_size", "sigma", "border", "dtype")
+_SAME_SCORES = ("model_sha256", "topk", "image_size", "sigma", "border", "dtype", "engine")
 
 
 def manifest_of(scorer) -> dict:
@@ -45,6 +46,8 @@ def manifest_of(scorer) -> dict:
         "sigma": c.sigma,
         "border": c.border,
         "dtype": scorer.precision,
+        # Who ran the forward: another engine's float32 scores differ in the last digits.
+        "engine": scorer.engine,
         "calibration_precision": (None if scorer.calibration is None
                                   else scorer.calibration.precision or "float32"),
         "calibration_device": None if scorer.calibration is None else scorer.calibration.device,
@@ -75,6 +78,8 @@ def check_resume(saved: dict | None, current: dict, out: Path) -> None:
     """Refuse to resume results made by another model or with options that change the scores."""
     if saved is None:
         return
+    # Results written before engines were recorded were the torch engine's.
+    saved, current = {"engine": "torch", **saved}, {"engine": "torch", **current}
     diff = [k for k in _SAME_SCORES if saved.get(k) != current.get(k)]
     if diff == ["model_sha256"] and saved.get("version") == 1:
         raise ArgumentError(

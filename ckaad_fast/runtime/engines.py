@@ -1,0 +1,173 @@
+"""Execution engines behind the :class:`~ckaad_fast.scoring.Scorer`: who runs the forward.
+
+- ``torch``: the detector's PyTorch forward with the fused ops (eager, ``torch.compile``, CUDA
+  graphs): the GPU path, and the only one that runs on a GPU here.
+- ``onnxruntime`` and ``openvino``: the same forward exported as a graph of standard operators
+  (:class:`ckaad_fast.graphs.EngineGraph`: normalised float32 images in, scores and maps out) and
+  run by that runtime on the CPU. Batch-norm folding, prepacked weights and fused convolutions
+  are what these runtimes do and eager PyTorch does not; the benchmark
+  (``benchmarks/bench_scoring.py``, docs/BENCHMARKS.md) measures what that is worth.
+- ``auto``: on a GPU, ``torch``; on the CPU, ``openvino`` if it is installed, else
+  ``onnxruntime`` if it is, else ``torch`` (the order of the CPU rows of the benchmark).
+
+Everything else stays the Scorer's: decoding, normalisation (so 16-bit images are scored as by the
+PyTorch engine), streaming, error rows, decisions and the results folder. The graph a runtime
+engine loads is exported once per model, top-k and tool version and kept in a cache folder
+(``$CKAAD_FAST_CACHE``, else ``$XDG_CACHE_HOME/ckaad_fast``, else ``~/.cache/ckaad_fast``),
+written atomically; a later Scorer of the same model loads it in a fraction of a second.
+
+Precision: ONNX Runtime computes in float32 only here (its CPU convolutions have no bfloat16
+kernels). OpenVINO takes float32, and bfloat16 (its inference-precision hint) on CPUs with
+bfloat16 units; elsewhere it would compute float32 whatever the hint, so bfloat16 is refused
+there (and ``auto`` picks torch, which emulates it, for a bfloat16 request).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ArgumentError
+from ..precision import cpu_has_bf16_matmul
+
+__all__ = ["ENGINES", "RUNTIME_ENGINES", "available_engines", "resolve_engine", "cache_folder", "RuntimeEngine",
+           "RuntimeModule", "build_runtime_engine"]
+
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+#: The engines that run an exported graph (on the CPU).
+RUNTIME_ENGINES = ("onnxruntime", "openvino")
+_MODULE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+#: ``auto``'s order on the CPU, fastest first (see the module and docs/BENCHMARKS.md).
+_CPU_ORDER = ("openvino", "onnxruntime")
+
+
+def _installed(name: str) -> bool:
+    # The graph export needs torch's ONNX exporter, which needs onnxscript.
+    return importlib.util.find_spec(_MODULE[name]) is not None and importlib.util.find_spec("onnxscript") is not None
+
+
+def available_engines() -> list[str]:
+    """The engines this installation can run (``torch`` always)."""
+    return ["torch"] + [e for e in RUNTIME_ENGINES if _installed(e)]
+
+
+def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The engine a Scorer on ``device`` in ``dtype`` uses for ``engine`` (see the module);
+    :class:`~ckaad_fast.errors.ArgumentError` naming ``engine`` for one that cannot run here."""
+    if engine not in ENGINES:
+        raise ArgumentError("engine", f"must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        if device.type != "cpu":
+            return "torch"
+        usable = [e for e in _CPU_ORDER if _installed(e) and _supports(e, dtype)]
+        return usable[0] if usable else "torch"
+    if engine == "torch":
+        return engine
+    if device.type != "cpu":
+        raise ArgumentError("engine", f"{engine} runs on the CPU here; on {device.type} use torch (or auto)")
+    if not _installed(engine):
+        raise ArgumentError("engine", f"{engine} is not installed: pip install 'ckaad_fast[export]'")
+    if not _supports(engine, dtype):
+        raise ArgumentError("engine", f"{engine} cannot compute in {str(dtype).removeprefix('torch.')} here (onnxruntime: "
+                                      "float32 only; openvino: bfloat16 only on a CPU with bfloat16 units): pass dtype "
+                                      "float32, or engine torch")
+    return engine
+
+
+def _supports(engine: str, dtype: torch.dtype) -> bool:
+    if engine == "onnxruntime" or dtype != torch.bfloat16:
+        return dtype == torch.float32
+    # OpenVINO computes bfloat16 only where the CPU multiplies it, and float32 elsewhere whatever
+    # it is told: asked for bfloat16 on such a CPU, it would not compute what was asked.
+    return cpu_has_bf16_matmul()
+
+
+def cache_folder() -> Path:
+    """Where runtime engines keep their exported graphs (see the module)."""
+    root = os.environ.get("CKAAD_FAST_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ckaad_fast"
+
+
+def _graph_file(model, fingerprint: str, topk) -> Path:
+    """The cached engine graph of ``model`` at ``topk``, exported on first use."""
+    from .graphs import write_engine_onnx
+
+    key = f"{fingerprint[:24]}-top{'mean' if topk is None else topk}-{__version__}-torch{torch.__version__}"
+    target = cache_folder() / "engines" / key / "engine.onnx"
+    if not target.is_file():
+        # Exported on a copy in float32 on the CPU: the Scorer's own model keeps its device and layout.
+        import copy
+
+        cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
+        write_engine_onnx(cpu_model, topk, target)
+    return target
+
+
+class RuntimeEngine:
+    """A runtime running the engine graph on the CPU: ``engine(x)`` takes normalised float32
+    images (B, 3, H, W) and returns ``(scores (B,), maps (B, H, W))`` as float32 torch tensors."""
+
+    def __init__(self, name: str, path: Path, dtype: torch.dtype, threads: int):
+        self.name = name
+        self.path = path
+        if name == "onnxruntime":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self._run = lambda x: self._session.run(None, {"image": x})
+            self.dtype = torch.float32
+        else:
+            import openvino as ov
+
+            hint = "bf16" if dtype == torch.bfloat16 else "f32"
+            core = ov.Core()
+            compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                             "INFERENCE_NUM_THREADS": threads,
+                                                             "PERFORMANCE_HINT": "LATENCY"})
+            self._compiled = compiled
+            self._request = compiled.create_infer_request()
+            outs = compiled.outputs
+
+            def run(x):
+                r = self._request.infer({0: x})
+                return [r[o] for o in outs]
+
+            self._run = run
+            # What OpenVINO really runs in: bf16 only where the CPU has bf16 units.
+            real = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            self.dtype = torch.bfloat16 if "bf16" in real else torch.float32
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        score, amap = self._run(arr)
+        return torch.from_numpy(np.asarray(score, dtype=np.float32)), torch.from_numpy(np.asarray(amap, dtype=np.float32))
+
+
+class RuntimeModule(torch.nn.Module):
+    """A :class:`RuntimeEngine` as a detector-like module, ``module(images, precision=None) ->
+    (scores, maps)``, for code that scores data sets through a model (calibration, evaluation).
+    The precision is the engine's own; the argument is accepted and ignored."""
+
+    def __init__(self, engine: RuntimeEngine, config):
+        super().__init__()
+        self.engine = engine
+        self.config = config
+
+    def forward(self, images: torch.Tensor, precision=None):
+        return self.engine(images)
+
+
+def build_runtime_engine(name: str, model, fingerprint: str, topk, dtype: torch.dtype) -> RuntimeEngine:
+    """The runtime engine ``name`` for ``model`` (its graph from the cache, exported on first use)."""
+    path = _graph_file(model, fingerprint, topk)
+    return RuntimeEngine(name, path, dtype, torch.get_num_threads())
