@@ -42,6 +42,7 @@ from PIL import Image
 from benchmarks.common import (check_agreement, count_flops, matmul_ceiling, max_abs_diff, median_time, peak_memory,
                                print_table, save_rows)
 from ckaad_fast.model import ModelConfig
+from ckaad_fast.precision import cpu_has_bf16_matmul
 from ckaad_fast.training import CKAAD
 from ckaad_fast.scoring import Scorer
 
@@ -291,6 +292,8 @@ def main(argv=None):
                         help="comma-separated backbones to run (default: resnet18 on the CPU, resnet18,wide_resnet50_2 on CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 gives stable numbers on a CPU shared with other jobs")
+    parser.add_argument("--emulated-bf16", action="store_true",
+                        help="time the torch bf16 row on a CPU without bfloat16 units too (emulated, slow)")
     parser.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/scoring.csv")
     args = parser.parse_args(argv)
     if args.threads:
@@ -314,11 +317,15 @@ def main(argv=None):
     else:
         # bfloat16 autocast on the CPU (channels_last): timed always, expected to pay off where the
         # CPU has bfloat16 matrix units (AMX, AVX-512 BF16), which the machine line records.
-        configs.append(("Scorer bf16 autocast (CPU)", {"dtype": "bfloat16"}))
+        if cpu_has_bf16_matmul() or args.emulated_bf16:
+            configs.append(("Scorer bf16 autocast (CPU)", {"dtype": "bfloat16"}))
+        else:  # emulated: about 12x slower than float32 (docs/BENCHMARKS.md), minutes per row
+            print("no bfloat16 units on this CPU: the torch bf16 row is skipped (--emulated-bf16 to time it)")
         # The runtime engines behind the same Scorer (the graph exported once and cached): what
         # engine="auto" chooses from on a CPU, and what a calibrated checkpoint is scored with.
         configs.append(("Scorer fp32, engine onnxruntime", {"dtype": "float32", "engine": "onnxruntime"}))
-        configs.append(("Scorer bf16, engine openvino", {"dtype": "bfloat16", "engine": "openvino"}))
+        if cpu_has_bf16_matmul():  # elsewhere OpenVINO computes float32 whatever it is told
+            configs.append(("Scorer bf16, engine openvino", {"dtype": "bfloat16", "engine": "openvino"}))
         configs.append(("Scorer fp32, engine openvino", {"dtype": "float32", "engine": "openvino"}))
 
     rows = []

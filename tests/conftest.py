@@ -3,6 +3,15 @@ import os
 # Triton's interpreter must be on before any @triton.jit is defined, i.e. before ckaad_fast is
 # imported: it lets CI, which has no GPU, run the kernels themselves on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The runtime engines' exported graphs go to a folder of this test session, never the user's cache
+# (subprocesses inherit it).
+if "CKAAD_FAST_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["CKAAD_FAST_CACHE"] = tempfile.mkdtemp(prefix="ckaad_fast_test_cache.")
+    atexit.register(shutil.rmtree, os.environ["CKAAD_FAST_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
