@@ -32,7 +32,7 @@ from . import __version__
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
-from .runtime.graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, ScoringGraph, write_onnx
+from .runtime.graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, SENSITIVITY_NAME, ScoringGraph, dynamic_batch, write_onnx
 from .head import DEFAULT_SENSITIVITY, check_sensitivity
 from .model import fingerprint, load_checkpoint, model_from_checkpoint
 from .precision import canonical_precision, cuda_usable, torch_dtype
@@ -112,12 +112,18 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
         # dynamic batch's bounds (see docs/CLI.md, "export"): a server in front of them should.
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW RGB", "batch": batch or "dynamic",
                   "batch_range": [batch, batch] if batch else [1, MAX_BATCH]},
+        # The operating point at run time (ONNX only): one float64 value in [0, 1] (shape [1])
+        # for the call, optional (its default is an initializer). OpenVINO's converter folds
+        # that default into the IR and pt2 takes the image alone: both decide at "sensitivity".
+        "sensitivity_input": ({"name": SENSITIVITY_NAME, "dtype": "float64", "shape": [1], "default": sensitivity,
+                               "optional": True} if format == "onnx" else None),
         "outputs": list(OUTPUT_NAMES),
         "normalization": {"mean": list(model.config.mean), "std": list(model.config.std)},
         "calibrated": calibration is not None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "sensitivity": sensitivity,
-        "decision_threshold": float(graph.decision) if calibration is not None else None,
+        # At the default sensitivity; other sensitivities move it (head.decision_threshold).
+        "decision_threshold": calibration.decision_threshold(sensitivity) if calibration is not None else None,
         "device": str(device),
         "dtype": dtype,
         "tool": f"ckaad_fast {__version__}",
@@ -130,12 +136,13 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
 def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str) -> None:
     """torch.export, then AOTInductor: a package that ``torch._inductor.aoti_load_package`` runs
     from C++ or Python without the model's code (Inductor writes its own kernels for the graph)."""
-    h, w = graph.image_size
     graph = graph.to(device)
-    example = torch.zeros((batch or 2, 3, h, w), dtype=torch.uint8, device=device)
-    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    # The image alone: the package decides at the export's sensitivity (torch.export has no
+    # optional inputs, and a required one would change every caller).
+    image = graph.example_inputs(batch or 2, device)[:1]
+    dynamic = None if batch is not None else {INPUT_NAME: dynamic_batch(graph)[INPUT_NAME]}
     with torch.no_grad():
-        program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
+        program = torch.export.export(graph, image, dynamic_shapes=dynamic)
     # The packager insists on a name ending in .pt2: a temporary one beside the target, renamed.
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.pt2")
     try:
@@ -190,6 +197,9 @@ def triton_config(name: str, image_size, max_batch_size: int = 64) -> str:
                ("is_anomalous", "TYPE_BOOL", per_image), ("anomaly_map", "TYPE_FP32", f"    dims: [ {h}, {w} ]")]
     out_text = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n{d}\n  }}' for n, t, d in outputs)
     return (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
+            # The sensitivity input is left out: under dynamic batching every input carries the
+            # batch dimension, which the graph's one-value sensitivity does not; the graph's
+            # default (an initializer) decides.
             f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: TYPE_UINT8\n    dims: [ 3, {h}, {w} ]\n  }}\n]\n'
             f"output [\n{out_text}\n]\n"
             "dynamic_batching { }\n")

@@ -27,7 +27,7 @@ from .ops.scoring import upsample_blur_matrix
 from .profiling import nvtx_range
 
 __all__ = ["InferenceHead", "DEFAULT_SENSITIVITY", "float32_at_least", "normalized_score", "decision_threshold",
-           "check_sensitivity", "feature_sizes"]
+           "decide", "check_sensitivity", "feature_sizes"]
 
 #: The sensitivity at which the calibrated threshold decides (0: flag least, 1: flag everything).
 DEFAULT_SENSITIVITY = 0.5
@@ -120,6 +120,18 @@ def normalized_score(scores, threshold: float, lo: float, hi: float):
     if not isinstance(scores, torch.Tensor):
         scores = np.asarray(scores, dtype=np.float64)
     return ((scores - threshold) / _span(lo, hi) + 0.5).clip(0.0, 1.0)
+
+
+def decide(scores: torch.Tensor, threshold: float, lo: float, hi: float, sensitivity: torch.Tensor) -> torch.Tensor:
+    """The decisions of float32 ``scores`` at a run-time ``sensitivity`` tensor (one value, or one
+    per image; clipped to [0, 1]), in tensor operations a graph can carry: ``score >=
+    t + (0.5 - s)(hi - lo)`` evaluated in float64, which for a float32 score is exactly ``score >=
+    decision_threshold(t, lo, hi, s)`` (that threshold is the float64 value rounded up to a float32
+    number), and every image at sensitivity 1. Same arithmetic, same order as
+    :func:`decision_threshold`."""
+    cut = 1.0 - sensitivity.to(torch.float64).clamp(0.0, 1.0)
+    value = float(threshold) + (cut - 0.5) * _span(lo, hi)
+    return (scores.to(torch.float64) >= value) | (cut <= 0.0)
 
 
 def decision_threshold(threshold: float, lo: float, hi: float, sensitivity: float = DEFAULT_SENSITIVITY) -> float:

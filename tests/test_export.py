@@ -75,6 +75,30 @@ def test_a_calibrated_export_decides_as_score_does(ckpt, tmp_path):
     assert anomalous.tolist() == [cal.is_anomalous(float(s)) for s in raw.numpy()]
 
 
+def test_the_sensitivity_moves_the_exported_decision_without_exporting_again(ckpt, tmp_path):
+    img = _images(8, 9)
+    scorer = Scorer.from_checkpoint(ckpt, dtype="float32")
+    raw, _ = scorer(scorer.normalise(torch.from_numpy(img)))
+    cal = Calibration(image_threshold=float(np.median(raw.numpy())), score_min=float(raw.min()),
+                      score_max=float(raw.max()), method="f1", num_normal=4, num_anomalous=4)
+    calibrated = tmp_path / "cal.pt"
+    write_calibration(ckpt, cal, out=calibrated)
+    path = export_onnx(calibrated, tmp_path / "x")  # one file, dynamic batch
+    sess = ort.InferenceSession(str(path))
+    decided = {}
+    for s in (0.0, 0.3, 0.5, 0.7, 1.0):
+        score, _, anomalous, _ = sess.run(None, {"image": img, "sensitivity": np.array([s])})
+        # Exactly the Scorer's rule at that sensitivity, image by image.
+        assert anomalous.tolist() == [cal.is_anomalous(float(v), s) for v in score]
+        decided[s] = int(anomalous.sum())
+    assert decided[0.3] < decided[0.7] and decided[1.0] == 8  # two sensitivities, two decision sets
+    # Left out, the checkpoint's (the export's) sensitivity decides; the sidecar says so.
+    assert sess.run(None, {"image": img})[2].sum() == decided[0.5]
+    side = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert side["sensitivity_input"] == {"name": "sensitivity", "dtype": "float64", "shape": [1], "default": 0.5,
+                                         "optional": True}
+
+
 def test_export_refuses_an_existing_export_and_bad_arguments(ckpt, tmp_path, capsys):
     export_onnx(ckpt, tmp_path / "x", batch=2)
     with pytest.raises(ArgumentError) as e:

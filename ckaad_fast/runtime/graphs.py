@@ -18,32 +18,40 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import ArgumentError
-from ..head import DEFAULT_SENSITIVITY, InferenceHead, feature_sizes, normalized_score
+from ..head import DEFAULT_SENSITIVITY, InferenceHead, decide, feature_sizes, normalized_score
 from ..model import Detector
 
-__all__ = ["ScoringGraph", "EngineGraph", "write_onnx", "write_engine_onnx", "INPUT_NAME", "OUTPUT_NAMES",
-           "MAX_BATCH"]
+__all__ = ["ScoringGraph", "EngineGraph", "write_onnx", "write_engine_onnx", "dynamic_batch", "INPUT_NAME",
+           "SENSITIVITY_NAME", "OUTPUT_NAMES", "MAX_BATCH"]
 
 INPUT_NAME = "image"
+#: The exported graph's second input: the sensitivity to decide at (float64; see ScoringGraph).
+SENSITIVITY_NAME = "sensitivity"
 #: The largest batch a graph is exported for (fixed, or the bound of a dynamic one).
 MAX_BATCH = 4096
 OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
 
 
 class ScoringGraph(nn.Module):
-    """uint8 images -> (score, normalized_score, is_anomalous, anomaly_map), standard ops only.
+    """(uint8 images, sensitivity) -> (score, normalized_score, is_anomalous, anomaly_map),
+    standard ops only.
 
     The detector's own forward with the inference head's standard-operator form
     (:mod:`ckaad_fast.head`): no formula of the scoring path is written here. The network's
     weights are cast to ``dtype`` (exporters want a graph in one dtype, not autocast); the maps and
-    scores are float32. The decision compares the float32 score with the float32 decision
-    threshold, exactly as the Scorer does.
+    scores are float32. The decision is the head's :func:`~ckaad_fast.head.decide` at the
+    ``sensitivity`` input (float64, one value or one per image; ``sensitivity`` given here is its
+    default), so a line moves its operating point without exporting again: exactly the Scorer's
+    decision at every sensitivity.
     """
+
+    input_names = (INPUT_NAME, SENSITIVITY_NAME)
 
     def __init__(self, model: Detector, calibration=None, sensitivity: float = DEFAULT_SENSITIVITY,
                  dtype: torch.dtype = torch.float32):
@@ -58,18 +66,23 @@ class ScoringGraph(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.calibration = calibration
         self.calibrated = calibration is not None
-        cut = calibration.decision_threshold(sensitivity) if calibration is not None else 0.0
-        # float32 exactly: decision_threshold is a float32 number.
-        self.register_buffer("decision", torch.tensor(cut, dtype=torch.float32))
+        self.sensitivity = float(sensitivity)
+        self.register_buffer("default_sensitivity", torch.tensor([self.sensitivity], dtype=torch.float64))
 
-    def forward(self, image: torch.Tensor):
+    def example_inputs(self, batch: int, device="cpu") -> tuple[torch.Tensor, ...]:
+        h, w = self.image_size
+        return (torch.zeros((batch, 3, h, w), dtype=torch.uint8, device=device),
+                torch.full((1,), self.sensitivity, dtype=torch.float64, device=device))
+
+    def forward(self, image: torch.Tensor, sensitivity: torch.Tensor | None = None):
         x = ((image.to(torch.float32) / 255.0 - self.mean) / self.std).to(self.dtype)
         # precision float32: no autocast; the network runs in its weights' dtype.
         score, amap = self.model(x, torch.float32, self.head)
         if self.calibrated:
             c = self.calibration
             normalized = normalized_score(score, c.image_threshold, c.score_min, c.score_max)
-            anomalous = score >= self.decision
+            s = self.default_sensitivity if sensitivity is None else sensitivity
+            anomalous = decide(score, c.image_threshold, c.score_min, c.score_max, s)
         else:
             normalized = score
             anomalous = torch.zeros_like(score, dtype=torch.bool)
@@ -83,7 +96,7 @@ class EngineGraph(nn.Module):
     standard-operator form at the Scorer's top-k; normalised scores and decisions stay with the
     Scorer's results folder, as for the PyTorch engine."""
 
-    input_dtype = torch.float32
+    input_names = (INPUT_NAME,)
     output_names = ("score", "anomaly_map")
 
     def __init__(self, model: Detector, topk: int | None):
@@ -93,6 +106,9 @@ class EngineGraph(nn.Module):
         self.image_size = tuple(cfg.image_size)
         self.head = InferenceHead(cfg.sigma, cfg.border, topk, standard_ops=True,
                                   sizes=(self.image_size, feature_sizes(self.image_size, model.backbone.strides)))
+
+    def example_inputs(self, batch: int, device="cpu") -> tuple[torch.Tensor, ...]:
+        return (torch.zeros((batch, 3, *self.image_size), dtype=torch.float32, device=device),)
 
     def forward(self, image: torch.Tensor):  # the input's name in the graph
         return self.model(image, torch.float32, self.head)
@@ -117,16 +133,38 @@ def write_engine_onnx(model: Detector, topk: int | None, target) -> Path:
     return target
 
 
+def dynamic_batch(graph: nn.Module) -> dict:
+    """torch.export's dynamic shapes of ``graph``'s inputs: the images' batch dimension in
+    [1, MAX_BATCH]; the sensitivity is one value for the call (shape [1]). (A per-image
+    sensitivity sharing the batch dimension would not let ONNX Runtime use the [1] default: it
+    holds one dimension name to one size.)"""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return {name: ({0: batch} if name == INPUT_NAME else None) for name in graph.input_names}
+
+
 def write_onnx(graph: nn.Module, target: Path, batch: int | None) -> None:
     """Export ``graph`` (a :class:`ScoringGraph` or :class:`EngineGraph`) to ONNX at ``target``
-    atomically: a fixed ``batch``, or None for a dynamic one in [1, MAX_BATCH]."""
+    atomically: a fixed ``batch``, or None for a dynamic one in [1, MAX_BATCH]. A
+    :class:`ScoringGraph`'s ``sensitivity`` input gets its default as an initializer of the same
+    name, so ONNX Runtime runs the graph with the image alone and takes a sensitivity when given
+    (ONNX's rule for inputs with initializers)."""
     if importlib.util.find_spec("onnxscript") is None:  # torch's ONNX exporter needs it
         raise ArgumentError("format", "onnx needs the export extra: pip install 'ckaad_fast[export]'")
-    h, w = graph.image_size
-    example = torch.zeros((batch or 2, 3, h, w), dtype=getattr(graph, "input_dtype", torch.uint8))
     outputs = list(getattr(graph, "output_names", OUTPUT_NAMES))
-    dynamic = None if batch is not None else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    dynamic = None if batch is not None else dynamic_batch(graph)
     with torch.no_grad(), atomic_path(target) as tmp:
-        program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=outputs,
-                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
+        program = torch.onnx.export(graph, graph.example_inputs(batch or 2), input_names=list(graph.input_names),
+                                    output_names=outputs, dynamic_shapes=dynamic, dynamo=True, verbose=False)
         program.save(tmp)
+        if SENSITIVITY_NAME in graph.input_names:
+            _default_input(tmp, SENSITIVITY_NAME, graph.sensitivity)
+
+
+def _default_input(path, name: str, value: float) -> None:
+    """Give the graph input ``name`` the default ``[value]`` (float64): an initializer of its name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.float64), name))
+    onnx.save(model, path)
