@@ -3,7 +3,7 @@
 - ``torch``: the detector's PyTorch forward with the fused ops (eager, ``torch.compile``, CUDA
   graphs): the GPU path, and the only one that runs on a GPU here.
 - ``onnxruntime`` and ``openvino``: the same forward exported as a graph of standard operators
-  (:class:`ckaad_fast.graphs.EngineGraph`: normalised float32 images in, scores and maps out) and
+  (:class:`.graphs.EngineGraph`: normalised float32 images in, scores and maps out) and
   run by that runtime on the CPU. Batch-norm folding, prepacked weights and fused convolutions
   are what these runtimes do and eager PyTorch does not; the benchmark
   (``benchmarks/bench_scoring.py``, docs/BENCHMARKS.md) measures what that is worth.
