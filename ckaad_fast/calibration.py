@@ -23,9 +23,10 @@ float32 score with a float32 threshold (:func:`ckaad_fast.head.decision_threshol
 comparison in Python, numpy and an exported graph.
 
 The calibration records the precision its scores were computed in (``precision``, float32 by
-default: the same scores on every CPU and GPU up to float32 rounding) and the kind of device. A
-:class:`~ckaad_fast.scoring.Scorer` of the checkpoint scores in that precision unless told
-otherwise, so that the images of the calibration set get exactly the decisions it promised.
+default: the same scores on every CPU and GPU up to float32 rounding), the kind of device and the
+engine that ran the forward (:mod:`ckaad_fast.runtime`; ``auto`` by default: the fastest here). A
+:class:`~ckaad_fast.scoring.Scorer` of the checkpoint scores in that precision, with that engine,
+unless told otherwise, so that the images of the calibration set get exactly the decisions it promised.
 :func:`write_calibration` stores the result in a checkpoint (a ``calibration`` entry; checkpoints
 without one load as before), where :class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score``
 find it.
