@@ -13,8 +13,9 @@ far-out fence of the set's own normal scores (third quartile + 3 interquartile r
 :func:`suspected_anomalies`) are counted as *suspected anomalies*, recorded with the threshold
 the set would give without them, and, when they set the threshold (it lies above the fence),
 named in a :class:`CalibrationSetWarning`. The threshold is still picked on the whole set (the
-images may be normal after all); the warning says how far it moved. The fence needs three quarters of the set to be normal and catches images that score like
-clear defects; anomalies that score like normal images pass unseen (and move a threshold little).
+images may be normal after all); the warning says how far it moved. The fence needs three
+quarters of the set to be normal and catches images that score like clear defects; anomalies
+that score like normal images pass unseen (and move a threshold little).
 
 It also records the minimum and maximum of the image scores and of the maps, for anomalib's
 normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)`` (:func:`ckaad_fast.head.normalized_score`):
@@ -26,7 +27,8 @@ The calibration records the precision its scores were computed in (``precision``
 default: the same scores on every CPU and GPU up to float32 rounding), the kind of device and the
 engine that ran the forward (:mod:`ckaad_fast.runtime`; ``auto`` by default: the fastest here). A
 :class:`~ckaad_fast.scoring.Scorer` of the checkpoint scores in that precision, with that engine,
-unless told otherwise, so that the images of the calibration set get exactly the decisions it promised.
+unless told otherwise, so that the images of the calibration set get exactly the decisions it
+promised.
 :func:`write_calibration` stores the result in a checkpoint (a ``calibration`` entry; checkpoints
 without one load as before), where :class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score``
 find it.

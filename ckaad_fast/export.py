@@ -9,8 +9,9 @@ standard-operator form (:func:`ckaad_fast.ops.anomaly_map_standard_ops`, the fus
 decomposition: sums of products for the cosine map, two small matrix products per layer for the
 upsampling and the blur), so the exported graph needs no custom operator. With a calibration in
 the checkpoint (:mod:`ckaad_fast.calibration`), the normalised score and the decision are computed
-in the graph too (the float32 score against the float32 decision threshold, as the Scorer
-decides); without one, ``normalized_score`` is the raw score and ``is_anomalous`` is all false,
+in the graph too, exactly as the Scorer decides; the ONNX graph takes the sensitivity as an
+optional second input (``sensitivity``, float64 [1], default the export's), so a line moves its
+operating point without exporting again (OpenVINO IR and pt2 decide at the export's); without one, ``normalized_score`` is the raw score and ``is_anomalous`` is all false,
 and the sidecar says ``"calibrated": false``.
 
 :func:`export` writes ``model.onnx`` (or OpenVINO's ``model.xml`` and ``model.bin``) and
