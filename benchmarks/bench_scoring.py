@@ -235,10 +235,8 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
 
     # The stream from files: the PyTorch engine's (float32 on the CPU, the last, fastest
     # configuration on a GPU) and, on the CPU, the fastest runtime engine's.
-    streamed = [configs[0]] + [c for c in configs[1:] if device.type == "cpu" and "engine openvino" in c[0]
-                               and c[1]["dtype"] == "float32"]
-    if device.type != "cpu":
-        streamed = [configs[-1]]
+    streamed = ([configs[0]] + [c for c in configs if c[0] == "Scorer fp32, engine openvino"] if device.type == "cpu"
+                else [configs[-1]])
     for name, kw in ([] if args.no_stream else streamed):
         n_files = batch * (2 if args.quick else 8)
         with tempfile.TemporaryDirectory() as tmp:

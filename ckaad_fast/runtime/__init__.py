@@ -6,12 +6,11 @@ from .engines import (
     RUNTIME_ENGINES,
     RuntimeEngine,
     RuntimeModule,
-    available_engines,
     build_runtime_engine,
     resolve_engine,
 )
 from .graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, EngineGraph, ScoringGraph, write_engine_onnx, write_onnx
 
-__all__ = ["ENGINES", "RUNTIME_ENGINES", "RuntimeEngine", "RuntimeModule", "available_engines", "build_runtime_engine",
+__all__ = ["ENGINES", "RUNTIME_ENGINES", "RuntimeEngine", "RuntimeModule", "build_runtime_engine",
            "resolve_engine", "INPUT_NAME", "MAX_BATCH", "OUTPUT_NAMES", "EngineGraph", "ScoringGraph",
            "write_engine_onnx", "write_onnx"]

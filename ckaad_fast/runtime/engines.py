@@ -34,25 +34,20 @@ from .. import __version__
 from ..errors import ArgumentError
 from ..precision import cpu_has_bf16_matmul
 
-__all__ = ["ENGINES", "RUNTIME_ENGINES", "available_engines", "resolve_engine", "cache_folder", "RuntimeEngine",
+__all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "RuntimeEngine",
            "RuntimeModule", "build_runtime_engine"]
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: The engines that run an exported graph (on the CPU).
 RUNTIME_ENGINES = ("onnxruntime", "openvino")
-_MODULE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 #: ``auto``'s order on the CPU, fastest first (see the module and docs/BENCHMARKS.md).
 _CPU_ORDER = ("openvino", "onnxruntime")
 
 
 def _installed(name: str) -> bool:
-    # The graph export needs torch's ONNX exporter, which needs onnxscript.
-    return importlib.util.find_spec(_MODULE[name]) is not None and importlib.util.find_spec("onnxscript") is not None
-
-
-def available_engines() -> list[str]:
-    """The engines this installation can run (``torch`` always)."""
-    return ["torch"] + [e for e in RUNTIME_ENGINES if _installed(e)]
+    # The runtime's module has the engine's name; the graph export needs torch's ONNX exporter,
+    # which needs onnxscript.
+    return importlib.util.find_spec(name) is not None and importlib.util.find_spec("onnxscript") is not None
 
 
 def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -139,7 +134,9 @@ class RuntimeEngine:
             outs = compiled.outputs
 
             def run(x):
-                r = self._request.infer({0: x})
+                # The input is a contiguous array the call outlives: no copy of it. The outputs
+                # are copies (OpenVINO's default), owned by the caller.
+                r = self._request.infer({0: x}, share_inputs=True)
                 return [r[o] for o in outs]
 
             self._run = run

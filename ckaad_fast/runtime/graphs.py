@@ -27,7 +27,7 @@ from ..errors import ArgumentError
 from ..head import DEFAULT_SENSITIVITY, InferenceHead, decide, feature_sizes, normalized_score
 from ..model import Detector
 
-__all__ = ["ScoringGraph", "EngineGraph", "write_onnx", "write_engine_onnx", "dynamic_batch", "INPUT_NAME",
+__all__ = ["ScoringGraph", "EngineGraph", "standard_ops_head", "write_onnx", "write_engine_onnx", "dynamic_batch", "INPUT_NAME",
            "SENSITIVITY_NAME", "OUTPUT_NAMES", "MAX_BATCH"]
 
 INPUT_NAME = "image"
@@ -36,6 +36,15 @@ SENSITIVITY_NAME = "sensitivity"
 #: The largest batch a graph is exported for (fixed, or the bound of a dynamic one).
 MAX_BATCH = 4096
 OUTPUT_NAMES = ("score", "normalized_score", "is_anomalous", "anomaly_map")
+
+
+def standard_ops_head(model: Detector, topk: int | None) -> InferenceHead:
+    """``model``'s inference head in its standard-operator form at ``topk``, its upsampling-and-blur
+    matrices as buffers (what a tracer needs): the head of both graphs."""
+    cfg = model.config
+    size = tuple(cfg.image_size)
+    return InferenceHead(cfg.sigma, cfg.border, topk, standard_ops=True,
+                         sizes=(size, feature_sizes(size, model.backbone.strides)))
 
 
 class ScoringGraph(nn.Module):
@@ -60,8 +69,7 @@ class ScoringGraph(nn.Module):
         self.model = model.eval().to(dtype)
         cfg = model.config
         self.image_size = tuple(cfg.image_size)
-        self.head = InferenceHead(cfg.sigma, cfg.border, cfg.topk, standard_ops=True,
-                                  sizes=(self.image_size, feature_sizes(self.image_size, model.backbone.strides)))
+        self.head = standard_ops_head(model, cfg.topk)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.calibration = calibration
@@ -104,8 +112,7 @@ class EngineGraph(nn.Module):
         self.model = model.eval().float()
         cfg = model.config
         self.image_size = tuple(cfg.image_size)
-        self.head = InferenceHead(cfg.sigma, cfg.border, topk, standard_ops=True,
-                                  sizes=(self.image_size, feature_sizes(self.image_size, model.backbone.strides)))
+        self.head = standard_ops_head(model, topk)
 
     def example_inputs(self, batch: int, device="cpu") -> tuple[torch.Tensor, ...]:
         return (torch.zeros((batch, 3, *self.image_size), dtype=torch.float32, device=device),)
