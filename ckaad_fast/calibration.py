@@ -52,6 +52,7 @@ from .metrics import image_f1_acc
 from .model import PlainConfig, checkpoint_file, fingerprint, load_checkpoint
 from .precision import canonical_precision, precision_name, resolve_precision
 from .runtime import ENGINES, RUNTIME_ENGINES, RuntimeModule, build_runtime_engine, resolve_engine
+from .runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, QuantizedGraph, quantize_graph
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
            "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
@@ -100,12 +101,16 @@ class Calibration(PlainConfig):
     #: The engine that scored the set (:mod:`ckaad_fast.runtime.engines`; None: a calibration
     #: older than this record, which was torch's). A Scorer follows it, as it follows precision.
     engine: str | None = None
+    #: For precision "int8": what was quantized and how, and what it cost on the check set
+    #: (:func:`ckaad_fast.runtime.quantize.quantize_graph`'s report). The quantized graph itself
+    #: travels as the attribute ``int8_graph`` and is stored beside the calibration.
+    quantization: dict | None = None
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"calibration device must be 'cpu', 'cuda' or None, got {self.device!r}")
         if self.precision is not None:
-            self.precision = canonical_precision(self.precision, "precision")
+            self.precision = canonical_precision(self.precision, "precision", int8=True)
             if self.precision == "auto":
                 raise ValueError("calibration precision must be a resolved one (float32, bfloat16, float16), not auto")
         if self.engine not in (None, *ENGINES[1:]):
@@ -150,6 +155,12 @@ class Calibration(PlainConfig):
         where = (f" on {self.device}" if self.device else "") + (f" by {self.engine}" if self.engine else "")
         text = (f"image threshold {self.image_threshold:.6g} ({how}){pixel}; scores on that set "
                 f"{self.score_min:.6g} .. {self.score_max:.6g}, computed in {self.precision or 'float32'}{where}")
+        q = self.quantization
+        if q:
+            cost = (f"AUROC {q['auroc_float32']:.4f} -> {q['auroc_int8']:.4f} on the {q['measured_on']}, "
+                    if q.get("auroc_drop") is not None else "")
+            text += (f"; int8 ({q['method']}, {q['scope']} quantized): {cost}scores moved by up to "
+                     f"{100 * q['relative_score_change']['max']:.2g}%")
         if self.suspected_anomalies:
             moved = (f" (without them: {self.threshold_without_suspected:.6g})"
                      if self.threshold_without_suspected is not None else "")
@@ -258,25 +269,58 @@ def _calibration(labels, scores, target_fpr, masks, maps, precision, device) -> 
 
 def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, device="cpu",
               progress: bool = False, precision: str = "float32", on_training_images: bool = False,
-              engine: str = "auto") -> Calibration:
+              engine: str = "auto", check=None, max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP,
+              int8_scope: str = DEFAULT_SCOPE) -> Calibration:
     """Score ``dataset`` (items ``(image, label, [mask,] path)``, never the test set) with ``model``
     in ``precision`` (float32 by default; see the module) by ``engine`` (:mod:`ckaad_fast.runtime`;
     "auto": the fastest here, which a Scorer of the calibrated checkpoint then uses too) and pick
     its :class:`Calibration`. ``on_training_images=True`` records that the set is the model's own
-    training images (an explicit override; see :func:`check_calibration_split`)."""
+    training images (an explicit override; see :func:`check_calibration_split`).
+
+    ``precision="int8"`` first quantizes the model's graph (:mod:`ckaad_fast.runtime.quantize`;
+    ``int8_scope``) on the set's normal images, with accuracy control on ``check`` (a data set of
+    normal and anomalous images held out from training; None: the calibration set itself when it
+    holds both) within ``max_auroc_drop``, then picks the threshold on the quantized graph's
+    scores: the calibration carries the graph (``int8_graph``) and its report (``quantization``)."""
     if isinstance(dataset, _AsNormal):  # all normal: too small a set is refused before any scoring
         check_set_size(len(dataset), 0, target_fpr)
     device = torch.device(device)
-    dtype = resolve_precision(precision, device, "precision")
+    dtype = resolve_precision(precision, device, "precision", int8=True)
     name = resolve_engine(engine, device, dtype)
-    scorer = model
+    scorer, graph = model, None
+    if dtype == torch.int8:
+        graph = _quantized(model, dataset, check, max_auroc_drop, int8_scope)
     if name in RUNTIME_ENGINES:
-        runtime = build_runtime_engine(name, model, fingerprint(model), model.config.topk, dtype)
+        runtime = build_runtime_engine(name, model, fingerprint(model), model.config.topk, dtype, quantized=graph)
         scorer, dtype = RuntimeModule(runtime, model.config), runtime.dtype
     pred = predict_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
-    return calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
-                                   precision=precision_name(dtype), device=device.type,
-                                   paths=pred.paths, on_training_images=on_training_images, engine=name)
+    cal = calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
+                                  precision=precision_name(dtype), device=device.type,
+                                  paths=pred.paths, on_training_images=on_training_images, engine=name)
+    if graph is not None:
+        cal.quantization, cal.int8_graph = dict(graph.report), graph
+    return cal
+
+
+#: At most this many normal images set the quantization ranges (NNCF's own default).
+INT8_RANGE_IMAGES = 300
+
+
+def _quantized(model, dataset, check, max_auroc_drop, scope) -> QuantizedGraph:
+    """The int8 graph of ``model`` (see :func:`calibrate`): ranges from ``dataset``'s normal images
+    (at most INT8_RANGE_IMAGES, evenly spread), accuracy control on ``check``."""
+    labels = [int(dataset[i][1]) for i in range(len(dataset))] if not isinstance(dataset, _AsNormal) else \
+        [0] * len(dataset)
+    normal = [i for i, label in enumerate(labels) if label == 0]
+    pick = [normal[int(j)] for j in np.linspace(0, len(normal) - 1, min(len(normal), INT8_RANGE_IMAGES))]
+    images = [dataset[i][0].numpy() for i in pick]
+    if check is None and 0 < sum(labels) < len(labels):
+        check = dataset
+    held = None
+    if check is not None:
+        items = [check[i] for i in range(len(check))]
+        held = ([item[0].numpy() for item in items], [int(item[1]) for item in items])
+    return quantize_graph(model, fingerprint(model), model.config.topk, images, held, max_auroc_drop, scope)
 
 
 def check_calibration_split(split: str, layout: str, allow_training_images: bool = False) -> None:
@@ -415,6 +459,14 @@ def write_calibration(checkpoint, calibration: Calibration, out=None) -> str:
     path = checkpoint_file(checkpoint)
     ckpt = load_checkpoint(path)
     ckpt["calibration"] = calibration.to_dict()
+    # An int8 calibration's quantized graph beside it; any other calibration drops a stale one.
+    graph = getattr(calibration, "int8_graph", None)
+    if calibration.precision == "int8" and graph is None:
+        raise ArgumentError("calibration", "an int8 calibration without its quantized graph (int8_graph): "
+                                           "calibrate with precision int8 to make one")
+    ckpt.pop("int8_graph", None)
+    if calibration.precision == "int8":
+        ckpt["int8_graph"] = graph.to_checkpoint()
     target = os.fspath(out) if out is not None else os.fspath(path)
     atomic_torch_save(ckpt, target)
     return target
@@ -426,6 +478,11 @@ def read_calibration(ckpt: dict) -> Calibration | None:
     if not raw:
         return None
     try:
-        return Calibration.from_dict(dict(raw))
+        cal = Calibration.from_dict(dict(raw))
     except (TypeError, ValueError) as e:
         raise ValueError(f"the checkpoint's calibration is invalid: {e}") from None
+    if cal.precision == "int8":
+        if not ckpt.get("int8_graph"):
+            raise ValueError("the checkpoint's calibration is int8 but its quantized graph is missing: calibrate again")
+        cal.int8_graph = QuantizedGraph.from_checkpoint(ckpt["int8_graph"])
+    return cal

@@ -126,7 +126,7 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     was_training = model.training
     model.to(device).eval()
     # The Scorer's layout rule: the same convolution algorithms, so the same scores.
-    dtype = None if precision is None else resolve_precision(precision, device)
+    dtype = None if precision is None else resolve_precision(precision, device, int8=True)
     channels_last = channels_last_for(device, torch.float32 if dtype is None else dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -34,6 +34,7 @@ from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
 from .runtime.graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, SENSITIVITY_NAME, ScoringGraph, dynamic_batch, write_onnx
+from .runtime.quantize import int8_scoring_model
 from .head import DEFAULT_SENSITIVITY, check_sensitivity
 from .model import fingerprint, load_checkpoint, model_from_checkpoint
 from .precision import canonical_precision, cuda_usable, torch_dtype
@@ -56,16 +57,23 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
 
 def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
            sensitivity: float = DEFAULT_SENSITIVITY, overwrite: bool = False, device: str = "cpu",
-           dtype: str = "float32") -> Path:
+           dtype: str | None = None) -> Path:
     """Export the scoring forward of ``checkpoint`` into ``out_dir`` as ``format`` ("onnx":
     model.onnx; "openvino": model.xml and model.bin; "pt2": an AOTInductor package, model.pt2,
     compiled for ``device``), with the sidecar ``model.json``. ``dtype``: the backbone's and the
-    auto-encoder's ("float32", "float16", "bfloat16"; the maps and scores stay float32). Returns
-    the model file. Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
+    auto-encoder's ("float32", "float16", "bfloat16"; the maps and scores stay float32), or
+    "int8" (openvino only): the int8 calibration's quantized graph, as calibrated; None: "int8"
+    for an int8-calibrated checkpoint exported to OpenVINO, else float32. Returns the model file.
+    Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
-    graph_dtype = torch_dtype(dtype, "dtype")  # a graph has one precision: never auto
-    dtype = canonical_precision(dtype, "dtype")
+    if dtype is None:
+        dtype = "int8" if format == "openvino" and _int8_calibrated(checkpoint) else "float32"
+    graph_dtype = torch_dtype(dtype, "dtype", int8=True)  # a graph has one precision: never auto
+    dtype = canonical_precision(dtype, "dtype", int8=True)
+    if dtype == "int8" and format != "openvino":
+        raise ArgumentError("dtype", f"int8 graphs are for --format openvino (NNCF's quantizers); {format} takes "
+                                     "float32 or float16")
     if dtype == "bfloat16" and format != "pt2":
         raise ArgumentError("dtype", f"bfloat16 graphs are for --format pt2; {format} takes float32 or float16 "
                                      "(ONNX Runtime refuses bfloat16 convolutions)")
@@ -90,18 +98,26 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
         calibration = read_calibration(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise ArgumentError("checkpoint", str(e)) from None
+    if dtype == "int8" and (calibration is None or calibration.precision != "int8"):
+        raise ArgumentError("dtype", "int8 needs a checkpoint calibrated in int8 (ckaad-fast calibrate --dtype int8), "
+                                     "which carries the quantized graph and the threshold picked on its scores")
     if calibration is not None and (calibration.precision or "float32") != dtype:
         warnings.warn(f"exporting in {dtype} a model calibrated in {calibration.precision or 'float32'}: decisions "
                       "near the threshold can differ from the calibration's", UserWarning, stacklevel=2)
-    graph = ScoringGraph(model, calibration, sensitivity, graph_dtype).eval()
     out.mkdir(parents=True, exist_ok=True)
-    if format == "onnx":
-        write_onnx(graph, target, batch)
-    elif format == "openvino":
-        _write_openvino(graph, target, batch)
+    if dtype == "int8":
+        cfg = model.config
+        _write_openvino(int8_scoring_model(calibration.int8_graph, calibration, sensitivity, cfg.mean, cfg.std),
+                        target, batch, tuple(cfg.image_size))
     else:
-        _write_pt2(graph, target, batch, device)
-    h, w = graph.image_size
+        graph = ScoringGraph(model, calibration, sensitivity, graph_dtype).eval()
+        if format == "onnx":
+            write_onnx(graph, target, batch)
+        elif format == "openvino":
+            _write_openvino(graph, target, batch)
+        else:
+            _write_pt2(graph, target, batch, device)
+    h, w = model.config.image_size
     atomic_write_json(out / "model.json", {
         "format": format,
         "file": target.name,
@@ -154,7 +170,16 @@ def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str
             tmp.unlink()
 
 
-def _write_openvino(graph: ScoringGraph, target: Path, batch: int | None) -> None:
+def _int8_calibrated(checkpoint) -> bool:
+    try:
+        return (load_checkpoint(checkpoint).get("calibration") or {}).get("precision") == "int8"
+    except (ValueError, FileNotFoundError) as e:
+        raise ArgumentError("checkpoint", str(e)) from None
+
+
+def _write_openvino(graph, target: Path, batch: int | None, image_size=None) -> None:
+    """``graph`` (a :class:`ScoringGraph`, through ONNX; or an OpenVINO model of ``image_size``,
+    the int8 one) as OpenVINO IR at ``target``, the .xml and .bin written together."""
     try:
         import openvino as ov
     except ImportError:
@@ -162,9 +187,14 @@ def _write_openvino(graph: ScoringGraph, target: Path, batch: int | None) -> Non
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_file = Path(tmp) / "model.onnx"
-        write_onnx(graph, onnx_file, batch)
-        model = ov.convert_model(str(onnx_file))
+        if isinstance(graph, ScoringGraph):
+            onnx_file = Path(tmp) / "model.onnx"
+            write_onnx(graph, onnx_file, batch)
+            model = ov.convert_model(str(onnx_file))
+        else:
+            model = graph
+            if batch is not None:
+                model.reshape({0: [batch, 3, *image_size]})
         # Into a temporary folder beside the target, then renamed: the .xml and .bin are a pair.
         staging = Path(tempfile.mkdtemp(prefix=".openvino.", dir=target.parent))
         try:

@@ -11,6 +11,12 @@ whatever it is.
 A precision changes the scores (bfloat16 moves them by about 1e-3 relative, up to 3e-2 on real
 models): a calibration records the one it was computed in (:mod:`ckaad_fast.calibration`) and
 scoring uses it unless told otherwise.
+
+``"int8"`` (alias ``i8``) is a precision of another kind: not a dtype the networks are cast or
+autocast to, but a quantized copy of the scoring graph that ``calibrate`` makes with NNCF and
+OpenVINO runs (:mod:`ckaad_fast.runtime.quantize`). Only the functions that can honour it take it
+(``int8=True``: calibrate, score, export); everywhere else it is refused with an error that says
+where it belongs. Its torch marker is ``torch.int8``.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 
 from .errors import ArgumentError
 
-__all__ = ["PRECISIONS", "canonical_precision", "torch_dtype", "resolve_precision", "precision_name", "autocast",
+__all__ = ["PRECISIONS", "INT8", "canonical_precision", "torch_dtype", "resolve_precision", "precision_name", "autocast",
            "cpu_has_bf16_matmul", "resolve_device", "check_device_usable", "channels_last_for",
            "cuda_usable", "default_device"]
 
@@ -33,22 +39,31 @@ _ALIASES = {
     "float16": "float16", "fp16": "float16", "half": "float16",
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The quantized precision (see the module): its name, and torch.int8 as its marker.
+INT8 = "int8"
 
 
-def canonical_precision(name, argument: str = "precision") -> str:
+def canonical_precision(name, argument: str = "precision", int8: bool = False) -> str:
     """``name`` (a precision name, an alias, a torch dtype or None for "auto") as one of
-    :data:`PRECISIONS`; anything else raises an :class:`~ckaad_fast.errors.ArgumentError` naming
-    ``argument``."""
+    :data:`PRECISIONS`, or "int8" where ``int8`` allows it; anything else raises an
+    :class:`~ckaad_fast.errors.ArgumentError` naming ``argument``."""
     if name is None:
         return "auto"
     if isinstance(name, torch.dtype):
-        for k, v in _DTYPES.items():
-            if v == name:
-                return k
-        raise ArgumentError(argument, f"must be float32, bfloat16 or float16, got {name}")
-    key = str(name).lower().removeprefix("torch.")
-    if key not in _ALIASES:
-        raise ArgumentError(argument, f"must be one of {', '.join(PRECISIONS)} (or fp32, bf16, fp16), got {name!r}")
+        key = next((k for k, v in _DTYPES.items() if v == name), INT8 if name == torch.int8 else None)
+        if key is None:
+            raise ArgumentError(argument, f"must be float32, bfloat16 or float16, got {name}")
+    else:
+        key = str(name).lower().removeprefix("torch.")
+        key = INT8 if key in (INT8, "i8") else key
+        if key != INT8 and key not in _ALIASES:
+            raise ArgumentError(argument, f"must be one of {', '.join(PRECISIONS)} (or fp32, bf16, fp16), got {name!r}")
+    if key == INT8:
+        if not int8:
+            raise ArgumentError(argument, "int8 is a quantized copy of the scoring graph, made by ckaad-fast calibrate "
+                                          "--dtype int8 and run by OpenVINO (score, export --format openvino); here "
+                                          "use float32, bfloat16 or auto")
+        return INT8
     return _ALIASES[key]
 
 
@@ -64,30 +79,33 @@ def cpu_has_bf16_matmul() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & names) and torch.backends.mkldnn.is_available()
 
 
-def torch_dtype(name, argument: str = "precision") -> torch.dtype:
+def torch_dtype(name, argument: str = "precision", int8: bool = False) -> torch.dtype:
     """The torch dtype of a precision that names one (not "auto": that one depends on the device,
-    see :func:`resolve_precision`)."""
-    key = canonical_precision(name, argument)
+    see :func:`resolve_precision`); torch.int8 for "int8" where ``int8`` allows it."""
+    key = canonical_precision(name, argument, int8)
     if key == "auto":
         raise ArgumentError(argument, f"must name one precision ({', '.join(_DTYPES)}), not auto")
-    return _DTYPES[key]
+    return torch.int8 if key == INT8 else _DTYPES[key]
 
 
-def resolve_precision(name, device, argument: str = "precision") -> torch.dtype:
+def resolve_precision(name, device, argument: str = "precision", int8: bool = False) -> torch.dtype:
     """The torch dtype ``name`` means on ``device`` ("auto" resolved as the module says); float16
-    on a CPU is refused (no CPU multiplies it fast, and its range overflows features)."""
-    key = canonical_precision(name, argument)
+    on a CPU is refused (no CPU multiplies it fast, and its range overflows features), and int8
+    anywhere but on the CPU (OpenVINO runs it there) or where ``int8`` does not allow it."""
+    key = canonical_precision(name, argument, int8)
     device = torch.device(device)
     if key == "auto":
         return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else torch.float32
     if key == "float16" and device.type != "cuda":
         raise ArgumentError(argument, "float16 needs a CUDA device; on the CPU use bfloat16 or float32")
-    return torch_dtype(key, argument)
+    if key == INT8 and device.type != "cpu":
+        raise ArgumentError(argument, f"int8 runs on the CPU (OpenVINO); on {device.type} use bfloat16 or float16")
+    return torch_dtype(key, argument, int8)
 
 
 def precision_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: what manifests, sidecars and calibrations record."""
-    return canonical_precision(dtype)
+    return canonical_precision(dtype, int8=True)
 
 
 def autocast(device, dtype: torch.dtype):
@@ -95,6 +113,8 @@ def autocast(device, dtype: torch.dtype):
     stale is captured into a CUDA graph), or nothing for float32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
+    if dtype == torch.int8:  # a quantized graph's marker, never an autocast type
+        raise ArgumentError("precision", "int8 is run by OpenVINO's quantized graph, not by PyTorch's forward")
     return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
 
 

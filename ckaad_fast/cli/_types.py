@@ -59,6 +59,11 @@ def fraction(text: str) -> float:
     return _float(text, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+def fraction_or_zero(text: str) -> float:
+    """A number in [0, 1) (a bound on a loss that may be zero)."""
+    return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def precision(text: str) -> str:
     """A precision name of :mod:`ckaad_fast.precision` (aliases fp32, bf16, fp16 accepted)."""
     from ..errors import ArgumentError
@@ -66,5 +71,16 @@ def precision(text: str) -> str:
 
     try:
         return canonical_precision(text)
+    except ArgumentError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def precision_or_int8(text: str) -> str:
+    """A precision name, or int8 (for calibrate, score and export, which can honour it)."""
+    from ..errors import ArgumentError
+    from ..precision import canonical_precision
+
+    try:
+        return canonical_precision(text, int8=True)
     except ArgumentError as e:
         raise argparse.ArgumentTypeError(e.message) from None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..runtime.engines import ENGINES
+from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, SCOPES
 from ._data import add_data_arguments, dataset_from_args
-from ._types import fraction, nonneg_int, positive_int, precision
+from ._types import fraction, fraction_or_zero, nonneg_int, positive_int, precision_or_int8
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,11 +40,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images scored per batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device to score on (default: %(default)s)")
-    p.add_argument("--dtype", type=precision, default="float32", metavar="float32|bfloat16|float16|auto",
+    p.add_argument("--dtype", type=precision_or_int8, default="float32", metavar="float32|bfloat16|float16|auto|int8",
                    help="precision the calibration set is scored in, recorded in the checkpoint; ckaad-fast score "
                         "then scores in it by default, so that its decisions on this set are the promised ones. "
                         "float32 (default) gives the same scores on every CPU and GPU; bfloat16 is faster where "
-                        "the hardware multiplies it (auto picks it there) (default: %(default)s)")
+                        "the hardware multiplies it (auto picks it there). int8: first quantize the graph with "
+                        "NNCF on the set's normal images (OpenVINO runs it; see the int8 options), then pick the "
+                        "threshold on its scores; the checkpoint stores the quantized graph and what it cost "
+                        "(default: %(default)s)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="who scores the set (recorded; ckaad-fast score then uses the same by default, so its "
                         "decisions on this set are the promised ones): auto, the fastest installed here (torch on "
@@ -52,6 +56,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    q = p.add_argument_group("int8 (with --dtype int8)")
+    q.add_argument("--int8-check-normal", metavar="DIR",
+                   help="normal images held out from training (a folder, searched recursively) to check int8's "
+                        "accuracy on, with --int8-check-anomalous; NNCF then puts operations back into float32 "
+                        "until the image AUROC there drops by at most --max-auroc-drop. Without them: the "
+                        "calibration set itself when it holds anomalies, else plain post-training quantization")
+    q.add_argument("--int8-check-anomalous", metavar="DIR",
+                   help="anomalous images for the int8 check (a folder, searched recursively)")
+    q.add_argument("--max-auroc-drop", type=fraction_or_zero, default=DEFAULT_MAX_AUROC_DROP, metavar="D",
+                   help="the largest image AUROC drop int8 may cost on the check set, absolute (default: "
+                        "%(default)s, half a point); a bound it cannot meet is refused")
+    q.add_argument("--int8-scope", choices=SCOPES, default=DEFAULT_SCOPE,
+                   help="what is quantized: autoencoder (its convolutions; the backbone stays float32: scores "
+                        "move by a few percent) or network (the backbone too: faster, less accurate; use a check "
+                        "set) (default: %(default)s)")
     g = p.add_argument_group("data (instead of --normal)")
     add_data_arguments(g, required=False)
     p.set_defaults(func=run, interrupted=lambda a: "nothing was written; the checkpoint is unchanged")
@@ -86,8 +105,36 @@ def run(args) -> int:
         data = dataset_from_args(args, args.split, cfg.image_size, cfg.mean, cfg.std)
     cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
                     progress=not args.quiet, precision=args.dtype,
-                    on_training_images=args.data is not None and args.split == "train", engine=args.engine)
+                    on_training_images=args.data is not None and args.split == "train", engine=args.engine,
+                    check=_int8_check(args, cfg), max_auroc_drop=args.max_auroc_drop, int8_scope=args.int8_scope)
     written = write_calibration(args.checkpoint, cal, out=args.out)
     print(f"calibration: {cal.describe()}")
     print(f"written to:  {written}")
     return 0
+
+
+def _int8_check(args, cfg):
+    """The int8 check set of --int8-check-normal and --int8-check-anomalous (both or neither)."""
+    given = (args.int8_check_normal, args.int8_check_anomalous)
+    if given == (None, None):
+        return None
+    if None in given:
+        raise ValueError("--int8-check-normal and --int8-check-anomalous: give both (or neither)")
+    if args.dtype != "int8":
+        raise ValueError("--int8-check-normal: only with --dtype int8")
+    from torch.utils.data import ConcatDataset
+
+    from ..calibration import normal_folder_set
+    from ..data import AnomalyFolderDataset
+
+    from ..errors import ArgumentError
+
+    try:
+        normal = normal_folder_set(args.int8_check_normal, cfg.image_size, cfg.mean, cfg.std)
+    except ArgumentError as e:
+        raise ValueError(f"--int8-check-normal: {e.message}") from None
+    try:
+        anomalous = AnomalyFolderDataset(args.int8_check_anomalous, cfg.image_size, cfg.mean, cfg.std)
+    except ValueError as e:
+        raise ValueError(f"--int8-check-anomalous: {e}") from None
+    return ConcatDataset([normal, anomalous])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..head import DEFAULT_SENSITIVITY
-from ._types import precision, unit_float
+from ._types import precision_or_int8, unit_float
 
 
 def _batch(text: str):
@@ -37,9 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="onnx: for ONNX Runtime (OUT/model.onnx); openvino: OpenVINO IR (OUT/model.xml and .bin); "
                         "pt2: an AOTInductor package for torch._inductor.aoti_load_package (OUT/model.pt2; a "
                         "compilation of a minute or more) (default: %(default)s)")
-    p.add_argument("--dtype", type=precision, default="float32", metavar="float32|float16|bfloat16",
+    p.add_argument("--dtype", type=precision_or_int8, default=None, metavar="float32|float16|bfloat16|int8",
                    help="the backbone's and auto-encoder's dtype in the graph; the maps and scores stay float32 "
-                        "(default: %(default)s; bfloat16 suits pt2 on CPUs with AMX and on GPUs)")
+                        "(bfloat16 suits pt2 on CPUs with AMX and on GPUs). int8 (--format openvino): the quantized "
+                        "graph of a checkpoint calibrated with calibrate --dtype int8, with its threshold. Default: "
+                        "int8 for such a checkpoint exported to openvino, else float32")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda",
                    help="with --format pt2: the device the package is compiled for (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")

@@ -14,7 +14,7 @@ import textwrap
 
 from ..head import DEFAULT_SENSITIVITY
 from ..runtime.engines import ENGINES
-from ._types import finite_float, nonneg_int, positive_int, precision, unit_float
+from ._types import finite_float, nonneg_int, positive_int, precision_or_int8, unit_float
 
 
 #: The exit code of a run that finished but could not score every image (see the error column).
@@ -97,15 +97,16 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", type=precision, default=None, metavar="auto|float32|bfloat16|float16",
+    p.add_argument("--dtype", type=precision_or_int8, default=None, metavar="auto|float32|bfloat16|float16|int8",
                    help="precision of the backbone and auto-encoder. Default: a calibrated checkpoint's own "
                         "(the precision ckaad-fast calibrate scored in, float32 unless told otherwise), so that "
                         "its decisions are the calibration's; an uncalibrated one's: auto. auto is bfloat16 "
                         "(autocast) on a GPU and on a CPU with AMX or AVX-512 BF16 units (about 3x faster there; "
                         "scores move by about 1e-3 relative, up to 3e-2), float32 on other CPUs. Another "
                         "precision than the calibration's is allowed, with a warning: decisions near the "
-                        "threshold can then differ. Recorded in OUT/run.json; --resume refuses a change. Maps "
-                        "and scores are always computed in float32")
+                        "threshold can then differ. int8: the quantized graph of a checkpoint calibrated with "
+                        "calibrate --dtype int8 (run by openvino; that checkpoint's default). Recorded in "
+                        "OUT/run.json; --resume refuses a change. Maps and scores are always computed in float32")
     p.add_argument("--engine", choices=ENGINES, default=None,
                    help="who runs the forward. Default: a calibrated checkpoint's own (the engine ckaad-fast "
                         "calibrate scored with: the fastest installed one on its machine), torch for an "

@@ -19,7 +19,9 @@ written atomically; a later Scorer of the same model loads it in a fraction of a
 Precision: ONNX Runtime computes in float32 only here (its CPU convolutions have no bfloat16
 kernels). OpenVINO takes float32, and bfloat16 (its inference-precision hint) on CPUs with
 bfloat16 units; elsewhere it would compute float32 whatever the hint, so bfloat16 is refused
-there (and ``auto`` picks torch, which emulates it, for a bfloat16 request).
+there (and ``auto`` picks torch, which emulates it, for a bfloat16 request). int8 is OpenVINO's
+alone: it runs the quantized copy of the graph that an int8 calibration made and carries
+(:mod:`.quantize`), never a graph quantized on the fly.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from ..errors import ArgumentError
 from ..precision import cpu_has_bf16_matmul
 
 __all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "RuntimeEngine",
-           "RuntimeModule", "build_runtime_engine"]
+           "RuntimeModule", "build_runtime_engine", "engine_graph_file"]
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: The engines that run an exported graph (on the CPU).
@@ -59,8 +61,11 @@ def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str
         if device.type != "cpu":
             return "torch"
         usable = [e for e in _CPU_ORDER if _installed(e) and _supports(e, dtype)]
+        if not usable and dtype == torch.int8:
+            raise ArgumentError("engine", "int8 runs on the openvino engine, which is not installed here: "
+                                          "pip install 'ckaad_fast[export]'")
         return usable[0] if usable else "torch"
-    if engine == "torch":
+    if engine == "torch" and dtype != torch.int8:
         return engine
     if device.type != "cpu":
         raise ArgumentError("engine", f"{engine} runs on the CPU here; on {device.type} use torch (or auto)")
@@ -68,12 +73,16 @@ def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str
         raise ArgumentError("engine", f"{engine} is not installed: pip install 'ckaad_fast[export]'")
     if not _supports(engine, dtype):
         raise ArgumentError("engine", f"{engine} cannot compute in {str(dtype).removeprefix('torch.')} here (onnxruntime: "
-                                      "float32 only; openvino: bfloat16 only on a CPU with bfloat16 units): pass dtype "
-                                      "float32, or engine torch")
+                                      "float32 only; openvino: bfloat16 only on a CPU with bfloat16 units; int8: "
+                                      "openvino only): pass dtype float32, or engine torch (openvino for int8)")
     return engine
 
 
 def _supports(engine: str, dtype: torch.dtype) -> bool:
+    if engine == "torch":
+        return dtype != torch.int8
+    if dtype == torch.int8:
+        return engine == "openvino"
     if engine == "onnxruntime" or dtype != torch.bfloat16:
         return dtype == torch.float32
     # OpenVINO computes bfloat16 only where the CPU multiplies it, and float32 elsewhere whatever
@@ -90,11 +99,12 @@ def cache_folder() -> Path:
     return Path(base) / "ckaad_fast"
 
 
-def _graph_file(model, fingerprint: str, topk) -> Path:
+def engine_graph_file(model, fingerprint: str, topk) -> Path:
     """The cached engine graph of ``model`` at ``topk``, exported on first use."""
     from .graphs import write_engine_onnx
 
-    key = f"{fingerprint[:24]}-top{'mean' if topk is None else topk}-{__version__}-torch{torch.__version__}"
+    # "g2": nodes named by the detector's part (graphs.GRAPH_PARTS), which quantization reads.
+    key = f"{fingerprint[:24]}-top{'mean' if topk is None else topk}-g2-{__version__}-torch{torch.__version__}"
     target = cache_folder() / "engines" / key / "engine.onnx"
     if not target.is_file():
         # Exported on a copy in float32 on the CPU: the Scorer's own model keeps its device and layout.
@@ -107,18 +117,21 @@ def _graph_file(model, fingerprint: str, topk) -> Path:
 
 class RuntimeEngine:
     """A runtime running the engine graph on the CPU: ``engine(x)`` takes normalised float32
-    images (B, 3, H, W) and returns ``(scores (B,), maps (B, H, W))`` as float32 torch tensors."""
+    images (B, 3, H, W) and returns ``(scores (B,), maps (B, H, W))`` as float32 torch tensors.
+    ``source``: the graph's file, or (OpenVINO) a model in memory: an int8 calibration's
+    quantized graph, whose precision is its quantizers' (compiled with the float32 hint for the
+    operations left in float)."""
 
-    def __init__(self, name: str, path: Path, dtype: torch.dtype, threads: int):
+    def __init__(self, name: str, source, dtype: torch.dtype, threads: int):
         self.name = name
-        self.path = path
+        self.path = source if isinstance(source, Path) else None
         if name == "onnxruntime":
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
             self._run = lambda x: self._session.run(None, {"image": x})
             self.dtype = torch.float32
         else:
@@ -126,7 +139,7 @@ class RuntimeEngine:
 
             hint = "bf16" if dtype == torch.bfloat16 else "f32"
             core = ov.Core()
-            compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+            compiled = core.compile_model(str(source) if isinstance(source, Path) else source, "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                              "INFERENCE_NUM_THREADS": threads,
                                                              "PERFORMANCE_HINT": "LATENCY"})
             self._compiled = compiled
@@ -142,7 +155,7 @@ class RuntimeEngine:
             self._run = run
             # What OpenVINO really runs in: bf16 only where the CPU has bf16 units.
             real = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-            self.dtype = torch.bfloat16 if "bf16" in real else torch.float32
+            self.dtype = torch.int8 if dtype == torch.int8 else torch.bfloat16 if "bf16" in real else torch.float32
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
@@ -164,7 +177,15 @@ class RuntimeModule(torch.nn.Module):
         return self.engine(images)
 
 
-def build_runtime_engine(name: str, model, fingerprint: str, topk, dtype: torch.dtype) -> RuntimeEngine:
-    """The runtime engine ``name`` for ``model`` (its graph from the cache, exported on first use)."""
-    path = _graph_file(model, fingerprint, topk)
-    return RuntimeEngine(name, path, dtype, torch.get_num_threads())
+def build_runtime_engine(name: str, model, fingerprint: str, topk, dtype: torch.dtype,
+                         quantized=None) -> RuntimeEngine:
+    """The runtime engine ``name`` for ``model`` (its graph from the cache, exported on first use;
+    for int8, ``quantized``: the calibration's :class:`~.quantize.QuantizedGraph`, which must be
+    of this model at this top-k)."""
+    if dtype != torch.int8:
+        return RuntimeEngine(name, engine_graph_file(model, fingerprint, topk), dtype, torch.get_num_threads())
+    if quantized is None:
+        raise ArgumentError("dtype", "int8 needs a checkpoint calibrated in int8 (ckaad-fast calibrate --dtype int8), "
+                                     "which carries the quantized graph")
+    quantized.check_for(fingerprint, topk)
+    return RuntimeEngine(name, quantized.openvino_model(), dtype, torch.get_num_threads())

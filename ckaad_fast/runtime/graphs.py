@@ -27,8 +27,8 @@ from ..errors import ArgumentError
 from ..head import DEFAULT_SENSITIVITY, InferenceHead, decide, feature_sizes, normalized_score
 from ..model import Detector
 
-__all__ = ["ScoringGraph", "EngineGraph", "standard_ops_head", "write_onnx", "write_engine_onnx", "dynamic_batch", "INPUT_NAME",
-           "SENSITIVITY_NAME", "OUTPUT_NAMES", "MAX_BATCH"]
+__all__ = ["ScoringGraph", "EngineGraph", "standard_ops_head", "write_onnx", "write_engine_onnx", "dynamic_batch",
+           "GRAPH_PARTS", "INPUT_NAME", "SENSITIVITY_NAME", "OUTPUT_NAMES", "MAX_BATCH"]
 
 INPUT_NAME = "image"
 #: The exported graph's second input: the sensitivity to decide at (float64; see ScoringGraph).
@@ -137,7 +137,34 @@ def write_engine_onnx(model: Detector, topk: int | None, target) -> Path:
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         write_onnx(EngineGraph(model, topk), target, None)
+    _name_nodes_by_module(target)
     return target
+
+
+#: The parts of the detector whose nodes the engine graph names ``part/...`` (see below); the
+#: rest (the head, and the outputs) is named ``head/...``.
+GRAPH_PARTS = ("backbone", "autoencoder")
+
+
+def _name_nodes_by_module(path: Path) -> None:
+    """Prefix every node's name with the detector's part it computes (``backbone/``,
+    ``autoencoder/``, ``head/``), read from the exporter's record of module scopes, so that a
+    quantizer can be told which parts to quantize (:mod:`.quantize`) by name."""
+    import ast
+
+    import onnx
+
+    model = onnx.load(path)
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            scopes = []
+        part = next((p for p in GRAPH_PARTS if f"model.{p}" in scopes), "head")
+        node.name = f"{part}/{node.name}"
+    with atomic_path(path) as tmp:
+        onnx.save(model, tmp)
 
 
 def dynamic_batch(graph: nn.Module) -> dict:

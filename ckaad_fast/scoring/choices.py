@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from ..errors import ArgumentError
 from ..precision import cpu_has_bf16_matmul, precision_name, resolve_precision
 from ..runtime import resolve_engine
 
@@ -17,11 +18,11 @@ def scoring_dtype(dtype, calibration, device) -> torch.dtype:
     """The Scorer's precision: the one asked for, else the calibration's, else "auto"; a warning
     when it differs from the calibration's (see :class:`Scorer`)."""
     calibrated = None if calibration is None else (calibration.precision or "float32")
-    chosen = resolve_precision(dtype if dtype is not None else (calibrated or "auto"), device, "dtype")
+    chosen = resolve_precision(dtype if dtype is not None else (calibrated or "auto"), device, "dtype", int8=True)
     if calibrated is not None and precision_name(chosen) != calibrated:
         warnings.warn(
             f"scoring in {precision_name(chosen)} a model calibrated in {calibrated}: scores move by about 1e-3 "
-            f"relative (up to 3e-2), so images near the threshold can be decided differently from the "
+            f"relative (up to 3e-2; int8 more), so images near the threshold can be decided differently from the "
             f"calibration's promise; leave dtype out (or pass {calibrated!r}) to score as it was calibrated",
             UserWarning, stacklevel=3)
     if chosen == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul():
@@ -46,6 +47,10 @@ def scoring_engine(engine: str | None, calibration, device: torch.device, dtype:
     (compile or CUDA graphs were asked for). A warning when a calibrated model is scored by
     another engine than its calibration's: float32 engines agree to about 1e-6 relative, so only
     an image that close to the threshold can be decided differently."""
+    if dtype == torch.int8:  # the calibration's quantized graph, which only OpenVINO runs
+        if torch_only:
+            raise ArgumentError("dtype", "int8 runs on the openvino engine; compile and cuda_graphs are torch's")
+        return resolve_engine("openvino" if engine in (None, "auto") else engine, device, dtype)
     calibrated = None if calibration is None else (calibration.engine or "torch")
     if torch_only and engine in (None, "auto"):
         chosen = "torch"

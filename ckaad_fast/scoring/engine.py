@@ -182,7 +182,8 @@ class Scorer:
         if self.engine in RUNTIME_ENGINES:
             if self.compile or self.cuda_graphs:
                 raise ArgumentError("engine", f"compile and cuda_graphs are the torch engine's, not {self.engine}'s")
-            self._runtime = build_runtime_engine(self.engine, model, self.fingerprint(), self.topk, self.dtype)
+            self._runtime = build_runtime_engine(self.engine, model, self.fingerprint(), self.topk, self.dtype,
+                                                 quantized=getattr(calibration, "int8_graph", None))
             if self._runtime.dtype != self.dtype:
                 warnings.warn(f"{self.engine} computes in {precision_name(self._runtime.dtype)} on this CPU, not "
                               f"{self.precision} (it has no bfloat16 units): scoring in "
