@@ -8,6 +8,10 @@ Side by side in one run, on the same model and the same inputs:
   ``scipy.ndimage.gaussian_filter(sigma=4)``, and the mean of the top-k values in numpy;
 - **Scorer** configurations: eager float32; and on a GPU bf16 autocast, + ``torch.compile``,
   + CUDA graphs (channels_last throughout);
+- on the CPU, the **runtime engines** behind the same Scorer (ONNX Runtime, OpenVINO in float32
+  and, with bfloat16 units, bfloat16) and **int8** (calibrated with ``precision="int8"`` on the
+  benchmark's inputs, the auto-encoder or the whole network quantized), each with its largest
+  score difference from the reference (the parity column; int8's is its quantization error);
 - **Scorer.score_paths**: the whole stream from PNG files (decoding on worker processes, pinned
   memory, non-blocking copies), i.e. what ``ckaad-fast score`` sustains.
 
@@ -133,6 +137,35 @@ def _write_pngs(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
+class _Normal:
+    """The benchmark's input images as a calibration set of normal images: ``(image, 0, path)``."""
+
+    def __init__(self, inputs):
+        self.images = [x for batch in inputs for x in batch]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], 0, f"input{i}"
+
+
+def _scorer(model, device, batch, inputs, kw) -> Scorer:
+    """The Scorer of a configuration; ``int8_scope`` in it: calibrated in int8 first (quantized
+    on the benchmark's own inputs, which is all a speed and score-change row needs)."""
+    kw = dict(kw)
+    scope = kw.pop("int8_scope", None)
+    if scope is not None:
+        from ckaad_fast.calibration import calibrate
+
+        normal = _Normal(inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kw["calibration"] = calibrate(model, normal, target_fpr=1.0 / len(normal), precision="int8",
+                                          engine="openvino", int8_scope=scope, batch_size=batch)
+    return Scorer(model, device=device, batch_size=batch, **kw)
+
+
 def _peak(peaks: dict, path: str) -> float:
     """The peak memory measured for a row (the reference's row starts with 'reference'), or NaN."""
     return peaks.get("reference" if path.startswith("reference") else path, float("nan"))
@@ -214,14 +247,14 @@ def bench_model(args, device: torch.device, backbone: str, layers, size: int, co
     for name, kw in configs:
         try:
             t0 = time.perf_counter()
-            scorer = Scorer(build_model(backbone, layers, size), device=device, batch_size=batch, **kw)
+            scorer = _scorer(build_model(backbone, layers, size), device, batch, inputs, kw)
             s, _ = scorer(dev_inputs[0])  # compiles / captures here
             setup = time.perf_counter() - t0
             t = median_time(lambda i: scorer(dev_inputs[i]), device=device, warmup=2, repeats=reps + 2, rotate=2)
             peaks[name] = peak_memory(lambda: scorer(dev_inputs[0]), device)
             s, _ = scorer(dev_inputs[0])
             rel = float(np.max(np.abs(s.float().cpu().numpy() - ref_scores) / np.abs(ref_scores)))
-            if "bf16" not in name and "fp16" not in name:  # float32 configurations: the same scores
+            if not any(p in name for p in ("bf16", "fp16", "int8")):  # float32 configurations: the same scores
                 # (On a GPU cuDNN's TF32 convolutions differ by layout: a looser bound there.)
                 check_agreement(f"{name} scores vs the reference", max_abs_diff(s, ref_scores),
                                 1e-4 if device.type == "cpu" else 1e-2)
@@ -319,12 +352,20 @@ def main(argv=None):
             configs.append(("Scorer bf16 autocast (CPU)", {"dtype": "bfloat16"}))
         else:  # emulated: about 12x slower than float32 (docs/BENCHMARKS.md), minutes per row
             print("no bfloat16 units on this CPU: the torch bf16 row is skipped (--emulated-bf16 to time it)")
+        if not args.no_compile and not args.quick:
+            # PyTorch's own faster CPU path: Inductor with freezing (weights folded into constants,
+            # batch norms folded, convolution weights prepacked for oneDNN), float32.
+            torch._inductor.config.freezing = True
+            configs.append(("Scorer fp32 + compile (Inductor, freezing)", {"dtype": "float32", "compile": True}))
         # The runtime engines behind the same Scorer (the graph exported once and cached): what
         # engine="auto" chooses from on a CPU, and what a calibrated checkpoint is scored with.
         configs.append(("Scorer fp32, engine onnxruntime", {"dtype": "float32", "engine": "onnxruntime"}))
         if cpu_has_bf16_matmul():  # elsewhere OpenVINO computes float32 whatever it is told
             configs.append(("Scorer bf16, engine openvino", {"dtype": "bfloat16", "engine": "openvino"}))
         configs.append(("Scorer fp32, engine openvino", {"dtype": "float32", "engine": "openvino"}))
+        # int8 (calibrate --dtype int8): the auto-encoder quantized (the default), then the network.
+        for scope in ("autoencoder", "network"):
+            configs.append((f"Scorer int8 ({scope}), engine openvino", {"int8_scope": scope}))
 
     rows = []
     for backbone in models:

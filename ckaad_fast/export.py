@@ -14,6 +14,11 @@ optional second input (``sensitivity``, float64 [1], default the export's), so a
 operating point without exporting again (OpenVINO IR and pt2 decide at the export's); without one, ``normalized_score`` is the raw score and ``is_anomalous`` is all false,
 and the sidecar says ``"calibrated": false``.
 
+A checkpoint calibrated in int8 (``ckaad-fast calibrate --dtype int8``) exports to OpenVINO as its
+quantized graph (:func:`ckaad_fast.runtime.quantize.int8_scoring_model`: the same interface, the
+threshold picked on that graph's scores), with the quantization report (what was quantized, the
+AUROC drop on the check set, how far scores moved) in the sidecar's calibration.
+
 :func:`export` writes ``model.onnx`` (or OpenVINO's ``model.xml`` and ``model.bin``) and
 ``model.json``, the sidecar with the model's fingerprint, image size, normalisation, calibration
 and the tool's and torch's versions; :func:`write_triton_repository` puts the ONNX file into a
@@ -117,8 +122,16 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
             _write_openvino(graph, target, batch)
         else:
             _write_pt2(graph, target, batch, device)
+    atomic_write_json(out / "model.json", _sidecar(model, calibration, target, format, batch, sensitivity, device,
+                                                   dtype, checkpoint))
+    return target
+
+
+def _sidecar(model, calibration, target: Path, format: str, batch, sensitivity: float, device, dtype: str,
+             checkpoint) -> dict:
+    """``model.json``: what a deployment needs beside the graph (see the module)."""
     h, w = model.config.image_size
-    atomic_write_json(out / "model.json", {
+    return {
         "format": format,
         "file": target.name,
         "model_sha256": fingerprint(model),
@@ -146,8 +159,7 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
         "tool": f"ckaad_fast {__version__}",
         "torch": torch.__version__,
         "checkpoint": os.fspath(checkpoint),
-    })
-    return target
+    }
 
 
 def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str) -> None:

@@ -28,7 +28,7 @@ from .profiling import nvtx_range
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
 __all__ = ["Detector", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
-           "model_from_checkpoint", "config_from_checkpoint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES"]
+           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -159,11 +159,25 @@ def fingerprint(model: Detector) -> str:
     out): equal exactly when two models score alike (whatever device or memory layout they sit
     in, and whether training's model or the scoring detector holds them). Results folders record
     it (scoring's run manifest) so that a resume never mixes the rows of two models."""
+    return _weights_hash(model.config, model.state_dict())
+
+
+def checkpoint_fingerprint(ckpt: dict) -> str:
+    """:func:`fingerprint` of the detector a checkpoint dict holds, from its configuration and
+    tensors, without building the network (what a runtime engine's cached graph is keyed by; a
+    test holds the two equal)."""
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise ValueError("the checkpoint holds no weights: it was not written by save_checkpoint")
+    return _weights_hash(config_from_checkpoint(ckpt), state)
+
+
+def _weights_hash(config: ModelConfig, state: dict) -> str:
     import hashlib
     import json
 
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(state.items()):
         if name.startswith(TRAINING_ONLY_PREFIXES):
             continue
         h.update(name.encode())

@@ -80,6 +80,25 @@ def test_the_graph_is_exported_once_and_kept(ckpt, cache):
     assert [g.stat().st_mtime_ns for g in sorted(cache.rglob("engine.onnx"))] == stamp
 
 
+def test_a_scorer_of_a_graph_at_hand_builds_no_network(ckpt, tmp_path):
+    from ckaad_fast.model import checkpoint_fingerprint, fingerprint
+
+    # The cache key computed from the checkpoint's tensors is the built model's fingerprint, for a
+    # training checkpoint with a discriminator too (its weights are left out of both).
+    trained = tiny_checkpoint(tmp_path / "patch.pt", SIZE, strategy="cka_patch")
+    for path in (ckpt, trained):
+        raw = load_checkpoint(path)
+        assert checkpoint_fingerprint(raw) == fingerprint(model_from_checkpoint(raw))
+    built = Scorer.from_checkpoint(ckpt, dtype="float32", engine="openvino")  # exports, or finds, the graph
+    again = Scorer.from_checkpoint(ckpt, dtype="float32", engine="openvino")
+    assert again.model is None and again.fingerprint() == built.fingerprint()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(again(x), built(x), rtol=0, atol=0)
+    # Whatever runs the network itself builds it: the torch engine, or a top-k never exported.
+    assert Scorer.from_checkpoint(ckpt, dtype="float32", engine="torch").model is not None
+    assert Scorer.from_checkpoint(ckpt, dtype="float32", engine="openvino", topk=3).model is not None
+
+
 def test_auto_picks_by_the_documented_rule():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_engine("auto", cpu, torch.float32) == "openvino"  # both runtimes installed here

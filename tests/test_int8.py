@@ -72,6 +72,7 @@ def test_the_int8_calibration_stores_its_graph_and_the_scorer_keeps_its_promise(
     assert q["quantizers"] > 0 and q["auroc_drop"] is None  # normal images only: no AUROC to lose
     scorer = Scorer.from_checkpoint(int8_ckpt)
     assert scorer.engine == "openvino" and scorer.precision == "int8"
+    assert scorer.model is None  # the graph travels in the checkpoint: no PyTorch network is built
     scores = np.array([r.score for r in scorer.score_folder(data[0])])
     # The same quantized graph on the same images: the calibration's range and its 10% promise.
     np.testing.assert_allclose([scores.min(), scores.max()], [cal.score_min, cal.score_max], rtol=1e-6)

@@ -223,19 +223,18 @@ def _run(args, device, dist_info) -> int:
 
 def _scorer(args, device):
     """The Scorer of the checkpoint, with its calibration; checkpoint errors name --checkpoint."""
-    from ..calibration import read_calibration
-    from ..model import load_checkpoint, model_from_checkpoint
+    from ..model import load_checkpoint
     from ..scoring import Scorer
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ckpt, map_location="cpu")
-        calibration = read_calibration(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
-    return Scorer(model, device=device, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                  batch_size=args.batch_size, num_workers=args.num_workers, topk=args.topk, calibration=calibration,
-                  engine=args.engine)
+    # From the checkpoint: a runtime engine whose graph is at hand runs without building the
+    # PyTorch network (Scorer.from_checkpoint); its errors name --checkpoint.
+    return Scorer.from_checkpoint(ckpt, device=device, dtype=args.dtype, compile=args.compile,
+                                  cuda_graphs=args.cuda_graphs, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, topk=args.topk, engine=args.engine)
 
 
 def _report(args, summary, dist_info) -> None:

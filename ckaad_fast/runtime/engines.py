@@ -37,7 +37,7 @@ from ..errors import ArgumentError
 from ..precision import cpu_has_bf16_matmul
 
 __all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "RuntimeEngine",
-           "RuntimeModule", "build_runtime_engine", "engine_graph_file"]
+           "RuntimeModule", "build_runtime_engine", "engine_graph_file", "cached_engine_graph"]
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: The engines that run an exported graph (on the CPU).
@@ -99,14 +99,23 @@ def cache_folder() -> Path:
     return Path(base) / "ckaad_fast"
 
 
-def engine_graph_file(model, fingerprint: str, topk) -> Path:
-    """The cached engine graph of ``model`` at ``topk``, exported on first use."""
-    from .graphs import write_engine_onnx
-
+def cached_engine_graph(fingerprint: str, topk) -> Path:
+    """Where the engine graph of the model ``fingerprint`` at ``topk`` is cached (it may not be
+    there yet): keyed by the model, the top-k and the versions that exported it."""
     # "g2": nodes named by the detector's part (graphs.GRAPH_PARTS), which quantization reads.
     key = f"{fingerprint[:24]}-top{'mean' if topk is None else topk}-g2-{__version__}-torch{torch.__version__}"
-    target = cache_folder() / "engines" / key / "engine.onnx"
+    return cache_folder() / "engines" / key / "engine.onnx"
+
+
+def engine_graph_file(model, fingerprint: str, topk) -> Path:
+    """The cached engine graph of ``model`` at ``topk``, exported on first use (``model`` None:
+    it must be in the cache already)."""
+    from .graphs import write_engine_onnx
+
+    target = cached_engine_graph(fingerprint, topk)
     if not target.is_file():
+        if model is None:
+            raise FileNotFoundError(f"no engine graph cached at {target}")
         # Exported on a copy in float32 on the CPU: the Scorer's own model keeps its device and layout.
         import copy
 

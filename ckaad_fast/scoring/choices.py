@@ -1,17 +1,21 @@
 """What a Scorer runs in, chosen once: its precision and its engine, following the model's
 calibration unless told otherwise, so that the calibration's decisions are the Scorer's (see
-:mod:`ckaad_fast.precision` and :mod:`ckaad_fast.runtime.engines`)."""
+:mod:`ckaad_fast.precision` and :mod:`ckaad_fast.runtime.engines`); and whether it needs the
+PyTorch network at all (:func:`graph_detector`)."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ArgumentError
-from ..precision import cpu_has_bf16_matmul, precision_name, resolve_precision
-from ..runtime import resolve_engine
+from ..model import ModelConfig, checkpoint_fingerprint, config_from_checkpoint
+from ..precision import cpu_has_bf16_matmul, precision_name, resolve_device, resolve_precision
+from ..runtime import RUNTIME_ENGINES, resolve_engine
+from ..runtime.engines import cached_engine_graph
 
-__all__ = ["scoring_dtype", "scoring_engine"]
+__all__ = ["scoring_dtype", "scoring_engine", "GraphDetector", "graph_detector"]
 
 
 def scoring_dtype(dtype, calibration, device) -> torch.dtype:
@@ -72,3 +76,39 @@ def scoring_engine(engine: str | None, calibration, device: torch.device, dtype:
             f"calibration's promise; leave the engine out (or pass {calibrated!r}) to score as it was calibrated",
             UserWarning, stacklevel=3)
     return chosen
+
+
+@dataclass(frozen=True)
+class GraphDetector:
+    """A detector known by its configuration and fingerprint only, for a Scorer whose runtime
+    engine runs a graph that is already there (the engine cache's, or an int8 calibration's):
+    such a Scorer never builds the PyTorch network, which on a 2-core CPU cost 2.2 s of a
+    14 s ``ckaad-fast score`` (docs/BENCHMARKS.md)."""
+
+    config: ModelConfig
+    fingerprint: str
+
+
+def graph_detector(ckpt: dict, calibration, device, options: dict) -> GraphDetector | None:
+    """The :class:`GraphDetector` of a checkpoint dict when a Scorer with these ``options``
+    (Scorer's keyword arguments) on ``device`` would run a runtime engine whose graph needs no
+    export; None otherwise (and whenever an option is wrong: the Scorer built the usual way
+    says what is wrong)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Scorer itself warns, once
+            dev = resolve_device(device)
+            dtype = scoring_dtype(options.get("dtype"), calibration, dev)
+            torch_only = bool(options.get("compile") or options.get("cuda_graphs"))
+            engine = scoring_engine(options.get("engine"), calibration, dev, dtype, torch_only)
+        if engine not in RUNTIME_ENGINES:
+            return None
+        config = config_from_checkpoint(ckpt)
+        topk = options.get("topk")
+        topk = config.topk if topk is None else (None if topk == "mean" else topk)
+        weights = checkpoint_fingerprint(ckpt)
+    except (ValueError, TypeError):
+        return None
+    if dtype == torch.int8 or cached_engine_graph(weights, topk).is_file():
+        return GraphDetector(config, weights)
+    return None

@@ -47,7 +47,7 @@ from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoin
 from ..precision import channels_last_for, precision_name, resolve_device
 from ..profiling import nvtx_enabled, stage
 from ..errors import ArgumentError
-from .choices import scoring_dtype, scoring_engine
+from .choices import GraphDetector, graph_detector, scoring_dtype, scoring_engine
 from .decoding import DecodeDataset, collate, worker_init
 from ..runtime import RUNTIME_ENGINES, build_runtime_engine
 
@@ -85,16 +85,16 @@ class Scorer:
     """Fast inference with a trained :class:`~ckaad_fast.model.Detector`.
 
     Args:
-        model: the detector (moved to ``device`` and put in eval mode; not copied).
+        model: the detector (moved to ``device`` and put in eval mode; not copied), or a
+            :class:`.choices.GraphDetector` (:meth:`from_checkpoint` makes one when it can).
         device: "cpu" or "cuda[:N]".
         dtype: precision of the backbone and the auto-encoder (:mod:`ckaad_fast.precision`):
             None follows the calibration (the precision it was computed in; float32 for
             calibrations older than that record) and, for a model without one, "auto";
             "auto" is bfloat16 on CUDA and on a CPU with bfloat16 matrix units, float32 on other
-            CPUs; "float32", "bfloat16" (autocast) or "float16" (CUDA only). Maps and scores are
-            float32 whatever the dtype. A precision other than the calibration's is allowed,
-            warned about (decisions near the threshold can differ from the calibration's) and
-            recorded in every results folder's run.json.
+            CPUs; "float32", "bfloat16" (autocast), "float16" (CUDA only) or "int8" (an int8
+            calibration's graph). Maps and scores are float32 whatever the dtype. Another precision
+            than the calibration's is allowed, warned about and recorded in run.json.
         compile: build the forward with ``torch.compile(fullgraph=True, dynamic=False)``.
         cuda_graphs: capture the forward into a CUDA graph per batch shape (CUDA only).
         batch_size: images per batch for :meth:`score_paths`.
@@ -136,7 +136,7 @@ class Scorer:
         calibration=None,
         engine: str | None = None,
     ):
-        if not isinstance(model, Detector):
+        if not isinstance(model, (Detector, GraphDetector)):
             raise TypeError(f"model must be a ckaad_fast.model.Detector, got {type(model).__name__}")
         self.device = resolve_device(device)
         self.dtype = scoring_dtype(dtype, calibration, self.device)
@@ -159,30 +159,35 @@ class Scorer:
         self.warmup = warmup
 
         self._channels_last = channels_last_for(self.device, self.dtype)
-        model = model.eval().to(self.device)
-        if self._channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        self._fingerprint: str | None = None
+        if isinstance(model, GraphDetector):  # a runtime engine's graph, with no network behind it
+            self.model, self.head, self._fingerprint = None, None, model.fingerprint
+        else:
+            model = model.eval().to(self.device)
+            if self._channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.model = model
+            # The model's own head, unless another top-k was asked for.
+            self.head = (model.head if self.topk == model.head.topk
+                         else InferenceHead(self.config.sigma, self.config.border, self.topk))
         self._mean = torch.tensor(self.config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        # The model's own head, unless another top-k was asked for.
-        self.head = (model.head if self.topk == model.head.topk
-                     else InferenceHead(self.config.sigma, self.config.border, self.topk))
         self._fn: Callable = self._forward_eager
         if self.compile:
             self._fn = torch.compile(self._forward_eager, fullgraph=True, dynamic=False)
         self._graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
-        self._fingerprint: str | None = None
         #: The model's :class:`~ckaad_fast.calibration.Calibration` (from its checkpoint), or None.
         self.calibration = calibration
         #: The engine that runs the forward ("torch", "onnxruntime" or "openvino"; see .engines).
         self.engine = scoring_engine(engine, calibration, self.device, self.dtype, self.compile or self.cuda_graphs)
         self._runtime = None
+        if self.model is None and self.engine not in RUNTIME_ENGINES:
+            raise ArgumentError("engine", f"a GraphDetector runs on a runtime engine only, not {self.engine}")
         if self.engine in RUNTIME_ENGINES:
             if self.compile or self.cuda_graphs:
                 raise ArgumentError("engine", f"compile and cuda_graphs are the torch engine's, not {self.engine}'s")
-            self._runtime = build_runtime_engine(self.engine, model, self.fingerprint(), self.topk, self.dtype,
+            self._runtime = build_runtime_engine(self.engine, self.model, self.fingerprint(), self.topk, self.dtype,
                                                  quantized=getattr(calibration, "int8_graph", None))
             if self._runtime.dtype != self.dtype:
                 warnings.warn(f"{self.engine} computes in {precision_name(self._runtime.dtype)} on this CPU, not "
@@ -194,11 +199,18 @@ class Scorer:
     # -------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Scorer":
-        """A scorer for the detector saved at ``path`` (loaded with ``weights_only=True``; a file
-        that is not a ckaad_fast checkpoint raises a ValueError that says so)."""
-        ckpt = load_checkpoint(path, map_location="cpu")
-        model = model_from_checkpoint(ckpt, map_location="cpu")
-        return cls(model, device=device, calibration=read_calibration(ckpt), **kwargs)
+        """A scorer for the detector saved at ``path`` (or a checkpoint dict from
+        :func:`~ckaad_fast.model.load_checkpoint`; loaded with ``weights_only=True``: a file that is
+        not a ckaad_fast checkpoint raises a ValueError that says so). When a runtime engine will
+        run a graph that is already there, the PyTorch network is not built at all
+        (:func:`.choices.graph_detector`): :attr:`model` is then None."""
+        ckpt = path if isinstance(path, dict) else load_checkpoint(path, map_location="cpu")
+        try:
+            calibration = read_calibration(ckpt)
+            model = graph_detector(ckpt, calibration, device, kwargs) or model_from_checkpoint(ckpt, map_location="cpu")
+        except ValueError as e:
+            raise ArgumentError("checkpoint", str(e)) from None
+        return cls(model, device=device, calibration=calibration, **kwargs)
 
     def _resolve_topk(self, topk):
         if topk is None:
