@@ -25,7 +25,7 @@ __all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics",
            "defect_types_of", "metrics_from_predictions", "METRIC_NAMES"]
 
 # The paper's metrics first, in this order; values are fractions, shown as percentages.
-_PAPER_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image")
+_PAPER_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image", "aupimo")
 #: What each metric key of :func:`evaluate_model` is called in tables.
 METRIC_NAMES = {
     "image_auroc": "image AUROC",
@@ -34,6 +34,7 @@ METRIC_NAMES = {
     "pixel_auroc": "pixel AUROC",
     "aupro": "AUPRO (standard, FPR <= 0.3)",
     "aupro_per_image": "AUPRO (reference per-image protocol)",
+    "aupimo": "AUPIMO (FPR 1e-5 to 1e-4)",
     "num_images": "test images",
     "num_anomalous": "anomalous test images",
 }

@@ -241,6 +241,7 @@ METRIC_HELP = {
     "pixel_auroc": ("Pixel AUROC", "How well the anomaly map separates defect pixels from normal ones."),
     "aupro": ("AUPRO", "Per-region overlap up to 30% false-positive rate (MVTec AD definition): small defects count as much as large ones."),
     "aupro_per_image": ("AUPRO (per image)", "The same, averaged per anomalous image (the CKAAD/RD4AD reference code's protocol)."),
+    "aupimo": ("AUPIMO", "How much of each defect is found while almost no normal pixel is flagged (false-positive rates 1e-5 to 1e-4 on the good images), averaged over defective images."),
     "num_images": ("Test images", ""),
     "num_anomalous": ("of which defective", ""),
 }

@@ -126,7 +126,6 @@ def _int8_check(args, cfg):
 
     from ..calibration import normal_folder_set
     from ..data import AnomalyFolderDataset
-
     from ..errors import ArgumentError
 
     try:

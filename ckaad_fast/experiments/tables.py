@@ -27,12 +27,12 @@ STRATEGY_NAMES = {"recon": "Recon", "recon_sub": "ReconSub", "gan": "GAN", "cka_
 MEDICAL_COLUMNS = {"image_auroc": "AUC", "image_f1": "F1", "image_acc": "ACC", "image_f1_val": "F1 (val)",
                    "image_acc_val": "ACC (val)"}
 INDUSTRIAL_COLUMNS = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "PRO (FPR≤0.3)",
-                      "aupro_per_image": "PRO (per image)"}
+                      "aupro_per_image": "PRO (per image)", "aupimo": "AUPIMO"}
 _DEFECT_COLUMNS = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "PRO (FPR≤0.3)"}
 _FLAT = ("run_id", "category", "strategy", "ratio_labeled", "anomaly_classes", "draw", "seed", "protocol", "epochs",
          "batch_size", "backbone", "image_size", "num_train", "num_labelled_anomalies", "num_validation",
          "image_auroc", "image_f1", "image_acc", "image_f1_val", "image_acc_val", "val_threshold", "pixel_auroc",
-         "aupro", "aupro_per_image", "num_images", "num_anomalous", "train_seconds", "eval_seconds")
+         "aupro", "aupro_per_image", "aupimo", "num_images", "num_anomalous", "train_seconds", "eval_seconds")
 
 
 def _cell(v):

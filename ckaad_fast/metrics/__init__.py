@@ -12,6 +12,8 @@ Pixel level
     computed exactly over every distinct threshold. :func:`aupro_per_image` is the CKAAD / RD4AD
     reference-code protocol: 200 evenly spaced thresholds per anomalous image, averaged over
     images. The two AUPRO numbers are different metrics and are not comparable with each other.
+    :func:`aupimo` is the per-image overlap at shared false-positive rates of 1e-5 to 1e-4 on
+    normal images (AUPIMO), averaged over anomalous images.
 
 :func:`evaluate` computes all of them at once.
 
@@ -33,6 +35,7 @@ from .pro import (
     label_regions,
     mean_per_image,
 )
+from .pimo import AUPIMO_FPR_BOUNDS, AUPIMO_NUM_THRESHOLDS, AupimoResult, aupimo
 from .roc import auroc_sorted_negatives, f1_acc_at, image_auroc, image_f1_acc, pixel_auroc
 
 __all__ = [
@@ -42,6 +45,10 @@ __all__ = [
     "pixel_auroc",
     "aupro",
     "aupro_per_image",
+    "aupimo",
+    "AupimoResult",
+    "AUPIMO_FPR_BOUNDS",
+    "AUPIMO_NUM_THRESHOLDS",
     "evaluate",
 ]
 
@@ -59,8 +66,10 @@ def evaluate(
 
     Returns a dict with ``image_auroc``, ``image_f1``, ``image_acc`` and, when ``masks`` and
     ``maps`` are given, ``pixel_auroc``, ``aupro`` (standard definition, :func:`aupro`) and
-    ``aupro_per_image`` (reference protocol, :func:`aupro_per_image`). Inputs are validated and
-    regions labelled once for all pixel metrics.
+    ``aupro_per_image`` (reference protocol, :func:`aupro_per_image`) and ``aupimo`` (the mean
+    AUPIMO of the anomalous images, :func:`aupimo`; left out where it cannot be measured: no
+    normal image, or too few normal pixels to reach a false-positive rate of 1e-5). Inputs are validated
+    and regions labelled once for all pixel metrics.
     """
     out: dict[str, float] = {"image_auroc": image_auroc(labels, scores)}
     f1, acc, _ = image_f1_acc(labels, scores)
@@ -83,4 +92,8 @@ def evaluate(
         out["aupro_per_image"] = mean_per_image(
             aupro_per_image_values(m, a, region_labels, num_thresholds, fpr_limit)
         )
+        try:
+            out["aupimo"] = aupimo(m, a).mean
+        except ValueError:  # no normal image, or too few normal pixels for its FPR range: left out
+            pass
     return out

@@ -148,9 +148,10 @@ class RuntimeEngine:
 
             hint = "bf16" if dtype == torch.bfloat16 else "f32"
             core = ov.Core()
-            compiled = core.compile_model(str(source) if isinstance(source, Path) else source, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                             "INFERENCE_NUM_THREADS": threads,
-                                                             "PERFORMANCE_HINT": "LATENCY"})
+            model = str(source) if isinstance(source, Path) else source
+            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                         "INFERENCE_NUM_THREADS": threads,
+                                                         "PERFORMANCE_HINT": "LATENCY"})
             self._compiled = compiled
             self._request = compiled.create_infer_request()
             outs = compiled.outputs
