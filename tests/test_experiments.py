@@ -163,7 +163,8 @@ def test_bilinear_mask_resize_drops_thin_regions_nearest_keeps_them(tmp_path):
 @pytest.mark.slow
 def test_table1_runs_end_to_end_and_resumes_without_redoing_runs(isic, tmp_path):
     out = tmp_path / "exp"
-    exp = Experiment("table1", "isic2018", str(isic), strategies=("cka_patch",), ratios=(0.05,), settings=TINY)
+    exp = Experiment("table1", "isic2018", str(isic), strategies=("cka_patch",), ratios=(0.05,), settings=TINY,
+                     seeds=(0,))
     rows = run_experiment(exp, out, progress=False)
     assert [r["anomaly_classes"] for r in rows] == [["BCC"], ["DF"], ["MEL"]]
     for r in rows:
@@ -186,7 +187,7 @@ def test_table1_runs_end_to_end_and_resumes_without_redoing_runs(isic, tmp_path)
     assert " ± " in (out / "table.md").read_text()
     # Other settings in the same folder would mix two experiments in one table.
     with pytest.raises(ArgumentError, match="holds another experiment"):
-        run_experiment(Experiment("table1", "isic2018", str(isic), settings={**TINY, "epochs": 2}), out)
+        run_experiment(Experiment("table1", "isic2018", str(isic), settings={**TINY, "epochs": 2}, seeds=(0,)), out)
     # A crash that tore the last record: that run is made again, reported, and nothing is glued.
     ledger = out / "results.jsonl"
     text = ledger.read_bytes()
@@ -210,17 +211,22 @@ def test_table1_runs_end_to_end_and_resumes_without_redoing_runs(isic, tmp_path)
 def test_cli_table3_on_the_synthetic_texture_set(texture_root, tmp_path, capsys):
     out = tmp_path / "t3"
     args = ["experiment", "table3", "--data", str(texture_root), "--epochs", "2", "--backbone", "resnet18",
-            "--weights", "none", "--image-size", "64", "--batch-size", "8", "--out", str(out), "--quiet"]
+            "--weights", "none", "--image-size", "64", "--batch-size", "8", "--seeds", "0", "1", "--out", str(out),
+            "--quiet"]
     assert main(args) == 0
     md = capsys.readouterr().out
     for name in ("Recon", "ReconSub", "GAN", "CKAImg", "CKAPatch"):
         assert f"| {name} |" in md
     assert "## By defect type" in md and "| I-AUROC | P-AUROC | PRO (FPR≤0.3) | PRO (per image) |" in md
+    # Each strategy against Recon, paired by seed, with its interval over the two seeds.
+    paired = md.split("## Against Recon, paired by seed")[1].split("## By defect type")[0]
+    assert all(f"| {name} | " in paired for name in ("ReconSub", "GAN", "CKAImg", "CKAPatch"))
+    assert "| Recon | " not in paired and "] p=" in paired
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["strategy"] for r in lines] == ["cka_patch", "cka_img", "gan", "recon_sub", "recon"]
+    assert [r["strategy"] for r in lines] == ["cka_patch", "cka_img", "gan", "recon_sub", "recon"] * 2
     assert all(r["epochs"] == 2 and "aupro_per_image" in r and r["by_defect_type"] for r in lines)
     assert main(args[:-1] + ["--dry-run"]) == 0
-    assert capsys.readouterr().out.count("done  ") == 5
+    assert capsys.readouterr().out.count("done  ") == 10
 
 
 def test_cli_experiment_errors_name_the_option(tmp_path, capsys):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_text
+from .paired import BASELINE, paired_difference
 
 __all__ = ["STRATEGY_NAMES", "MEDICAL_COLUMNS", "INDUSTRIAL_COLUMNS", "result_rows", "by_defect_rows",
            "markdown", "write_csv", "aggregate"]
@@ -157,6 +158,39 @@ def _by_defect(exp, rows: list[dict]) -> list[str]:
     return _table(header + [_DEFECT_COLUMNS[m] for m in cols], body)
 
 
+def _paired_cell(d) -> str:
+    if d is None:
+        return "–"
+    if d.low is None:
+        return f"{100 * d.mean:+.2f} (1 seed)"
+    return f"{100 * d.mean:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}] p={d.p:.2g}"
+
+
+def _paired(exp, rows: list[dict]) -> list[str]:
+    """Each strategy against the baseline, paired by seed (see .paired), per r_l on class-labelled data."""
+    others = [s for s in exp.strategies if s != BASELINE]
+    if BASELINE not in exp.strategies or not others:
+        return []
+    columns = MEDICAL_COLUMNS if exp.class_labelled else INDUSTRIAL_COLUMNS
+    ratios = sorted({r["ratio_labeled"] for r in rows if r["strategy"] != BASELINE}) if exp.class_labelled else [None]
+    body = []
+    for ratio in ratios:
+        where = None if ratio is None else (lambda r, ratio=ratio: r["ratio_labeled"] == ratio)
+        for s in others:
+            cells = [_paired_cell(paired_difference(rows, s, m, BASELINE, where)) for m in columns]
+            if any(c != "–" for c in cells):
+                body.append(([f"{100 * ratio:g}%"] if ratio is not None else []) + [STRATEGY_NAMES.get(s, s)] + cells)
+    if not body:
+        return []
+    header = (["r_l"] if exp.class_labelled else []) + ["Strategy", *columns.values()]
+    return ["", f"## Against {STRATEGY_NAMES.get(BASELINE, BASELINE)}, paired by seed", "",
+            f"Each run minus the {STRATEGY_NAMES.get(BASELINE, BASELINE)} run of the same seed on the same data, "
+            "in points: the mean over seeds, its 95% confidence interval (Student's t) and the paired t-test's "
+            "p-value. An interval that holds 0 means these runs cannot tell the strategy from the baseline: "
+            "more seeds narrow it (docs/REPRODUCING.md says how many a claim of a given size needs).", ""
+            ] + _table(header, body)
+
+
 def markdown(exp, rows: list[dict]) -> str:
     """The experiment's table (and its per-defect-type table) as Markdown, with what it shows."""
     seeds = sorted({r["seed"] for r in rows})
@@ -180,6 +214,7 @@ def markdown(exp, rows: list[dict]) -> str:
     if exp.layout in ("mvtec", "visa"):
         lines += ["", "PRO (FPR≤0.3): the standard AUPRO (MVTec AD); PRO (per image): the CKAAD/RD4AD "
                   "reference code's per-image protocol. They are different metrics."]
+    lines += _paired(exp, rows)
     defect = _by_defect(exp, rows)
     if defect:
         lines += ["", "## By defect type", "", "Each defect type's test images against the normal ones"
