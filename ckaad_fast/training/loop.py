@@ -44,6 +44,7 @@ from ..evaluation import evaluate_model
 from ..precision import check_device_usable
 from ..model import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import LOG_NAME, RUN_FIELDS, TrainConfig
+from .curves import Curves
 from .module import CKAAD, ckaad_from_checkpoint
 from .loaders import Images, WithDistortion, cycle, epoch_loader, rng_state, seed_everything, set_rng_state
 from .trainer import Trainer
@@ -120,6 +121,7 @@ def train(
         for name in (CHECKPOINT_NAME, LOG_NAME):
             remove_stale_temporaries(run.out, name)
     model, trainer, history, start_epoch = run.start(resume)
+    curves = Curves(run.out, start_epoch, run.main)  # TensorBoard's files, when it is installed
     batches = _EpochBatches(cfg, train_set, anomaly_set, run.world)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         record = run.epoch(epoch, trainer, batches)
@@ -131,6 +133,8 @@ def train(
             record["eval_seconds"] = round(time.perf_counter() - t1, 3)
         history.append(record)
         run.save(epoch, model, trainer, history, record)
+        curves.add(record)
+    curves.close()
     model.eval()
     return TrainResult(checkpoint=run.ckpt_path, log=run.log_path, history=history, model=model)
 
@@ -327,6 +331,8 @@ class _Run:
             "d_loss": d if trainer.discriminator is not None else None,
             "g_loss": g,
             "recon_loss": r,
+            # The discriminator's mean scores on this rank's last batch (None without one).
+            "energy": trainer.energies(),
             "steps": steps,
             "seconds": round(time.perf_counter() - t0, 3),
         }

@@ -117,6 +117,7 @@ class Trainer:
             recon = [r if r.dtype == f.dtype else r.to(f.dtype) for r, f in zip(recon, feats)]
         reference = self.config.protocol == "reference" and strategy.uses_anomalies
         x = StepTensors(feats, recon, n, n / images.shape[0] if reference else self.config.alpha)
+        self._last = x  # for energies(): the last step's features, kept until the next step
         d_loss = self._discriminator_step(x) if self.discriminator is not None else None
         g_loss, rec = self._generator_step(x)
         zero = g_loss.new_zeros(())
@@ -147,6 +148,33 @@ class Trainer:
             if self.discriminator is not None:
                 self.discriminator.requires_grad_(True)
         return g_loss, rec
+
+    @torch.no_grad()
+    def energies(self) -> dict[str, float] | None:
+        """The discriminator's mean score (its energy, or its logit for gan) on the last step's
+        normal features, their reconstructions and the anomalous features (when the step had
+        any): what the adversarial game does, for training curves. None without a discriminator."""
+        x = getattr(self, "_last", None)
+        if self.discriminator is None or x is None:
+            return None
+        n, total = x.n, x.feats[0].shape[0]
+        # In eval mode: no normalisation statistics updated, no random numbers drawn, so watching
+        # the game does not change it (training is the same with or without the curves).
+        was_training = self.discriminator.training
+        self.discriminator.eval()
+        try:
+            with self._autocast():
+                scores = self.discriminator([torch.cat([f[:n], r[:n], f[n:]]) for f, r in zip(x.feats, x.recon)])
+        finally:
+            self.discriminator.train(was_training)
+
+        def mean(lo, hi):
+            return float(sum(s[lo:hi].float().mean() for s in scores) / len(scores))
+
+        out = {"normal": mean(0, n), "reconstructed": mean(n, 2 * n)}
+        if total > n:
+            out["anomalous"] = mean(2 * n, 2 * n + total - n)
+        return out
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
