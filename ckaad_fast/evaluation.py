@@ -53,6 +53,24 @@ def format_by_defect_type(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def defect_type_chart(metrics: dict):
+    """The per-defect-type table as a picture: one group of bars per defect type (image AUROC,
+    pixel AUROC, AUPRO in %), or None when the metrics have no ``by_defect_type``."""
+    from .charts import bar_chart
+
+    table = metrics.get("by_defect_type") or {}
+    cols = [k for k in ("image_auroc", "pixel_auroc", "aupro") if any(k in m for m in table.values())]
+    if not table or not cols:
+        return None
+    series = {METRIC_NAMES[c].split(" (")[0]: [(100 * m[c], None) if c in m else None for m in table.values()]
+              for c in cols}
+    low = min(v for vals in series.values() for v in (x[0] for x in vals if x is not None))
+    floor = max(0.0, 10 * int(low // 10) - 10)
+    width = max(560, 120 * len(table))
+    return bar_chart("By defect type: its images against the normal ones", list(table), series, "%",
+                     (floor, 100.0), size=(width, 360))
+
+
 def format_metrics(metrics: dict) -> str:
     """A two-column table of the metrics, the paper's metrics first (values as percentages)."""
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}

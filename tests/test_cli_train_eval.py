@@ -35,11 +35,15 @@ def test_train_then_eval(root, tmp_path, capsys):
     capsys.readouterr()
 
     result = tmp_path / "metrics" / "m.json"
+    chart = tmp_path / "metrics" / "by_defect.png"
     rc = main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(root), "--category", "gravel",
-               "--batch-size", "4", "--json", str(result), "--quiet"])
+               "--batch-size", "4", "--json", str(result), "--chart", str(chart), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "image AUROC" in printed and "pixel AUROC" in printed
+    assert "image AUROC" in printed and "pixel AUROC" in printed and f"chart written to {chart}" in printed
+    from PIL import Image
+
+    assert Image.open(chart).size[1] == 360  # the per-defect-type bars
     metrics = json.loads(result.read_text())
     for k in METRICS:
         assert 0.0 <= metrics[k] <= 1.0

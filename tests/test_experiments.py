@@ -316,3 +316,23 @@ def test_the_reference_protocol_reaches_the_training_and_the_masks(texture_root,
     assert anomalies is None and not exp.class_labelled and test.mask_resize == "bilinear"
     ours = Experiment("table3", "mvtec", str(texture_root), settings=TINY)
     assert single._open(ours, spec, "test", single.run_config(ours, spec), None).mask_resize == "nearest"
+
+
+@pytest.mark.slow
+def test_figure2_is_drawn_by_table1_with_k_above_one(isic, tmp_path):
+    out = tmp_path / "fig"
+    exp = Experiment("table1", "isic2018", str(isic), strategies=("recon", "cka_patch"), ratios=(0.05,),
+                     num_classes=2, draws=1, seeds=(0,), settings=TINY)
+    rows = run_experiment(exp, out, progress=False)
+    assert [r["strategy"] for r in rows] == ["recon", "cka_patch"]
+    picture = np.asarray(Image.open(out / "figure2.png").convert("RGB"))
+    assert picture.shape[1] > 2 * picture.shape[0]  # two panels side by side: AUC and F1
+    # Both strategies' bars (the chart's first two colours) in each panel.
+    left, right = picture[:, : picture.shape[1] // 2], picture[:, picture.shape[1] // 2:]
+    for panel in (left, right):
+        for colour in ((0, 114, 178), (230, 159, 0)):
+            assert (panel == colour).all(axis=-1).sum() > 50
+    one = tmp_path / "one"  # k = 1: the table, no figure (Figure 2 is about k > 1)
+    run_experiment(Experiment("table1", "isic2018", str(isic), strategies=("recon",), ratios=(0.05,), seeds=(0,),
+                              settings=TINY), one, progress=False)
+    assert not (one / "figure2.png").exists()

@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--json", metavar="FILE",
                    help="also write the metrics to FILE as JSON (written atomically)")
+    p.add_argument("--chart", metavar="PNG",
+                   help="also draw the per-defect-type table as bars (image AUROC, pixel AUROC, AUPRO) into PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run, interrupted=lambda a: "nothing was written; run the command again")
     return p
@@ -64,8 +66,9 @@ def _run(args, dist_info) -> int:
     from ..calibration import read_calibration
     from ..model import checkpoint_file, load_checkpoint, model_from_checkpoint
 
-    if args.json and os.path.isdir(args.json):
-        raise ValueError(f"--json: {args.json!r} is a folder; give the name of the file to write")
+    for option, value in (("--json", args.json), ("--chart", args.chart)):
+        if value and os.path.isdir(value):
+            raise ValueError(f"{option}: {value!r} is a folder; give the name of the file to write")
     device = _device(args.device)
     try:
         ckpt = load_checkpoint(args.checkpoint)  # a file, or a run's output folder
@@ -82,6 +85,15 @@ def _run(args, dist_info) -> int:
     print(format_metrics(metrics))
     if metrics.get("by_defect_type"):
         print(format_by_defect_type(metrics))
+    if args.chart:
+        from ..evaluation import defect_type_chart
+        from ..report import save_png
+
+        chart = defect_type_chart(metrics)
+        if chart is None:
+            print("no chart: the test split has no defect types to draw")
+        else:
+            print(f"chart written to {save_png(chart, args.chart)}")
     calibration = read_calibration(ckpt)
     print(f"calibration: {calibration.describe()}" if calibration is not None else
           "calibration: none (run ckaad-fast calibrate to give score a decision)")

@@ -16,13 +16,29 @@ Example (Table 3 on MVTec AD's bottle, three seeds)::
     exp = Experiment("table3", "mvtec", "/data/mvtec", categories=("bottle",), seeds=(0, 1, 2))
     rows = run_experiment(exp, "experiments/table3-bottle")
 """
-from .plan import CLASS_LAYOUTS, INDUSTRIAL_LAYOUTS, SETTINGS, TABLE1_RATIOS, TABLES, Experiment, RunSpec, class_draw
+from .figures import figure2
+from .paired import PairedDifference, paired_difference
+from .plan import (
+    CLASS_LAYOUTS,
+    DEFAULT_SEEDS,
+    INDUSTRIAL_LAYOUTS,
+    SETTINGS,
+    TABLE1_RATIOS,
+    TABLES,
+    Experiment,
+    RunSpec,
+    class_draw,
+)
 from .runner import plan_experiment, read_results, run_experiment, write_outputs
 from .single import run_config, run_one
 from .tables import INDUSTRIAL_COLUMNS, MEDICAL_COLUMNS, STRATEGY_NAMES, aggregate, markdown
 
 __all__ = [
     "CLASS_LAYOUTS",
+    "DEFAULT_SEEDS",
+    "PairedDifference",
+    "figure2",
+    "paired_difference",
     "INDUSTRIAL_COLUMNS",
     "INDUSTRIAL_LAYOUTS",
     "MEDICAL_COLUMNS",

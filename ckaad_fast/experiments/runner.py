@@ -5,6 +5,7 @@
     OUT/results.csv          the same, one row per run, flat
     OUT/by_defect_type.csv   one row per (run, defect type)
     OUT/table.md             the table in the paper's format (and the per-defect-type table)
+    OUT/figure2.png          class-labelled data with k > 1: the paper's Figure 2 for this k (.figures)
     OUT/runs/<run_id>/       each run's checkpoint.pt and log.jsonl
 
 A run is finished once its record is in ``results.jsonl`` (appended in one synced write; see
@@ -25,6 +26,8 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..data import FolderDataset, list_categories, open_dataset
 from ..errors import ArgumentError
 from ..scoring.lock import FolderLock
+from ..report import save_png
+from .figures import figure2
 from .ledger import append_record, read_ledger, set_aside
 from .plan import Experiment, RunSpec
 from .single import run_one
@@ -85,11 +88,16 @@ def _check_folder(exp: Experiment, out: Path, create: bool = True) -> None:
 
 
 def write_outputs(exp: Experiment, rows: list[dict], out_dir: str | Path) -> None:
-    """results.csv, by_defect_type.csv and table.md from the finished runs' rows."""
+    """results.csv, by_defect_type.csv, table.md and (class-labelled data, k > 1) figure2.png from
+    the finished runs' rows."""
     out = Path(out_dir)
     write_csv(out / "results.csv", result_rows(rows))
     write_csv(out / "by_defect_type.csv", by_defect_rows(rows))
     atomic_write_text(out / "table.md", markdown(exp, rows))
+    if exp.class_labelled and exp.num_classes > 1:
+        picture = figure2([(exp, rows)])
+        if picture is not None:
+            save_png(picture, out / "figure2.png")
 
 
 def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, progress: bool = True,
