@@ -9,25 +9,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from . import drawing
 
 __all__ = ["bar_chart", "side_by_side", "PALETTE"]
 
 #: Series colours (colour-blind safe: Okabe and Ito's palette).
 PALETTE = ((0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0),
            (240, 228, 66), (0, 0, 0))
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
-    x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0
 
 
 def bar_chart(title: str, groups: Sequence[str], series: dict[str, Sequence[tuple[float, float | None] | None]],
@@ -46,9 +36,9 @@ def bar_chart(title: str, groups: Sequence[str], series: dict[str, Sequence[tupl
     w, h = size
     im = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(im)
-    title_font, font, small = _font(15), _font(12), _font(10)
+    title_font, font, small = drawing.font(15), drawing.font(12), drawing.font(10)
     left, right, top, bottom = 52, 12, 34, 62
-    draw.text(((w - _width(draw, title, title_font)) // 2, 8), title, fill="black", font=title_font)
+    draw.text(((w - drawing.text_width(draw, title, title_font)) // 2, 8), title, fill="black", font=title_font)
 
     def y_of(v: float) -> float:
         v = min(max(v, lo), hi)
@@ -59,7 +49,7 @@ def bar_chart(title: str, groups: Sequence[str], series: dict[str, Sequence[tupl
         y = y_of(v)
         draw.line([(left, y), (w - right, y)], fill=(225, 225, 225))
         label = f"{v:g}"
-        draw.text((left - 6 - _width(draw, label, small), y - 6), label, fill="black", font=small)
+        draw.text((left - 6 - drawing.text_width(draw, label, small), y - 6), label, fill="black", font=small)
     draw.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
     if y_label:
         draw.text((4, top - 20), y_label, fill="black", font=small)
@@ -81,15 +71,15 @@ def bar_chart(title: str, groups: Sequence[str], series: dict[str, Sequence[tupl
                 for v in (value - std, value + std):
                     draw.line([(xm - 3, y_of(v)), (xm + 3, y_of(v))], fill="black")
             text = f"{value:.{decimals}f}"
-            tw = _width(draw, text, small)
+            tw = drawing.text_width(draw, text, small)
             draw.text(((xa + xb - tw) / 2, y_of(value + (std or 0)) - 13), text, fill="black", font=small)
-        tw = _width(draw, group, font)
+        tw = drawing.text_width(draw, group, font)
         draw.text((left + g * group_w + (group_w - tw) / 2, h - bottom + 6), group, fill="black", font=font)
     x = left  # the legend, one row under the group labels
     for s, name in enumerate(names):
         draw.rectangle([x, h - 24, x + 12, h - 12], fill=PALETTE[s % len(PALETTE)])
         draw.text((x + 16, h - 25), name, fill="black", font=font)
-        x += 16 + _width(draw, name, font) + 18
+        x += 16 + drawing.text_width(draw, name, font) + 18
     return im
 
 

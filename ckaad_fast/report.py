@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .atomic import atomic_open, atomic_write_text
+from . import drawing
 
 __all__ = [
     "turbo",
@@ -143,30 +144,18 @@ def save_png(image: np.ndarray | Image.Image, path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------
 # The picture grid
 # ------------------------------------------------------------------------------------------------
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_w(draw: ImageDraw.ImageDraw, text: str, font) -> int:
-    x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0
-
-
 def colour_bar(lo: float, hi: float, width: int = 300, height: int = 14, label: str = "anomaly map value") -> Image.Image:
     """A horizontal Turbo colour bar with its end values and a label underneath."""
-    font = _font(12)
+    font = drawing.font(12)
     bar = turbo(np.linspace(0, 1, width))[None].repeat(height, axis=0)
     canvas = Image.new("RGB", (width + 120, height + 22), "white")
     canvas.paste(Image.fromarray(bar), (60, 2))
     d = ImageDraw.Draw(canvas)
     d.rectangle([60, 2, 60 + width - 1, 2 + height - 1], outline=(90, 90, 90))
     lo_t, hi_t = f"{lo:.3g}", f"{hi:.3g}"
-    d.text((56 - _text_w(d, lo_t, font), 2), lo_t, fill="black", font=font)
+    d.text((56 - drawing.text_width(d, lo_t, font), 2), lo_t, fill="black", font=font)
     d.text((64 + width, 2), hi_t, fill="black", font=font)
-    d.text((60 + (width - _text_w(d, label, font)) // 2, height + 5), label, fill=(60, 60, 60), font=font)
+    d.text((60 + (width - drawing.text_width(d, label, font)) // 2, height + 5), label, fill=(60, 60, 60), font=font)
     return canvas
 
 
@@ -194,7 +183,7 @@ def picture_grid(
         cell = max(96, min(160, w))
     ch = max(1, round(cell * h / w))
     gap, left, head = 6, 104, 22
-    font, small = _font(14), _font(12)
+    font, small = drawing.font(14), drawing.font(12)
     title_h = 28 if title else 0
     score_h = 18
     rows = ("image", "ground truth", "anomaly map")
@@ -204,7 +193,7 @@ def picture_grid(
     canvas = Image.new("RGB", (max(width, bar.width + left), height), "white")
     d = ImageDraw.Draw(canvas)
     if title:
-        d.text((8, 6), title, fill="black", font=_font(16))
+        d.text((8, 6), title, fill="black", font=drawing.font(16))
     top = title_h + head
     for r, name in enumerate(rows):
         y = top + r * (ch + gap) + ch // 2 - 8
@@ -213,7 +202,7 @@ def picture_grid(
         x = left + c * (cell + gap)
         label = str(it.get("label", ""))
         colour = (0, 110, 0) if label == "good" else (170, 0, 0)
-        d.text((x + (cell - _text_w(d, label, font)) // 2, title_h + 3), label, fill=colour, font=font)
+        d.text((x + (cell - drawing.text_width(d, label, font)) // 2, title_h + 3), label, fill=colour, font=font)
         amap = np.asarray(it["map"], dtype=np.float32)
         img = _as_rgb_u8(it["image"], amap.shape)
         tiles = (img, mask_overlay(img, it.get("mask")), overlay(img, amap, lo, hi))
@@ -226,7 +215,7 @@ def picture_grid(
             fill = (60, 60, 60)
             if threshold is not None:
                 fill = (190, 0, 0) if s >= threshold else (0, 120, 0)
-            d.text((x + (cell - _text_w(d, text, small)) // 2, top + 3 * (ch + gap) - 2), text, fill=fill, font=small)
+            d.text((x + (cell - drawing.text_width(d, text, small)) // 2, top + 3 * (ch + gap) - 2), text, fill=fill, font=small)
     canvas.paste(bar, (left, top + 3 * (ch + gap) + score_h))
     return canvas
 

@@ -113,3 +113,22 @@ def test_evaluate_reports_aupimo_where_it_can_be_measured():
     labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
     small = evaluate(labels, maps.reshape(len(maps), -1).max(axis=1), masks, maps)
     assert "aupimo" not in small and "pixel_auroc" in small  # left out, not guessed
+
+
+def test_eval_json_carries_aupimo(tmp_path):
+    import json
+
+    from ckaad_fast.cli import main
+    from ckaad_fast.data.synthetic import make_texture_dataset
+
+    from helpers import tiny_checkpoint
+
+    # 7 normal test images of 128²: 114,688 normal pixels, enough for a false-positive rate of 1e-5.
+    root = make_texture_dataset(tmp_path / "tex", "brick", n_train=2, n_test_good=7, n_test_defect=1,
+                                image_size=128, seed=0)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", 128)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(root), "--category", "brick", "--json", str(out),
+                 "--quiet"]) == 0
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["aupimo"] <= 1.0
