@@ -21,7 +21,7 @@ FIGURE2_METRICS = {"image_auroc": "AUC (%)", "image_f1": "F1 (%)"}
 
 
 def _groups(exp, rows: list[dict]):
-    """(label, ratio, k) of every bar group of one experiment, and its per-(ratio, strategy) stats."""
+    """(label, ratio) of every bar group of one experiment, and its per-(ratio, strategy) stats."""
     stats = aggregate(rows, lambda r: (r["ratio_labeled"], r["strategy"]), FIGURE2_METRICS)
     ratios = sorted({ratio for ratio, s in stats if s != "recon"})
     several = len(ratios) > 1
@@ -59,7 +59,7 @@ def figure2(experiments) -> Image.Image | None:
                 values.append(None if st is None else (100 * st[0], None if st[1] is None else 100 * st[1]))
             series[STRATEGY_NAMES.get(s, s)] = values
         shown = [v for vals in series.values() for v in vals if v is not None]
-        low = min(v - (sd or 0) for v, sd in shown)
+        low = min((v - (sd or 0) for v, sd in shown), default=0.0)
         floor = max(0.0, 10 * int(low // 10) - 10)  # a y axis that shows the differences, starting at a round number
         panels.append(bar_chart(f"{axis.split(' ')[0]}: mean ± std over seeds", groups, series, axis, (floor, 100.0)))
     return side_by_side(panels)
