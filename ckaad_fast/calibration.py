@@ -308,18 +308,17 @@ INT8_RANGE_IMAGES = 300
 
 def _quantized(model, dataset, check, max_auroc_drop, scope) -> QuantizedGraph:
     """The int8 graph of ``model`` (see :func:`calibrate`): ranges from ``dataset``'s normal images
-    (at most INT8_RANGE_IMAGES, evenly spread), accuracy control on ``check``."""
-    labels = [int(dataset[i][1]) for i in range(len(dataset))] if not isinstance(dataset, _AsNormal) else \
-        [0] * len(dataset)
-    normal = [i for i, label in enumerate(labels) if label == 0]
-    pick = [normal[int(j)] for j in np.linspace(0, len(normal) - 1, min(len(normal), INT8_RANGE_IMAGES))]
-    images = [dataset[i][0].numpy() for i in pick]
-    if check is None and 0 < sum(labels) < len(labels):
-        check = dataset
-    held = None
+    (at most INT8_RANGE_IMAGES, evenly spread), accuracy control on ``check``. Each set is read
+    once (decoding is the cost here)."""
+    items = [dataset[i][:2] for i in range(len(dataset))]
+    normal = [x for x, label in items if int(label) == 0]
+    pick = np.linspace(0, len(normal) - 1, min(len(normal), INT8_RANGE_IMAGES)).astype(int)
+    images = [normal[j].numpy() for j in pick]
     if check is not None:
-        items = [check[i] for i in range(len(check))]
-        held = ([item[0].numpy() for item in items], [int(item[1]) for item in items])
+        items = [check[i][:2] for i in range(len(check))]
+    elif not 0 < len(normal) < len(items):  # no check given, and the set does not hold both kinds
+        items = None
+    held = None if items is None else ([x.numpy() for x, _ in items], [int(label) for _, label in items])
     return quantize_graph(model, fingerprint(model), model.config.topk, images, held, max_auroc_drop, scope)
 
 

@@ -72,8 +72,10 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
     Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
-    if dtype is None:
-        dtype = "int8" if format == "openvino" and _int8_calibrated(checkpoint) else "float32"
+    ckpt = None
+    if dtype is None:  # the calibration's int8 for OpenVINO: read the checkpoint now, once
+        ckpt = _load(checkpoint) if format == "openvino" else None
+        dtype = "int8" if ckpt is not None and (ckpt.get("calibration") or {}).get("precision") == "int8" else "float32"
     graph_dtype = torch_dtype(dtype, "dtype", int8=True)  # a graph has one precision: never auto
     dtype = canonical_precision(dtype, "dtype", int8=True)
     if dtype == "int8" and format != "openvino":
@@ -97,11 +99,11 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
         sensitivity = check_sensitivity(sensitivity)
     except ValueError as e:
         raise ArgumentError("sensitivity", str(e).removeprefix("sensitivity ")) from None
+    ckpt = ckpt if ckpt is not None else _load(checkpoint)
     try:
-        ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt)
         calibration = read_calibration(ckpt)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         raise ArgumentError("checkpoint", str(e)) from None
     if dtype == "int8" and (calibration is None or calibration.precision != "int8"):
         raise ArgumentError("dtype", "int8 needs a checkpoint calibrated in int8 (ckaad-fast calibrate --dtype int8), "
@@ -182,9 +184,10 @@ def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str
             tmp.unlink()
 
 
-def _int8_calibrated(checkpoint) -> bool:
+def _load(checkpoint) -> dict:
+    """The checkpoint dict; its errors name the argument."""
     try:
-        return (load_checkpoint(checkpoint).get("calibration") or {}).get("precision") == "int8"
+        return load_checkpoint(checkpoint)
     except (ValueError, FileNotFoundError) as e:
         raise ArgumentError("checkpoint", str(e)) from None
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..errors import ArgumentError
 from ..head import DEFAULT_SENSITIVITY, InferenceHead, decide, feature_sizes, normalized_score
-from ..model import Detector
+from ..model import Detector, normalise_pixels
 
 __all__ = ["ScoringGraph", "EngineGraph", "standard_ops_head", "write_onnx", "write_engine_onnx", "dynamic_batch",
            "GRAPH_PARTS", "INPUT_NAME", "SENSITIVITY_NAME", "OUTPUT_NAMES", "MAX_BATCH"]
@@ -83,7 +83,7 @@ class ScoringGraph(nn.Module):
                 torch.full((1,), self.sensitivity, dtype=torch.float64, device=device))
 
     def forward(self, image: torch.Tensor, sensitivity: torch.Tensor | None = None):
-        x = ((image.to(torch.float32) / 255.0 - self.mean) / self.std).to(self.dtype)
+        x = normalise_pixels(image, self.mean, self.std).to(self.dtype)
         # precision float32: no autocast; the network runs in its weights' dtype.
         score, amap = self.model(x, torch.float32, self.head)
         if self.calibrated:

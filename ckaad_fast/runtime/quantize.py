@@ -38,7 +38,9 @@ import numpy as np
 
 from ..errors import ArgumentError
 from ..metrics import image_auroc
+from ..model import normalise_pixels
 from .engines import engine_graph_file
+from .graphs import GRAPH_PARTS
 
 __all__ = ["QuantizedGraph", "quantize_graph", "int8_scoring_model", "SCOPES", "DEFAULT_SCOPE",
            "DEFAULT_MAX_AUROC_DROP"]
@@ -48,8 +50,9 @@ SCOPES = ("autoencoder", "network")
 DEFAULT_SCOPE = "autoencoder"
 #: The accuracy-controlled mode's default bound on the check set's image AUROC drop (half a point).
 DEFAULT_MAX_AUROC_DROP = 0.005
-# Node names the engine graph gives each part (graphs.GRAPH_PARTS): everything else is left float.
-_KEEP_FLOAT = {"autoencoder": r"^(?!autoencoder/)", "network": r"^(?!backbone/|autoencoder/)"}
+# The parts of the engine graph each scope quantizes (its nodes are named "part/...", graphs.GRAPH_PARTS);
+# every other node is left in float.
+_QUANTIZED_PARTS = {"autoencoder": ("autoencoder",), "network": GRAPH_PARTS}
 _BATCH = 8
 
 
@@ -165,7 +168,7 @@ def quantize_graph(model, fingerprint: str, topk, images, check=None, max_auroc_
     check_images = [np.ascontiguousarray(x, dtype=np.float32) for x in check_images]
     controlled = 0 < sum(check_labels) < len(check_labels)
     float_model = ov.Core().read_model(str(engine_graph_file(model, fingerprint, topk)))
-    ignored = nncf.IgnoredScope(patterns=[_KEEP_FLOAT[scope]], validate=False)
+    ignored = nncf.IgnoredScope(patterns=[f"^(?!({'|'.join(_QUANTIZED_PARTS[scope])})/)"], validate=False)
     data = nncf.Dataset([x[None] for x in images])
     with _quiet(nncf):
         quantized = _quantize(nncf, float_model, data, len(images), ignored, check_images, check_labels,
@@ -217,9 +220,9 @@ def int8_scoring_model(quantized: QuantizedGraph, calibration, sensitivity: floa
 
     model = quantized.openvino_model()
     (inner,) = model.get_parameters()
-    pixels = torch.arange(256, dtype=torch.float32).view(1, 1, 256) / 255.0
-    table = ((pixels - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1))
-             / torch.tensor(std, dtype=torch.float32).view(1, 3, 1)).reshape(-1).numpy()
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256)
+    table = normalise_pixels(pixels, torch.tensor(mean, dtype=torch.float32).view(1, 3, 1),
+                             torch.tensor(std, dtype=torch.float32).view(1, 3, 1)).reshape(-1).numpy()
     image = ops.parameter(ov.PartialShape([-1, 3, *inner.get_partial_shape()[2:]]), ov.Type.u8, name="image")
     image.output(0).get_tensor().set_names({"image"})
     index = ops.add(ops.convert(image, "i32"), ops.constant(np.array([0, 256, 512], np.int32).reshape(1, 3, 1, 1)))

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from ..calibration import read_calibration
 from ..data import list_images
 from ..head import InferenceHead
-from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint
+from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint, normalise_pixels
 from ..precision import channels_last_for, precision_name, resolve_device
 from ..profiling import nvtx_enabled, stage
 from ..errors import ArgumentError
@@ -288,9 +288,7 @@ class Scorer:
         with stage("copy"):
             x = images.to(self.device, non_blocking=True)
         if normalise:
-            if x.dtype == torch.uint8:
-                x = x.to(torch.float32) / 255.0
-            x = (x - self._mean) / self._std
+            x = normalise_pixels(x, self._mean, self._std)
         elif x.dtype != torch.float32:
             x = x.to(torch.float32)
         if self._channels_last:
@@ -339,10 +337,7 @@ class Scorer:
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise raw images (uint8 in [0, 255], or floats in [0, 1]) as the model expects."""
-        x = images.to(self._mean.device)
-        if x.dtype == torch.uint8:
-            x = x.to(torch.float32) / 255.0
-        return (x - self._mean) / self._std
+        return normalise_pixels(images.to(self._mean.device), self._mean, self._std)
 
     # -------------------------------------------------------------------------------------------
     # Streaming
