@@ -115,6 +115,9 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
     training mode it had), a :class:`~ckaad_fast.model.Detector`'s forward in ``precision`` (None:
     its default, float32). Masks are resized (nearest) to the maps' size when they differ.
+    A tiled model (``model.config.tile_size``) gets each image at its own size (build the data
+    set at ``config.source_size``) and scores ``batch_size`` of its tiles at a time; its maps,
+    and so the pixel metrics, are at the images' full resolution.
 
     ``distributed=True`` (call it on every rank of a process group): each rank scores its
     contiguous shard of whole batches (:func:`ckaad_fast.distributed.shard` with ``block=batch_size``,
@@ -149,7 +152,9 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     channels_last = channels_last_for(device, torch.float32 if dtype is None else dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    # A tiled model takes each image whole, at its own size, and scores batch_size tiles at a time.
+    tiled = getattr(getattr(model, "config", None), "tile_size", None) is not None
+    loader = DataLoader(dataset, batch_size=1 if tiled else batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     scores, labels, maps, masks, paths = [], [], [], [], []
     has_masks = None
@@ -160,7 +165,10 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                s, m = model(images) if dtype is None else model(images, dtype)
+                if tiled:
+                    s, m = model.tiled(images, torch.float32 if dtype is None else dtype, batch=batch_size)
+                else:
+                    s, m = model(images) if dtype is None else model(images, dtype)
                 m = m.float().cpu()
                 scores.append(s.float().cpu())
                 maps.append(m)
@@ -176,6 +184,10 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                     masks.append(mask[:, 0] > 0.5)
     finally:
         model.train(was_training)
+    sizes = sorted({tuple(m.shape[-2:]) for m in maps})
+    if len(sizes) > 1:
+        raise ValueError(f"the test set's images come in {len(sizes)} sizes ({sizes[0]} and {sizes[-1]} among them): "
+                         "a tiled model's maps are at each image's own size, and the metrics need one size")
     return Predictions(
         scores=torch.cat(scores).numpy(),
         labels=torch.cat(labels).numpy(),

@@ -151,6 +151,9 @@ def _sidecar(model, calibration, target: Path, format: str, batch, sensitivity: 
                                "optional": True} if format == "onnx" else None),
         "outputs": list(OUTPUT_NAMES),
         "normalization": {"mean": list(model.config.mean), "std": list(model.config.std)},
+        # A tiled model's graph scores tiles; the client tiles and stitches (docs/CLI.md, "Tiled
+        # models"), and the image's score and decision come from the stitched map, not the tiles'.
+        "tiling": _tiling_record(model.config),
         "calibrated": calibration is not None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "sensitivity": sensitivity,
@@ -162,6 +165,21 @@ def _sidecar(model, calibration, target: Path, format: str, batch, sensitivity: 
         "torch": torch.__version__,
         "checkpoint": os.fspath(checkpoint),
     }
+
+
+def _tiling_record(config) -> dict | None:
+    """How a deployment tiles an image for a tiled model (None: the image is resized whole)."""
+    tiling = config.tiling
+    if tiling is None:
+        return None
+    return {**tiling.to_dict(), "input_size": list(config.image_size),
+            "grid": "starts 0, stride, 2 stride, ... and a last tile ending at the image's edge, per axis",
+            "window": "per axis: min(1, (j + 0.5) / r, (size - j - 0.5) / r) with r = size - stride (1 when r = 0), "
+                      "divided at each pixel by the sum over the tiles covering it; 2-D weight = product",
+            "tile_resize": "bilinear, antialiased, to input_size and back (only when size != input_size)",
+            "image_score": {"rule": "mean of the topk largest values of the stitched map" if config.topk else
+                            "mean of the stitched map", "topk": config.topk},
+            "decide": "image_score >= decision_threshold (the graph's own decision is per tile)"}
 
 
 def _write_pt2(graph: ScoringGraph, target: Path, batch: int | None, device: str) -> None:

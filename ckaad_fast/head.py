@@ -25,9 +25,10 @@ from torch import nn
 from . import ops
 from .ops.scoring import upsample_blur_matrix
 from .profiling import nvtx_range
+from .tiling import tiled_maps
 
 __all__ = ["InferenceHead", "DEFAULT_SENSITIVITY", "float32_at_least", "normalized_score", "decision_threshold",
-           "decide", "check_sensitivity", "feature_sizes"]
+           "decide", "check_sensitivity", "feature_sizes", "tiled_forward"]
 
 #: The sensitivity at which the calibrated threshold decides (0: flag least, 1: flag everything).
 DEFAULT_SENSITIVITY = 0.5
@@ -91,6 +92,22 @@ class InferenceHead(nn.Module):
         with torch.autocast(features[0].device.type, enabled=False), nvtx_range("head"):
             maps = self.anomaly_maps(features, reconstructions, out_size)
             return self.image_scores(maps), maps
+
+
+def tiled_forward(forward, images: torch.Tensor, tiling, input_size, topk: int | None, batch: int = 16,
+                  prepare=lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (B,), maps (B, H, W)) of full-size ``images`` (B, 3, H, W) for a tiled model
+    (:mod:`ckaad_fast.tiling`): each image's tiles, ``batch`` at a time, through ``prepare``
+    and ``forward`` (the model's forward on ``input_size`` batches); their maps stitched at the
+    image's full resolution; the image score from the stitched map, by the one top-k rule
+    (mean of the ``topk`` largest values of the full-resolution map; None: its mean)."""
+    maps = []
+    for image in images:
+        with nvtx_range("tiles"):
+            maps.append(tiled_maps(image, tiling, input_size, forward, prepare=prepare, batch=batch))
+    maps = torch.stack(maps)
+    with nvtx_range("head"):
+        return ops.image_score(maps, topk), maps
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,16 +19,18 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_torch_save
-from .head import InferenceHead
+from .head import InferenceHead, tiled_forward
 from .models import BACKBONES, build_backbone
 from .models.autoencoder import FeatureAutoEncoder
 from .models.safe_load import refusal_reason
 from .precision import autocast, resolve_precision
 from .profiling import nvtx_range
+from .errors import ArgumentError
+from .tiling import Tiling, tiling_of
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
 __all__ = ["Detector", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
-           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "normalise_pixels", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES"]
+           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "normalise_pixels", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -68,6 +70,11 @@ class ModelConfig(PlainConfig):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Tiling (ckaad_fast.tiling): square tiles of tile_size pixels every tile_stride pixels, cut
+    # from each image at its own resolution and scored at image_size; None: the whole image is
+    # resized to image_size. Recorded so that scoring tiles the way training did.
+    tile_size: int | None = None
+    tile_stride: int | None = None
     _kind = "model configuration"
 
     def __post_init__(self):
@@ -88,6 +95,43 @@ class ModelConfig(PlainConfig):
         self.std = _triple("std", self.std, positive=True)
         if not isinstance(self.extra, dict):
             raise bad(_KIND, "extra", "be a mapping", self.extra)
+        self.tile_size, self.tile_stride = check_tiling(self.tile_size, self.tile_stride, self.image_size)
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The :class:`~ckaad_fast.tiling.Tiling` images are scored with, or None."""
+        return tiling_of(self.tile_size, self.tile_stride)
+
+    @property
+    def source_size(self) -> tuple[int, int] | None:
+        """The size data sets read images at: the model's input, or None (each file's own size)
+        when the model tiles."""
+        return self.image_size if self.tile_size is None else None
+
+
+def check_recorded_tiling(config: ModelConfig, tile_size=None, tile_stride=None) -> None:
+    """An :class:`~ckaad_fast.errors.ArgumentError` when ``tile_size`` or ``tile_stride`` (None:
+    not given) differ from the tiling ``config`` records: a model scores the way it was trained."""
+    recorded = {"tile_size": config.tile_size, "tile_stride": config.tile_stride}
+    for name, value in (("tile_size", tile_size), ("tile_stride", tile_stride)):
+        if value is not None and value != recorded[name]:
+            what = (f"tiles of {config.tile_size} px every {config.tile_stride} px" if config.tile_size
+                    else "whole images resized, no tiling")
+            raise ArgumentError(name, f"{value} differs from the checkpoint's tiling ({what}); a model scores the "
+                                "way it was trained: leave the option out, or train with this tiling")
+
+
+def check_tiling(tile_size, tile_stride, image_size) -> tuple[int | None, int | None]:
+    """(tile_size, tile_stride) checked, the stride's default filled in (:func:`ckaad_fast.tiling.tiling_of`):
+    one-line errors naming ``tile_size`` or ``tile_stride``. Tiles are square, so a tiled
+    model's input must be square too."""
+    tiling = tiling_of(tile_size, tile_stride)
+    if tiling is None:
+        return None, None
+    if image_size[0] != image_size[1]:
+        raise ArgumentError("tile_size", f"tiles are square, so the model's input must be too (image_size is "
+                            f"{image_size[0]}x{image_size[1]})")
+    return tiling.size, tiling.stride
 
 
 #: The blur borders of :func:`ckaad_fast.ops.anomaly_map`.
@@ -149,6 +193,17 @@ class Detector(nn.Module):
             feats = self.features(images)
             recon = self.reconstruct(feats)
         return (head or self.head)(feats, recon, images.shape[-2:])
+
+    def tiled(self, images: torch.Tensor, precision: torch.dtype | str = torch.float32, head: InferenceHead | None = None,
+              batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (B,), maps (B, H, W)) of full-size normalised ``images`` for a tiled model
+        (``config.tiling``): :meth:`forward` on each image's tiles, ``batch`` tiles at a time,
+        the maps stitched at the images' resolution (:func:`ckaad_fast.head.tiled_forward`)."""
+        tiling = self.config.tiling
+        if tiling is None:
+            raise ValueError("this model does not tile (its configuration has no tile_size)")
+        h = head or self.head
+        return tiled_forward(lambda x: self(x, precision, h), images, tiling, self.config.image_size, h.topk, batch)
 
 
 # ------------------------------------------------------------------------------------------------

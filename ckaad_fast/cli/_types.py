@@ -84,3 +84,18 @@ def precision_or_int8(text: str) -> str:
         return canonical_precision(text, int8=True)
     except ArgumentError as e:
         raise argparse.ArgumentTypeError(e.message) from None
+
+
+def add_tiling_arguments(p: argparse.ArgumentParser, sets: bool) -> None:
+    """``--tile-size`` and ``--tile-stride``: ``sets=True`` (train, experiment) chooses the
+    tiling; otherwise (eval, calibrate, score, export) the checkpoint's tiling is followed and
+    the options, when given, must restate it (see :func:`ckaad_fast.model.check_recorded_tiling`)."""
+    g = p.add_argument_group("tiling (high-resolution images)")
+    follow = "" if sets else " The checkpoint records the tiling and this command follows it; given, it must match."
+    g.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
+                   help="cut square tiles of PX pixels from each image at its own resolution and score each at "
+                        "the model's input size, stitching their maps at full resolution (default: no tiling, "
+                        "the whole image is resized)." + follow)
+    g.add_argument("--tile-stride", type=positive_int, default=None, metavar="PX",
+                   help="pixels between two tiles' starts, at most --tile-size (default: 3/4 of the tile size, "
+                        "so that neighbours overlap and the blend hides seams)." + follow)

@@ -7,7 +7,7 @@ import argparse
 from ..runtime.engines import ENGINES
 from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, SCOPES
 from ._data import add_data_arguments, dataset_from_args
-from ._types import fraction, fraction_or_zero, nonneg_int, positive_int, precision_or_int8
+from ._types import add_tiling_arguments, fraction, fraction_or_zero, nonneg_int, positive_int, precision_or_int8
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,6 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="what is quantized: autoencoder (its convolutions; the backbone stays float32: scores "
                         "move by a few percent) or network (the backbone too: faster, less accurate; use a check "
                         "set) (default: %(default)s)")
+    add_tiling_arguments(p, sets=False)
     g = p.add_argument_group("data (instead of --normal)")
     add_data_arguments(g, required=False)
     p.set_defaults(func=run, interrupted=lambda a: "nothing was written; the checkpoint is unchanged")
@@ -85,7 +86,7 @@ def run(args) -> int:
         normal_folder_set,
         write_calibration,
     )
-    from ..model import model_from_checkpoint
+    from ..model import check_recorded_tiling, model_from_checkpoint
 
     if (args.normal is None) == (args.data is None):
         raise ValueError("--normal DIR or --data ROOT (with its layout options): give exactly one")
@@ -99,10 +100,11 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
     cfg = model.config
+    check_recorded_tiling(cfg, args.tile_size, args.tile_stride)
     if args.normal is not None:
-        data = normal_folder_set(args.normal, cfg.image_size, cfg.mean, cfg.std)
+        data = normal_folder_set(args.normal, cfg.source_size, cfg.mean, cfg.std)
     else:
-        data = dataset_from_args(args, args.split, cfg.image_size, cfg.mean, cfg.std)
+        data = dataset_from_args(args, args.split, cfg.source_size, cfg.mean, cfg.std)
     cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
                     progress=not args.quiet, precision=args.dtype,
                     on_training_images=args.data is not None and args.split == "train", engine=args.engine,
@@ -129,11 +131,11 @@ def _int8_check(args, cfg):
     from ..errors import ArgumentError
 
     try:
-        normal = normal_folder_set(args.int8_check_normal, cfg.image_size, cfg.mean, cfg.std)
+        normal = normal_folder_set(args.int8_check_normal, cfg.source_size, cfg.mean, cfg.std)
     except ArgumentError as e:
         raise ValueError(f"--int8-check-normal: {e.message}") from None
     try:
-        anomalous = AnomalyFolderDataset(args.int8_check_anomalous, cfg.image_size, cfg.mean, cfg.std)
+        anomalous = AnomalyFolderDataset(args.int8_check_anomalous, cfg.source_size, cfg.mean, cfg.std)
     except ValueError as e:
         raise ValueError(f"--int8-check-anomalous: {e}") from None
     return ConcatDataset([normal, anomalous])

@@ -10,7 +10,7 @@ import argparse
 import os
 
 from ._data import add_data_arguments, dataset_from_args
-from ._types import nonneg_int, positive_int
+from ._types import add_tiling_arguments, nonneg_int, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also draw the per-defect-type table as bars (image AUROC, pixel AUROC, AUPRO) into PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run, interrupted=lambda a: "nothing was written; run the command again")
+    add_tiling_arguments(p, sets=False)
     return p
 
 
@@ -64,7 +65,7 @@ def _run(args, dist_info) -> int:
     from ..atomic import atomic_write_json
     from ..evaluation import evaluate_model, format_by_defect_type, format_metrics
     from ..calibration import read_calibration
-    from ..model import checkpoint_file, load_checkpoint, model_from_checkpoint
+    from ..model import check_recorded_tiling, checkpoint_file, load_checkpoint, model_from_checkpoint
 
     for option, value in (("--json", args.json), ("--chart", args.chart)):
         if value and os.path.isdir(value):
@@ -76,7 +77,8 @@ def _run(args, dist_info) -> int:
     except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
     cfg = model.config
-    test_set = dataset_from_args(args, "test", cfg.image_size, cfg.mean, cfg.std)
+    check_recorded_tiling(cfg, args.tile_size, args.tile_stride)
+    test_set = dataset_from_args(args, "test", cfg.source_size, cfg.mean, cfg.std)
     metrics = evaluate_model(model, test_set, batch_size=args.batch_size, device=device,
                              progress=not args.quiet and dist_info.is_main, num_workers=args.num_workers,
                              distributed=dist_info.distributed, by_defect_type=True)

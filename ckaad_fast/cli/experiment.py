@@ -61,6 +61,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive_int, metavar="N", help="epochs of every run")
     g.add_argument("--batch-size", type=positive_int, metavar="N", help="normal images per step")
     g.add_argument("--image-size", type=positive_int, metavar="PX", help="images are resized to PX x PX")
+    g.add_argument("--tile-size", type=positive_int, metavar="PX",
+                   help="train and score on square tiles of PX pixels cut at each image's own resolution "
+                        "(see ckaad-fast train --tile-size; default: no tiling)")
+    g.add_argument("--tile-stride", type=positive_int, metavar="PX",
+                   help="pixels between two tiles' starts, at most --tile-size (default: 3/4 of the tile size)")
     g.add_argument("--backbone", metavar="NAME", help="the frozen feature extractor (a name of `ckaad-fast train`)")
     g.add_argument("--layers", type=layer_int, nargs="+", metavar="L", help="backbone layers to reconstruct")
     g.add_argument("--weights", metavar="imagenet|none|PATH", help="backbone weights")
@@ -77,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_SETTINGS = ("epochs", "batch_size", "image_size", "backbone", "layers", "weights", "ae_lr", "device", "amp",
+_SETTINGS = ("epochs", "batch_size", "image_size", "tile_size", "tile_stride", "backbone", "layers", "weights", "ae_lr", "device", "amp",
              "num_workers")
 
 

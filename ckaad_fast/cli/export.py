@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..head import DEFAULT_SENSITIVITY
-from ._types import precision_or_int8, unit_float
+from ._types import add_tiling_arguments, precision_or_int8, unit_float
 
 
 def _batch(text: str):
@@ -57,6 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, metavar="N",
                    help="with --triton-repo: the server's largest batch (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    add_tiling_arguments(p, sets=False)
     p.set_defaults(func=run, interrupted=lambda a: "nothing complete was written; run the command again")
     return p
 
@@ -64,8 +65,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..export import check_triton_options, export, write_triton_repository
 
+    from ..model import check_recorded_tiling, config_from_checkpoint, load_checkpoint
+
     if args.triton_repo:  # checked before anything is written
         check_triton_options(args.format, args.batch, args.max_batch_size)
+    if args.tile_size is not None or args.tile_stride is not None:
+        try:
+            config = config_from_checkpoint(load_checkpoint(args.checkpoint))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--checkpoint: {e}") from None
+        check_recorded_tiling(config, args.tile_size, args.tile_stride)
     path = export(args.checkpoint, args.out, args.format, batch=args.batch, sensitivity=args.sensitivity,
                   overwrite=args.overwrite, device=args.device, dtype=args.dtype)
     print(f"exported: {path} (and model.json beside it)")

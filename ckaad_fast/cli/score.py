@@ -14,7 +14,7 @@ import textwrap
 
 from ..head import DEFAULT_SENSITIVITY
 from ..runtime.engines import ENGINES
-from ._types import finite_float, nonneg_int, positive_int, precision_or_int8, unit_float
+from ._types import add_tiling_arguments, finite_float, nonneg_int, positive_int, precision_or_int8, unit_float
 
 
 #: The exit code of a run that finished but could not score every image (see the error column).
@@ -56,6 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_engine_arguments(p)
     _add_run_arguments(p)
     p.set_defaults(func=run, interrupted=lambda a: f"every image scored so far is kept in {os.path.join(a.out, 'scores.csv')}; run the same command with --resume to score the rest")
+    add_tiling_arguments(p, sets=False)
     return p
 
 
@@ -223,13 +224,15 @@ def _run(args, device, dist_info) -> int:
 
 def _scorer(args, device):
     """The Scorer of the checkpoint, with its calibration; checkpoint errors name --checkpoint."""
-    from ..model import load_checkpoint
+    from ..model import check_recorded_tiling, config_from_checkpoint, load_checkpoint
     from ..scoring import Scorer
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
+        config = config_from_checkpoint(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
+    check_recorded_tiling(config, args.tile_size, args.tile_stride)
     # From the checkpoint: a runtime engine whose graph is at hand runs without building the
     # PyTorch network (Scorer.from_checkpoint); its errors name --checkpoint.
     return Scorer.from_checkpoint(ckpt, device=device, dtype=args.dtype, compile=args.compile,

@@ -16,7 +16,7 @@ import sys
 from ._data import add_data_arguments, dataset_from_args
 from ..data.anomalies import RATIO_LABELED
 from ..pipeline import CALIBRATE_SHARE, TARGET_FPR
-from ._types import fraction, nonneg_float, nonneg_int, positive_float, positive_int, precision, ratio_float, unit_float
+from ._types import add_tiling_arguments, fraction, nonneg_float, nonneg_int, positive_float, positive_int, precision, ratio_float, unit_float
 
 
 def layer_int(text: str) -> int:
@@ -40,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_data_arguments(p)
     _add_anomaly_arguments(p)
     _add_model_arguments(p)
+    add_tiling_arguments(p, sets=True)
     _add_optimisation_arguments(p)
     _add_calibration_arguments(p)
     _add_run_arguments(p)
@@ -155,7 +156,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = ("strategy", "backbone", "layers", "image_size", "weights", "epochs", "batch_size", "ae_lr",
               "d_lr", "lam", "gamma", "alpha", "margin", "seed", "device", "amp", "compile", "num_workers",
-              "eval_every", "evaluate", "protocol")
+              "eval_every", "evaluate", "protocol", "tile_size", "tile_stride")
 
 
 def build_config(args):
@@ -185,13 +186,14 @@ def _run(args, cfg, main: bool) -> int:
     from ..pipeline import fit
 
     mean, std = cfg.normalization()
-    train_set = dataset_from_args(args, "train", cfg.image_size, mean, std)
-    test_set = dataset_from_args(args, "test", cfg.image_size, mean, std) if cfg.evaluate else None
+    # A tiled run reads each file at its own size (cfg.source_size is None) and cuts its tiles.
+    train_set = dataset_from_args(args, "train", cfg.source_size, mean, std)
+    test_set = dataset_from_args(args, "test", cfg.source_size, mean, std) if cfg.evaluate else None
     anomaly_set = None
     if cfg.uses_anomalies:
         anomaly_set = coarse_anomaly_set(train_set, anomaly_dir=args.anomaly_dir, ratio_labeled=args.ratio_labeled,
                                          num_classes=args.num_anomaly_classes, seed=cfg.seed,
-                                         image_size=cfg.image_size, mean=mean, std=std)
+                                         image_size=cfg.source_size, mean=mean, std=std)
         coarse = getattr(anomaly_set, "coarse", None)
         if coarse is not None and not args.quiet and main:
             print(f"coarse anomaly set: {len(anomaly_set)} images of class(es) {', '.join(coarse.classes)}",

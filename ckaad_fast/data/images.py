@@ -136,14 +136,15 @@ def load_image(
     channels, 16-bit images are scaled by 65535), resized to ``image_size`` (an int, or
     ``(height, width)``) with PIL's bilinear filter, scaled to [0, 1] and normalised as
     ``(x - mean) / std`` per channel. ``mean=None, std=None`` skips the normalisation.
+    ``image_size=None`` keeps the file's own size (what tiling cuts its tiles from).
     """
-    h, w = size_hw(image_size)
+    size = None if image_size is None else size_hw(image_size)
     mean, std = norm_stats(mean, std)
     if isinstance(path, Image.Image):
-        arr = to_rgb_float01(path, (w, h))
+        arr = to_rgb_float01(path, path.size if size is None else (size[1], size[0]))
     else:
         with Image.open(path) as im:
-            arr = to_rgb_float01(im, (w, h))
+            arr = to_rgb_float01(im, im.size if size is None else (size[1], size[0]))
     x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
     if mean is not None:
         m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -173,13 +174,15 @@ def load_mask(path: PathLike | None, image_size: SizeLike = 256, resize: str = "
     resized with nearest neighbour. ``resize="bilinear"``: the mask's 8-bit values (the maximum
     over channels) are resized bilinearly and a pixel is anomalous above 127.5 (0.5 of 255), as
     the authors' code does. ``path=None`` gives an all-zero mask (a normal image).
+    ``image_size=None`` keeps the mask file's own size (not with ``path=None``).
     """
     check_mask_resize(resize)
-    h, w = size_hw(image_size)
     if path is None:
+        h, w = size_hw(image_size)
         return torch.zeros(1, h, w)
     with Image.open(path) as im:
         arr = np.asarray(im)
+    h, w = arr.shape[:2] if image_size is None else size_hw(image_size)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     if resize == "bilinear":
@@ -202,10 +205,10 @@ def decode_image(path: PathLike, image_size: SizeLike) -> torch.Tensor:
     8-bit images come back as uint8 (a quarter of the bytes to move between processes and to
     the GPU); 16-bit and float images as float32 in [0, 1]. Either, divided by 255 (uint8) and
     normalised, equals :func:`load_image` exactly: the same PIL conversion and bilinear resize,
-    then the same float32 arithmetic.
+    then the same float32 arithmetic. ``image_size=None`` keeps the file's own size.
     """
-    h, w = size_hw(image_size)
     with Image.open(path) as im:
+        w, h = im.size if image_size is None else size_hw(image_size)[::-1]
         check_source_size(im.size, (h, w))
         if im.mode in HIGH_DEPTH_MODES:
             arr = to_rgb_float01(im, (w, h))

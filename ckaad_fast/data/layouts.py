@@ -43,7 +43,8 @@ class ImageFileDataset(Dataset):
     """The base of every image-file data set: transform parameters, the corrupt-file filter, and image loading."""
 
     def __init__(self, image_size: SizeLike, mean, std, check: str) -> None:
-        self.image_size = size_hw(image_size)
+        # None: every image at its file's own size (a tiled model cuts its tiles from that).
+        self.image_size = None if image_size is None else size_hw(image_size)
         self.mean, self.std = norm_stats(mean, std)
         self.check = check_mode(check)
         self.skipped: list[str] = []
@@ -197,7 +198,7 @@ class MVTecDataset(ImageFileDataset):
     def __getitem__(self, idx: int):
         path = self.paths[idx]
         image = self._load(path)
-        mask = load_mask(self.mask_paths[idx], self.image_size, self.mask_resize)
+        mask = load_mask(self.mask_paths[idx], self.image_size or tuple(image.shape[-2:]), self.mask_resize)
         return image, self.labels[idx], mask, path
 
 
@@ -293,8 +294,9 @@ class VisADataset(ImageFileDataset):
 
     def __getitem__(self, idx: int):
         path = self.paths[idx]
-        mask = load_mask(self.mask_paths[idx], self.image_size, self.mask_resize)
-        return self._load(path), self.labels[idx], mask, path
+        image = self._load(path)
+        mask = load_mask(self.mask_paths[idx], self.image_size or tuple(image.shape[-2:]), self.mask_resize)
+        return image, self.labels[idx], mask, path
 
 
 def _visa_defect_types(root: str, category: str, paths: list[str], labels: list[int]) -> list[str] | None:

@@ -42,10 +42,10 @@ def _open(exp: Experiment, spec: RunSpec, split: str, cfg, cache: dict | None):
     """The split, indexed once per experiment: every run of a category reads the same files
     (the protocol's splits are copies of it, never changes to it)."""
     mean, std = cfg.normalization()
-    key = (split, spec.category, tuple(cfg.image_size), mean, std)
+    key = (split, spec.category, cfg.source_size, mean, std)
     if cache is not None and key in cache:
         return cache[key]
-    ds = open_dataset(exp.layout, exp.root, split, cfg.image_size, mean, std, category=spec.category,
+    ds = open_dataset(exp.layout, exp.root, split, cfg.source_size, mean, std, category=spec.category,
                       normal_class=exp.normal_class,
                       mask_resize="bilinear" if exp.protocol == "reference" else "nearest")
     if cache is not None:
@@ -64,11 +64,11 @@ def _anomalies(exp: Experiment, spec: RunSpec, cfg):
         def draw(train_set):
             coarse = sample_coarse_anomalies(train_set, spec.ratio_labeled, classes=spec.anomaly_classes,
                                              seed=spec.seed)
-            return AnomalyFolderDataset(coarse, cfg.image_size, mean, std)
+            return AnomalyFolderDataset(coarse, cfg.source_size, mean, std)
         return draw
     if exp.anomaly_dir and cfg.uses_anomalies:
         folder = exp.anomaly_dir.replace("{category}", spec.category or "")
-        return AnomalyFolderDataset(folder, cfg.image_size, mean, std)
+        return AnomalyFolderDataset(folder, cfg.source_size, mean, std)
     return None
 
 

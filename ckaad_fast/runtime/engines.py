@@ -34,6 +34,7 @@ import torch
 
 from .. import __version__
 from ..errors import ArgumentError
+from ..head import tiled_forward
 from ..precision import cpu_has_bf16_matmul
 
 __all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "RuntimeEngine",
@@ -185,6 +186,10 @@ class RuntimeModule(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, precision=None):
         return self.engine(images)
+
+    def tiled(self, images: torch.Tensor, precision=None, batch: int = 16):
+        """The engine on each full-size image's tiles, stitched (:meth:`ckaad_fast.model.Detector.tiled`)."""
+        return tiled_forward(self.engine, images, self.config.tiling, self.config.image_size, self.config.topk, batch)
 
 
 def build_runtime_engine(name: str, model, fingerprint: str, topk, dtype: torch.dtype,

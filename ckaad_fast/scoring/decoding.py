@@ -5,6 +5,7 @@ never stops the stream: :func:`collate` splits a batch into the decoded images a
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 from ..data import decode_image
 from ..profiling import enable_nvtx, nvtx_range
 
-__all__ = ["DecodeDataset", "collate", "error_text", "worker_init"]
+__all__ = ["DecodeDataset", "collate", "default_workers", "error_text", "worker_init"]
 
 
 def error_text(e: BaseException) -> str:
@@ -65,3 +66,23 @@ def collate(items):
         imgs = [x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x for x in imgs]
     return idx, torch.stack(imgs), errors
 
+
+
+def default_workers(num_workers: int | None, n_paths: int, batch_size: int, device: torch.device) -> int:
+    """The decoding processes of a stream: ``num_workers`` when given, else a number from the CPU
+    count (shared by the processes torchrun starts on the machine)."""
+    if num_workers is not None:
+        return num_workers
+    if n_paths <= batch_size:
+        return 0  # starting processes costs more than decoding one batch
+    cpus = os.cpu_count() or 1
+    try:
+        # Under torchrun the machine's cores are shared by its LOCAL_WORLD_SIZE processes.
+        cpus = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    except ValueError:
+        pass
+    if device.type == "cuda":
+        return max(1, min(8, cpus - 1))
+    # On the CPU the model needs the cores far more than decoding does (a few ms per image
+    # against tens of ms): one decoding process per 4 cores, none below 4.
+    return min(4, cpus // 4)

@@ -42,13 +42,13 @@ from torch.utils.data import DataLoader
 
 from ..calibration import read_calibration
 from ..data import list_images
-from ..head import InferenceHead
+from ..head import InferenceHead, tiled_forward
 from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint, normalise_pixels
 from ..precision import channels_last_for, precision_name, resolve_device
 from ..profiling import nvtx_enabled, stage
 from ..errors import ArgumentError
 from .choices import GraphDetector, graph_detector, scoring_dtype, scoring_engine
-from .decoding import DecodeDataset, collate, worker_init
+from .decoding import DecodeDataset, collate, default_workers, worker_init
 from ..runtime import RUNTIME_ENGINES, build_runtime_engine
 
 __all__ = ["Scorer", "ScoreResult", "NON_FINITE_ERROR"]
@@ -63,7 +63,7 @@ class ScoreResult:
     """The result for one file of :meth:`Scorer.score_paths`.
 
     ``score`` is the image score (None when the file could not be read), ``map`` the anomaly
-    map (H, W) float32 at the model's input size (None when maps were not asked for or the file
+    map (H, W) float32 at the model's input size, or at the file's own size for a tiled model (None when maps were not asked for or the file
     could not be read), ``error`` a one-line description of why the file could not be scored
     (None when it was), ``image`` the (H, W, 3) uint8 image the model saw (only with
     ``return_images=True``).
@@ -150,6 +150,8 @@ class Scorer:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         self.config = model.config
         self.image_size = tuple(self.config.image_size)
+        #: The model's :class:`~ckaad_fast.tiling.Tiling` (None: images are resized whole).
+        self.tiling = self.config.tiling
         self.topk = self._resolve_topk(topk)
         self.compile = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
@@ -295,6 +297,11 @@ class Scorer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _tiled(self, images: torch.Tensor, normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-size images through their tiles, ``batch_size`` tiles per forward (padded like any batch)."""
+        return tiled_forward(self._run, images, self.tiling, self.image_size, self.topk, self.batch_size,
+                             prepare=lambda t: self._pad(self._prepare(t, normalise)))
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if not self.pad_batches or n >= self.batch_size:
@@ -307,7 +314,9 @@ class Scorer:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score normalised images (B, 3, H, W) (normalised as the model expects: ``config.mean``
         and ``config.std``). Returns ``(scores (B,), maps (B, H, W))``, float32, on the scorer's
-        device; equal to ``model(images)`` for the same top-k (in float32)."""
+        device; equal to ``model(images)`` for the same top-k (in float32). A tiled model takes
+        full-size images (at least one tile on each side) and returns maps at their size, equal
+        to ``model.tiled(images)``."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
@@ -317,13 +326,14 @@ class Scorer:
                 f"images must be normalised floating-point tensors, got {images.dtype} "
                 "(score_paths decodes and normalises files for you)"
             )
+        if self.tiling is not None:
+            return self._tiled(images)
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"images are {images.shape[-2]}x{images.shape[-1]} but the model was trained at "
                 f"{self.image_size[0]}x{self.image_size[1]}: resize them (score_paths does)"
             )
-        x = self._prepare(images, normalise=False)
-        scores, maps = self._run(x)
+        scores, maps = self._run(self._prepare(images, normalise=False))
         if self.cuda_graphs:
             scores, maps = scores.clone(), maps.clone()
         return scores, maps
@@ -343,21 +353,7 @@ class Scorer:
     # Streaming
     # -------------------------------------------------------------------------------------------
     def _workers(self, n_paths: int) -> int:
-        if self.num_workers is not None:
-            return self.num_workers
-        if n_paths <= self.batch_size:
-            return 0  # starting processes costs more than decoding one batch
-        cpus = os.cpu_count() or 1
-        try:
-            # Under torchrun the machine's cores are shared by its LOCAL_WORLD_SIZE processes.
-            cpus = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        except ValueError:
-            pass
-        if self.device.type == "cuda":
-            return max(1, min(8, cpus - 1))
-        # On the CPU the model needs the cores far more than decoding does (a few ms per image
-        # against tens of ms): one decoding process per 4 cores, none below 4.
-        return min(4, cpus // 4)
+        return default_workers(self.num_workers, n_paths, self.batch_size, self.device)
 
     def score_paths(
         self,
@@ -392,10 +388,11 @@ class Scorer:
 
     def _loader(self, paths: list[str]) -> DataLoader:
         nw = self._workers(len(paths))
-        ds = DecodeDataset(paths, self.image_size, nvtx_enabled())
+        # A tiled model decodes each file at its own size, one at a time, and batches its tiles.
+        ds = DecodeDataset(paths, None if self.tiling else self.image_size, nvtx_enabled())
         return DataLoader(
             ds,
-            batch_size=self.batch_size,
+            batch_size=1 if self.tiling else self.batch_size,
             shuffle=False,
             num_workers=nw,
             collate_fn=collate,
@@ -408,8 +405,10 @@ class Scorer:
         """Run one decoded batch; returns host buffers being filled and an event (CUDA) to wait on."""
         n = imgs.shape[0]
         with torch.inference_mode():
-            x = self._pad(self._prepare(imgs, normalise=True))
-            scores, maps = self._run(x)
+            if self.tiling is not None:
+                scores, maps = self._tiled(imgs, normalise=True)
+            else:
+                scores, maps = self._run(self._pad(self._prepare(imgs, normalise=True)))
             with stage("readback"):
                 if self.device.type == "cuda":
                     # Into pinned memory without blocking: the next batch is launched before

@@ -14,7 +14,7 @@ import torch
 
 from ..data.registry import LAYOUT_TABLE, layout_spec
 from ..errors import ArgumentError
-from ..model import CHECKPOINT_NAME, ModelConfig, PlainConfig, checkpoint_file, load_checkpoint
+from ..model import CHECKPOINT_NAME, ModelConfig, check_tiling, PlainConfig, checkpoint_file, load_checkpoint
 from ..models import BACKBONES, backbone_spec
 from ..precision import canonical_precision, check_device_usable
 from ..strategies import STRATEGIES, get_strategy
@@ -35,6 +35,7 @@ LOG_NAME = "log.jsonl"
 RUN_FIELDS = (
     "strategy", "backbone", "layers", "image_size", "batch_size", "ae_lr", "d_lr", "lam", "gamma",
     "alpha", "margin", "clip_norm", "betas", "seed", "topk", "sigma", "elastic_alpha", "elastic_sigma", "protocol",
+    "tile_size", "tile_stride",
 )
 
 #: The paper's settings per domain: industrial data (MVTec AD, VisA) and medical class-folder data.
@@ -111,6 +112,11 @@ class TrainConfig(PlainConfig):
             for the whole epoch (``itertools.cycle``) and averages over the concatenated batch, so
             a small anomaly batch weighs less. (The data side, their bilinear mask resize, is the
             data set's ``mask_resize``; :mod:`ckaad_fast.experiments` sets both.)
+        tile_size, tile_stride: tiling (:mod:`ckaad_fast.tiling`): train on square tiles of
+            ``tile_size`` pixels every ``tile_stride`` pixels (default: a quarter's overlap) cut
+            from each image at its own resolution, each at ``image_size``; an anomalous image's
+            tiles are all anomalous. None: each image resized whole. The data sets are then built
+            at their files' own size (:attr:`source_size`), and the checkpoint records the tiling.
     """
 
     _kind = "training configuration"
@@ -142,6 +148,8 @@ class TrainConfig(PlainConfig):
     elastic_alpha: float = 200.0
     elastic_sigma: float = 5.0
     protocol: str = "ours"
+    tile_size: int | None = None
+    tile_stride: int | None = None
 
     def __post_init__(self):
         check_choice(_KIND, "strategy", self.strategy, STRATEGIES)
@@ -208,6 +216,13 @@ class TrainConfig(PlainConfig):
             raise _bad("eval_every", "be an int >= 0", self.eval_every)
         check_topk(_KIND, self.topk, self.image_size)
         check_choice(_KIND, "protocol", self.protocol, PROTOCOLS)
+        self.tile_size, self.tile_stride = check_tiling(self.tile_size, self.tile_stride, self.image_size)
+
+    @property
+    def source_size(self) -> tuple[int, int] | None:
+        """The size to build the data sets at: :attr:`image_size`, or None (each file's own
+        size) when the run tiles (the tiles are cut from the full image)."""
+        return self.image_size if self.tile_size is None else None
 
     @property
     def precision(self) -> str:
@@ -219,7 +234,8 @@ class TrainConfig(PlainConfig):
         """The :class:`ckaad_fast.model.ModelConfig` of the detector this run trains."""
         return ModelConfig(
             backbone=self.backbone, layers=self.layers, image_size=self.image_size,
-            strategy=self.strategy, sigma=self.sigma, topk=self.topk,
+            strategy=self.strategy, sigma=self.sigma, topk=self.topk, tile_size=self.tile_size,
+            tile_stride=self.tile_stride,
         )
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

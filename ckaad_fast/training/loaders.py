@@ -11,15 +11,19 @@ batches on 1 or N processes.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import PseudoAnomalyDataset
 from ..distributed import GlobalBatchSampler
+from ..errors import ArgumentError
+from ..tiling import Tiling
 
-__all__ = ["Images", "WithDistortion", "epoch_loader", "cycle", "seed_everything", "rng_state", "set_rng_state"]
+__all__ = ["Images", "TileImages", "WithDistortion", "epoch_loader", "cycle", "seed_everything", "rng_state", "set_rng_state"]
 
 
 class Images(Dataset):
@@ -33,6 +37,61 @@ class Images(Dataset):
 
     def __getitem__(self, i):
         return self.dataset[i][0]
+
+
+class TileImages(Dataset):
+    """The tiles of every image of a data set of full-size images (:mod:`ckaad_fast.tiling`):
+    item k is ``(tile, label)``, the tile a (3, h, w) tensor at the model's ``input_size`` (resized, bilinear and
+    antialiased, when the tile size differs). Every tile of an image has its label, so an
+    anomalous image's tiles are all anomalous (the paper's patch argument: the image-level
+    discriminator sees parts of anomalous images as anomalous). ``labels``: per tile.
+
+    Each image is decoded once when the set is indexed (its size fixes its grid) and kept, up to
+    ``cache_bytes`` of decoded images (least recently used first out); past that, a tile decodes
+    its image again."""
+
+    def __init__(self, dataset, tiling: Tiling, input_size, cache_bytes: int = 4 << 30):
+        self.dataset, self.tiling, self.input_size = dataset, tiling, tuple(input_size)
+        self.mean = getattr(dataset, "mean", None)
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.index: list[tuple[int, int, int]] = []
+        labels = getattr(dataset, "labels", None)
+        self.labels = []
+        for i in range(len(dataset)):
+            image = self._image(i)
+            h, w = image.shape[-2:]
+            try:
+                tiling.check_image(h, w, f"image {i} of the data set")
+            except ArgumentError as e:
+                raise ArgumentError("tile_size", e.message) from None
+            for y, x in tiling.grid(h, w):
+                self.index.append((i, y, x))
+                self.labels.append(int(labels[i]) if labels is not None else 0)
+
+    def _image(self, i: int) -> torch.Tensor:
+        image = self._cache.get(i)
+        if image is not None:
+            self._cache.move_to_end(i)
+            return image
+        item = self.dataset[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        self._cache[i] = image
+        while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return image
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        i, y, x = self.index[k]
+        s = self.tiling.size
+        tile = self._image(i)[:, y:y + s, x:x + s]
+        if (s, s) != self.input_size:
+            tile = F.interpolate(tile[None].float(), size=self.input_size, mode="bilinear", align_corners=False,
+                                 antialias=True)[0]
+        return tile.contiguous(), self.labels[k]
 
 
 class WithDistortion(Dataset):

@@ -42,11 +42,12 @@ from ..atomic import append_line, atomic_write_lines, remove_stale_temporaries
 from ..data import PseudoAnomalyDataset
 from ..evaluation import evaluate_model
 from ..precision import check_device_usable
+from ..tiling import tiling_of
 from ..model import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import LOG_NAME, RUN_FIELDS, TrainConfig
 from .curves import Curves
 from .module import CKAAD, ckaad_from_checkpoint
-from .loaders import Images, WithDistortion, cycle, epoch_loader, rng_state, seed_everything, set_rng_state
+from .loaders import Images, TileImages, WithDistortion, cycle, epoch_loader, rng_state, seed_everything, set_rng_state
 from .trainer import Trainer
 
 __all__ = ["TrainResult", "train"]
@@ -114,6 +115,7 @@ def train(
     dinfo = ddp.init_distributed(device)  # a no-op outside torchrun
     run = _Run(cfg, Path(out_dir), ddp.local_device(device), dinfo.world_size, dinfo.is_main, progress)
     ddp.run_on_main(lambda: run.check_files(resume, overwrite))  # rank 0's files decide; every rank raises
+    train_set, anomaly_set = _tiles(cfg, train_set, anomaly_set)
     _check_inputs(cfg, train_set, anomaly_set, eval_set, run.world)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,21 @@ def train(
     curves.close()
     model.eval()
     return TrainResult(checkpoint=run.ckpt_path, log=run.log_path, history=history, model=model)
+
+
+def _tiles(cfg: TrainConfig, train_set, anomaly_set):
+    """With tiling, the training and anomaly sets' tiles in place of their full-size images
+    (pseudo-anomalies of the training set are redrawn from its tiles)."""
+    tiling = tiling_of(cfg.tile_size, cfg.tile_stride)
+    if tiling is None or train_set is None or len(train_set) == 0:
+        return train_set, anomaly_set
+    own_pseudo = isinstance(anomaly_set, PseudoAnomalyDataset) and anomaly_set.normal_dataset is train_set
+    tiles = TileImages(train_set, tiling, cfg.image_size)
+    if own_pseudo:
+        anomaly_set = PseudoAnomalyDataset(tiles, alpha=anomaly_set.alpha, sigma=anomaly_set.sigma, seed=anomaly_set.seed)
+    elif anomaly_set is not None and len(anomaly_set) and not isinstance(anomaly_set, PseudoAnomalyDataset):
+        anomaly_set = TileImages(anomaly_set, tiling, cfg.image_size)
+    return tiles, anomaly_set
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +183,8 @@ def _check_inputs(cfg: TrainConfig, train_set, anomaly_set, eval_set, world: int
             raise ValueError("eval_set must hold both normal and anomalous images")
     mean = cfg.normalization()[0]
     _check_dataset(train_set, "train_set", cfg, mean)
-    _check_dataset(eval_set, "eval_set", cfg, mean)
+    if cfg.tile_size is None:  # a tiled model scores each test image whole, at its own size
+        _check_dataset(eval_set, "eval_set", cfg, mean)
     if cfg.uses_anomalies and anomaly_set is not None and not isinstance(anomaly_set, PseudoAnomalyDataset):
         _check_dataset(anomaly_set, "anomaly_set", cfg, mean)
 

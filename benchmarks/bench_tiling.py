@@ -1,0 +1,166 @@
+"""Does tiling find the small defects that resizing misses, and what does a large image cost?
+
+Two questions, one script:
+
+1. **Evidence** (``--evidence``): on the synthetic high-resolution set
+   (:func:`ckaad_fast.data.highres.make_highres_dataset`: texture photographs, 2048² by default,
+   spots of 4-10 pixels with exact masks) one detector is trained twice, identically except for
+   how an image reaches it: resized whole to the model's input, or cut into tiles at full
+   resolution. Both are evaluated at the images' full resolution (the resized model's maps are
+   enlarged to it, as ``eval`` does with masks the other way round): image AUROC, pixel AUROC,
+   AUPRO. The seam check: :func:`ckaad_fast.tiling.seam_ratio` of the tiled model's stitched maps
+   of the normal test images (the mean jump across tile borders over the mean step inside tiles;
+   1 means no seam).
+2. **Throughput** (always): the Scorer on one tiled image of 2048² (4.2 MP) and one of
+   5472x3648 (20 MP), in megapixels per second, with the tiles' count, the batch of tiles, and
+   the peak memory the call added (see :func:`benchmarks.common.peak_memory`).
+
+Expected before measuring: resized whole, a 4-10 px spot at 2048 -> 128 becomes 0.25-0.6 px and
+the image AUROC should sit near chance; tiled at full resolution it keeps its pixels, and both
+AUROCs should be far higher. Throughput: the tiles' forwards dominate, so MP/s ~ (tiles/s of the
+model at its input) x (stride² / 10^6); stitching adds one multiply-add per pixel per covering tile.
+
+Run: ``python -m benchmarks.bench_tiling [--evidence] [--quick] [--device cuda]``.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import peak_memory, print_table, save_rows
+from ckaad_fast.data import MVTecDataset
+from ckaad_fast.data.highres import make_highres_dataset
+from ckaad_fast.evaluation import metrics_from_predictions, predict_dataset
+from ckaad_fast.model import Detector, ModelConfig
+from ckaad_fast.scoring import Scorer
+from ckaad_fast.tiling import seam_ratio
+
+
+def _config(tiled: bool, args):
+    from ckaad_fast.tiling import Tiling
+    from ckaad_fast.training import TrainConfig
+
+    tiles = dict(tile_size=args.tile, tile_stride=args.stride) if tiled else {}
+    # The same number of optimisation steps for both: an epoch of the resized model is one
+    # image where the tiled model's is every tile of it.
+    per_image = Tiling(args.tile, args.stride).count(args.size, args.size)
+    return TrainConfig(strategy="recon", backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=args.input,
+                       epochs=args.epochs if tiled else args.epochs * per_image, batch_size=2 if args.quick else 6, ae_lr=5e-3, seed=0, device=args.device, **tiles)
+
+
+def evidence(args, root) -> list[dict]:
+    from ckaad_fast.training import train
+
+    rows = []
+    for tiled in (False, True):
+        cfg = _config(tiled, args)
+        mean, std = cfg.normalization()
+        train_set = MVTecDataset(root, args.category, "train", cfg.source_size, mean, std)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            result = train(cfg, train_set, out_dir=out, progress=False)
+        train_s = time.perf_counter() - t0
+        model = result.model.detector if hasattr(result.model, "detector") else result.model
+        test_set = MVTecDataset(root, args.category, "test", None, mean, std)  # full resolution
+        t0 = time.perf_counter()
+        pred = _predict_full_resolution(model, test_set, cfg, args)
+        score_s = time.perf_counter() - t0
+        metrics = metrics_from_predictions(pred)
+        normal = pred.labels == 0
+        seams = [seam_ratio(m, model.config.tiling) for m in pred.maps[normal]] if tiled else []
+        rows.append({"input": "tiles" if tiled else "resized whole", "model_input": args.input,
+                     "tile": f"{args.tile}/{args.stride}" if tiled else "-", "epochs": cfg.epochs,
+                     "train_s": round(train_s, 1), "score_s": round(score_s, 1),
+                     "image_auroc": round(100 * metrics["image_auroc"], 2),
+                     "pixel_auroc": round(100 * metrics["pixel_auroc"], 2), "aupro": round(100 * metrics["aupro"], 2),
+                     "seam_ratio": round(float(np.mean(seams)), 3) if seams else None})
+    return rows
+
+
+def _predict_full_resolution(model, test_set, cfg, args):
+    """Predictions whose maps are at the images' full resolution: a tiled model's own; the
+    resized model's enlarged (bilinear) from its input to the image."""
+    if cfg.tile_size is not None:
+        return predict_dataset(model, test_set, batch_size=16, device=args.device, progress=False)
+    mean, std = cfg.normalization()
+    small = MVTecDataset(test_set.root, test_set.category, "test", cfg.image_size, mean, std)
+    pred = predict_dataset(model, small, batch_size=16, device=args.device, progress=False)
+    size = tuple(test_set[0][0].shape[-2:])
+    pred.maps = F.interpolate(torch.from_numpy(pred.maps)[:, None], size=size, mode="bilinear",
+                              align_corners=False)[:, 0].numpy()
+    pred.masks = np.stack([test_set[i][2][0].numpy() > 0.5 for i in range(len(test_set))])
+    return pred
+
+
+def throughput(args) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Detector(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=(args.input,) * 2,
+                                     tile_size=args.tile, tile_stride=args.stride), weights="none")
+    sizes = [(512, 512)] if args.quick else [(2048, 2048), (3648, 5472)]
+    for engine in (["torch"] if args.device != "cpu" or args.quick else ["torch", "openvino"]):
+        try:
+            scorer = Scorer(model, device=args.device, dtype="float32", batch_size=args.batch, engine=engine)
+        except Exception as e:  # noqa: BLE001 - an engine that is not installed is a row left out
+            print(f"{engine}: not measured ({str(e).splitlines()[0]})")
+            continue
+        for h, w in sizes:
+            image = torch.rand(1, 3, h, w)
+            x = scorer.normalise(image)
+            scorer(x)  # warm
+            times = []
+            for _ in range(1 if args.quick else 3):
+                t0 = time.perf_counter()
+                scorer(x)
+                if args.device != "cpu":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            best = min(times)
+            mib = peak_memory(lambda: scorer(x), args.device)
+            rows.append({"engine": engine, "image": f"{w}x{h}", "megapixels": round(h * w / 1e6, 1),
+                         "tiles": model.config.tiling.count(h, w), "tile": f"{args.tile}/{args.stride}",
+                         "model_input": args.input, "batch": args.batch, "seconds": round(best, 3),
+                         "mp_per_s": round(h * w / 1e6 / best, 2), "peak_mib": round(mib, 1)})
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--evidence", action="store_true", help="also train and evaluate both models on the high-res set")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: the tests run this so the script cannot rot")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--data", default=None, help="where the high-resolution set is written (default: a temporary folder)")
+    p.add_argument("--category", default="grass", help="texture of the high-resolution set (default: grass)")
+    p.add_argument("--size", type=int, default=2048, help="the set's image side in pixels (default: 2048)")
+    p.add_argument("--input", type=int, default=128, help="the model's input side (default: 128)")
+    p.add_argument("--tile", type=int, default=128, help="tile side at full resolution (default: 128)")
+    p.add_argument("--stride", type=int, default=112, help="tile stride (default: 112)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs of each model (default: 4)")
+    p.add_argument("--batch", type=int, default=32, help="tiles per forward when scoring (default: 32)")
+    p.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.input, args.tile, args.stride, args.epochs, args.batch = 256, 64, 64, 48, 1, 8
+    rows = throughput(args)
+    print_table("Tiled scoring throughput", list(rows[0]), [list(r.values()) for r in rows])
+    save_rows("tiling_throughput", rows, args, args.device)
+    if args.evidence:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = make_highres_dataset(args.data or tmp, args.category, image_size=args.size,
+                                        **({"n_train": 2, "n_test_good": 2, "n_test_defect": 2} if args.quick else {}))
+            ev = evidence(args, root)
+        print_table("Tiles against the whole image resized (full-resolution metrics)", list(ev[0]),
+                    [list(r.values()) for r in ev])
+        save_rows("tiling_evidence", ev, args, args.device)
+
+
+if __name__ == "__main__":
+    main()

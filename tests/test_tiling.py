@@ -1,0 +1,283 @@
+"""Tiling: the grid, the blend weights, the stitching, the seams, the tiled forward of every path,
+training on tiles, the checkpoint's record, and the options' errors."""
+from __future__ import annotations
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ckaad_fast.cli import main
+from ckaad_fast.errors import ArgumentError
+from ckaad_fast.evaluation import predict_dataset
+from ckaad_fast.model import Detector, ModelConfig, load_checkpoint, model_from_checkpoint
+from ckaad_fast.scoring import Scorer
+from ckaad_fast.tiling import Stitcher, Tiling, axis_starts, axis_weights, seam_ratio, tiling_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _model(tile=64, stride=48, size=64, seed=0, state=None):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = Detector(ModelConfig(backbone="resnet18", layers=(2, 3), image_size=(size, size), topk=50,
+                                 tile_size=tile, tile_stride=stride), weights="none").eval()
+    if state is not None:
+        m.load_state_dict(state)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid and the weights
+# ------------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_stitching_is_exact_where_tiles_do_not_overlap(size, rows, cols, seed):
+    tiling = Tiling(size, size)
+    h, w = rows * size, cols * size
+    maps = torch.from_numpy(np.random.default_rng(seed).standard_normal((rows * cols, size, size)).astype(np.float32))
+    corners = tiling.grid(h, w)
+    st_ = Stitcher(h, w, tiling)
+    st_.add(maps, corners)
+    for m, (y, x) in zip(maps, corners):
+        assert torch.equal(st_.map[y:y + size, x:x + size], m)  # bit for bit
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_blend_weights_sum_to_one(data):
+    length = data.draw(st.integers(1, 300))
+    size = data.draw(st.integers(1, length))
+    stride = data.draw(st.integers(1, size))
+    starts, weights = axis_weights(length, size, stride)
+    assert starts[0] == 0 and starts[-1] == length - size and starts == sorted(set(starts))
+    total = np.zeros(length)
+    covers = np.zeros(length, int)
+    for s, wgt in zip(starts, weights):
+        total[s:s + size] += wgt.astype(np.float64)
+        covers[s:s + size] += 1
+    assert (covers >= 1).all()  # every pixel is scored
+    # Each float32 weight is the float64 ratio rounded once (half an ulp of 1 at most); at most
+    # ceil(size / stride) + 1 tiles cover a pixel.
+    n = -(-size // stride) + 1
+    assert np.abs(total - 1).max() <= n * F32_EPS / 2
+    assert (total[covers == 1] == 1.0).all()  # one tile: weight exactly 1
+
+
+def test_two_dimensional_weights_sum_to_one_and_seamless_ones():
+    tiling = Tiling(48, 37)
+    h, w = 181, 130
+    st_ = Stitcher(h, w, tiling)
+    corners = tiling.grid(h, w)
+    st_.add(torch.ones(len(corners), 48, 48), corners)
+    # A product of two axis weights (each within n eps/2 of a sum of one) and float32 sums of <= 4 terms.
+    assert (st_.map - 1).abs().max().item() <= 8 * F32_EPS
+
+
+@pytest.mark.parametrize("make, name, words", [
+    (lambda: Tiling(64, 0), "tile_stride", "never move"),
+    (lambda: Tiling(64, 65), "tile_stride", "larger than the tile size"),
+    (lambda: Tiling(0, 1), "tile_size", ">= 1"),
+    (lambda: tiling_of(None, 8), "tile_stride", "needs a tile size"),
+    (lambda: Tiling(64, 32).grid(40, 300), "tile_size", "larger than the image (300x40"),
+    (lambda: axis_starts(10, 11, 1), "tile_size", "larger than the image side"),
+    (lambda: ModelConfig(backbone="resnet18", image_size=(64, 32), tile_size=16), "tile_size", "square"),
+])
+def test_bad_tile_options_are_one_line_errors(make, name, words):
+    with pytest.raises(ArgumentError) as e:
+        make()
+    assert e.value.name == name and words in e.value.message and "\n" not in str(e.value)
+
+
+def test_default_stride_overlaps_by_a_quarter():
+    assert tiling_of(256) == Tiling(256, 192) and tiling_of(3) == Tiling(3, 3)
+    assert ModelConfig(backbone="resnet18", tile_size=128).tile_stride == 96
+
+
+# ------------------------------------------------------------------------------------------------
+# Seams and the tiled forward
+# ------------------------------------------------------------------------------------------------
+def _texture(h, w, seed=0):
+    """A smooth random texture in [0, 1] (a normal image has no edges for a seam to hide behind)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, h // 8 + 1, w // 8 + 1, generator=g)
+    return torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
+
+
+def test_a_normal_maps_seams_stay_below_the_bound():
+    # With the blend the map crosses a tile's edge as smoothly as it varies inside a tile (bound
+    # 1.5: a tile's edge weighs 0.5/overlap of the tiles' disagreement there); without overlap
+    # each tile's border (its padding and blur) makes a step the same statistic sees at once.
+    blended = _model(64, 48)
+    plain = _model(64, 64, state=blended.state_dict())
+    x = (_texture(256, 256) - 0.45) / 0.25
+    with torch.inference_mode():
+        _, m_blend = blended.tiled(x, batch=16)
+        _, m_plain = plain.tiled(x, batch=16)
+    r_blend = seam_ratio(m_blend[0].numpy(), blended.config.tiling)
+    r_plain = seam_ratio(m_plain[0].numpy(), plain.config.tiling)
+    assert r_blend <= 1.5, r_blend
+    assert r_plain > 3.0, r_plain  # the check can see a seam
+
+
+def test_scorer_and_predict_dataset_tile_as_the_model_does(tmp_path):
+    model = _model(64, 40)
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (h, w) in enumerate([(150, 97), (150, 97)]):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        files.append(str(p))
+    scorer = Scorer(model, dtype="float32", engine="torch", batch_size=5, num_workers=0)
+    results = list(scorer.score_paths(files))
+    from ckaad_fast.data import load_image
+
+    x = torch.stack([load_image(f, None, model.config.mean, model.config.std) for f in files])
+    with torch.inference_mode():
+        s, m = model.tiled(x, batch=5)
+    s2, m2 = scorer(x)
+    assert torch.equal(s, s2) and torch.equal(m, m2)
+    for r, si, mi in zip(results, s, m):
+        assert r.map.shape == (150, 97)  # the image's own resolution
+        assert r.score == pytest.approx(float(si), rel=1e-5) and np.allclose(r.map, mi.numpy(), atol=1e-5)
+
+    from ckaad_fast.data import FolderDataset
+
+    root = tmp_path / "set"
+    for cls, f in (("good", files[0]), ("bad", files[1])):
+        (root / "test" / cls).mkdir(parents=True)
+        Image.open(f).save(root / "test" / cls / "0.png")
+    ds = FolderDataset(root, normal_class="good", split="test", image_size=None, mean=model.config.mean,
+                       std=model.config.std)
+    pred = predict_dataset(model, ds, batch_size=5, progress=False)
+    assert pred.maps.shape == (2, 150, 97)
+    order = [ds.paths.index(str(root / "test" / c / "0.png")) for c in ("good", "bad")]
+    assert np.array_equal(pred.scores[order], s.numpy())
+
+
+def test_tile_size_other_than_the_input_is_resized_both_ways():
+    model = _model(tile=96, stride=80, size=64)
+    with torch.inference_mode():
+        s, m = model.tiled(torch.randn(1, 3, 200, 176), batch=4)
+    assert m.shape == (1, 200, 176) and torch.isfinite(s).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on tiles, the checkpoint's record, the CLI
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def highres(tmp_path_factory):
+    from ckaad_fast.data.highres import make_highres_dataset
+
+    return make_highres_dataset(tmp_path_factory.mktemp("hr"), "grass", image_size=192, scale=1, n_train=3,
+                                n_test_good=2, n_test_defect=2, defect_px=(6, 6))
+
+
+def test_train_records_the_tiling_and_score_follows_it(highres, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--layout", "mvtec", "--data", str(highres), "--category", "grass", "--strategy", "recon",
+                 "--backbone", "resnet18", "--layers", "2", "3", "--weights", "none", "--image-size", "64",
+                 "--tile-size", "64", "--tile-stride", "48", "--epochs", "1", "--batch-size", "8",
+                 "--out", str(out), "--quiet"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["config"]["tile_size"] == 64 and ckpt["config"]["tile_stride"] == 48
+    assert ckpt["train_config"]["tile_size"] == 64 if "train_config" in ckpt else True
+    test_dir = highres / "grass" / "test" / "spot"
+    assert main(["score", "--checkpoint", str(out), "--input", str(test_dir), "--out", str(tmp_path / "s"),
+                 "--num-workers", "0", "--no-progress", "--engine", "torch", "--dtype", "float32"]) == 0
+    with open(tmp_path / "s" / "scores.csv", newline="") as f:
+        rows = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
+    model = model_from_checkpoint(out)
+    from ckaad_fast.data import load_image
+
+    for path, value in rows.items():
+        x = load_image(path, None, model.config.mean, model.config.std)[None]
+        with torch.inference_mode():
+            s, m = model.tiled(x, batch=16)
+        assert m.shape[-2:] == (192, 192)
+        assert value == pytest.approx(float(s), rel=1e-5)
+    capsys.readouterr()
+    # The options restate the record or are refused, naming the option, on one line.
+    for cmd, extra in (("score", ["--input", str(test_dir), "--out", str(tmp_path / "s2")]),
+                       ("eval", ["--layout", "mvtec", "--data", str(highres), "--category", "grass"]),
+                       ("export", ["--out", str(tmp_path / "e")])):
+        assert main([cmd, "--checkpoint", str(out), *extra, "--tile-size", "32"]) == 2
+        err = capsys.readouterr().err
+        assert "--tile-size" in err and "checkpoint's tiling" in err and err.strip().count("\n") == 0
+
+
+def test_train_refuses_a_tile_larger_than_the_images(highres, tmp_path, capsys):
+    assert main(["train", "--layout", "mvtec", "--data", str(highres), "--category", "grass", "--strategy", "recon",
+                 "--backbone", "resnet18", "--layers", "2", "3", "--weights", "none", "--image-size", "64",
+                 "--tile-size", "256", "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--tile-size" in err and "larger than" in err and err.strip().count("\n") == 0
+    assert main(["train", "--layout", "mvtec", "--data", str(highres), "--category", "grass",
+                 "--tile-size", "64", "--tile-stride", "80", "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "--tile-stride" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_a_six_pixel_defect_is_in_the_top_percent_of_a_tiled_512_map(tmp_path):
+    # Trained on tiles of normal 512² texture images (64² tiles at a 64² input); a 6-pixel spot
+    # is a 36-pixel blob in a map of 262,144 pixels: among its top 1% (2,621 values).
+    from ckaad_fast.data import MVTecDataset
+    from ckaad_fast.data.highres import add_small_defect, make_highres_dataset, render_highres_normal
+    from ckaad_fast.data.synthetic import load_texture
+    from ckaad_fast.training import TrainConfig, train
+
+    root = make_highres_dataset(tmp_path / "d", "grass", image_size=512, scale=1, n_train=3, n_test_good=1,
+                                n_test_defect=1)
+    cfg = TrainConfig(strategy="recon", backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=64, epochs=3,
+                      batch_size=16, seed=0, tile_size=64, tile_stride=48)
+    mean, std = cfg.normalization()
+    result = train(cfg, MVTecDataset(root, "grass", "train", None, mean, std), out_dir=tmp_path / "run", progress=False)
+    rng = np.random.default_rng(5)
+    img, mask = add_small_defect(render_highres_normal(load_texture("grass"), rng, 512, 1, "grass"), rng, (6, 6))
+    x = torch.from_numpy(img.round().astype(np.float32) / 255).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    model = result.model.eval()
+    with torch.inference_mode():
+        _, m = model.tiled(x.float(), batch=32)
+    m = m[0].numpy()
+    assert m.shape == (512, 512)
+    top = np.quantile(m, 0.99)
+    assert m[mask].max() >= top, (m[mask].max(), top)
+
+
+@pytest.mark.slow
+def test_the_documented_client_tiles_an_exported_model_as_the_scorer_does(tmp_path):
+    # The numpy client of docs/CLI.md ("Tiled models"), run as written against the ONNX export.
+    pytest.importorskip("onnxruntime")
+    import re
+
+    from ckaad_fast.export import export
+    from ckaad_fast.model import save_checkpoint
+
+    model = _model(64, 48)
+    save_checkpoint(tmp_path / "c.pt", model)
+    export(tmp_path / "c.pt", tmp_path / "deploy", "onnx")
+    text = open(__file__.replace("tests/test_tiling.py", "docs/CLI.md"), encoding="utf-8").read()
+    code = re.search(r"```python\n(import json, numpy as np, onnxruntime.*?)```", text, re.S).group(1)
+    code = code.replace('"deploy/', f'"{tmp_path}/deploy/')
+    meta = __import__("json").load(open(tmp_path / "deploy" / "model.json"))
+    assert meta["tiling"]["size"] == 64 and meta["tiling"]["stride"] == 48
+    meta["decision_threshold"] = 0.0  # an uncalibrated export has none; the client compares with it
+    (tmp_path / "deploy" / "model.json").write_text(__import__("json").dumps(meta))
+    ns: dict = {}
+    exec(compile(code, "CLI.md", "exec"), ns)
+    img = np.random.default_rng(3).integers(0, 256, (150, 181, 3), dtype=np.uint8)
+    score, _, canvas = ns["score_image"](img)
+    scorer = Scorer(model, dtype="float32", engine="torch", batch_size=8)
+    x = scorer.normalise(torch.from_numpy(img).permute(2, 0, 1)[None])
+    s, m = scorer(x)
+    assert np.allclose(canvas, m[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert float(score) == pytest.approx(float(s), rel=1e-4)
