@@ -10,7 +10,8 @@ On a CUDA machine, in one process:
      reference path; a training step against eager losses, and its fraction of the matmul ceiling;
   4. one decision: a calibration's promise kept by the Scorer's default precision (float32 and
      bfloat16), and the Detector, the Scorer and the exported graph's head agreeing;
-  5. NVTX ranges emitted without error (no nsys needed).
+  5. NVTX ranges emitted without error (no nsys needed);
+  6. tiled scoring of a 4.2 and a 20 megapixel image (256² tiles), in megapixels per second.
 It prints a verdict table last, and writes its log and a CSV under $OUT (or --out) when set.
 
 ``python benchmarks/gpu_check.py --cpu-smoke`` runs the same code paths at tiny sizes on the CPU,
@@ -446,6 +447,18 @@ def time_scorer_and_training(chk: Check, device, smoke: bool, csv_rows: list, de
             if backbone == "wide_resnet50_2" and not (ips >= 2000 and speedup >= 20):
                 row["verdict"] = "MISS"
                 row["detail"] += " (target: >= 2000 img/s and >= 20x)"
+
+    if time.perf_counter() > deadline:
+        return
+    with chk.item("timings", "tiled scoring, megapixels/s") as row:
+        from benchmarks import bench_tiling
+
+        targs = SimpleNamespace(quick=smoke, device=str(device), input=64 if smoke else 256, tile=64 if smoke else 256,
+                                stride=48 if smoke else 224, batch=8 if smoke else 64)
+        rows = bench_tiling.throughput(targs)
+        csv_rows.extend({"bench": "tiling", **r} for r in rows)
+        row["detail"] = "; ".join(f"{r['image']} ({r['tiles']} tiles): {r['mp_per_s']} MP/s, {r['peak_mib']} MiB"
+                                  for r in rows)
 
     if time.perf_counter() > deadline:
         return

@@ -176,18 +176,10 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                 paths.extend(p)
                 has_masks = mask is not None if has_masks is None else has_masks
                 if has_masks:
-                    mask = mask.float()
-                    if mask.dim() == 3:
-                        mask = mask[:, None]
-                    if tuple(mask.shape[-2:]) != tuple(m.shape[-2:]):
-                        mask = F.interpolate(mask, size=tuple(m.shape[-2:]), mode="nearest")
-                    masks.append(mask[:, 0] > 0.5)
+                    masks.append(_mask_like(mask, m))
     finally:
         model.train(was_training)
-    sizes = sorted({tuple(m.shape[-2:]) for m in maps})
-    if len(sizes) > 1:
-        raise ValueError(f"the test set's images come in {len(sizes)} sizes ({sizes[0]} and {sizes[-1]} among them): "
-                         "a tiled model's maps are at each image's own size, and the metrics need one size")
+    _check_one_size(maps)
     return Predictions(
         scores=torch.cat(scores).numpy(),
         labels=torch.cat(labels).numpy(),
@@ -195,6 +187,23 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
         masks=torch.cat(masks).numpy() if has_masks else None,
         paths=paths,
     )
+
+
+def _mask_like(mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """A batch's masks as bools at its maps' size (nearest)."""
+    mask = mask.float()
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if tuple(mask.shape[-2:]) != tuple(maps.shape[-2:]):
+        mask = F.interpolate(mask, size=tuple(maps.shape[-2:]), mode="nearest")
+    return mask[:, 0] > 0.5
+
+
+def _check_one_size(maps: list[torch.Tensor]) -> None:
+    sizes = sorted({tuple(m.shape[-2:]) for m in maps})
+    if len(sizes) > 1:
+        raise ValueError(f"the test set's images come in {len(sizes)} sizes ({sizes[0]} and {sizes[-1]} among them): "
+                         "a tiled model's maps are at each image's own size, and the metrics need one size")
 
 
 def _concat(parts: list[Predictions]) -> Predictions:
