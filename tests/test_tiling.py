@@ -188,7 +188,7 @@ def test_train_records_the_tiling_and_score_follows_it(highres, tmp_path, capsys
                  "--out", str(out), "--quiet"]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt["config"]["tile_size"] == 64 and ckpt["config"]["tile_stride"] == 48
-    assert ckpt["train_config"]["tile_size"] == 64 if "train_config" in ckpt else True
+    assert ckpt["train_config"]["tile_size"] == 64 and ckpt["train_config"]["tile_stride"] == 48  # a resume keeps it
     test_dir = highres / "grass" / "test" / "spot"
     assert main(["score", "--checkpoint", str(out), "--input", str(test_dir), "--out", str(tmp_path / "s"),
                  "--num-workers", "0", "--no-progress", "--engine", "torch", "--dtype", "float32"]) == 0
