@@ -105,7 +105,8 @@ def tiled_forward(forward, images: torch.Tensor, tiling, input_size, topk: int |
     for image in images:
         with nvtx_range("tiles"):
             maps.append(tiled_maps(image, tiling, input_size, forward, prepare=prepare, batch=batch))
-    maps = torch.stack(maps)
+    # One image (the Scorer's streams): a view, not a copy of a map that may be 80 MB.
+    maps = maps[0][None] if len(maps) == 1 else torch.stack(maps)
     with nvtx_range("head"):
         return ops.image_score(maps, topk), maps
 

@@ -55,6 +55,7 @@ class TileImages(Dataset):
         self.mean = getattr(dataset, "mean", None)
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cached_bytes = 0
         self.index: list[tuple[int, int, int]] = []
         labels = getattr(dataset, "labels", None)
         self.labels = []
@@ -77,8 +78,9 @@ class TileImages(Dataset):
         item = self.dataset[i]
         image = item[0] if isinstance(item, (tuple, list)) else item
         self._cache[i] = image
-        while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
-            self._cache.popitem(last=False)
+        self._cached_bytes += image.nbytes
+        while len(self._cache) > 1 and self._cached_bytes > self.cache_bytes:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return image
 
     def __len__(self):
