@@ -98,8 +98,11 @@ def _predict_full_resolution(model, test_set, cfg, args):
     return pred
 
 
-def throughput(args) -> list[dict]:
+def throughput(args, with_untiled: bool = False):
+    """Rows of megapixels/s per engine and image size; with ``with_untiled``, also the seconds per
+    image of the same model untiled, through the same (first) Scorer: ``(rows, seconds)``."""
     rows = []
+    per_image = None
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,6 +116,17 @@ def throughput(args) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - an engine that is not installed is a row left out
             print(f"{engine}: not measured ({str(e).splitlines()[0]})")
             continue
+        if with_untiled and per_image is None:
+            untiled = Scorer(Detector(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2, 3),
+                                                  image_size=(args.input,) * 2), weights="none"),
+                             device=args.device, dtype=dtype, batch_size=args.batch, engine=engine)
+            batch = untiled.normalise(torch.rand(args.batch, 3, args.input, args.input))
+            untiled(batch)  # warm
+            t0 = time.perf_counter()
+            untiled(batch)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            per_image = (time.perf_counter() - t0) / args.batch
         for h, w in sizes:
             image = torch.rand(1, 3, h, w)
             x = scorer.normalise(image)
@@ -130,7 +144,7 @@ def throughput(args) -> list[dict]:
                          "tiles": model.config.tiling.count(h, w), "tile": f"{args.tile}/{args.stride}",
                          "model_input": args.input, "batch": args.batch, "seconds": round(best, 3),
                          "mp_per_s": round(h * w / 1e6 / best, 2), "peak_mib": round(mib, 1)})
-    return rows
+    return (rows, per_image) if with_untiled else rows
 
 
 def main(argv=None) -> None:

@@ -59,8 +59,14 @@ def _range(name: str):
 
 
 def nvtx_range(name: str):
-    """A context manager that marks ``name`` on the timeline when NVTX is on, else does nothing."""
-    if torch.compiler.is_compiling() or not nvtx_enabled():
+    """A context manager that marks ``name`` on the timeline when NVTX is on, and labels it
+    ``ckaad_fast/<name>`` in a running torch.profiler (so that a trace carries the same ranges);
+    else does nothing."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if torch.autograd._profiler_enabled():
+        return stage(name)
+    if not nvtx_enabled():
         return contextlib.nullcontext()
     return _range(name)
 
@@ -69,7 +75,7 @@ def nvtx_range(name: str):
 def stage(name: str):
     """An NVTX range (when on) and a torch.profiler label ``ckaad_fast/<name>`` (when profiling)
     around a stage that runs outside a compiled forward (copies, read-backs, a whole forward)."""
-    with nvtx_range(name):
+    with (_range(name) if nvtx_enabled() else contextlib.nullcontext()):
         if torch.autograd._profiler_enabled():
             with torch.profiler.record_function(f"{DOMAIN}/{name}"):
                 yield

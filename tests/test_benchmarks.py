@@ -44,9 +44,19 @@ def test_agreement_check_refuses_a_wrong_result():
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
+    # Every section runs (exit status 0 needs every row to meet its criterion; goals read NOGOAL
+    # on the CPU), and the rows, timings and trace are written.
     out = _run(["benchmarks/gpu_check.py", "--cpu-smoke"], tmp_path)
-    assert "FAIL" not in out and "| PASS" in out
-    assert (tmp_path / "gpu_check.csv").exists() and (tmp_path / "gpu_check.log").exists()
+    assert "FAIL" not in out and "MISS" not in out and "| PASS" in out
+    for section in ("kernels", "compile", "graphs", "decisions", "ops", "scorer", "training", "tiling", "profile", "nvtx"):
+        assert f"| {section} /" in out.replace("| PASS    | ", "| ").replace("| NOGOAL  | ", "| "), section
+    for name in ("gpu_check.csv", "gpu_check.log", "gpu_timings.csv", "scorer_trace.json.gz"):
+        assert (tmp_path / name).exists(), name
+
+
+def test_gpu_check_only_reruns_one_section(tmp_path):
+    out = _run(["benchmarks/gpu_check.py", "--cpu-smoke", "--only", "nvtx"], tmp_path)
+    assert "nvtx / ranges emitted" in out and "kernels /" not in out
 
 
 def test_plot_draws_each_csv(tmp_path):

@@ -333,7 +333,11 @@ class Scorer:
                 f"images are {images.shape[-2]}x{images.shape[-1]} but the model was trained at "
                 f"{self.image_size[0]}x{self.image_size[1]}: resize them (score_paths does)"
             )
-        scores, maps = self._run(self._prepare(images, normalise=False))
+        # A short batch is padded to batch_size (pad_batches), so that the one compiled graph
+        # and the one CUDA graph of a stream serve it; the padding's rows are dropped.
+        n = images.shape[0]
+        scores, maps = self._run(self._pad(self._prepare(images, normalise=False)))
+        scores, maps = scores[:n], maps[:n]
         if self.cuda_graphs:
             scores, maps = scores.clone(), maps.clone()
         return scores, maps
