@@ -134,16 +134,6 @@ class Check:
             csv.DictWriter(f, fieldnames=self._timing_fields, restval="").writerow(row)
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def _guarded(shape, dtype, device, guard=256):
     n = 1
     for s in shape:

@@ -20,7 +20,7 @@ import torch
 import ckaad_fast.ops as ops
 from benchmarks import baselines
 from benchmarks.common import median_time
-from benchmarks.gpu_criteria import beyond_spread, goal_verdict
+from benchmarks.gpu_criteria import beyond_spread
 
 SCORER_LAYERS = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]  # wide_resnet50_2 layers 1-3 at 256²
 SMOKE_LAYERS = [(8, 8, 8), (16, 4, 4)]
