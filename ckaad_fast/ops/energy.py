@@ -114,9 +114,9 @@ _energy_op.register_autograd(_backward, setup_context=_setup)
 # Why one buffer: at the score maps' sizes (tens of thousands of values per term, up to nine
 # terms) each PyTorch call costs more in dispatch than in arithmetic, and the compiled plain
 # formula (Inductor's one C++ loop) beat the former per-term path 2x (0.42x, 2-core EPYC,
-# bench_ops). Copying every term into one buffer (one cat) makes each later step a single call:
+# bench_ops). It still does (0.35-0.66x; docs/BENCHMARKS.md says why). Copying every term into one buffer (one cat) makes each later step a single call:
 # forward one abs, one clamp of the high terms and one dot product with a per-element weight;
-# backward one sign, the high terms' mask and one multiply.
+# backward one sign, the high terms' mask, and the weights and upstream gradient applied in place.
 #
 # The high terms use max(0, m - |s|) = m - min(|s|, m): their values are clamped at m and weighed
 # -w_i / numel_i, and the loss adds sum_i w_i m. Plan cache: (numels, weights, high, margin,
