@@ -27,17 +27,32 @@ def _rejects_mutants(out, reference, limit, what):
             check_close(bad, reference, limit, f"{what} {name}")
 
 
+def _cosine_terms(x64, y64, dim):
+    """cos and the float64 gradient of 1 - cos(x, y) along ``dim`` with respect to x, in closed
+    form (cheaper than autograd at the check's sizes): -(y / (|x||y|) - cos x / |x|^2)."""
+    nx, ny = x64.norm(dim=dim, keepdim=True), y64.norm(dim=dim, keepdim=True)
+    cos = (x64 * y64).sum(dim, keepdim=True) / (nx * ny)
+    return cos, -(y64 / (nx * ny) - cos * x64 / (nx * nx))
+
+
 def test_reconstruction_loss_gradient_mutations_rejected_at_the_checks_training_size():
     # The GPU check's largest loss case: (32, 256, 64, 64), whose mean-reduced gradient the old
-    # bound (REL |ref| + ABS sqrt(n)) let through even when zeroed. The CPU path of the op
-    # produces the outputs here.
+    # bound (REL |ref| + ABS sqrt(n)) let through even when zeroed. The outputs are the op's own
+    # (its CPU path).
+    import ckaad_fast.ops as ops
+
     shape = gpu_check.LOSS_SHAPES[0]
     g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).requires_grad_(True)
+    y = (x.detach() + 0.3 * torch.randn(shape, generator=g)).requires_grad_(True)
     with backend("torch"):
-        outs, refs, bounds = gpu_check.reconstruction_case(shape, torch.float32, torch.device("cpu"), g)
-    for key in ("grad inputs", "grad outputs"):
-        assert bounds[key] < 0.01  # far below a 5% change
-        _rejects_mutants(outs[key], refs[key], bounds[key], key)
+        (gx,) = torch.autograd.grad(ops.cosine_reconstruction_loss([x], [y]), (x,))
+    x64, y64 = x.detach().double().reshape(shape[0], -1), y.detach().double().reshape(shape[0], -1)
+    cos, grad = _cosine_terms(x64, y64, 1)  # d/dx of mean_i (1 - cos_i): the rows' gradients / B
+    reference = (grad / shape[0]).reshape(shape)
+    limit = bound(torch.float32, x[0].numel(), gradient_condition(cos))
+    assert limit < 0.01  # far below a 5% change
+    _rejects_mutants(gx, reference, limit, "grad inputs")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -48,15 +63,22 @@ def test_cosine_map_gradient_mutations_rejected_at_the_checks_size(dtype):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(shape, generator=g).to(dtype)
     b = (a.float() + 0.3 * torch.randn(shape, generator=g)).to(dtype)
-    a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
-    r = ref.cosine_error_map(a64, b64)
-    gout = torch.randn(r.shape, generator=g, dtype=torch.float64)
-    ra, _ = torch.autograd.grad(r, (a64, b64), gout)
-    cos = 1 - r.detach()
+    cos, grad = _cosine_terms(a.double(), b.double(), 1)
+    gout = torch.randn(cos.shape, generator=g, dtype=torch.float64)
+    ra = grad * gout  # the upstream gradient per position, broadcast over channels
     limit = bound(dtype, shape[1], gradient_condition(cos))
     _rejects_mutants(ra.to(dtype), ra, limit, "grad a")
-    map_limit = bound(torch.float32, shape[1], map_condition(cos))
-    _rejects_mutants(r.detach().float(), r.detach(), map_limit, "map")
+    err = (1 - cos).squeeze(1)
+    _rejects_mutants(err.float(), err, bound(torch.float32, shape[1], map_condition(cos)), "map")
+
+
+def test_closed_form_matches_autograd_of_the_reference():
+    # The closed form the two tests above use is the reference's gradient (small sizes).
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
+    (ra,) = torch.autograd.grad(ref.cosine_error_map(a, b).sum(), (a,))
+    torch.testing.assert_close(_cosine_terms(a.detach(), b, 1)[1], ra)
 
 
 def test_energy_gradient_mutations_rejected_at_the_checks_size():
