@@ -11,8 +11,8 @@
 Before trusting a set, it checks that the images it calls normal look normal: scores above Tukey's
 far-out fence of the set's own normal scores (third quartile + 3 interquartile ranges; see
 :func:`suspected_anomalies`) are counted as *suspected anomalies*, recorded with the threshold
-the set would give without them, and, when they set the threshold (it lies above the fence),
-named in a :class:`CalibrationSetWarning`. The threshold is still picked on the whole set (the
+the set would give without them, and, when they set the threshold (it lies above the fence and
+differs from the one without them), named in a :class:`CalibrationSetWarning`. The threshold is still picked on the whole set (the
 images may be normal after all); the warning says how far it moved. The fence needs three
 quarters of the set to be normal and catches images that score like clear defects; anomalies
 that score like normal images pass unseen (and move a threshold little).
@@ -217,9 +217,11 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
                 None if maps is None else np.asarray(maps)[keep], precision, device).image_threshold
         except ArgumentError:  # too few left for the rate, or all alike: say so without a number
             cal.threshold_without_suspected = None
-    if suspect.any() and cal.image_threshold > fence:
-        # Only when the suspects set the threshold (it lies above the fence) is it worth a
-        # warning: below the fence they are among the images the rate allows to be flagged.
+    if suspect.any() and cal.image_threshold > fence and cal.threshold_without_suspected != cal.image_threshold:
+        # Only when the suspects set the threshold is it worth a warning: it lies above the
+        # fence (below it they are among the images the rate allows to be flagged) and it is
+        # not the one the set gives without them (with anomalies in the set, F1 may pick the
+        # same threshold either way, as on the demo's set).
         named = [os.fspath(paths[i]) for i in normal[suspect][:3]] if paths is not None else []
         moved = (f"; without them it would be {cal.threshold_without_suspected:.6g}"
                  if cal.threshold_without_suspected is not None else "")

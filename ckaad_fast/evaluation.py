@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .data.files import warn_skip
 from .metrics import evaluate
 from .precision import channels_last_for, resolve_precision
 
@@ -166,6 +167,9 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if tiled:
+                    if not model.config.tiling.fits(*images.shape[-2:]):  # one image per batch
+                        warn_skip(p[0], model.config.tiling.too_small(*images.shape[-2:]))
+                        continue
                     s, m = model.tiled(images, torch.float32 if dtype is None else dtype, batch=batch_size)
                 else:
                     s, m = model(images) if dtype is None else model(images, dtype)
@@ -179,6 +183,8 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                     masks.append(_mask_like(mask, m))
     finally:
         model.train(was_training)
+    if not scores:
+        raise ValueError(f"no image of the set could be scored ({len(dataset)} left out: see the warnings)")
     _check_one_size(maps)
     return Predictions(
         scores=torch.cat(scores).numpy(),

@@ -69,6 +69,15 @@ class Tiling:
             raise ArgumentError("tile_size", f"{self.size} is larger than {what} ({w}x{h} pixels): use a tile size "
                                 f"<= {min(h, w)}, or no tiling")
 
+    def fits(self, h: int, w: int) -> bool:
+        """Whether a tile fits in an ``h`` x ``w`` image."""
+        return self.size <= h and self.size <= w
+
+    def too_small(self, h: int, w: int) -> str:
+        """Why an ``h`` x ``w`` image cannot be tiled: what an error row or a warning says."""
+        return (f"the image is {w}x{h} pixels, smaller than the model's {self.size}x{self.size} tiles: "
+                f"at least {self.size}x{self.size} is needed")
+
     def grid(self, h: int, w: int) -> list[tuple[int, int]]:
         """The tiles' top-left corners (y, x), row by row."""
         self.check_image(h, w)

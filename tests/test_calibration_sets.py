@@ -202,3 +202,19 @@ def test_eval_and_train_leave_odd_images_out(tmp_path):
                      "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
     test_files = [f for _, _, fs in os.walk(root / "gravel" / "test") for f in fs]
     assert json.loads((tmp_path / "m.json").read_text())["num_images"] == len(test_files) - 2  # not the odd two
+
+
+def test_suspects_that_do_not_move_the_threshold_raise_no_warning():
+    # The demo's case: a normal image scores beyond the fence, but the anomalies of the set pick
+    # the threshold by F1, the same with or without it: nothing to warn about.
+    rng = np.random.default_rng(0)
+    normal = np.r_[rng.normal(1.2, 0.05, 29), 1.70]
+    anomalous = np.array([1.80, 2.20])
+    labels = np.r_[np.zeros(normal.size), np.ones(anomalous.size)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationSetWarning)
+        cal = calibration_from_scores(labels, np.r_[normal, anomalous], 0.01)
+    assert cal.suspected_anomalies == 1 and cal.threshold_without_suspected == cal.image_threshold
+    # The same suspect moving a normal-only threshold is warned about.
+    with pytest.warns(CalibrationSetWarning):
+        calibration_from_scores(np.zeros(normal.size + 1), np.r_[normal, 2.5], 0.05)

@@ -3,6 +3,7 @@ training on tiles, the checkpoint's record, and the options' errors."""
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 
 import numpy as np
@@ -281,3 +282,59 @@ def test_the_documented_client_tiles_an_exported_model_as_the_scorer_does(tmp_pa
     s, m = scorer(x)
     assert np.allclose(canvas, m[0].numpy(), rtol=1e-4, atol=1e-5)
     assert float(score) == pytest.approx(float(s), rel=1e-4)
+
+
+def test_an_image_smaller_than_a_tile_is_an_error_row_in_score_and_left_out_elsewhere(tmp_path):
+    # One small file among full-size ones: the Scorer reports it in its row and scores the others;
+    # predict_dataset (eval, calibrate) and the tile loader (train) leave it out with a warning.
+    from ckaad_fast.data import CorruptImageWarning, FolderDataset
+    from ckaad_fast.training.loaders import TileImages
+
+    model = _model(64, 48)
+    rng = np.random.default_rng(2)
+    root = tmp_path / "set"
+    sizes = {"good/0.png": (150, 97), "good/1.png": (40, 300), "bad/0.png": (150, 97), "bad/1.png": (5, 5)}
+    for name, (h, w) in sizes.items():
+        (root / "test" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "test" / name)
+    files = sorted(str(p) for p in (root / "test").rglob("*.png"))
+    scorer = Scorer(model, dtype="float32", engine="torch", batch_size=5, num_workers=0)
+    results = {r.path: r for r in scorer.score_paths(files)}
+    for name, (h, w) in sizes.items():
+        r = results[str(root / "test" / name)]
+        if min(h, w) < 64:
+            assert not r.ok and "smaller than the model's 64x64 tiles" in r.error and f"{w}x{h}" in r.error
+        else:
+            assert r.ok and r.map.shape == (h, w)
+    ds = FolderDataset(root, normal_class="good", split="test", image_size=None, mean=model.config.mean,
+                       std=model.config.std)
+    with pytest.warns(CorruptImageWarning, match="smaller than the model's 64x64 tiles"):
+        pred = predict_dataset(model, ds, batch_size=5, progress=False)
+    assert sorted(pred.paths) == sorted(str(root / "test" / n) for n in ("good/0.png", "bad/0.png"))
+    with pytest.warns(CorruptImageWarning, match="smaller than"):
+        tiles = TileImages(ds, model.config.tiling, (64, 64))
+    assert {i for i, _, _ in tiles.index} == {ds.paths.index(str(root / "test" / n)) for n in ("good/0.png", "bad/0.png")}
+
+
+def test_score_of_a_tiled_model_goes_on_past_a_small_image_and_resumes(tmp_path, capsys):
+    from ckaad_fast.model import save_checkpoint
+
+    model = _model(64, 48)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model)
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(100, 100), (70, 80), (100, 5), (90, 90)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["score", "--checkpoint", str(ckpt), "--input", str(folder), "--out", str(out), "--num-workers", "0",
+            "--no-progress", "--engine", "torch", "--dtype", "float32", "--batch-size", "2"]
+    assert main(args) == 1  # score's status when a file could not be scored (its row says why)
+    with open(out / "scores.csv", newline="") as f:
+        rows = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 4 and "smaller than" in rows["2.png"]["error"] and rows["0.png"]["score"]
+    assert main(args + ["--resume"]) in (0, 1)  # no stop at the small file
+    with open(out / "scores.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    capsys.readouterr()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import importlib
 import re
 import signal
@@ -72,6 +73,9 @@ def _sigterm_as_interrupt():
     command as Ctrl-C does: it says what was kept, and every lock and temporary file is released
     on the way out. The previous handler comes back afterwards (main() also runs in-process)."""
     def handler(signum, frame):
+        # Once: the command is already on its way out, so a second SIGTERM (a service manager
+        # repeating itself) must not interrupt the clean-up that says what was kept.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
@@ -85,9 +89,18 @@ def _sigterm_as_interrupt():
 
 
 def main(argv=None) -> int:
+    # A crash in native code (a runtime library, a driver) leaves a Python stack on stderr.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     args = build_parser().parse_args(argv)
-    with _sigterm_as_interrupt(), _warnings_as_lines(args.command):
-        return _dispatch(args)
+    try:
+        with _sigterm_as_interrupt(), _warnings_as_lines(args.command):
+            return _dispatch(args)
+    except KeyboardInterrupt:
+        # An interrupt that lands outside the command (while its context is entered or left):
+        # the same status, so that a stopped job always ends with 130 and never by SIGINT.
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..data import decode_image
+from ..data import ImageRejected, decode_image
 from ..profiling import enable_nvtx, nvtx_range
 
 __all__ = ["DecodeDataset", "collate", "default_workers", "error_text", "worker_init"]
@@ -29,10 +29,11 @@ class DecodeDataset(Dataset):
     """Items ``(index, image or None, error or None)``: a file that cannot be decoded gives an
     error marker instead of an exception, so one bad file never stops the stream."""
 
-    def __init__(self, paths: Sequence[str], image_size, nvtx_on: bool):
+    def __init__(self, paths: Sequence[str], image_size, nvtx_on: bool, tiling=None):
         self.paths = list(paths)
         self.image_size = image_size
         self.nvtx_on = nvtx_on
+        self.tiling = tiling  # a tiled model's: a file smaller than a tile is an error row
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -40,7 +41,10 @@ class DecodeDataset(Dataset):
     def __getitem__(self, i: int):
         with nvtx_range("decode"):
             try:
-                return i, decode_image(self.paths[i], self.image_size), None
+                image = decode_image(self.paths[i], self.image_size)
+                if self.tiling is not None and not self.tiling.fits(*image.shape[-2:]):
+                    raise ImageRejected(self.tiling.too_small(*image.shape[-2:]))
+                return i, image, None
             except Exception as e:  # noqa: BLE001 - any failure to read is reported, not raised
                 return i, None, error_text(e)
 

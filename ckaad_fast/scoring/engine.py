@@ -393,7 +393,7 @@ class Scorer:
     def _loader(self, paths: list[str]) -> DataLoader:
         nw = self._workers(len(paths))
         # A tiled model decodes each file at its own size, one at a time, and batches its tiles.
-        ds = DecodeDataset(paths, None if self.tiling else self.image_size, nvtx_enabled())
+        ds = DecodeDataset(paths, None if self.tiling else self.image_size, nvtx_enabled(), self.tiling)
         return DataLoader(
             ds,
             batch_size=1 if self.tiling else self.batch_size,

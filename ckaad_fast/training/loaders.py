@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import PseudoAnomalyDataset
+from ..data.files import warn_skip
 from ..distributed import GlobalBatchSampler
 from ..errors import ArgumentError
 from ..tiling import Tiling
@@ -59,16 +60,23 @@ class TileImages(Dataset):
         self.index: list[tuple[int, int, int]] = []
         labels = getattr(dataset, "labels", None)
         self.labels = []
+        smaller = []
         for i in range(len(dataset)):
             image = self._image(i)
             h, w = image.shape[-2:]
-            try:
-                tiling.check_image(h, w, f"image {i} of the data set")
-            except ArgumentError as e:
-                raise ArgumentError("tile_size", e.message) from None
+            if not tiling.fits(h, w):  # left out with a warning, as data sets leave out odd files
+                smaller.append((i, h, w))
+                continue
             for y, x in tiling.grid(h, w):
                 self.index.append((i, y, x))
                 self.labels.append(int(labels[i]) if labels is not None else 0)
+        if smaller and not self.index:
+            i, h, w = smaller[0]
+            raise ArgumentError("tile_size", f"{tiling.size} is larger than every image of the data set (image {i} "
+                                f"is {w}x{h} pixels): use a tile size <= {min(h, w)}, or no tiling")
+        paths = getattr(dataset, "paths", None)
+        for i, h, w in smaller:
+            warn_skip(paths[i] if paths is not None else f"image {i} of the data set", tiling.too_small(h, w))
 
     def _image(self, i: int) -> torch.Tensor:
         image = self._cache.get(i)
