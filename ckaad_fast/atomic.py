@@ -39,11 +39,16 @@ def _umask() -> int:
     return mask
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None, recursive: bool = False) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None, recursive: bool = False,
+                             older_than: float | None = None) -> list[Path]:
     """Remove the temporary files that interrupted writes of ``folder/name`` (of any file, when
     ``name`` is None; in sub-folders too with ``recursive``) left behind: a killed process never
     reaches its clean-up. Call it only where no other process writes there now (a run holding the
-    folder's lock). Returns what it removed."""
+    folder's lock), or with ``older_than`` (seconds): only files last written longer ago than that
+    go, where another process may be writing a younger one. Returns what it removed."""
+    import time
+
+    cutoff = None if older_than is None else time.time() - older_than
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -53,6 +58,8 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None,
     removed = []
     for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+            if cutoff is not None and p.stat().st_mtime > cutoff:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)

@@ -115,15 +115,15 @@ def read_rows(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def tiny_checkpoint(path, size: int, strategy: str = "recon", **state):
+def tiny_checkpoint(path, size: int, strategy: str = "recon", seed: int = 0, **state):
     """A seeded efficientnet_lite0 (random weights, layers 1 2, top-10) training checkpoint at
-    ``path``, with ``state`` stored beside it."""
+    ``path``, with ``state`` stored beside it (``seed``: another model)."""
     import warnings
 
     from ckaad_fast.model import ModelConfig, save_checkpoint
     from ckaad_fast.training import CKAAD
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
         model = CKAAD(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=size, topk=10,

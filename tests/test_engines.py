@@ -163,3 +163,71 @@ def test_calibrate_then_score_keeps_the_promise_and_a_resume_refuses_another_eng
                    "--no-progress", "--resume", "--engine", "torch"])
     assert rc == 2
     assert "engine 'openvino' there, 'torch' now" in capsys.readouterr().err
+
+
+# -- the cache is bound to its model ---------------------------------------------------------------
+def _graph_of(path):
+    from ckaad_fast.model import checkpoint_fingerprint
+    from ckaad_fast.runtime.engines import cached_engine_graph
+
+    raw = load_checkpoint(path)
+    return cached_engine_graph(checkpoint_fingerprint(raw), model_from_checkpoint(raw).config.topk)
+
+
+@pytest.mark.parametrize("damage", ["another model's graph", "edited", "truncated", "no record"])
+def test_a_wrong_cached_graph_is_exported_again_with_one_warning(damage, tmp_path):
+    from ckaad_fast.runtime.engines import GRAPH_RECORD, CachedGraphWarning
+
+    ckpt = tiny_checkpoint(tmp_path / "mine.pt", SIZE, seed=11)
+    other = tiny_checkpoint(tmp_path / "other.pt", SIZE, seed=12)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    truth = Scorer.from_checkpoint(ckpt, dtype="float32", engine="torch")(x)[0]
+    Scorer.from_checkpoint(other, dtype="float32", engine="openvino")
+    Scorer.from_checkpoint(ckpt, dtype="float32", engine="openvino")
+    graph, foreign = _graph_of(ckpt), _graph_of(other)
+    if damage == "another model's graph":  # the graph and its record, copied over
+        graph.write_bytes(foreign.read_bytes())
+        graph.with_name(GRAPH_RECORD).write_bytes(foreign.with_name(GRAPH_RECORD).read_bytes())
+    elif damage == "edited":  # another model's weights under this model's record
+        graph.write_bytes(foreign.read_bytes())
+    elif damage == "truncated":
+        data = graph.read_bytes()
+        graph.write_bytes(data[: len(data) // 2])
+    else:  # an export interrupted before its record was written
+        graph.with_name(GRAPH_RECORD).unlink()
+    with pytest.warns(CachedGraphWarning, match=f"{graph.name}.*exporting it again") as w:
+        scorer = Scorer.from_checkpoint(ckpt, dtype="float32", engine="openvino")
+    assert len(w) == 1 and str(w[0].message).count("\n") == 0
+    torch.testing.assert_close(scorer(x)[0], truth, rtol=1e-4, atol=0)  # this model's scores again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CachedGraphWarning)
+        again = Scorer.from_checkpoint(ckpt, dtype="float32", engine="openvino")  # whole now: no warning
+    assert again.model is None
+
+
+def test_left_over_temporaries_of_killed_exports_are_removed(tmp_path):
+    import time
+
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", SIZE, seed=13)
+    graph = _graph_of(ckpt)
+    graph.parent.mkdir(parents=True, exist_ok=True)
+    old = graph.parent / ".engine.onnx.abcd1234.tmp"
+    young = graph.parent / ".engine.onnx.efgh5678.tmp"
+    for p in (old, young):
+        p.write_bytes(b"partial")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    Scorer.from_checkpoint(ckpt, dtype="float32", engine="onnxruntime")
+    assert not old.exists() and young.exists()  # a young one may be another process's export
+
+
+def test_an_unwritable_cache_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", SIZE, seed=14)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("CKAAD_FAST_CACHE", str(blocked))
+    folder = write_pngs(tmp_path / "in", 2, 0, SIZE)
+    assert main(["score", "--checkpoint", str(ckpt), "--input", str(folder), "--out", str(tmp_path / "o"),
+                 "--engine", "openvino", "--dtype", "float32", "--num-workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CKAAD_FAST_CACHE" in err and str(blocked) in err and err.count("\n") == 0

@@ -158,3 +158,17 @@ def test_a_later_float32_calibration_drops_the_int8_graph(int8_ckpt, tmp_path, d
                     engine="torch")
     out = write_calibration(int8_ckpt, cal, out=tmp_path / "f32.pt")
     assert "int8_graph" not in load_checkpoint(out) and read_calibration(load_checkpoint(out)).quantization is None
+
+
+def test_an_int8_calibration_that_inserts_no_quantizer_refuses(tmp_path, data, monkeypatch):
+    # A graph whose nodes lack the detector's part names (an export from before they were named)
+    # would be "quantized" with no quantizer: refused, naming the scope, not reported as int8.
+    import ckaad_fast.runtime.graphs as graphs
+
+    monkeypatch.setattr(graphs, "_name_nodes_by_module", lambda path: None)
+    path = tiny_checkpoint(tmp_path / "unnamed.pt", SIZE, seed=21)
+    model = model_from_checkpoint(path)
+    cfg = model.config
+    with pytest.raises(ArgumentError, match="int8_scope: NNCF inserted no quantizer"):
+        calibrate(model, normal_folder_set(data[0], cfg.image_size, cfg.mean, cfg.std), target_fpr=0.1,
+                  precision="int8")

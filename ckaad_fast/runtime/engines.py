@@ -16,6 +16,12 @@ engine loads is exported once per model, top-k and tool version and kept in a ca
 (``$CKAAD_FAST_CACHE``, else ``$XDG_CACHE_HOME/ckaad_fast``, else ``~/.cache/ckaad_fast``),
 written atomically; a later Scorer of the same model loads it in a fraction of a second.
 
+A cached graph is bound to its model: beside it, ``engine.json`` records the model's fingerprint,
+the top-k and the graph's SHA-256 and size, written after the graph is complete (its nodes
+named). At load, a graph without that record (an interrupted export), of another model, or whose
+bytes differ (truncated, edited) is exported again, with a one-line :class:`CachedGraphWarning`;
+where no model is at hand to export it, the graph is not used (the caller builds the network).
+
 Precision: ONNX Runtime computes in float32 only here (its CPU convolutions have no bfloat16
 kernels). OpenVINO takes float32, and bfloat16 (its inference-precision hint) on CPUs with
 bfloat16 units; elsewhere it would compute float32 whatever the hint, so bfloat16 is refused
@@ -25,20 +31,35 @@ alone: it runs the quantized copy of the graph that an int8 calibration made and
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from ..errors import ArgumentError
 from ..head import tiled_forward
 from ..precision import cpu_has_bf16_matmul
 
 __all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "RuntimeEngine",
-           "RuntimeModule", "build_runtime_engine", "engine_graph_file", "cached_engine_graph"]
+           "RuntimeModule", "build_runtime_engine", "engine_graph_file", "cached_engine_graph",
+           "cached_graph_problem", "CachedGraphWarning", "GRAPH_RECORD"]
+
+#: The record beside a cached engine graph (see the module).
+GRAPH_RECORD = "engine.json"
+#: Temporary files of interrupted exports older than this (seconds) are removed from the cache;
+#: younger ones may be another process's export in progress.
+_STALE_AFTER_S = 3600.0
+
+
+class CachedGraphWarning(UserWarning):
+    """A cached engine graph did not match its record and was exported again."""
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: The engines that run an exported graph (on the CPU).
@@ -103,26 +124,79 @@ def cache_folder() -> Path:
 def cached_engine_graph(fingerprint: str, topk) -> Path:
     """Where the engine graph of the model ``fingerprint`` at ``topk`` is cached (it may not be
     there yet): keyed by the model, the top-k and the versions that exported it."""
-    # "g2": nodes named by the detector's part (graphs.GRAPH_PARTS), which quantization reads.
-    key = f"{fingerprint[:24]}-top{'mean' if topk is None else topk}-g2-{__version__}-torch{torch.__version__}"
+    # "g3": nodes named by the detector's part (graphs.GRAPH_PARTS), which quantization reads,
+    # and a record binding the graph to its model (GRAPH_RECORD).
+    key = f"{fingerprint[:24]}-top{'mean' if topk is None else topk}-g3-{__version__}-torch{torch.__version__}"
     return cache_folder() / "engines" / key / "engine.onnx"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _topk_key(topk) -> str:
+    return "mean" if topk is None else str(int(topk))
+
+
+def cached_graph_problem(target: Path, fingerprint: str, topk) -> str | None:
+    """Why the cached engine graph at ``target`` is not the model ``fingerprint``'s at ``topk``
+    (None: it is, whole)."""
+    if not target.is_file():
+        return "is not there"
+    try:
+        record = json.loads(target.with_name(GRAPH_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "has no record of its model (an interrupted export?)"
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint or record.get("topk") != _topk_key(topk):
+        return "was recorded for another model or top-k"
+    try:
+        if record.get("bytes") != target.stat().st_size or record.get("sha256") != _sha256(target):
+            return "differs from its recorded checksum (truncated or edited)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None
+
+
 def engine_graph_file(model, fingerprint: str, topk) -> Path:
-    """The cached engine graph of ``model`` at ``topk``, exported on first use (``model`` None:
-    it must be in the cache already)."""
+    """The cached engine graph of ``model`` at ``topk``, checked against its record (see the
+    module) and exported when missing or wrong (``model`` None: it must be in the cache, whole)."""
+    target = cached_engine_graph(fingerprint, topk)
+    problem = cached_graph_problem(target, fingerprint, topk)
+    if problem is None:
+        return target
+    if model is None:
+        raise FileNotFoundError(f"no usable engine graph cached at {target}: it {problem}")
+    if target.exists():
+        warnings.warn(f"the cached engine graph {target} {problem}: exporting it again", CachedGraphWarning,
+                      stacklevel=2)
+    try:
+        _export(model, fingerprint, topk, target)
+    except OSError as e:
+        raise RuntimeError(f"cannot write the engine graph cache {cache_folder()} ({e.strerror or e}): make it "
+                           "writable, or set CKAAD_FAST_CACHE to a writable folder") from e
+    return target
+
+
+def _export(model, fingerprint: str, topk, target: Path) -> None:
+    """Export the graph under a temporary name, name its nodes, then give it its name; the record
+    goes last, so that a graph without one is never trusted."""
     from .graphs import write_engine_onnx
 
-    target = cached_engine_graph(fingerprint, topk)
-    if not target.is_file():
-        if model is None:
-            raise FileNotFoundError(f"no engine graph cached at {target}")
-        # Exported on a copy in float32 on the CPU: the Scorer's own model keeps its device and layout.
-        import copy
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, older_than=_STALE_AFTER_S)
+    # Exported on a copy in float32 on the CPU: the Scorer's own model keeps its device and layout.
+    import copy
 
-        cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
-        write_engine_onnx(cpu_model, topk, target)
-    return target
+    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
+    with atomic_path(target) as tmp:
+        write_engine_onnx(cpu_model, topk, tmp)
+        record = {"fingerprint": fingerprint, "topk": _topk_key(topk), "bytes": os.path.getsize(tmp),
+                  "sha256": _sha256(Path(tmp)), "ckaad_fast": __version__, "torch": torch.__version__}
+    atomic_write_text(target.with_name(GRAPH_RECORD), json.dumps(record, indent=1))
 
 
 class RuntimeEngine:

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import ArgumentError
 from ..metrics import image_auroc
 from ..model import normalise_pixels
-from .engines import engine_graph_file
+from .engines import cache_folder, engine_graph_file
 from .graphs import GRAPH_PARTS
 
 __all__ = ["QuantizedGraph", "quantize_graph", "int8_scoring_model", "SCOPES", "DEFAULT_SCOPE",
@@ -191,6 +191,11 @@ def quantize_graph(model, fingerprint: str, topk, images, check=None, max_auroc_
         "quantizers": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()),
         "nncf": nncf.__version__, "openvino": ov.get_version(),
     }
+    if report["quantizers"] == 0:
+        raise ArgumentError("int8_scope", f"NNCF inserted no quantizer into the {scope} of the engine graph: its "
+                                          "nodes do not carry the detector's part names, so int8 would change "
+                                          "nothing; delete the model's folder in the engine cache "
+                                          f"({cache_folder()}) and calibrate again")
     if controlled and drop > max_auroc_drop + 1e-12:
         raise ArgumentError("max_auroc_drop", f"int8 loses {drop:.4f} AUROC on the check set ({auroc_f32:.4f} -> "
                                               f"{auroc_i8:.4f}) even after NNCF put operations back into float32; "

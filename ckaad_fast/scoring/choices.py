@@ -13,7 +13,7 @@ from ..errors import ArgumentError
 from ..model import ModelConfig, checkpoint_fingerprint, config_from_checkpoint
 from ..precision import cpu_has_bf16_matmul, precision_name, resolve_device, resolve_precision
 from ..runtime import RUNTIME_ENGINES, resolve_engine
-from ..runtime.engines import cached_engine_graph
+from ..runtime.engines import cached_engine_graph, cached_graph_problem
 
 __all__ = ["scoring_dtype", "scoring_engine", "GraphDetector", "graph_detector"]
 
@@ -109,6 +109,6 @@ def graph_detector(ckpt: dict, calibration, device, options: dict) -> GraphDetec
         weights = checkpoint_fingerprint(ckpt)
     except (ValueError, TypeError):
         return None
-    if dtype == torch.int8 or cached_engine_graph(weights, topk).is_file():
+    if dtype == torch.int8 or cached_graph_problem(cached_engine_graph(weights, topk), weights, topk) is None:
         return GraphDetector(config, weights)
     return None
