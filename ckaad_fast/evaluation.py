@@ -166,13 +166,10 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                if tiled:
-                    if not model.config.tiling.fits(*images.shape[-2:]):  # one image per batch
-                        warn_skip(p[0], model.config.tiling.too_small(*images.shape[-2:]))
-                        continue
-                    s, m = model.tiled(images, torch.float32 if dtype is None else dtype, batch=batch_size)
-                else:
-                    s, m = model(images) if dtype is None else model(images, dtype)
+                out = _forward(model, images, dtype, tiled, batch_size, p)
+                if out is None:
+                    continue
+                s, m = out
                 m = m.float().cpu()
                 scores.append(s.float().cpu())
                 maps.append(m)
@@ -193,6 +190,18 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
         masks=torch.cat(masks).numpy() if has_masks else None,
         paths=paths,
     )
+
+
+def _forward(model, images, dtype, tiled: bool, batch_size: int, paths):
+    """One batch's (scores, maps); None for a tiled model's image smaller than a tile (left out
+    with a warning, as data sets leave out odd files; a tiled set's batches hold one image)."""
+    if not tiled:
+        return model(images) if dtype is None else model(images, dtype)
+    tiling = model.config.tiling
+    if not tiling.fits(*images.shape[-2:]):
+        warn_skip(paths[0], tiling.too_small(*images.shape[-2:]))
+        return None
+    return model.tiled(images, torch.float32 if dtype is None else dtype, batch=batch_size)
 
 
 def _mask_like(mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
