@@ -52,7 +52,7 @@ from .metrics import image_f1_acc
 from .model import PlainConfig, checkpoint_file, fingerprint, load_checkpoint
 from .precision import canonical_precision, precision_name, resolve_precision
 from .runtime import ENGINES, RUNTIME_ENGINES, RuntimeModule, build_runtime_engine, resolve_engine
-from .runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, QuantizedGraph, quantize_graph
+from .runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, QuantizedGraph, check_resolves, quantize_graph
 
 __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
            "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
@@ -320,6 +320,11 @@ def _quantized(model, dataset, check, max_auroc_drop, scope) -> QuantizedGraph:
         items = [check[i][:2] for i in range(len(check))]
     elif not 0 < len(normal) < len(items):  # no check given, and the set does not hold both kinds
         items = None
+    else:  # the calibration set as the check: only where it can measure the bound
+        try:
+            check_resolves(len(normal), len(items) - len(normal), max_auroc_drop)
+        except ArgumentError:
+            items = None
     held = None if items is None else ([x.numpy() for x, _ in items], [int(label) for _, label in items])
     return quantize_graph(model, fingerprint(model), model.config.topk, images, held, max_auroc_drop, scope)
 

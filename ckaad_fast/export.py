@@ -269,7 +269,11 @@ def triton_config(name: str, image_size, max_batch_size: int = 64) -> str:
             "dynamic_batching { }\n")
 
 
-def write_triton_repository(onnx_file, repo_dir, name: str = "ckaad", max_batch_size: int = 64) -> Path:
+#: A Triton Inference Server repository's largest batch, unless told otherwise.
+TRITON_MAX_BATCH = 64
+
+
+def write_triton_repository(onnx_file, repo_dir, name: str = "ckaad", max_batch_size: int = TRITON_MAX_BATCH) -> Path:
     """Put an exported ``model.onnx`` (dynamic batch) into ``repo_dir/name/1/`` with
     ``repo_dir/name/config.pbtxt``; the configuration is parsed with ``tritonclient``'s schema
     when it is installed, so a mistake fails here, not in the server. Returns the config file."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_torch_save
+from .data.images import MAX_UPSCALE
 from .head import InferenceHead, tiled_forward
 from .models import BACKBONES, build_backbone
 from .models.autoencoder import FeatureAutoEncoder
@@ -131,6 +132,12 @@ def check_tiling(tile_size, tile_stride, image_size) -> tuple[int | None, int | 
     if image_size[0] != image_size[1]:
         raise ArgumentError("tile_size", f"tiles are square, so the model's input must be too (image_size is "
                             f"{image_size[0]}x{image_size[1]})")
+    if tiling.size * MAX_UPSCALE < image_size[0]:
+        # The rule every file obeys (data.images.MAX_UPSCALE): enlarging more invents the detail a
+        # defect would show.
+        raise ArgumentError("tile_size", f"{tiling.size} pixels would be enlarged {image_size[0] / tiling.size:g}x to "
+                            f"the model's input of {image_size[0]}: at most {MAX_UPSCALE}x (a tile of at least "
+                            f"{-(-image_size[0] // MAX_UPSCALE)} pixels)")
     return tiling.size, tiling.stride
 
 

@@ -131,8 +131,10 @@ def test_int8_is_refused_where_it_cannot_be_honoured(int8_ckpt, tmp_path):
     plain = tiny_checkpoint(tmp_path / "plain.pt", SIZE)
     with pytest.raises(ArgumentError, match="dtype: int8 needs a checkpoint calibrated in int8"):
         Scorer.from_checkpoint(plain, dtype="int8")
-    with pytest.raises(ArgumentError, match="engine: onnxruntime cannot compute in int8"):
+    with pytest.raises(ArgumentError, match="engine: onnxruntime cannot run the int8 graph"):
         Scorer.from_checkpoint(int8_ckpt, engine="onnxruntime")
+    with pytest.raises(ArgumentError, match="engine: torch cannot run the int8 graph .*use engine openvino"):
+        Scorer.from_checkpoint(int8_ckpt, engine="torch")
     with pytest.raises(ArgumentError, match="dtype: int8 runs on the openvino engine"):
         Scorer.from_checkpoint(int8_ckpt, compile=True)
     with pytest.raises(ArgumentError, match="topk: the int8 graph scores with top-k 10"):
@@ -172,3 +174,30 @@ def test_an_int8_calibration_that_inserts_no_quantizer_refuses(tmp_path, data, m
     with pytest.raises(ArgumentError, match="int8_scope: NNCF inserted no quantizer"):
         calibrate(model, normal_folder_set(data[0], cfg.image_size, cfg.mean, cfg.std), target_fpr=0.1,
                   precision="int8")
+
+
+def test_a_check_set_too_small_for_its_bound_is_refused_and_a_swapped_one_warned_about(tmp_path, data):
+    from ckaad_fast.runtime.quantize import CheckSetWarning
+
+    path = tiny_checkpoint(tmp_path / "tiny.pt", SIZE)
+    one_each = tmp_path / "one"
+    for kind, src in (("normal", data[0]), ("anomalous", data[1])):
+        (one_each / kind).mkdir(parents=True)
+        first = sorted(src.iterdir())[0]
+        (one_each / kind / first.name).write_bytes(first.read_bytes())
+    args = ["calibrate", "--checkpoint", str(path), "--normal", str(data[0]), "--target-fpr", "0.1", "--dtype",
+            "int8", "--quiet"]
+    assert main(args + ["--int8-check-normal", str(one_each / "normal"), "--int8-check-anomalous",
+                        str(one_each / "anomalous")]) == 2  # 1 x 1 pairs cannot measure half a point
+    # The folders swapped: the defects called normal score higher than the "anomalies".
+    with pytest.warns(CheckSetWarning, match="below chance"):
+        assert main(args + ["--int8-check-normal", str(data[1]), "--int8-check-anomalous", str(data[0]),
+                            "--max-auroc-drop", "0.5"]) in (0, 2)
+
+
+def test_int8_options_without_int8_are_refused(tmp_path, capsys):
+    path = tiny_checkpoint(tmp_path / "tiny.pt", SIZE)
+    assert main(["calibrate", "--checkpoint", str(path), "--normal", str(tmp_path), "--max-auroc-drop", "0.01"]) == 2
+    assert "--max-auroc-drop: only with --dtype int8" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "x"), "--max-batch-size", "8"]) == 2
+    assert "--max-batch-size: only with --triton-repo" in capsys.readouterr().err

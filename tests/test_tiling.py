@@ -90,6 +90,9 @@ def test_two_dimensional_weights_sum_to_one_and_seamless_ones():
     (lambda: Tiling(64, 32).grid(40, 300), "tile_size", "larger than the image (300x40"),
     (lambda: axis_starts(10, 11, 1), "tile_size", "larger than the image side"),
     (lambda: ModelConfig(backbone="resnet18", image_size=(64, 32), tile_size=16), "tile_size", "square"),
+    # Tiles enlarged more than data.MAX_UPSCALE times (a checkpoint edited to tile size 1 too).
+    (lambda: ModelConfig(backbone="resnet18", image_size=(64, 64), tile_size=4), "tile_size", "enlarged 16x"),
+    (lambda: ModelConfig(backbone="resnet18", image_size=(64, 64), tile_size=1), "tile_size", "at most 8x"),
 ])
 def test_bad_tile_options_are_one_line_errors(make, name, words):
     with pytest.raises(ArgumentError) as e:

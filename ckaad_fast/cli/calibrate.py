@@ -64,9 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "calibration set itself when it holds anomalies, else plain post-training quantization")
     q.add_argument("--int8-check-anomalous", metavar="DIR",
                    help="anomalous images for the int8 check (a folder, searched recursively)")
-    q.add_argument("--max-auroc-drop", type=fraction_or_zero, default=DEFAULT_MAX_AUROC_DROP, metavar="D",
+    q.add_argument("--max-auroc-drop", type=fraction_or_zero, default=None, metavar="D",
                    help="the largest image AUROC drop int8 may cost on the check set, absolute (default: "
-                        "%(default)s, half a point); a bound it cannot meet is refused")
+                        f"{DEFAULT_MAX_AUROC_DROP}, half a point); a bound it cannot meet is refused, and so is a "
+                        "check set too small to measure it")
     q.add_argument("--int8-scope", choices=SCOPES, default=DEFAULT_SCOPE,
                    help="what is quantized: autoencoder (its convolutions; the backbone stays float32: scores "
                         "move by a few percent) or network (the backbone too: faster, less accurate; use a check "
@@ -91,6 +92,9 @@ def run(args) -> int:
     if (args.normal is None) == (args.data is None):
         raise ValueError("--normal DIR or --data ROOT (with its layout options): give exactly one")
     check_calibration_out(args.out)
+    if args.max_auroc_drop is not None and args.dtype != "int8":
+        raise ValueError("--max-auroc-drop: only with --dtype int8 (it bounds what quantization may cost)")
+    int8_options = {} if args.max_auroc_drop is None else {"max_auroc_drop": args.max_auroc_drop}
     if args.data is not None:
         check_calibration_split(args.split, args.layout, args.allow_training_images)
     elif args.allow_training_images:
@@ -108,7 +112,7 @@ def run(args) -> int:
     cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
                     progress=not args.quiet, precision=args.dtype,
                     on_training_images=args.data is not None and args.split == "train", engine=args.engine,
-                    check=_int8_check(args, cfg), max_auroc_drop=args.max_auroc_drop, int8_scope=args.int8_scope)
+                    check=_int8_check(args, cfg), int8_scope=args.int8_scope, **int8_options)
     written = write_calibration(args.checkpoint, cal, out=args.out)
     print(f"calibration: {cal.describe()}")
     print(f"written to:  {written}")

@@ -21,7 +21,7 @@ def _batch(text: str):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..export import FORMATS
+    from ..export import FORMATS, TRITON_MAX_BATCH
 
     p = subparsers.add_parser(
         "export",
@@ -54,8 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also write a model repository for NVIDIA Triton Inference Server: DIR/ckaad/1/model.onnx "
                         "and DIR/ckaad/config.pbtxt (ONNX Runtime backend, dynamic batching); needs --format onnx "
                         "and a dynamic batch")
-    p.add_argument("--max-batch-size", type=int, default=64, metavar="N",
-                   help="with --triton-repo: the server's largest batch (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                   help=f"with --triton-repo: the server's largest batch (default: {TRITON_MAX_BATCH})")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     add_tiling_arguments(p, sets=False)
     p.set_defaults(func=run, interrupted=lambda a: "nothing complete was written; run the command again")
@@ -63,12 +63,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..export import check_triton_options, export, write_triton_repository
+    from ..export import TRITON_MAX_BATCH, check_triton_options, export, write_triton_repository
 
     from ..model import check_recorded_tiling, config_from_checkpoint, load_checkpoint
 
+    if args.max_batch_size is not None and not args.triton_repo:
+        raise ValueError("--max-batch-size: only with --triton-repo (it is the server's setting)")
+    max_batch = TRITON_MAX_BATCH if args.max_batch_size is None else args.max_batch_size
     if args.triton_repo:  # checked before anything is written
-        check_triton_options(args.format, args.batch, args.max_batch_size)
+        check_triton_options(args.format, args.batch, max_batch)
     if args.tile_size is not None or args.tile_stride is not None:
         try:
             config = config_from_checkpoint(load_checkpoint(args.checkpoint))
@@ -79,7 +82,7 @@ def run(args) -> int:
                   overwrite=args.overwrite, device=args.device, dtype=args.dtype)
     print(f"exported: {path} (and model.json beside it)")
     if args.triton_repo:
-        config = write_triton_repository(path, args.triton_repo, max_batch_size=args.max_batch_size)
+        config = write_triton_repository(path, args.triton_repo, max_batch_size=max_batch)
         print(f"Triton Inference Server repository: {config.parent.parent} (tritonserver --model-repository "
               f"{config.parent.parent})")
     return 0

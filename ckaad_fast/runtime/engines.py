@@ -94,9 +94,12 @@ def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str
     if not _installed(engine):
         raise ArgumentError("engine", f"{engine} is not installed: pip install 'ckaad_fast[export]'")
     if not _supports(engine, dtype):
+        if dtype == torch.int8:
+            raise ArgumentError("engine", f"{engine} cannot run the int8 graph (openvino only): use engine openvino "
+                                          "(or auto), or dtype float32 to score the float model instead")
         raise ArgumentError("engine", f"{engine} cannot compute in {str(dtype).removeprefix('torch.')} here (onnxruntime: "
-                                      "float32 only; openvino: bfloat16 only on a CPU with bfloat16 units; int8: "
-                                      "openvino only): pass dtype float32, or engine torch (openvino for int8)")
+                                      "float32 only; openvino: bfloat16 only on a CPU with bfloat16 units): pass "
+                                      "dtype float32, or engine torch")
     return engine
 
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
+import warnings
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +149,26 @@ def _quantize(nncf, float_model, data, n, ignored, check_images, check_labels, m
         ignored_scope=ignored)
 
 
+class CheckSetWarning(UserWarning):
+    """The int8 check set does not look like what it was said to be."""
+
+
+def check_resolves(n_normal: int, n_anomalous: int, max_auroc_drop: float) -> None:
+    """Refuse a check set too small to measure an AUROC drop of ``max_auroc_drop``: its AUROC moves
+    in steps of 1 / (normal x anomalous pairs), so it needs at least 1 / max_auroc_drop pairs (200
+    at the default half point), and at least 5 images of each kind."""
+    need = math.ceil(1 / max_auroc_drop) if max_auroc_drop > 0 else math.inf
+    if n_normal < MIN_CHECK_IMAGES or n_anomalous < MIN_CHECK_IMAGES or n_normal * n_anomalous < need:
+        raise ArgumentError("check", f"an int8 check set of {n_normal} normal and {n_anomalous} anomalous images "
+                                     f"cannot measure an AUROC drop of {max_auroc_drop:g}: its AUROC moves in steps "
+                                     f"of 1/{n_normal * n_anomalous}; it needs at least {MIN_CHECK_IMAGES} of each "
+                                     f"and {need} normal x anomalous pairs")
+
+
+#: The fewest images of each kind an int8 check set may have.
+MIN_CHECK_IMAGES = 5
+
+
 def quantize_graph(model, fingerprint: str, topk, images, check=None, max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP,
                    scope: str = DEFAULT_SCOPE) -> QuantizedGraph:
     """Quantize ``model``'s engine graph at ``topk`` (see the module). ``images``: the calibration
@@ -167,6 +189,8 @@ def quantize_graph(model, fingerprint: str, topk, images, check=None, max_auroc_
     check_images, check_labels = ([], []) if check is None else (list(check[0]), [int(v) for v in check[1]])
     check_images = [np.ascontiguousarray(x, dtype=np.float32) for x in check_images]
     controlled = 0 < sum(check_labels) < len(check_labels)
+    if controlled:
+        check_resolves(len(check_labels) - sum(check_labels), sum(check_labels), max_auroc_drop)
     float_model = ov.Core().read_model(str(engine_graph_file(model, fingerprint, topk)))
     ignored = nncf.IgnoredScope(patterns=[f"^(?!({'|'.join(_QUANTIZED_PARTS[scope])})/)"], validate=False)
     data = nncf.Dataset([x[None] for x in images])
@@ -191,6 +215,10 @@ def quantize_graph(model, fingerprint: str, topk, images, check=None, max_auroc_
         "quantizers": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()),
         "nncf": nncf.__version__, "openvino": ov.get_version(),
     }
+    if auroc_f32 is not None and auroc_f32 < 0.5:
+        warnings.warn(f"the int8 check set's float32 AUROC is {auroc_f32:.2f}, below chance: its normal images score "
+                      "higher than its anomalous ones (are the normal and anomalous folders swapped, or mislabelled?)",
+                      CheckSetWarning, stacklevel=2)
     if report["quantizers"] == 0:
         raise ArgumentError("int8_scope", f"NNCF inserted no quantizer into the {scope} of the engine graph: its "
                                           "nodes do not carry the detector's part names, so int8 would change "
