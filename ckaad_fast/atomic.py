@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 
 _umask_lock = threading.Lock()
+#: A temporary file this old (seconds) is a killed write's, never one in progress.
+STALE_AFTER_S = 3600.0
 
 
 def _umask() -> int:
@@ -140,6 +142,9 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     survives until the new one is complete."""
     import torch  # here: the rest of this module is plain Python
 
+    # Temporaries of earlier writes of this file that a killed process left (an hour old: not a
+    # write in progress), which would otherwise stay beside the checkpoint for good.
+    remove_stale_temporaries(Path(path).parent, Path(path).name, older_than=STALE_AFTER_S)
     try:
         with atomic_open(path, "wb") as f:
             torch.save(obj, f)

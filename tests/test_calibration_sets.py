@@ -218,3 +218,21 @@ def test_suspects_that_do_not_move_the_threshold_raise_no_warning():
     # The same suspect moving a normal-only threshold is warned about.
     with pytest.warns(CalibrationSetWarning):
         calibration_from_scores(np.zeros(normal.size + 1), np.r_[normal, 2.5], 0.05)
+
+
+def test_writing_a_checkpoint_removes_its_killed_writes_temporaries(tmp_path):
+    import time
+
+    from ckaad_fast.atomic import atomic_torch_save
+
+    target = tmp_path / "model.pt"
+    old, young, other = (tmp_path / ".model.pt.abcd1234.tmp", tmp_path / ".model.pt.efgh5678.tmp",
+                         tmp_path / ".other.pt.ijkl9012.tmp")
+    for p in (old, young, other):
+        p.write_bytes(b"partial")
+    past = time.time() - 7200
+    for p in (old, other):
+        os.utime(p, (past, past))
+    atomic_torch_save({"x": 1}, target)
+    assert target.is_file() and not old.exists()
+    assert young.exists() and other.exists()  # a write in progress, and another file's

@@ -201,3 +201,16 @@ def test_int8_options_without_int8_are_refused(tmp_path, capsys):
     assert "--max-auroc-drop: only with --dtype int8" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "x"), "--max-batch-size", "8"]) == 2
     assert "--max-batch-size: only with --triton-repo" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_damaged_int8_graph_before_printing_anything(int8_ckpt, tmp_path, capsys):
+    import torch as _torch
+
+    ckpt = load_checkpoint(int8_ckpt)
+    ckpt["int8_graph"]["weights"] = bytes(reversed(ckpt["int8_graph"]["weights"]))
+    damaged = tmp_path / "damaged.pt"
+    _torch.save(ckpt, damaged)
+    code = main(["eval", "--checkpoint", str(damaged), "--layout", "folder", "--data", str(tmp_path),
+                 "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2 and "checksum" in captured.err and captured.out == ""

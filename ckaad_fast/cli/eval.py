@@ -74,6 +74,8 @@ def _run(args, dist_info) -> int:
     try:
         ckpt = load_checkpoint(args.checkpoint)  # a file, or a run's output folder
         model = model_from_checkpoint(ckpt, map_location=device)
+        # Read (and checked: a damaged int8 graph is refused) before anything is scored or printed.
+        calibration = read_calibration(ckpt)
     except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
     cfg = model.config
@@ -96,7 +98,6 @@ def _run(args, dist_info) -> int:
             print("no chart: the test split has no defect types to draw")
         else:
             print(f"chart written to {save_png(chart, args.chart)}")
-    calibration = read_calibration(ckpt)
     print(f"calibration: {calibration.describe()}" if calibration is not None else
           "calibration: none (run ckaad-fast calibrate to give score a decision)")
     if args.json:

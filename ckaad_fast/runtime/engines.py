@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..atomic import atomic_path, atomic_write_text, remove_stale_temporaries
+from ..atomic import STALE_AFTER_S, atomic_path, atomic_write_text, remove_stale_temporaries
 from ..errors import ArgumentError
 from ..head import tiled_forward
 from ..precision import cpu_has_bf16_matmul
@@ -53,9 +53,6 @@ __all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "Runt
 
 #: The record beside a cached engine graph (see the module).
 GRAPH_RECORD = "engine.json"
-#: Temporary files of interrupted exports older than this (seconds) are removed from the cache;
-#: younger ones may be another process's export in progress.
-_STALE_AFTER_S = 3600.0
 
 
 class CachedGraphWarning(UserWarning):
@@ -190,7 +187,7 @@ def _export(model, fingerprint: str, topk, target: Path) -> None:
     from .graphs import write_engine_onnx
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent, older_than=_STALE_AFTER_S)
+    remove_stale_temporaries(target.parent, older_than=STALE_AFTER_S)
     # Exported on a copy in float32 on the CPU: the Scorer's own model keeps its device and layout.
     import copy
 
