@@ -289,6 +289,8 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     device = torch.device(device)
     dtype = resolve_precision(precision, device, "precision", int8=True)
     name = resolve_engine(engine, device, dtype)
+    if getattr(model.config, "tiling", None) is not None:
+        check_tiled_set(dataset, dtype)
     scorer, graph = model, None
     if dtype == torch.int8:
         graph = _quantized(model, dataset, check, max_auroc_drop, int8_scope)
@@ -302,6 +304,32 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     if graph is not None:
         cal.quantization, cal.int8_graph = dict(graph.report), graph
     return cal
+
+
+def check_tiled_set(dataset, dtype) -> None:
+    """Refuse, before anything is scored, what a tiled model's calibration cannot do: int8 (its
+    graph scores tiles; the ranges and the check would need the stitched maps), and a set of
+    images of several sizes (the pixel threshold is picked over maps of one size)."""
+    if dtype == torch.int8:
+        raise ArgumentError("precision", "int8 is not available for a tiled model yet (its quantized graph would "
+                                         "score tiles, not the stitched image): calibrate in float32")
+    paths = getattr(dataset, "paths", None) or getattr(getattr(dataset, "dataset", None), "paths", None)
+    if not paths:
+        return
+    from PIL import Image
+
+    first = {}
+    for path in paths:
+        try:
+            with Image.open(path) as im:  # the header only
+                first.setdefault(im.size, path)
+        except OSError:  # unreadable now: the data set says so when it reads it
+            continue
+        if len(first) > 1:
+            (a, pa), (b, pb) = list(first.items())[:2]
+            raise ArgumentError("data", f"the calibration set's images come in more than one size ({a[0]}x{a[1]} "
+                                        f"for {pa!r}, {b[0]}x{b[1]} for {pb!r}): a tiled model's pixel threshold "
+                                        "is picked over maps of one size; calibrate on images of one size")
 
 
 #: At most this many normal images set the quantization ranges (NNCF's own default).

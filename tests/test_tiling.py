@@ -341,3 +341,25 @@ def test_score_of_a_tiled_model_goes_on_past_a_small_image_and_resumes(tmp_path,
     with open(out / "scores.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
     capsys.readouterr()
+
+
+def test_a_tiled_calibration_refuses_mixed_sizes_and_int8_before_scoring(tmp_path, monkeypatch):
+    import ckaad_fast.calibration as calibration
+    from ckaad_fast.errors import ArgumentError
+
+    model = _model(64, 48)
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(100, 100)] * 20 + [(120, 90)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    data = calibration.normal_folder_set(folder, None, model.config.mean, model.config.std)
+
+    def never(*a, **k):
+        raise AssertionError("scored before the set was checked")
+
+    monkeypatch.setattr(calibration, "predict_dataset", never)
+    with pytest.raises(ArgumentError, match="data: the calibration set's images come in more than one size"):
+        calibration.calibrate(model, data, target_fpr=0.1, engine="torch")
+    with pytest.raises(ArgumentError, match="precision: int8 is not available for a tiled model"):
+        calibration.calibrate(model, data, target_fpr=0.1, precision="int8", engine="openvino")
