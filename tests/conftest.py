@@ -33,6 +33,14 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_sessionstart(session):
+    # After pytest's faulthandler plugin gave the main thread its small alternate signal stack:
+    # the DataLoader workers' SIGCHLD handler overflowed it (ckaad_fast.signal_stack).
+    from ckaad_fast.signal_stack import ensure_signal_stack
+
+    ensure_signal_stack()
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",

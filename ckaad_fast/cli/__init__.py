@@ -21,6 +21,7 @@ import warnings
 
 from .. import __version__
 from ..errors import ArgumentError
+from ..signal_stack import ensure_signal_stack
 
 #: Exit codes: 0 done; 1 (score) finished, but some image could not be scored (see its error
 #: column); 2 nothing or not all was done: a bad option, input, checkpoint, or a file that could not
@@ -89,9 +90,12 @@ def _sigterm_as_interrupt():
 
 
 def main(argv=None) -> int:
-    # A crash in native code (a runtime library, a driver) leaves a Python stack on stderr.
+    # A crash in native code (a runtime library, a driver) leaves a Python stack on stderr; and
+    # faulthandler's small alternate signal stack is replaced by one the signal handlers fit in
+    # (ckaad_fast.signal_stack says why).
     if not faulthandler.is_enabled():
         faulthandler.enable()
+    ensure_signal_stack()
     args = build_parser().parse_args(argv)
     try:
         with _sigterm_as_interrupt(), _warnings_as_lines(args.command):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -47,6 +48,7 @@ from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoin
 from ..precision import channels_last_for, precision_name, resolve_device
 from ..profiling import nvtx_enabled, stage
 from ..errors import ArgumentError
+from ..signal_stack import ensure_signal_stack
 from .choices import GraphDetector, graph_detector, scoring_dtype, scoring_engine
 from .decoding import DecodeDataset, collate, default_workers, worker_init
 from ..runtime import RUNTIME_ENGINES, build_runtime_engine
@@ -393,6 +395,8 @@ class Scorer:
     def _loader(self, paths: list[str]) -> DataLoader:
         nw = self._workers(len(paths))
         # A tiled model decodes each file at its own size, one at a time, and batches its tiles.
+        if nw > 0 and threading.current_thread() is threading.main_thread():
+            ensure_signal_stack()  # the workers' SIGCHLD handler must fit (ckaad_fast.signal_stack)
         ds = DecodeDataset(paths, None if self.tiling else self.image_size, nvtx_enabled(), self.tiling)
         return DataLoader(
             ds,
