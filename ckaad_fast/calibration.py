@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset
 
 from .atomic import atomic_torch_save
+from .data.files import check_one_size
 from .errors import ArgumentError
 from .evaluation import predict_dataset
 from .head import DEFAULT_SENSITIVITY, decision_threshold, float32_at_least, normalized_score
@@ -218,10 +219,8 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
         except ArgumentError:  # too few left for the rate, or all alike: say so without a number
             cal.threshold_without_suspected = None
     if suspect.any() and cal.image_threshold > fence and cal.threshold_without_suspected != cal.image_threshold:
-        # Only when the suspects set the threshold is it worth a warning: it lies above the
-        # fence (below it they are among the images the rate allows to be flagged) and it is
-        # not the one the set gives without them (with anomalies in the set, F1 may pick the
-        # same threshold either way, as on the demo's set).
+        # Only when the suspects set the threshold: above the fence (below it they are images the
+        # rate allows to flag), and not the one without them (F1 may pick it either way).
         named = [os.fspath(paths[i]) for i in normal[suspect][:3]] if paths is not None else []
         moved = (f"; without them it would be {cal.threshold_without_suspected:.6g}"
                  if cal.threshold_without_suspected is not None else "")
@@ -289,8 +288,12 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     device = torch.device(device)
     dtype = resolve_precision(precision, device, "precision", int8=True)
     name = resolve_engine(engine, device, dtype)
-    if getattr(model.config, "tiling", None) is not None:
-        check_tiled_set(dataset, dtype)
+    if getattr(model.config, "tiling", None) is not None:  # refused before anything is scored
+        if dtype == torch.int8:
+            raise ArgumentError("precision", "int8 is not available for a tiled model yet (its quantized graph "
+                                             "would score tiles, not the stitched image): calibrate in float32")
+        check_one_size(getattr(dataset, "paths", None) or getattr(getattr(dataset, "dataset", None), "paths", None),
+                       "the calibration set", "a tiled model's pixel threshold is picked over maps of one size")
     scorer, graph = model, None
     if dtype == torch.int8:
         graph = _quantized(model, dataset, check, max_auroc_drop, int8_scope)
@@ -304,32 +307,6 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     if graph is not None:
         cal.quantization, cal.int8_graph = dict(graph.report), graph
     return cal
-
-
-def check_tiled_set(dataset, dtype) -> None:
-    """Refuse, before anything is scored, what a tiled model's calibration cannot do: int8 (its
-    graph scores tiles; the ranges and the check would need the stitched maps), and a set of
-    images of several sizes (the pixel threshold is picked over maps of one size)."""
-    if dtype == torch.int8:
-        raise ArgumentError("precision", "int8 is not available for a tiled model yet (its quantized graph would "
-                                         "score tiles, not the stitched image): calibrate in float32")
-    paths = getattr(dataset, "paths", None) or getattr(getattr(dataset, "dataset", None), "paths", None)
-    if not paths:
-        return
-    from PIL import Image
-
-    first = {}
-    for path in paths:
-        try:
-            with Image.open(path) as im:  # the header only
-                first.setdefault(im.size, path)
-        except OSError:  # unreadable now: the data set says so when it reads it
-            continue
-        if len(first) > 1:
-            (a, pa), (b, pb) = list(first.items())[:2]
-            raise ArgumentError("data", f"the calibration set's images come in more than one size ({a[0]}x{a[1]} "
-                                        f"for {pa!r}, {b[0]}x{b[1]} for {pb!r}): a tiled model's pixel threshold "
-                                        "is picked over maps of one size; calibrate on images of one size")
 
 
 #: At most this many normal images set the quantization ranges (NNCF's own default).

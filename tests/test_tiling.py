@@ -359,7 +359,7 @@ def test_a_tiled_calibration_refuses_mixed_sizes_and_int8_before_scoring(tmp_pat
         raise AssertionError("scored before the set was checked")
 
     monkeypatch.setattr(calibration, "predict_dataset", never)
-    with pytest.raises(ArgumentError, match="data: the calibration set's images come in more than one size"):
+    with pytest.raises(ArgumentError, match="data: the calibration set.s images come in more than one size"):
         calibration.calibrate(model, data, target_fpr=0.1, engine="torch")
     with pytest.raises(ArgumentError, match="precision: int8 is not available for a tiled model"):
         calibration.calibrate(model, data, target_fpr=0.1, precision="int8", engine="openvino")

@@ -16,7 +16,8 @@ from PIL import Image
 from .images import ImageRejected, check_finite, check_source_size
 
 __all__ = ["IMAGE_EXTENSIONS", "CHECK_MODES", "CorruptImageWarning", "is_image_file", "list_images",
-           "images_in_dir", "check_image", "check_mode", "readable", "warn_skip", "subdirs", "describe"]
+           "images_in_dir", "check_image", "check_mode", "readable", "warn_skip", "subdirs", "describe",
+           "check_one_size"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -210,3 +211,24 @@ def describe(path: str) -> str:
     subs = subdirs(path)
     n_img = len(images_in_dir(path, recursive=False))
     return f"{path!r} holds sub-folders {subs} and {n_img} image file(s)"
+
+
+def check_one_size(paths, what: str, why: str) -> None:
+    """An :class:`~ckaad_fast.errors.ArgumentError` naming ``data`` when the images at ``paths``
+    come in more than one size (read from the files' headers, before anything is decoded);
+    unreadable files are left to the data set's own check."""
+    from PIL import Image
+
+    from ..errors import ArgumentError
+
+    first: dict[tuple[int, int], str] = {}
+    for path in paths or ():
+        try:
+            with Image.open(path) as im:
+                first.setdefault(im.size, path)
+        except OSError:
+            continue
+        if len(first) > 1:
+            (a, pa), (b, pb) = list(first.items())[:2]
+            raise ArgumentError("data", f"{what}'s images come in more than one size ({a[0]}x{a[1]} for {pa!r}, "
+                                        f"{b[0]}x{b[1]} for {pb!r}): {why}; use images of one size")
