@@ -9,13 +9,13 @@
   too small for that rate (fewer than ``1 / target_fpr`` images) is refused.
 
 Before trusting a set, it checks that the images it calls normal look normal: scores above Tukey's
-far-out fence of the set's own normal scores (third quartile + 3 interquartile ranges; see
-:func:`suspected_anomalies`) are counted as *suspected anomalies*, recorded with the threshold
+far-out fence of the set's own normal scores (third quartile + 3 interquartile ranges), or, in a
+set with improbably many high scores, above a robust fit's 95% line (see
+:mod:`ckaad_fast.calibration_checks`) are counted as *suspected anomalies*, recorded with the threshold
 the set would give without them, and, when they set the threshold (it lies above the fence and
-differs from the one without them), named in a :class:`CalibrationSetWarning`. The threshold is still picked on the whole set (the
-images may be normal after all); the warning says how far it moved. The fence needs three
-quarters of the set to be normal and catches images that score like clear defects; anomalies
-that score like normal images pass unseen (and move a threshold little).
+differs from the one without them), named in a :class:`CalibrationSetWarning`. The threshold
+is still picked on the whole set (the images may be normal after all); the warning says how far
+it moved. Anomalies that score like normal images pass unseen (and move a threshold little).
 
 It also records the minimum and maximum of the image scores and of the maps, for anomalib's
 normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)`` (:func:`ckaad_fast.head.normalized_score`):
@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset
 
 from .atomic import atomic_torch_save
+from .calibration_checks import FENCE_IQRS, fence_rule, suspected_anomalies
 from .data.files import check_one_size
 from .errors import ArgumentError
 from .evaluation import predict_dataset
@@ -60,10 +61,6 @@ __all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder
            "check_calibration_out", "check_set_size", "suspected_anomalies", "CalibrationSetWarning", "FENCE_IQRS"]
 
 METHODS = ("f1", "fpr")
-#: How many interquartile ranges above the third quartile a normal image's score may lie before
-#: it is suspected of being an anomaly (Tukey's "far out"): 4.7 standard deviations for normally
-#: distributed scores, about 1 in 150 images for a right-skewed (log-normal, sigma 0.5) set.
-FENCE_IQRS = 3.0
 
 
 class CalibrationSetWarning(UserWarning):
@@ -184,16 +181,6 @@ def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
     return float32_at_least(float(np.nextafter(s[n - 1 - k], np.inf)))
 
 
-def suspected_anomalies(normal_scores) -> tuple[np.ndarray, float]:
-    """Which of ``normal_scores`` lie above the far-out fence ``Q3 + FENCE_IQRS * IQR`` of the
-    scores themselves, and the fence: ``(mask, fence)``. Quartiles are robust: up to a quarter of
-    the set can be anomalous without moving the fence much."""
-    s = np.asarray(normal_scores, dtype=np.float64).reshape(-1)
-    q1, q3 = np.percentile(s, [25, 75])
-    fence = float(q3 + FENCE_IQRS * (q3 - q1))
-    return s > fence, fence
-
-
 def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None,
                             precision: str | None = "float32", device: str | None = None,
                             paths=None, on_training_images: bool = False, engine: str | None = None) -> Calibration:
@@ -226,7 +213,7 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
                  if cal.threshold_without_suspected is not None else "")
         warnings.warn(
             f"{cal.suspected_anomalies} of {normal.size} calibration images labelled normal score above "
-            f"{fence:.6g} (the set's third quartile + {FENCE_IQRS:g} interquartile ranges), as defects do"
+            f"{fence:.6g} ({fence_rule(scores[normal])}), as defects do"
             + (f", e.g. {', '.join(named)}" if named else "")
             + f". The threshold {cal.image_threshold:.6g} was picked with them{moved}. If they are defects, take "
               "them out of the normal set and calibrate again; if they are normal, the threshold stands.",
