@@ -41,6 +41,27 @@ def pytest_sessionstart(session):
     ensure_signal_stack()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                     help="run the test files in an order shuffled with SEED, and each file's tests too "
+                          "(order-dependence checks; the reliability issue's crash appeared in one order only)")
+
+
+def pytest_collection_modifyitems(config, items):
+    seed = config.getoption("--shuffle")
+    if seed is None:
+        return
+    import random
+
+    rng = random.Random(seed)
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module.__name__ if item.module else "", []).append(item)
+    order = list(modules)
+    rng.shuffle(order)
+    items[:] = [it for name in order for it in rng.sample(modules[name], len(modules[name]))]
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
