@@ -183,12 +183,13 @@ def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
 
 def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None, maps=None,
                             precision: str | None = "float32", device: str | None = None,
-                            paths=None, on_training_images: bool = False, engine: str | None = None) -> Calibration:
+                            paths=None, on_training_images: bool = False, engine: str | None = None,
+                            map_range=None) -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
     its masks and maps), computed in ``precision``. Images labelled normal that score like
     anomalies are counted, recorded and named (``paths``) in a :class:`CalibrationSetWarning`
     (see the module). Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
-    cal = _calibration(labels, scores, target_fpr, masks, maps, precision, device)
+    cal = _calibration(labels, scores, target_fpr, masks, maps, precision, device, map_range)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     cal.on_training_images = bool(on_training_images)
@@ -202,7 +203,8 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
         try:
             cal.threshold_without_suspected = _calibration(
                 labels[keep], scores[keep], target_fpr, None if masks is None else np.asarray(masks)[keep],
-                None if maps is None else np.asarray(maps)[keep], precision, device).image_threshold
+                None if maps is None else np.asarray(maps)[keep], precision, device,
+                None if map_range is None else np.asarray(map_range)[keep]).image_threshold
         except ArgumentError:  # too few left for the rate, or all alike: say so without a number
             cal.threshold_without_suspected = None
     if suspect.any() and cal.image_threshold > fence and cal.threshold_without_suspected != cal.image_threshold:
@@ -221,7 +223,7 @@ def calibration_from_scores(labels, scores, target_fpr: float = 0.01, masks=None
     return cal
 
 
-def _calibration(labels, scores, target_fpr, masks, maps, precision, device) -> Calibration:
+def _calibration(labels, scores, target_fpr, masks, maps, precision, device, map_range=None) -> Calibration:
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
@@ -244,6 +246,8 @@ def _calibration(labels, scores, target_fpr, masks, maps, precision, device) -> 
     if maps is not None:
         maps = np.asarray(maps)
         cal.update(map_min=float(maps.min()), map_max=float(maps.max()))
+    elif map_range is not None:  # each map's (min, max): what a set without masks keeps
+        cal.update(map_min=float(np.min(map_range)), map_max=float(np.max(map_range)))
     if n_anom:
         cal.update(method="f1", image_threshold=image_f1_acc(labels, scores)[2])
         if masks is not None and maps is not None and np.asarray(masks).any():
@@ -287,8 +291,11 @@ def calibrate(model, dataset, target_fpr: float = 0.01, batch_size: int = 16, de
     if name in RUNTIME_ENGINES:
         runtime = build_runtime_engine(name, model, fingerprint(model), model.config.topk, dtype, quantized=graph)
         scorer, dtype = RuntimeModule(runtime, model.config), runtime.dtype
-    pred = predict_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype)
+    # Maps only where masks ask for them: a set of normal images keeps each map's range alone.
+    pred = predict_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype,
+                           keep_maps="masked")
     cal = calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
+                                  map_range=pred.map_range,
                                   precision=precision_name(dtype), device=device.type,
                                   paths=pred.paths, on_training_images=on_training_images, engine=name)
     if graph is not None:

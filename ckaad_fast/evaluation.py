@@ -90,13 +90,15 @@ def format_metrics(metrics: dict) -> str:
 @dataclass
 class Predictions:
     """Outputs of :func:`predict_dataset` (CPU, numpy): ``scores`` (N,) float32, ``labels`` (N,)
-    int64, ``maps`` (N, H, W) float32, ``masks`` (N, H, W) bool or None, ``paths`` (N,)."""
+    int64, ``maps`` (N, H, W) float32 (None when only their ranges were kept), ``masks`` (N, H, W)
+    bool or None, ``paths`` (N,), ``map_range`` (N, 2): each map's minimum and maximum."""
 
     scores: np.ndarray
     labels: np.ndarray
-    maps: np.ndarray
+    maps: np.ndarray | None
     masks: np.ndarray | None
     paths: list[str]
+    map_range: np.ndarray | None = None
 
 
 def _split_item(batch):
@@ -112,7 +114,8 @@ def _split_item(batch):
 
 
 def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                    num_workers: int = 0, distributed: bool = False, precision=None) -> Predictions | None:
+                    num_workers: int = 0, distributed: bool = False, precision=None,
+                    keep_maps: bool | str = True) -> Predictions | None:
     """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
     training mode it had), a :class:`~ckaad_fast.model.Detector`'s forward in ``precision`` (None:
     its default, float32). Masks are resized (nearest) to the maps' size when they differ.
@@ -124,7 +127,11 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     contiguous shard of whole batches (:func:`ckaad_fast.distributed.shard` with ``block=batch_size``,
     so that its batches are those of one process and the outputs the same) and rank 0 gets the
     whole data set's predictions, in order; the other ranks get None.
-    Without a process group of more than one process it is the single-process call."""
+    Without a process group of more than one process it is the single-process call.
+
+    ``keep_maps``: True keeps every map; ``"masked"`` keeps them only for a set with masks (the
+    pixel metrics need them) and otherwise only each map's range (``map_range``), so that memory
+    does not grow with the images times their pixels (a calibration set of normal images)."""
     if len(dataset) == 0:
         raise ValueError("the test set is empty")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -138,7 +145,7 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
             if stop > start:
                 part = predict_dataset(model, Subset(dataset, range(start, stop)), batch_size=batch_size,
                                        device=device, progress=progress and ddp.is_main(), num_workers=num_workers,
-                                       precision=precision)
+                                       precision=precision, keep_maps=keep_maps)
             parts = ddp.gather_object(part)
             if parts is None:
                 return None
@@ -171,25 +178,31 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                     continue
                 s, m = out
                 m = m.float().cpu()
+                has_masks = mask is not None if has_masks is None else has_masks
+                keep = keep_maps is True or (keep_maps == "masked" and has_masks)
                 scores.append(s.float().cpu())
-                maps.append(m)
+                maps.append(m if keep else torch.stack([m.amin((1, 2)), m.amax((1, 2))], 1))
                 labels.append(lab.long().cpu())
                 paths.extend(p)
-                has_masks = mask is not None if has_masks is None else has_masks
                 if has_masks:
                     masks.append(_mask_like(mask, m))
     finally:
         model.train(was_training)
     if not scores:
         raise ValueError(f"no image of the set could be scored ({len(dataset)} left out: see the warnings)")
-    _check_one_size(maps)
-    return Predictions(
-        scores=torch.cat(scores).numpy(),
-        labels=torch.cat(labels).numpy(),
-        maps=torch.cat(maps).numpy(),
-        masks=torch.cat(masks).numpy() if has_masks else None,
-        paths=paths,
-    )
+    return _predictions(scores, labels, maps, masks if has_masks else None, paths, kept=maps[0].dim() == 3)
+
+
+def _predictions(scores, labels, maps, masks, paths, kept: bool) -> Predictions:
+    if kept:
+        _check_one_size(maps)
+        full = torch.cat(maps)
+        ranges = torch.stack([full.amin((1, 2)), full.amax((1, 2))], 1)
+    else:
+        full, ranges = None, torch.cat(maps)
+    return Predictions(scores=torch.cat(scores).numpy(), labels=torch.cat(labels).numpy(),
+                       maps=None if full is None else full.numpy(),
+                       masks=torch.cat(masks).numpy() if masks else None, paths=paths, map_range=ranges.numpy())
 
 
 def _forward(model, images, dtype, tiled: bool, batch_size: int, paths):
@@ -229,9 +242,10 @@ def _concat(parts: list[Predictions]) -> Predictions:
     return Predictions(
         scores=np.concatenate([p.scores for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),
-        maps=np.concatenate([p.maps for p in parts]),
+        maps=np.concatenate([p.maps for p in parts]) if all(p.maps is not None for p in parts) else None,
         masks=np.concatenate([p.masks for p in parts]) if has_masks else None,
         paths=[x for p in parts for x in p.paths],
+        map_range=np.concatenate([p.map_range for p in parts]),
     )
 
 

@@ -363,3 +363,24 @@ def test_a_tiled_calibration_refuses_mixed_sizes_and_int8_before_scoring(tmp_pat
         calibration.calibrate(model, data, target_fpr=0.1, engine="torch")
     with pytest.raises(ArgumentError, match="precision: int8 is not available for a tiled model"):
         calibration.calibrate(model, data, target_fpr=0.1, precision="int8", engine="openvino")
+
+
+def test_a_calibration_set_of_normal_images_keeps_only_each_maps_range(tmp_path):
+    # Memory that does not grow with the images times their pixels: a set without masks keeps
+    # each map's (min, max); the calibration's map range is the same as from the whole maps.
+    import ckaad_fast.calibration as calibration
+
+    model = _model(64, 48)
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (150, 97, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    data = calibration.normal_folder_set(folder, None, model.config.mean, model.config.std)
+    full = predict_dataset(model, data, batch_size=8, progress=False)
+    lean = predict_dataset(model, data, batch_size=8, progress=False, keep_maps="masked")
+    assert lean.maps is None and lean.map_range.shape == (12, 2)
+    np.testing.assert_array_equal(lean.map_range, np.stack([full.maps.min((1, 2)), full.maps.max((1, 2))], 1))
+    np.testing.assert_array_equal(lean.scores, full.scores)
+    cal = calibration.calibrate(model, data, target_fpr=0.1, engine="torch", batch_size=8)
+    assert (cal.map_min, cal.map_max) == (float(full.maps.min()), float(full.maps.max()))
