@@ -225,3 +225,17 @@ def test_inputs_the_readme_promises_to_refuse():
         ops.anomaly_map(f, f, out_size=64, sigma=1e9)
     with pytest.raises(ValueError, match="amap must be"):
         ops.image_score(torch.randn(0, 4, 4), 1)
+
+
+@pytest.mark.parametrize("n, k", [(10_007, 5), (4_000, 1), (9_000, 250), (4_096, 100)])
+def test_image_score_of_a_huge_map_takes_top_k_by_chunks_with_the_same_values(monkeypatch, n, k):
+    # Maps over TOPK_CHUNK values take the top-k of each chunk's top-k (torch.topk of one huge row
+    # needs 16 bytes a value of workspace: 2.2 GB at 144 megapixels): the same k values, so the
+    # same mean up to the order of the sum. Here with small chunks, odd sizes and a remainder.
+    import ckaad_fast.ops.scoring as scoring
+
+    monkeypatch.setattr(scoring, "TOPK_CHUNK", 1000)
+    g = torch.Generator().manual_seed(n + k)
+    amap = torch.rand(3, 1, n, generator=g, dtype=torch.float64)
+    expected = torch.topk(amap.reshape(3, -1), k, dim=1).values.mean(1)
+    torch.testing.assert_close(scoring.image_score(amap, k), expected, rtol=k * 2**-52, atol=0)

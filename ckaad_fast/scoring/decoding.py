@@ -68,7 +68,8 @@ def collate(items):
     if any(x.dtype != torch.uint8 for x in imgs):
         # A 16-bit image in the batch: convert the 8-bit ones exactly as load_image does.
         imgs = [x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x for x in imgs]
-    return idx, torch.stack(imgs), errors
+    # One image (a tiled model's stream): a view, not a copy of what may be hundreds of megabytes.
+    return idx, imgs[0][None] if len(imgs) == 1 else torch.stack(imgs), errors
 
 
 
