@@ -18,7 +18,8 @@ weighs least, which is what keeps seams out of a normal image's map.
 
 This module knows nothing of models: :func:`tiled_maps` takes any forward ``(B, 3, h, w) ->
 (scores, maps)``. Memory: the image as it was decoded (uint8: 3 bytes a pixel), one float32
-canvas (4 bytes a pixel) and one batch of tiles, whatever the image's size.
+canvas (4 bytes a pixel) and one batch of tiles, whatever the image's size (measured at 144
+megapixels: docs/CLI.md).
 """
 from __future__ import annotations
 
