@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ckaad_fast.ops as ops
+from benchmarks import baselines
 from benchmarks.common import (best_of_rounds, check_agreement, feature_bench_parser, max_abs_diff, median_time,
                                memory_floor, peak_memory, print_table, save_rows)
 
@@ -46,27 +47,6 @@ def reference_pipeline(fs_list, ft_list, out_size: int, sigma: float = 4.0):
     return np.stack(maps)
 
 
-def _gaussian_taps(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    r = int(truncate * sigma + 0.5)
-    x = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def eager_pipeline(fs_list, ft_list, out_size: int, taps: torch.Tensor):
-    """What a user composes from standard PyTorch ops over the batch: a separable conv blur with
-    reflect padding (scipy's 'mirror' border; the cost is what matters here)."""
-    total = 0
-    for fs, ft in zip(fs_list, ft_list):
-        m = 1 - F.cosine_similarity(fs, ft, dim=1)
-        total = total + F.interpolate(m.unsqueeze(1), size=out_size, mode="bilinear", align_corners=True)
-    r = taps.numel() // 2
-    x = F.pad(total, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, taps.view(1, 1, 1, -1))
-    x = F.conv2d(x, taps.view(1, 1, -1, 1))
-    return x[:, 0]
-
-
 def make_inputs(shapes, batch, device, dtype, sets, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -82,7 +62,7 @@ def bench_anomaly_map(args, device):
     batch, out_size = (2, 64) if args.quick else (args.batch, 256)
     sets = make_inputs(shapes, batch, device, torch.float32, args.sets)
     feat_bytes = sum(2 * f.numel() * f.element_size() for f in sets[0][0])
-    taps = _gaussian_taps(4.0).to(device)
+    taps = baselines.gaussian_taps(4.0, device=device)
     reps = 2 if args.quick else args.repeats
 
     def t(fn):
@@ -98,10 +78,10 @@ def bench_anomaly_map(args, device):
         "anomaly_map (ckaad_fast), channels_last features": lambda fs, ft: ops.anomaly_map(
             *cl_sets[0 if fs is sets[0][0] else 1], out_size=out_size),
         "reference pipeline (per image, scipy blur)": lambda fs, ft: reference_pipeline(fs, ft, out_size),
-        "eager PyTorch over the batch": lambda fs, ft: eager_pipeline(fs, ft, out_size, taps),
+        "eager PyTorch over the batch": lambda fs, ft: baselines.anomaly_map(fs, ft, out_size, taps),
     }
     if not args.no_compile:
-        compiled = torch.compile(eager_pipeline)
+        compiled = torch.compile(baselines.anomaly_map)
         paths["torch.compile of the eager composition"] = lambda fs, ft: compiled(fs, ft, out_size, taps)
     # Same semantics as the reference (scipy's border), so the maps must agree to float32 rounding.
     check_agreement("anomaly_map vs the reference pipeline",
@@ -124,15 +104,6 @@ def bench_anomaly_map(args, device):
          "gbps": f"{r[3]:.2f}", "peak_mib": f"{r[4]:.1f}", "batch": batch, "shapes": str(shapes)}
         for r in rows
     ]
-
-
-def _eager_recon_loss(xs, ys):
-    return sum(torch.mean(1 - F.cosine_similarity(y.reshape(y.shape[0], -1), x.reshape(x.shape[0], -1))) for x, y in zip(xs, ys))
-
-
-def _eager_disc_loss(sn, sa, sg, gamma=0.5, margin=5.0):
-    return sum(n.abs().mean() + (1 - gamma) * F.relu(margin - a.abs()).mean() + gamma * F.relu(margin - g.abs()).mean()
-               for n, a, g in zip(sn, sa, sg))
 
 
 def _check_loss(name, ours_fn, eager_fn, inputs) -> None:
@@ -167,8 +138,8 @@ def bench_losses(args, device):
 
     rows = []
     for name, ours_fn, eager_fn, inputs in [
-        ("cosine_reconstruction_loss", ops.cosine_reconstruction_loss, _eager_recon_loss, sets),
-        ("discriminator_loss", lambda s: ops.discriminator_loss(s, s, s), lambda s: _eager_disc_loss(s, s, s),
+        ("cosine_reconstruction_loss", ops.cosine_reconstruction_loss, baselines.reconstruction_loss, sets),
+        ("discriminator_loss", lambda s: ops.discriminator_loss(s, s, s), lambda s: baselines.discriminator_loss(s, s, s),
          [(s,) for s in score_sets]),
     ]:
         _check_loss(name, ours_fn, eager_fn, inputs[0])

@@ -66,7 +66,7 @@ class Tiling:
 
     def check_image(self, h: int, w: int, what: str = "the image") -> None:
         """An :class:`ArgumentError` naming ``tile_size`` when a tile does not fit in an ``h`` x ``w`` image."""
-        if self.size > h or self.size > w:
+        if not self.fits(h, w):
             raise ArgumentError("tile_size", f"{self.size} is larger than {what} ({w}x{h} pixels): use a tile size "
                                 f"<= {min(h, w)}, or no tiling")
 

@@ -7,6 +7,7 @@ pass over each score tensor.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -177,7 +178,7 @@ class _EagerEnergy(torch.autograd.Function):
         grads = [None] * len(scores)
         if wants_double_backward():
             weights = [abs(a) * n for a, n in zip(slopes.tolist(), numels)]
-            high = [k >= n_low for k in _offsets(numels)]
+            high = [k >= n_low for k in itertools.accumulate((0, *numels[:-1]))]  # each term's offset
             got = grads_by_autograd(lambda *s: _energy_formula(s, weights, high, m), [scores[i] for i in order],
                                     [ctx.needs_input_grad[2 + i] for i in order], upstream)
             for i, g in zip(order, got):
@@ -197,14 +198,6 @@ class _EagerEnergy(torch.autograd.Function):
             part = part.view(s.shape)
             grads[i] = part if part.dtype == s.dtype else part.to(s.dtype)
         return (None, None, *grads)
-
-
-def _offsets(numels) -> list[int]:
-    out, k = [], 0
-    for n in numels:
-        out.append(k)
-        k += n
-    return out
 
 
 def _energy(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float) -> torch.Tensor:
