@@ -38,6 +38,7 @@ DEMO_DEFAULTS = dict(
     n_coarse=10,
     batch_size=8,
     seed=0,
+    device="cpu",
 )
 
 
@@ -66,7 +67,7 @@ def run_demo(
     n_coarse: int = DEMO_DEFAULTS["n_coarse"],
     batch_size: int = DEMO_DEFAULTS["batch_size"],
     seed: int = DEMO_DEFAULTS["seed"],
-    device: str = "cpu",
+    device: str = DEMO_DEFAULTS["device"],
     backbone: str = "efficientnet_lite0",
     weights: str = "imagenet",
     progress: bool = True,
@@ -141,11 +142,12 @@ def _train(out: Path, root, category, image_size, epochs, batch_size, seed, devi
     from .data.synthetic import COARSE_DIR
     from .pipeline import fit
     from .training import resolve_config
+    from .model import DEFAULT_TOPK
 
     # The synthetic set is laid out as MVTec AD: its defaults, with the demo's small settings.
     cfg = resolve_config({"strategy": "cka_patch", "backbone": backbone, "weights": weights, "image_size": image_size,
                           "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device, "eval_every": 0,
-                          "topk": min(100, image_size * image_size)}, layout="mvtec")
+                          "topk": min(DEFAULT_TOPK, image_size * image_size)}, layout="mvtec")
     layers = ", ".join(str(v) for v in cfg.layers)
     _say(f"[2/4] training CKAAD ({backbone} layers {layers}, {weights} weights, strategy cka_patch) "
          f"for {epochs} epochs on {device}", progress)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,17 +38,20 @@ from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
 from .runtime.graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, SENSITIVITY_NAME, ScoringGraph, dynamic_batch, write_onnx
+from .runtime.plan import plan_export
 from .runtime.quantize import int8_scoring_model
 from .head import DEFAULT_SENSITIVITY, check_sensitivity
 from .model import fingerprint, load_checkpoint, model_from_checkpoint
-from .precision import canonical_precision, cuda_usable, torch_dtype
+from .precision import torch_dtype
 
 # ScoringGraph and the graph constants live in .runtime.graphs (a floor below, shared with the Scorer's
 # engines) and are named here too, where an exporting user looks for them.
-__all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS",
+__all__ = ["ScoringGraph", "export", "export_onnx", "write_triton_repository", "triton_config", "FORMATS", "DEFAULT_FORMAT",
            "INPUT_NAME", "OUTPUT_NAMES", "MAX_BATCH", "check_triton_options"]
 
 FORMATS = ("onnx", "openvino", "pt2")
+#: The format ``export`` writes unless told which.
+DEFAULT_FORMAT = FORMATS[0]
 _FILES = {"onnx": "model.onnx", "openvino": "model.xml", "pt2": "model.pt2"}
 
 
@@ -60,35 +62,21 @@ def export_onnx(checkpoint, out_dir, batch: int | None = None, sensitivity: floa
     return export(checkpoint, out_dir, "onnx", batch, sensitivity, overwrite)
 
 
-def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
-           sensitivity: float = DEFAULT_SENSITIVITY, overwrite: bool = False, device: str = "cpu",
+def export(checkpoint, out_dir, format: str = DEFAULT_FORMAT, batch: int | None = None,
+           sensitivity: float = DEFAULT_SENSITIVITY, overwrite: bool = False, device: str | None = None,
            dtype: str | None = None) -> Path:
     """Export the scoring forward of ``checkpoint`` into ``out_dir`` as ``format`` ("onnx":
     model.onnx; "openvino": model.xml and model.bin; "pt2": an AOTInductor package, model.pt2,
     compiled for ``device``), with the sidecar ``model.json``. ``dtype``: the backbone's and the
     auto-encoder's ("float32", "float16", "bfloat16"; the maps and scores stay float32), or
-    "int8" (openvino only): the int8 calibration's quantized graph, as calibrated; None: "int8"
-    for an int8-calibrated checkpoint exported to OpenVINO, else float32. Returns the model file.
+    "int8" (openvino only): the int8 calibration's quantized graph, as calibrated. None, for
+    ``dtype`` and ``device``: the execution plan's (:func:`ckaad_fast.runtime.plan.plan_export`:
+    int8 for an int8-calibrated checkpoint exported to OpenVINO, else float32; the CPU). Returns
+    the model file.
     Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     if format not in FORMATS:
         raise ArgumentError("format", f"must be one of {FORMATS}, got {format!r}")
-    ckpt = None
-    if dtype is None:  # the calibration's int8 for OpenVINO: read the checkpoint now, once
-        ckpt = _load(checkpoint) if format == "openvino" else None
-        dtype = "int8" if ckpt is not None and (ckpt.get("calibration") or {}).get("precision") == "int8" else "float32"
-    graph_dtype = torch_dtype(dtype, "dtype", int8=True)  # a graph has one precision: never auto
-    dtype = canonical_precision(dtype, "dtype", int8=True)
-    if dtype == "int8" and format != "openvino":
-        raise ArgumentError("dtype", f"int8 graphs are for --format openvino (NNCF's quantizers); {format} takes "
-                                     "float32 or float16")
-    if dtype == "bfloat16" and format != "pt2":
-        raise ArgumentError("dtype", f"bfloat16 graphs are for --format pt2; {format} takes float32 or float16 "
-                                     "(ONNX Runtime refuses bfloat16 convolutions)")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ArgumentError("device", f"must be cpu or cuda[:N], got {device!r}")
-    if str(device).startswith("cuda") and (format != "pt2" or not cuda_usable()):
-        raise ArgumentError("device", "cuda is for --format pt2 on a machine with a GPU; onnx and openvino "
-                                      "graphs are exported on the CPU and run on any device their runtime has")
+    plan_export(format, dtype, device)  # what the format cannot hold, refused before anything is read
     out = Path(out_dir)
     target = out / _FILES[format]
     if target.exists() and not overwrite:
@@ -99,18 +87,14 @@ def export(checkpoint, out_dir, format: str = "onnx", batch: int | None = None,
         sensitivity = check_sensitivity(sensitivity)
     except ValueError as e:
         raise ArgumentError("sensitivity", str(e).removeprefix("sensitivity ")) from None
-    ckpt = ckpt if ckpt is not None else _load(checkpoint)
+    ckpt = _load(checkpoint)
     try:
         model = model_from_checkpoint(ckpt)
         calibration = read_calibration(ckpt)
     except ValueError as e:
         raise ArgumentError("checkpoint", str(e)) from None
-    if dtype == "int8" and (calibration is None or calibration.precision != "int8"):
-        raise ArgumentError("dtype", "int8 needs a checkpoint calibrated in int8 (ckaad-fast calibrate --dtype int8), "
-                                     "which carries the quantized graph and the threshold picked on its scores")
-    if calibration is not None and (calibration.precision or "float32") != dtype:
-        warnings.warn(f"exporting in {dtype} a model calibrated in {calibration.precision or 'float32'}: decisions "
-                      "near the threshold can differ from the calibration's", UserWarning, stacklevel=2)
+    dtype, device = plan_export(format, dtype, device, calibration)
+    graph_dtype = None if dtype == "int8" else torch_dtype(dtype, "dtype")
     out.mkdir(parents=True, exist_ok=True)
     if dtype == "int8":
         cfg = model.config

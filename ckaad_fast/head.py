@@ -134,8 +134,9 @@ def _span(lo: float, hi: float) -> float:
 
 def normalized_score(scores, threshold: float, lo: float, hi: float):
     """anomalib's normalised score ``clip((s - t) / (hi - lo) + 0.5, 0, 1)``: for numpy arrays
-    (computed in float64) and torch tensors (in their dtype) alike. Monotone in ``s``; t -> 0.5."""
-    if not isinstance(scores, torch.Tensor):
+    (computed in float64), torch tensors (in their dtype) and graph nodes with that arithmetic (the
+    int8 graph's, :mod:`ckaad_fast.runtime.quantize`) alike. Monotone in ``s``; t -> 0.5."""
+    if not hasattr(scores, "clip") or isinstance(scores, np.ndarray):
         scores = np.asarray(scores, dtype=np.float64)
     return ((scores - threshold) / _span(lo, hi) + 0.5).clip(0.0, 1.0)
 

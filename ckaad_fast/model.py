@@ -30,7 +30,7 @@ from .errors import ArgumentError
 from .tiling import Tiling, tiling_of
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
-__all__ = ["Detector", "ModelConfig", "PlainConfig", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
+__all__ = ["Detector", "ModelConfig", "PlainConfig", "DEFAULT_TOPK", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "normalise_pixels", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
@@ -56,6 +56,11 @@ class PlainConfig:
         return cls(**d)
 
 
+#: The image score's default top-k: the mean of the 100 largest map values (the one owner: the
+#: training configuration, the demo and the execution plan read it from here).
+DEFAULT_TOPK = 100
+
+
 @dataclass
 class ModelConfig(PlainConfig):
     """What defines a trained detector: enough to rebuild it and score as it was evaluated."""
@@ -65,7 +70,7 @@ class ModelConfig(PlainConfig):
     image_size: tuple[int, int] = (256, 256)
     strategy: str = "cka_patch"
     sigma: float = 4.0
-    topk: int | None = 100
+    topk: int | None = DEFAULT_TOPK
     border: str = "reflect"
     # Input normalisation; None takes the backbone's own (ImageNet's for ResNets, 0.5 for Lite0).
     mean: tuple[float, float, float] | None = None

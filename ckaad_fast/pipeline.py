@@ -13,7 +13,8 @@ Hold-outs, in this order:
 3. ``calibrate=True``: ``calibrate_share`` of the normal training images (and of the coarse
    anomalies) is held out (:func:`ckaad_fast.calibration.split_for_calibration`), and after
    training the decision threshold picked on it is written into the checkpoint, computed in
-   ``precision`` (recorded there, and used by ``ckaad-fast score`` by default).
+   ``precision`` (None: the execution plan's default for calibrate, :mod:`ckaad_fast.runtime.plan`;
+   recorded there, and used by ``ckaad-fast score`` by default).
 
 Under torchrun every rank trains; rank 0 alone calibrates and writes.
 """
@@ -26,12 +27,9 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-__all__ = ["FitResult", "fit", "CALIBRATE_SHARE", "TARGET_FPR"]
+from .calibration import CALIBRATE_SHARE, TARGET_FPR
 
-#: The share of the training images ``fit(calibrate=True)`` holds out for calibration.
-CALIBRATE_SHARE = 0.1
-#: The false-positive rate a normal-only calibration set is calibrated at.
-TARGET_FPR = 0.01
+__all__ = ["FitResult", "fit"]
 
 
 @dataclass
@@ -61,7 +59,7 @@ def fit(
     calibrate: bool = False,
     calibrate_share: float = CALIBRATE_SHARE,
     target_fpr: float = TARGET_FPR,
-    precision: str = "float32",
+    precision: str | None = None,
     eval_set: Dataset | None = None,
     resume: bool = False,
     overwrite: bool = False,

@@ -89,7 +89,7 @@ def test_the_fence_is_the_sets_own_quartiles():
 
 
 def test_the_cli_names_suspects_and_records_them(tmp_path, capsys, monkeypatch):
-    import ckaad_fast.calibration as calibration
+    import ckaad_fast.calibration.run as calibration  # where calibrate() scores
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", SIZE)
     folder = write_pngs(tmp_path / "good", 120, 0, SIZE)

@@ -344,7 +344,8 @@ def test_score_of_a_tiled_model_goes_on_past_a_small_image_and_resumes(tmp_path,
 
 
 def test_a_tiled_calibration_refuses_mixed_sizes_and_int8_before_scoring(tmp_path, monkeypatch):
-    import ckaad_fast.calibration as calibration
+    import ckaad_fast.calibration.run as calibration  # where calibrate() scores
+    from ckaad_fast.calibration import normal_folder_set
     from ckaad_fast.errors import ArgumentError
 
     model = _model(64, 48)
@@ -353,7 +354,7 @@ def test_a_tiled_calibration_refuses_mixed_sizes_and_int8_before_scoring(tmp_pat
     folder.mkdir()
     for i, (h, w) in enumerate([(100, 100)] * 20 + [(120, 90)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    data = calibration.normal_folder_set(folder, None, model.config.mean, model.config.std)
+    data = normal_folder_set(folder, None, model.config.mean, model.config.std)
 
     def never(*a, **k):
         raise AssertionError("scored before the set was checked")

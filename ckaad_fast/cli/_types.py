@@ -99,3 +99,9 @@ def add_tiling_arguments(p: argparse.ArgumentParser, sets: bool) -> None:
     g.add_argument("--tile-stride", type=positive_int, default=None, metavar="PX",
                    help="pixels between two tiles' starts, at most --tile-size (default: 3/4 of the tile size, "
                         "so that neighbours overlap and the blend hides seams)." + follow)
+
+
+def given(**options) -> dict:
+    """The options given on the command line (not None): every other one takes the Python API's
+    default, which the CLI never restates."""
+    return {name: value for name, value in options.items() if value is not None}

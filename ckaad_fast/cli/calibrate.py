@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..runtime.engines import ENGINES
+from ..calibration import CALIBRATION_SPLIT, TARGET_FPR
+from ..runtime.plan import ENGINES, default_of
 from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, SCOPES
 from ._data import add_data_arguments, dataset_from_args
-from ._types import add_tiling_arguments, fraction, fraction_or_zero, nonneg_int, positive_int, precision_or_int8
+from ._types import add_tiling_arguments, fraction, fraction_or_zero, given, nonneg_int, positive_int, precision_or_int8
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,34 +26,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--normal", metavar="DIR",
                    help="a folder of normal images held out from training (searched recursively): calibrate at "
                         "--target-fpr; instead of the data options")
-    p.add_argument("--split", default="val", metavar="NAME",
+    p.add_argument("--split", default=None, metavar="NAME",
                    help="with --data: the split to calibrate on; never the test split nor the training images "
                         "(both refused before anything is scored); the layouts hold no other split today, so "
-                        "prefer --normal DIR or train --calibrate (default: %(default)s)")
+                        f"prefer --normal DIR or train --calibrate (default: {CALIBRATION_SPLIT})")
     p.add_argument("--allow-training-images", action="store_true",
                    help="with --data --split train: calibrate on the model's own training images anyway (when no "
                         "other normal images exist). Their scores are lower than fresh images', so the threshold "
                         "flags more than --target-fpr on new data; the checkpoint records that it was picked so")
-    p.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
-                   help="false-positive rate on normal images when the set has no anomalies (default: %(default)s)")
+    p.add_argument("--target-fpr", type=fraction, default=None, metavar="RATE",
+                   help=f"false-positive rate on normal images when the set has no anomalies (default: {TARGET_FPR})")
     p.add_argument("--out", metavar="PATH",
                    help="write the calibrated checkpoint here instead of updating --checkpoint in place")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images scored per batch (default: %(default)s)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device to score on (default: %(default)s)")
-    p.add_argument("--dtype", type=precision_or_int8, default="float32", metavar="float32|bfloat16|float16|auto|int8",
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help=f"device to score on (default: {default_of('calibrate', 'device')})")
+    p.add_argument("--dtype", type=precision_or_int8, default=None, metavar="float32|bfloat16|float16|auto|int8",
                    help="precision the calibration set is scored in, recorded in the checkpoint; ckaad-fast score "
                         "then scores in it by default, so that its decisions on this set are the promised ones. "
-                        "float32 (default) gives the same scores on every CPU and GPU; bfloat16 is faster where "
+                        "float32 gives the same scores on every CPU and GPU; bfloat16 is faster where "
                         "the hardware multiplies it (auto picks it there). int8: first quantize the graph with "
                         "NNCF on the set's normal images (OpenVINO runs it; see the int8 options), then pick the "
                         "threshold on its scores; the checkpoint stores the quantized graph and what it cost "
-                        "(default: %(default)s)")
-    p.add_argument("--engine", choices=ENGINES, default="auto",
+                        f"(default: {default_of('calibrate', 'precision')})")
+    p.add_argument("--engine", choices=ENGINES, default=None,
                    help="who scores the set (recorded; ckaad-fast score then uses the same by default, so its "
                         "decisions on this set are the promised ones): auto, the fastest installed here (torch on "
                         "a GPU; openvino, else onnxruntime, else torch on the CPU), or torch, openvino, "
-                        "onnxruntime (default: %(default)s)")
+                        f"onnxruntime (default: {default_of('calibrate', 'engine')})")
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,8 +97,9 @@ def run(args) -> int:
     if args.max_auroc_drop is not None and args.dtype != "int8":
         raise ValueError("--max-auroc-drop: only with --dtype int8 (it bounds what quantization may cost)")
     int8_options = {} if args.max_auroc_drop is None else {"max_auroc_drop": args.max_auroc_drop}
+    split = None
     if args.data is not None:
-        check_calibration_split(args.split, args.layout, args.allow_training_images)
+        split = check_calibration_split(args.split, args.layout, args.allow_training_images)
     elif args.allow_training_images:
         raise ValueError("--allow-training-images: only with --data --split train")
     try:
@@ -108,11 +111,11 @@ def run(args) -> int:
     if args.normal is not None:
         data = normal_folder_set(args.normal, cfg.source_size, cfg.mean, cfg.std)
     else:
-        data = dataset_from_args(args, args.split, cfg.source_size, cfg.mean, cfg.std)
-    cal = calibrate(model, data, target_fpr=args.target_fpr, batch_size=args.batch_size, device=args.device,
-                    progress=not args.quiet, precision=args.dtype,
-                    on_training_images=args.data is not None and args.split == "train", engine=args.engine,
-                    check=_int8_check(args, cfg), int8_scope=args.int8_scope, **int8_options)
+        data = dataset_from_args(args, split, cfg.source_size, cfg.mean, cfg.std)
+    cal = calibrate(model, data, batch_size=args.batch_size, progress=not args.quiet,
+                    on_training_images=args.data is not None and split == "train", check=_int8_check(args, cfg),
+                    int8_scope=args.int8_scope, **int8_options,
+                    **given(target_fpr=args.target_fpr, device=args.device, precision=args.dtype, engine=args.engine))
     written = write_calibration(args.checkpoint, cal, out=args.out)
     print(f"calibration: {cal.describe()}")
     print(f"written to:  {written}")

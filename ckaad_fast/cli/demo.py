@@ -5,7 +5,7 @@ import argparse
 
 from ..data.synthetic import TEXTURES
 from ..demo import DEMO_DEFAULTS
-from ._types import int_at_least
+from ._types import given, int_at_least
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,8 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"the texture photograph the data set is made from (default: {d['category']})")
     p.add_argument("--seed", type=int, default=d["seed"],
                    help=f"seed of the data set, the initialisation and the data order (default: {d['seed']})")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default=None,
+                   help=f"cpu, cuda or cuda:N (default: {DEMO_DEFAULTS['device']})")
     p.add_argument("--no-progress", action="store_true", help="no progress messages and bars")
     p.set_defaults(func=run, interrupted=lambda a: "run it again: the data set made so far is reused, and training starts afresh")
     return p
@@ -44,5 +44,5 @@ def run(args) -> int:
     from ..demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, image_size=args.image_size, category=args.category,
-             seed=args.seed, device=args.device, progress=not args.no_progress)
+             seed=args.seed, progress=not args.no_progress, **given(device=args.device))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..runtime.plan import default_of
 from ._data import add_data_arguments, dataset_from_args
 from ._types import add_tiling_arguments, nonneg_int, positive_int
 
@@ -29,8 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images scored per batch (per process under torchrun) (default: %(default)s)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda",
-                   help="device to score on, e.g. cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help=f"device to score on, e.g. cpu, cuda (default: {default_of('eval', 'device')})")
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--json", metavar="FILE",
@@ -47,6 +48,9 @@ def run(args) -> int:
     from ..distributed import distributed_session
 
     # Under torchrun: join the process group (NCCL for a CUDA device, gloo on the CPU); else nothing.
+    from ..runtime.plan import device_name
+
+    args.device = device_name("eval", args.device)
     with distributed_session(args.device) as dist_info:
         return _run(args, dist_info)
 

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..data.registry import DEFAULT_LAYOUT
+from ..training.config import DEFAULT_PROTOCOL, PROTOCOLS
 from ._types import nonneg_int, positive_float, positive_int, ratio_float
 from .train import layer_int
 
@@ -32,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("table", choices=TABLES, help="which table to make")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="ROOT", help="data set root folder (as for `ckaad-fast train`)")
-    g.add_argument("--layout", choices=LAYOUTS, default="mvtec",
+    g.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
                    help="how the data set is laid out (default: %(default)s)")
     g.add_argument("--categories", nargs="+", metavar="NAME",
                    help="mvtec/visa: the categories to run (default: every one found); folder: one sub-folder of ROOT")
@@ -54,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="one run per seed; the tables show mean ± std over them and each strategy's paired "
                         "difference to Recon with its 95%% interval (default: 0 1 2 3 4, the fewest for an "
                         "interval that tells apart strategies a couple of points apart)")
-    g.add_argument("--protocol", choices=("ours", "reference"), default="ours",
+    g.add_argument("--protocol", choices=PROTOCOLS, default=DEFAULT_PROTOCOL,
                    help="reference: the authors' anomaly loader, loss averaging and bilinear mask resize, to "
                         "compare with their numbers (default: %(default)s)")
     g = p.add_argument_group("training (default: the authors' settings for the layout and category)")

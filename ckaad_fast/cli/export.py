@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..head import DEFAULT_SENSITIVITY
-from ._types import add_tiling_arguments, precision_or_int8, unit_float
+from ..runtime.plan import default_of
+from ._types import add_tiling_arguments, given, precision_or_int8, unit_float
 
 
 def _batch(text: str):
@@ -21,7 +22,7 @@ def _batch(text: str):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..export import FORMATS, TRITON_MAX_BATCH
+    from ..export import DEFAULT_FORMAT, FORMATS, TRITON_MAX_BATCH
 
     p = subparsers.add_parser(
         "export",
@@ -33,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint written by ckaad-fast train (or its output folder)")
-    p.add_argument("--format", choices=FORMATS, default="onnx",
+    p.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
                    help="onnx: for ONNX Runtime (OUT/model.onnx); openvino: OpenVINO IR (OUT/model.xml and .bin); "
                         "pt2: an AOTInductor package for torch._inductor.aoti_load_package (OUT/model.pt2; a "
                         "compilation of a minute or more) (default: %(default)s)")
@@ -42,8 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(bfloat16 suits pt2 on CPUs with AMX and on GPUs). int8 (--format openvino): the quantized "
                         "graph of a checkpoint calibrated with calibrate --dtype int8, with its threshold. Default: "
                         "int8 for such a checkpoint exported to openvino, else float32")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda",
-                   help="with --format pt2: the device the package is compiled for (default: %(default)s)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help=f"with --format pt2: the device the package is compiled for (default: {default_of('export', 'device')})")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="a fixed batch size, or dynamic (default)")
@@ -79,7 +80,7 @@ def run(args) -> int:
             raise ValueError(f"--checkpoint: {e}") from None
         check_recorded_tiling(config, args.tile_size, args.tile_stride)
     path = export(args.checkpoint, args.out, args.format, batch=args.batch, sensitivity=args.sensitivity,
-                  overwrite=args.overwrite, device=args.device, dtype=args.dtype)
+                  overwrite=args.overwrite, **given(device=args.device, dtype=args.dtype))
     print(f"exported: {path} (and model.json beside it)")
     if args.triton_repo:
         config = write_triton_repository(path, args.triton_repo, max_batch_size=max_batch)

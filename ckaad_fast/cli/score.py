@@ -13,7 +13,8 @@ import sys
 import textwrap
 
 from ..head import DEFAULT_SENSITIVITY
-from ..runtime.engines import ENGINES
+from ..runtime.plan import ENGINES
+from ..scoring.results import MAP_FORMATS
 from ._types import add_tiling_arguments, finite_float, nonneg_int, positive_int, precision_or_int8, unit_float
 
 
@@ -72,7 +73,7 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (created): OUT/scores.csv and OUT/maps/")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images per batch (default: 16)")
-    p.add_argument("--maps", choices=("none", "npy", "png"), default="none",
+    p.add_argument("--maps", choices=MAP_FORMATS, default=MAP_FORMATS[0],
                    help="anomaly maps to write under OUT/maps/, named after each image's path relative "
                         "to the deepest folder holding all inputs: none (default); npy: the float32 map "
                         "at the model's input size; png: a heat-map overlay on the image (Turbo colours, "
@@ -89,8 +90,9 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoint's decision")
     p.add_argument("--sensitivity", type=unit_float, default=None, metavar="S",
                    help="a calibrated checkpoint's decision (ckaad-fast calibrate): is_anomalous when "
-                        "normalized_score >= 1 - S; 0.5 (default) is the calibrated threshold, higher flags more")
-    p.add_argument("--masks", choices=("none", "png"), default="none",
+                        "normalized_score >= 1 - S; "
+                        f"{DEFAULT_SENSITIVITY} (default) is the calibrated threshold, higher flags more")
+    p.add_argument("--masks", choices=("none", "png"), default=None,
                    help="png: each image's binary mask (map >= the calibrated pixel threshold, 0/255) as "
                         "OUT/masks/<name>.png; needs a checkpoint calibrated on a set with masks (default: none)")
 
@@ -157,9 +159,9 @@ def run(args) -> int:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.adopt_rows and not args.resume:
         raise ValueError("--adopt-rows: only with --resume")
-    from ..precision import default_device
+    from ..runtime.plan import device_name
 
-    device = args.device or default_device()
+    device = device_name("score", args.device)
     # Under torchrun: join the process group (NCCL on GPUs, gloo on the CPU); else nothing.
     with distributed_session(device) as dist_info:
         return _run(args, device, dist_info)
@@ -208,7 +210,7 @@ def _run(args, device, dist_info) -> int:
             args.out,
             maps=args.maps,
             threshold=args.threshold,
-            sensitivity=DEFAULT_SENSITIVITY if args.sensitivity is None else args.sensitivity,
+            sensitivity=args.sensitivity,
             masks=args.masks == "png",
             resume=args.resume,
             overwrite=args.overwrite,
@@ -249,7 +251,8 @@ def _report(args, summary, dist_info) -> None:
         msg += f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)"
     if summary.anomalous is not None:
         rule = (f"threshold {args.threshold:g}" if args.threshold is not None
-                else f"the calibrated threshold, sensitivity {DEFAULT_SENSITIVITY if args.sensitivity is None else args.sensitivity:g}")
+                else "the calibrated threshold" if args.sensitivity is None
+                else f"the calibrated threshold moved to sensitivity {args.sensitivity:g}")
         msg += f"; {summary.anomalous} anomalous at {rule}"
     print(msg, file=sys.stderr)
     if summary.failed:

@@ -15,7 +15,9 @@ import sys
 
 from ._data import add_data_arguments, dataset_from_args
 from ..data.anomalies import RATIO_LABELED
-from ..pipeline import CALIBRATE_SHARE, TARGET_FPR
+from ..calibration import CALIBRATE_SHARE, TARGET_FPR
+from ..runtime.plan import default_of
+from ..training.config import PROTOCOLS
 from ._types import add_tiling_arguments, fraction, nonneg_float, nonneg_int, positive_float, positive_int, precision, ratio_float, unit_float
 
 
@@ -105,7 +107,7 @@ def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 0.5)")
     g.add_argument("--margin", type=positive_float, default=None,
                    help="hinge margin a of the energy discriminators (default: 5)")
-    g.add_argument("--protocol", choices=("ours", "reference"), default=None,
+    g.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="with a coarse anomaly set: ours (full anomaly batches reshuffled every pass, generated "
                         "features weighted alpha : 1 - alpha) or reference (the authors' loader and loss "
                         "averaging, to compare with their numbers) (default: ours)")
@@ -123,9 +125,9 @@ def _add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-fpr", type=fraction, default=TARGET_FPR, metavar="RATE",
                    help="with --calibrate and no anomalies held out: the false-positive rate on normal images "
                         "(default: %(default)s)")
-    g.add_argument("--calibrate-dtype", type=precision, default="float32", metavar="float32|bfloat16|auto",
+    g.add_argument("--calibrate-dtype", type=precision, default=None, metavar="float32|bfloat16|auto",
                    help="with --calibrate: the precision the held-out images are scored in, recorded in the "
-                        "checkpoint and used by ckaad-fast score by default (default: %(default)s)")
+                        f"checkpoint and used by ckaad-fast score by default (default: {default_of('calibrate', 'precision')})")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:

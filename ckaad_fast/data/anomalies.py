@@ -27,7 +27,8 @@ from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import list_images
 from .images import SizeLike
-from .layouts import FolderDataset, ImageFileDataset
+from .base import ImageFileDataset
+from .folder import FolderDataset
 
 __all__ = ["RATIO_LABELED", "CoarseAnomalies", "sample_coarse_anomalies", "AnomalyFolderDataset", "PseudoAnomalyDataset",
            "coarse_anomaly_set"]

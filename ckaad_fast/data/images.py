@@ -158,6 +158,8 @@ def load_image(
 #: grown) or ``"bilinear"`` (the authors' code: the 8-bit mask resized bilinearly, then > 0.5 of
 #: full scale; thin regions can vanish at 1024 -> 256).
 MASK_RESIZES = ("nearest", "bilinear")
+#: How masks are resized unless told otherwise: any non-zero pixel stays anomalous.
+DEFAULT_MASK_RESIZE = MASK_RESIZES[0]
 
 
 def check_mask_resize(mode: str) -> str:

@@ -9,8 +9,8 @@ from typing import Union
 from ..errors import ArgumentError
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import describe, subdirs
-from .images import SizeLike, check_mask_resize
-from .layouts import ImageFileDataset
+from .images import DEFAULT_MASK_RESIZE, SizeLike, check_mask_resize
+from .base import ImageFileDataset
 from .registry import LAYOUT_TABLE, LAYOUTS
 
 __all__ = ["LAYOUTS", "open_dataset", "list_categories"]
@@ -30,7 +30,7 @@ def open_dataset(
     category: str | None = None,
     normal_class: str | None = None,
     anomaly_classes: Sequence[str] | None = None,
-    mask_resize: str = "nearest",
+    mask_resize: str = DEFAULT_MASK_RESIZE,
 ) -> ImageFileDataset:
     """The ``split`` ("train" or "test") of the data set at ``root`` laid out as ``layout``.
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .layouts import FolderDataset, MVTecDataset, VisADataset
-from .medical import Br35HDataset, ISIC2018Dataset
+from .br35h import Br35HDataset
+from .folder import FolderDataset
+from .isic2018 import ISIC2018Dataset
+from .mvtec import MVTecDataset
+from .visa import VisADataset
 
-__all__ = ["Layout", "LAYOUT_TABLE", "LAYOUTS", "layout_spec"]
+__all__ = ["Layout", "LAYOUT_TABLE", "LAYOUTS", "DEFAULT_LAYOUT", "layout_spec"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ LAYOUT_TABLE: dict[str, Layout] = {
 }
 #: Layout names, in the table's order.
 LAYOUTS = tuple(LAYOUT_TABLE)
+#: The layout a command reads unless told which.
+DEFAULT_LAYOUT = "mvtec"
 
 
 def layout_spec(name: str) -> Layout:

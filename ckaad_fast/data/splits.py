@@ -19,7 +19,7 @@ import copy
 
 import numpy as np
 
-from .layouts import FolderDataset
+from .folder import FolderDataset
 
 __all__ = ["VALIDATION_SHARE", "carve_validation"]
 

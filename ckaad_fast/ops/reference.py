@@ -63,7 +63,7 @@ def anomaly_map(fs_list, ft_list, out_size=256, sigma: float = 4.0, truncate: fl
     return torch.from_numpy(np.stack(blurred)).to(total.device)
 
 
-def image_score(amap: torch.Tensor, topk: int | None = 100) -> torch.Tensor:
+def image_score(amap: torch.Tensor, topk: int | None) -> torch.Tensor:
     flat = amap.double().reshape(amap.shape[0], -1)
     if topk is None:
         return flat.mean(1)

@@ -308,7 +308,7 @@ def anomaly_map_standard_ops(
     return total
 
 
-def image_score(amap: torch.Tensor, topk: int | None = 100) -> torch.Tensor:
+def image_score(amap: torch.Tensor, topk: int | None) -> torch.Tensor:
     """Image-level score: the mean of the ``topk`` largest values of each map (``topk=1`` is the
     max; ``topk=None`` the mean of the whole map, the ISIC protocol).
 

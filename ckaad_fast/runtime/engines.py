@@ -7,8 +7,9 @@
   run by that runtime on the CPU. Batch-norm folding, prepacked weights and fused convolutions
   are what these runtimes do and eager PyTorch does not; the benchmark
   (``benchmarks/bench_scoring.py``, docs/BENCHMARKS.md) measures what that is worth.
-- ``auto``: on a GPU, ``torch``; on the CPU, ``openvino`` if it is installed, else
-  ``onnxruntime`` if it is, else ``torch`` (the order of the CPU rows of the benchmark).
+- which engine runs where and in which precision, and what ``auto`` picks, is the execution
+  plan's capability table (:mod:`.plan`); each runtime is one class in a file of its own
+  (:mod:`.onnxruntime_engine`, :mod:`.openvino_engine`) behind one interface (:mod:`.engine_base`).
 
 Everything else stays the Scorer's: decoding, normalisation (so 16-bit images are scored as by the
 PyTorch engine), streaming, error rows, decisions and the results folder. The graph a runtime
@@ -22,32 +23,28 @@ named). At load, a graph without that record (an interrupted export), of another
 bytes differ (truncated, edited) is exported again, with a one-line :class:`CachedGraphWarning`;
 where no model is at hand to export it, the graph is not used (the caller builds the network).
 
-Precision: ONNX Runtime computes in float32 only here (its CPU convolutions have no bfloat16
-kernels). OpenVINO takes float32, and bfloat16 (its inference-precision hint) on CPUs with
-bfloat16 units; elsewhere it would compute float32 whatever the hint, so bfloat16 is refused
-there (and ``auto`` picks torch, which emulates it, for a bfloat16 request). int8 is OpenVINO's
-alone: it runs the quantized copy of the graph that an int8 calibration made and carries
-(:mod:`.quantize`), never a graph quantized on the fly.
+int8 is OpenVINO's alone: it runs the quantized copy of the graph that an int8 calibration made
+and carries (:mod:`.quantize`), never a graph quantized on the fly.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
 from ..atomic import STALE_AFTER_S, atomic_path, atomic_write_text, remove_stale_temporaries
 from ..errors import ArgumentError
 from ..head import tiled_forward
-from ..precision import cpu_has_bf16_matmul
+from .engine_base import RuntimeEngine
+from .onnxruntime_engine import OnnxRuntimeEngine
+from .openvino_engine import Int8OpenVinoEngine, OpenVinoEngine
 
-__all__ = ["ENGINES", "RUNTIME_ENGINES", "resolve_engine", "cache_folder", "RuntimeEngine",
+__all__ = ["cache_folder", "RuntimeEngine",
            "RuntimeModule", "build_runtime_engine", "engine_graph_file", "cached_engine_graph",
            "cached_graph_problem", "CachedGraphWarning", "GRAPH_RECORD"]
 
@@ -57,60 +54,6 @@ GRAPH_RECORD = "engine.json"
 
 class CachedGraphWarning(UserWarning):
     """A cached engine graph did not match its record and was exported again."""
-
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-#: The engines that run an exported graph (on the CPU).
-RUNTIME_ENGINES = ("onnxruntime", "openvino")
-#: ``auto``'s order on the CPU, fastest first (see the module and docs/BENCHMARKS.md).
-_CPU_ORDER = ("openvino", "onnxruntime")
-
-
-def _installed(name: str) -> bool:
-    # The runtime's module has the engine's name; the graph export needs torch's ONNX exporter,
-    # which needs onnxscript.
-    return importlib.util.find_spec(name) is not None and importlib.util.find_spec("onnxscript") is not None
-
-
-def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The engine a Scorer on ``device`` in ``dtype`` uses for ``engine`` (see the module);
-    :class:`~ckaad_fast.errors.ArgumentError` naming ``engine`` for one that cannot run here."""
-    if engine not in ENGINES:
-        raise ArgumentError("engine", f"must be one of {ENGINES}, got {engine!r}")
-    if engine == "auto":
-        if device.type != "cpu":
-            return "torch"
-        usable = [e for e in _CPU_ORDER if _installed(e) and _supports(e, dtype)]
-        if not usable and dtype == torch.int8:
-            raise ArgumentError("engine", "int8 runs on the openvino engine, which is not installed here: "
-                                          "pip install 'ckaad_fast[export]'")
-        return usable[0] if usable else "torch"
-    if engine == "torch" and dtype != torch.int8:
-        return engine
-    if device.type != "cpu":
-        raise ArgumentError("engine", f"{engine} runs on the CPU here; on {device.type} use torch (or auto)")
-    if not _installed(engine):
-        raise ArgumentError("engine", f"{engine} is not installed: pip install 'ckaad_fast[export]'")
-    if not _supports(engine, dtype):
-        if dtype == torch.int8:
-            raise ArgumentError("engine", f"{engine} cannot run the int8 graph (openvino only): use engine openvino "
-                                          "(or auto), or dtype float32 to score the float model instead")
-        raise ArgumentError("engine", f"{engine} cannot compute in {str(dtype).removeprefix('torch.')} here (onnxruntime: "
-                                      "float32 only; openvino: bfloat16 only on a CPU with bfloat16 units): pass "
-                                      "dtype float32, or engine torch")
-    return engine
-
-
-def _supports(engine: str, dtype: torch.dtype) -> bool:
-    if engine == "torch":
-        return dtype != torch.int8
-    if dtype == torch.int8:
-        return engine == "openvino"
-    if engine == "onnxruntime" or dtype != torch.bfloat16:
-        return dtype == torch.float32
-    # OpenVINO computes bfloat16 only where the CPU multiplies it, and float32 elsewhere whatever
-    # it is told: asked for bfloat16 on such a CPU, it would not compute what was asked.
-    return cpu_has_bf16_matmul()
-
 
 def cache_folder() -> Path:
     """Where runtime engines keep their exported graphs (see the module)."""
@@ -199,55 +142,6 @@ def _export(model, fingerprint: str, topk, target: Path) -> None:
     atomic_write_text(target.with_name(GRAPH_RECORD), json.dumps(record, indent=1))
 
 
-class RuntimeEngine:
-    """A runtime running the engine graph on the CPU: ``engine(x)`` takes normalised float32
-    images (B, 3, H, W) and returns ``(scores (B,), maps (B, H, W))`` as float32 torch tensors.
-    ``source``: the graph's file, or (OpenVINO) a model in memory: an int8 calibration's
-    quantized graph, whose precision is its quantizers' (compiled with the float32 hint for the
-    operations left in float)."""
-
-    def __init__(self, name: str, source, dtype: torch.dtype, threads: int):
-        self.name = name
-        self.path = source if isinstance(source, Path) else None
-        if name == "onnxruntime":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
-            self._run = lambda x: self._session.run(None, {"image": x})
-            self.dtype = torch.float32
-        else:
-            import openvino as ov
-
-            hint = "bf16" if dtype == torch.bfloat16 else "f32"
-            core = ov.Core()
-            model = str(source) if isinstance(source, Path) else source
-            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                         "INFERENCE_NUM_THREADS": threads,
-                                                         "PERFORMANCE_HINT": "LATENCY"})
-            self._compiled = compiled
-            self._request = compiled.create_infer_request()
-            outs = compiled.outputs
-
-            def run(x):
-                # The input is a contiguous array the call outlives: no copy of it. The outputs
-                # are copies (OpenVINO's default), owned by the caller.
-                r = self._request.infer({0: x}, share_inputs=True)
-                return [r[o] for o in outs]
-
-            self._run = run
-            # What OpenVINO really runs in: bf16 only where the CPU has bf16 units.
-            real = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-            self.dtype = torch.int8 if dtype == torch.int8 else torch.bfloat16 if "bf16" in real else torch.float32
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        score, amap = self._run(arr)
-        return torch.from_numpy(np.asarray(score, dtype=np.float32)), torch.from_numpy(np.asarray(amap, dtype=np.float32))
-
-
 class RuntimeModule(torch.nn.Module):
     """A :class:`RuntimeEngine` as a detector-like module, ``module(images, precision=None) ->
     (scores, maps)``, for code that scores data sets through a model (calibration, evaluation).
@@ -271,10 +165,13 @@ def build_runtime_engine(name: str, model, fingerprint: str, topk, dtype: torch.
     """The runtime engine ``name`` for ``model`` (its graph from the cache, exported on first use;
     for int8, ``quantized``: the calibration's :class:`~.quantize.QuantizedGraph`, which must be
     of this model at this top-k)."""
-    if dtype != torch.int8:
-        return RuntimeEngine(name, engine_graph_file(model, fingerprint, topk), dtype, torch.get_num_threads())
-    if quantized is None:
-        raise ArgumentError("dtype", "int8 needs a checkpoint calibrated in int8 (ckaad-fast calibrate --dtype int8), "
-                                     "which carries the quantized graph")
-    quantized.check_for(fingerprint, topk)
-    return RuntimeEngine(name, quantized.openvino_model(), dtype, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if dtype == torch.int8:
+        if quantized is None:
+            raise ArgumentError("dtype", "int8 needs a checkpoint calibrated in int8 (ckaad-fast calibrate --dtype "
+                                         "int8), which carries the quantized graph")
+        return Int8OpenVinoEngine(quantized, fingerprint, topk, threads)
+    path = engine_graph_file(model, fingerprint, topk)
+    if name == "onnxruntime":
+        return OnnxRuntimeEngine(path, threads)
+    return OpenVinoEngine(path, dtype, threads, path=path)

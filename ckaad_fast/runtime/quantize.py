@@ -40,9 +40,11 @@ import numpy as np
 
 from ..errors import ArgumentError
 from ..metrics import image_auroc
+from ..head import normalized_score
 from ..model import normalise_pixels
 from .engines import cache_folder, engine_graph_file
-from .graphs import GRAPH_PARTS
+from .graphs import GRAPH_PARTS, INPUT_NAME, OUTPUT_NAMES
+from .openvino_engine import compile_openvino
 
 __all__ = ["QuantizedGraph", "quantize_graph", "int8_scoring_model", "SCOPES", "DEFAULT_SCOPE",
            "DEFAULT_MAX_AUROC_DROP"]
@@ -101,12 +103,6 @@ class QuantizedGraph:
         import openvino as ov
 
         return ov.Core().read_model(model=self.xml.encode(), weights=self.weights)
-
-
-def _compiled(model):
-    import openvino as ov
-
-    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def _scores(compiled, images: list[np.ndarray]) -> np.ndarray:
@@ -199,7 +195,7 @@ def quantize_graph(model, fingerprint: str, topk, images, check=None, max_auroc_
                               max_auroc_drop, controlled)
     # What it did, measured on the check set (else on the calibration images themselves).
     probe, labels = (check_images, check_labels) if check_images else (images, [0] * len(images))
-    before, after = _scores(_compiled(float_model), probe), _scores(_compiled(quantized), probe)
+    before, after = _scores(compile_openvino(float_model), probe), _scores(compile_openvino(quantized), probe)
     change = np.abs(after - before) / np.maximum(np.abs(before), 1e-12)
     auroc_f32, auroc_i8 = _auroc(labels, before), _auroc(labels, after)
     drop = None if auroc_f32 is None else auroc_f32 - auroc_i8
@@ -256,8 +252,8 @@ def int8_scoring_model(quantized: QuantizedGraph, calibration, sensitivity: floa
     pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256)
     table = normalise_pixels(pixels, torch.tensor(mean, dtype=torch.float32).view(1, 3, 1),
                              torch.tensor(std, dtype=torch.float32).view(1, 3, 1)).reshape(-1).numpy()
-    image = ops.parameter(ov.PartialShape([-1, 3, *inner.get_partial_shape()[2:]]), ov.Type.u8, name="image")
-    image.output(0).get_tensor().set_names({"image"})
+    image = ops.parameter(ov.PartialShape([-1, 3, *inner.get_partial_shape()[2:]]), ov.Type.u8, name=INPUT_NAME)
+    image.output(0).get_tensor().set_names({INPUT_NAME})
     index = ops.add(ops.convert(image, "i32"), ops.constant(np.array([0, 256, 512], np.int32).reshape(1, 3, 1, 1)))
     normalised = ops.gather(ops.constant(table), index, ops.constant(np.int32(0)))
     for target in list(inner.output(0).get_target_inputs()):
@@ -265,18 +261,38 @@ def int8_scoring_model(quantized: QuantizedGraph, calibration, sensitivity: floa
     score_out, map_out = model.get_results()
     score = score_out.input_value(0)  # what feeds the Result (a Result's own output is no tensor to compute on)
     c = calibration
-
-    def f32(v):
-        return ops.constant(np.float32(v))
-
-    # normalized_score as head.normalized_score computes it for a float32 tensor, in float32.
-    span = max(float(c.score_max) - float(c.score_min), 1e-12)
-    normalized = ops.clamp(ops.add(ops.divide(ops.subtract(score, f32(c.image_threshold)), f32(span)), f32(0.5)),
-                           0.0, 1.0)
-    anomalous = ops.greater_equal(score, f32(c.decision_threshold(sensitivity)))
-    normalized.output(0).get_tensor().set_names({"normalized_score"})
-    anomalous.output(0).get_tensor().set_names({"is_anomalous"})
+    # normalized_score and the decision by the head's own functions, the float graph's too: the
+    # first on graph nodes (_Node), the second a float32 threshold at this sensitivity.
+    normalized = normalized_score(_Node(score, ops), c.image_threshold, c.score_min, c.score_max).output
+    anomalous = ops.greater_equal(score, ops.constant(np.float32(c.decision_threshold(sensitivity))))
+    normalized_name, anomalous_name = OUTPUT_NAMES[1:3]
+    normalized.output(0).get_tensor().set_names({normalized_name})
+    anomalous.output(0).get_tensor().set_names({anomalous_name})
     # The graph's own Result nodes for score and map (new ones beside them would leave the old
     # ones dangling, which the IR writer refuses), new ones between them: the float32 graph's order.
     outputs = [score_out, ops.result(normalized), ops.result(anomalous), map_out]
     return ov.Model(outputs, [image], "ckaad_int8")
+
+
+class _Node:
+    """An OpenVINO graph node with the arithmetic :func:`ckaad_fast.head.normalized_score` uses
+    (``-``, ``/``, ``+`` by a Python number, ``clip``), each in float32 as the float graph's
+    tensors compute it: so the int8 graph's normalised score is the head's formula, not a copy."""
+
+    def __init__(self, output, ops):
+        self.output, self._ops = output, ops
+
+    def _op(self, fn, value):
+        return _Node(fn(self.output, self._ops.constant(np.float32(value))), self._ops)
+
+    def __sub__(self, value):
+        return self._op(self._ops.subtract, value)
+
+    def __truediv__(self, value):
+        return self._op(self._ops.divide, value)
+
+    def __add__(self, value):
+        return self._op(self._ops.add, value)
+
+    def clip(self, lo, hi):
+        return _Node(self._ops.clamp(self.output, float(lo), float(hi)), self._ops)

@@ -45,13 +45,14 @@ from ..calibration import read_calibration
 from ..data import list_images
 from ..head import InferenceHead, tiled_forward
 from ..model import Detector, fingerprint, load_checkpoint, model_from_checkpoint, normalise_pixels
-from ..precision import channels_last_for, precision_name, resolve_device
+from ..precision import channels_last_for, precision_name
 from ..profiling import nvtx_enabled, stage
 from ..errors import ArgumentError
 from ..signal_stack import ensure_signal_stack
-from .choices import GraphDetector, graph_detector, scoring_dtype, scoring_engine
+from .choices import GraphDetector, graph_detector
 from .decoding import DecodeDataset, collate, default_workers, worker_init
-from ..runtime import RUNTIME_ENGINES, build_runtime_engine
+from ..runtime import build_runtime_engine
+from ..runtime.plan import RUNTIME_ENGINES, plan_device, plan_engine, plan_precision, plan_topk
 
 __all__ = ["Scorer", "ScoreResult", "NON_FINITE_ERROR"]
 
@@ -89,14 +90,17 @@ class Scorer:
     Args:
         model: the detector (moved to ``device`` and put in eval mode; not copied), or a
             :class:`.choices.GraphDetector` (:meth:`from_checkpoint` makes one when it can).
-        device: "cpu" or "cuda[:N]".
+        device: "cpu" or "cuda[:N]"; None: the execution plan's default (a GPU where one is
+            usable, else the CPU; :mod:`ckaad_fast.runtime.plan` decides device, dtype, engine
+            and topk for every path, by one rule: what was asked, else the calibration's, else
+            the default).
         dtype: precision of the backbone and the auto-encoder (:mod:`ckaad_fast.precision`):
-            None follows the calibration (the precision it was computed in; float32 for
-            calibrations older than that record) and, for a model without one, "auto";
-            "auto" is bfloat16 on CUDA and on a CPU with bfloat16 matrix units, float32 on other
-            CPUs; "float32", "bfloat16" (autocast), "float16" (CUDA only) or "int8" (an int8
-            calibration's graph). Maps and scores are float32 whatever the dtype. Another precision
-            than the calibration's is allowed, warned about and recorded in run.json.
+            None follows the calibration (float32 for calibrations older than that record) and,
+            for a model without one, "auto": bfloat16 on CUDA and on a CPU with bfloat16 matrix
+            units, float32 on other CPUs; "float32", "bfloat16" (autocast), "float16" (CUDA only)
+            or "int8" (an int8 calibration's graph). Maps and scores are float32 whatever the
+            dtype. Another precision than the calibration's is allowed, warned about and
+            recorded in run.json.
         compile: build the forward with ``torch.compile(fullgraph=True, dynamic=False)``.
         cuda_graphs: capture the forward into a CUDA graph per batch shape (CUDA only).
         batch_size: images per batch for :meth:`score_paths`.
@@ -113,7 +117,7 @@ class Scorer:
         calibration: the model's :class:`~ckaad_fast.calibration.Calibration`, which
             :func:`~.runner.score_to_folder` turns into normalised scores and decisions
             (:meth:`from_checkpoint` reads it from the checkpoint).
-        engine: who runs the forward (:mod:`ckaad_fast.runtime.engines`): None follows the
+        engine: who runs the forward (:mod:`ckaad_fast.runtime.plan`): None follows the
             calibration (the engine its scores came from; torch for calibrations older than
             that record) and, for a model without one, "torch"; "torch" is the PyTorch forward
             with the fused ops (compile and cuda_graphs are its options); "onnxruntime" and
@@ -126,7 +130,7 @@ class Scorer:
     def __init__(
         self,
         model: Detector,
-        device="cpu",
+        device=None,
         dtype=None,
         compile: bool = False,
         cuda_graphs: bool = False,
@@ -140,8 +144,8 @@ class Scorer:
     ):
         if not isinstance(model, (Detector, GraphDetector)):
             raise TypeError(f"model must be a ckaad_fast.model.Detector, got {type(model).__name__}")
-        self.device = resolve_device(device)
-        self.dtype = scoring_dtype(dtype, calibration, self.device)
+        self.device = plan_device("score", device)
+        self.dtype = plan_precision("score", dtype, calibration, self.device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device; on the CPU leave it off")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -154,7 +158,7 @@ class Scorer:
         self.image_size = tuple(self.config.image_size)
         #: The model's :class:`~ckaad_fast.tiling.Tiling` (None: images are resized whole).
         self.tiling = self.config.tiling
-        self.topk = self._resolve_topk(topk)
+        self.topk = plan_topk(topk, self.config, self.image_size)
         self.compile = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
         self.batch_size = batch_size
@@ -184,7 +188,8 @@ class Scorer:
         #: The model's :class:`~ckaad_fast.calibration.Calibration` (from its checkpoint), or None.
         self.calibration = calibration
         #: The engine that runs the forward ("torch", "onnxruntime" or "openvino"; see .engines).
-        self.engine = scoring_engine(engine, calibration, self.device, self.dtype, self.compile or self.cuda_graphs)
+        self.engine = plan_engine("score", engine, calibration, self.device, self.dtype,
+                                  self.compile or self.cuda_graphs)
         self._runtime = None
         if self.model is None and self.engine not in RUNTIME_ENGINES:
             raise ArgumentError("engine", f"a GraphDetector runs on a runtime engine only, not {self.engine}")
@@ -202,7 +207,7 @@ class Scorer:
 
     # -------------------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Scorer":
+    def from_checkpoint(cls, path, device=None, **kwargs) -> "Scorer":
         """A scorer for the detector saved at ``path`` (or a checkpoint dict from
         :func:`~ckaad_fast.model.load_checkpoint`; loaded with ``weights_only=True``: a file that is
         not a ckaad_fast checkpoint raises a ValueError that says so). When a runtime engine will
@@ -215,18 +220,6 @@ class Scorer:
         except ValueError as e:
             raise ArgumentError("checkpoint", str(e)) from None
         return cls(model, device=device, calibration=calibration, **kwargs)
-
-    def _resolve_topk(self, topk):
-        if topk is None:
-            topk = self.config.topk
-        elif isinstance(topk, str):
-            if topk != "mean":
-                raise ValueError(f"topk must be a positive int, None (the model's) or 'mean', got {topk!r}")
-            topk = None
-        n = self.image_size[0] * self.image_size[1]
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n):
-            raise ValueError(f"topk must be an int in [1, H*W = {n}], None (the model's) or 'mean', got {topk!r}")
-        return topk
 
     def __repr__(self) -> str:
         c = self.config

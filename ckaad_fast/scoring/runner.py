@@ -56,7 +56,7 @@ def score_to_folder(
     flush_seconds: float = 2.0,
     on_batch: Callable[[], None] | None = None,
     distributed: bool | None = None,
-    sensitivity: float = DEFAULT_SENSITIVITY,
+    sensitivity: float | None = None,
     masks: bool = False,
 ) -> ScoreSummary:
     """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.
@@ -65,8 +65,8 @@ def score_to_folder(
     ``error`` (empty when the image was scored) and, with ``threshold``, ``is_anomalous``
     (True when score >= threshold). When the scorer's model is calibrated
     (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
-    ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (0.5: the calibrated
-    threshold; higher flags more). ``masks=True`` also writes each image's binary mask (map >= the
+    ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (None: :data:`~ckaad_fast.head.DEFAULT_SENSITIVITY`,
+    0.5, the calibrated threshold; higher flags more). ``masks=True`` also writes each image's binary mask (map >= the
     calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). A calibrated model's
     maps are written normalised (:meth:`~ckaad_fast.calibration.Calibration.normalize_map`, 0.5 at
     the pixel threshold), PNG overlays on the fixed range 0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync, rename)
@@ -103,6 +103,7 @@ def score_to_folder(
     ``resume`` refuses results of another model or other scoring options. A score that is not a
     finite number is an error row, never a verdict.
     """
+    sensitivity = DEFAULT_SENSITIVITY if sensitivity is None else sensitivity
     check_arguments(maps, threshold, map_range, sensitivity)
     verdict, map_range = _decision(scorer, threshold, sensitivity, masks, maps, map_range)
     paths = [os.fspath(p) for p in paths]

@@ -14,13 +14,13 @@ import torch
 
 from ..data.registry import LAYOUT_TABLE, layout_spec
 from ..errors import ArgumentError
-from ..model import CHECKPOINT_NAME, ModelConfig, check_tiling, PlainConfig, checkpoint_file, load_checkpoint
+from ..model import CHECKPOINT_NAME, DEFAULT_TOPK, ModelConfig, check_tiling, PlainConfig, checkpoint_file, load_checkpoint
 from ..models import BACKBONES, backbone_spec
 from ..precision import canonical_precision, check_device_usable
 from ..strategies import STRATEGIES, get_strategy
 from ..validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
-__all__ = ["TrainConfig", "AMP_MODES", "PROTOCOLS", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LAYOUT_DEFAULTS",
+__all__ = ["TrainConfig", "AMP_MODES", "PROTOCOLS", "DEFAULT_PROTOCOL", "RUN_FIELDS", "DOMAIN_DEFAULTS", "LAYOUT_DOMAINS", "LAYOUT_DEFAULTS",
            "CATEGORY_DEFAULTS", "LOG_NAME",
            "resolve_config"]
 
@@ -28,6 +28,7 @@ AMP_MODES = (None, "bf16", "fp16")
 #: ``"ours"``: this library's choices where they differ from the authors' code on purpose;
 #: ``"reference"``: the authors' behaviour (see :class:`TrainConfig`).
 PROTOCOLS = ("ours", "reference")
+DEFAULT_PROTOCOL = PROTOCOLS[0]
 #: The file name of a run's log (one JSON line per epoch) in its output folder.
 LOG_NAME = "log.jsonl"
 
@@ -143,11 +144,11 @@ class TrainConfig(PlainConfig):
     num_workers: int = 0
     eval_every: int = 1
     evaluate: bool = False
-    topk: int | None = 100
+    topk: int | None = DEFAULT_TOPK
     sigma: float = 4.0
     elastic_alpha: float = 200.0
     elastic_sigma: float = 5.0
-    protocol: str = "ours"
+    protocol: str = DEFAULT_PROTOCOL
     tile_size: int | None = None
     tile_stride: int | None = None
 

@@ -1,0 +1,55 @@
+"""From a raw score to a decision: thresholds calibrated on data that is not the test set.
+
+:func:`calibrate` scores a calibration set with a trained detector and picks the image threshold:
+
+- with anomalous images in the set, the one that maximises F1 (:func:`ckaad_fast.metrics.image_f1_acc`,
+  sklearn's rule), and a pixel threshold the same way where the set has masks;
+- with normal images only, the one at a chosen false-positive rate: the lowest threshold at which
+  at most ``target_fpr`` of the normal scores are at or above it (the empirical quantile). A set
+  too small for that rate (fewer than ``1 / target_fpr`` images) is refused.
+
+Before trusting a set, it checks that the images it calls normal look normal: scores above Tukey's
+far-out fence of the set's own normal scores (third quartile + 3 interquartile ranges), or, in a
+set with improbably many high scores, above a robust fit's 95% line (see
+:mod:`ckaad_fast.calibration_checks`) are counted as *suspected anomalies*, recorded with the threshold
+the set would give without them, and, when they set the threshold (it lies above the fence and
+differs from the one without them), named in a :class:`CalibrationSetWarning`. The threshold
+is still picked on the whole set (the images may be normal after all); the warning says how far
+it moved. Anomalies that score like normal images pass unseen (and move a threshold little).
+
+It also records the minimum and maximum of the image scores and of the maps, for anomalib's
+normalised score ``clip((s - t) / (max - min) + 0.5, 0, 1)`` (:func:`ckaad_fast.head.normalized_score`):
+the threshold maps to 0.5 and the score stays monotone in the raw one. Decisions compare the raw
+float32 score with a float32 threshold (:func:`ckaad_fast.head.decision_threshold`), the same
+comparison in Python, numpy and an exported graph.
+
+The calibration records the precision its scores were computed in (``precision``, float32 by
+default: the same scores on every CPU and GPU up to float32 rounding), the kind of device and the
+engine that ran the forward (:mod:`ckaad_fast.runtime`; ``auto`` by default: the fastest here). A
+:class:`~ckaad_fast.scoring.Scorer` of the checkpoint scores in that precision, with that engine,
+unless told otherwise, so that the images of the calibration set get exactly the decisions it
+promised.
+:func:`write_calibration` stores the result in a checkpoint (a ``calibration`` entry; checkpoints
+without one load as before), where :class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score``
+find it.
+"""
+from __future__ import annotations
+
+from .run import INT8_RANGE_IMAGES, calibrate, check_calibration_out
+from .sets import CALIBRATE_SHARE, CALIBRATION_SPLIT, check_calibration_split, normal_folder_set, split_for_calibration
+from .store import read_calibration, write_calibration
+from .thresholds import (
+    FENCE_IQRS,
+    TARGET_FPR,
+    Calibration,
+    CalibrationSetWarning,
+    calibration_from_scores,
+    check_set_size,
+    suspected_anomalies,
+    threshold_at_fpr,
+)
+
+__all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
+           "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
+           "check_calibration_out", "check_set_size", "suspected_anomalies", "CalibrationSetWarning", "FENCE_IQRS",
+           "TARGET_FPR", "CALIBRATE_SHARE", "CALIBRATION_SPLIT", "INT8_RANGE_IMAGES"]
