@@ -129,10 +129,18 @@ def atomic_write_lines(path: str | os.PathLike, records, fsync: bool = False) ->
 
 
 def append_line(path: str | os.PathLike, record) -> None:
-    """Append ``record`` as one JSON line in one write, flushed and synced: a crash leaves whole
-    lines behind (the log of a run grows this way; see :func:`atomic_write_lines` to rewrite it)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append ``record`` as one JSON line in one write, flushed and synced, after closing a torn
+    last line (a crash mid-write) so that it stays on a line of its own: a crash leaves whole
+    lines behind (the JSON Lines logs grow this way, training's and the experiments' ledger; see
+    :func:`atomic_write_lines` to rewrite one)."""
+    line = json.dumps(record).encode("utf-8") + b"\n"
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 

@@ -19,26 +19,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.files import warn_skip
-from .metrics import evaluate
+from .metrics import METRIC_TABLE, PAPER_ORDER, evaluate
 from .precision import channels_last_for, resolve_precision
 
 __all__ = ["Predictions", "evaluate_model", "predict_dataset", "format_metrics", "format_by_defect_type",
            "defect_types_of", "metrics_from_predictions", "METRIC_NAMES"]
 
-# The paper's metrics first, in this order; values are fractions, shown as percentages.
-_PAPER_ORDER = ("image_auroc", "image_f1", "image_acc", "pixel_auroc", "aupro", "aupro_per_image", "aupimo")
-#: What each metric key of :func:`evaluate_model` is called in tables.
-METRIC_NAMES = {
-    "image_auroc": "image AUROC",
-    "image_f1": "image best F1",
-    "image_acc": "image accuracy (at best F1)",
-    "pixel_auroc": "pixel AUROC",
-    "aupro": "AUPRO (standard, FPR <= 0.3)",
-    "aupro_per_image": "AUPRO (reference per-image protocol)",
-    "aupimo": "AUPIMO (FPR 1e-5 to 1e-4)",
-    "num_images": "test images",
-    "num_anomalous": "anomalous test images",
-}
+#: What each metric key of :func:`evaluate_model` is called in tables (:data:`ckaad_fast.metrics.METRIC_TABLE`).
+METRIC_NAMES = {key: name.text for key, name in METRIC_TABLE.items()}
 
 
 def format_by_defect_type(metrics: dict) -> str:
@@ -75,11 +63,11 @@ def defect_type_chart(metrics: dict):
 def format_metrics(metrics: dict) -> str:
     """A two-column table of the metrics, the paper's metrics first (values as percentages)."""
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    keys = [k for k in _PAPER_ORDER if k in metrics] + [k for k in metrics if k not in _PAPER_ORDER]
+    keys = [k for k in PAPER_ORDER if k in metrics] + [k for k in metrics if k not in PAPER_ORDER]
     rows = []
     for k in keys:
         v = metrics[k]
-        text = f"{100 * v:.2f}" if k in _PAPER_ORDER and isinstance(v, float) else str(v)
+        text = f"{100 * v:.2f}" if k in PAPER_ORDER and isinstance(v, float) else str(v)
         rows.append((METRIC_NAMES.get(k, k), text))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'metric'.ljust(width)}  value (%)", f"{'-' * width}  ---------"]

@@ -31,7 +31,7 @@ from .tiling import Tiling, tiling_of
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
 __all__ = ["Detector", "ModelConfig", "PlainConfig", "DEFAULT_TOPK", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
-           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "normalise_pixels", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling"]
+           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -221,15 +221,6 @@ class Detector(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
-def normalise_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Raw images (uint8 in [0, 255], or floats in [0, 1]) as the network's input: ``(x / 255 -
-    mean) / std`` in float32. The one arithmetic the Scorer, the exported graph and the int8
-    export's pixel table share, so that all of them feed the network the same bits."""
-    if x.dtype == torch.uint8:
-        x = x.to(torch.float32) / 255.0
-    return (x - mean) / std
-
-
 def fingerprint(model: Detector) -> str:
     """SHA-256 of a detector's configuration and the weights that score (training's parts left
     out): equal exactly when two models score alike (whatever device or memory layout they sit

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from .atomic import atomic_open, atomic_write_text
 from . import drawing
+from .metrics import METRIC_TABLE
 
 __all__ = [
     "turbo",
@@ -223,17 +224,7 @@ def picture_grid(
 # ------------------------------------------------------------------------------------------------
 # The HTML report
 # ------------------------------------------------------------------------------------------------
-METRIC_HELP = {
-    "image_auroc": ("Image AUROC", "How well the image score separates defective from good images (1 = perfectly, 0.5 = chance)."),
-    "image_f1": ("Image F1", "F1 of 'defective' at the best score threshold."),
-    "image_acc": ("Image accuracy", "Share of test images judged correctly at that threshold."),
-    "pixel_auroc": ("Pixel AUROC", "How well the anomaly map separates defect pixels from normal ones."),
-    "aupro": ("AUPRO", "Per-region overlap up to 30% false-positive rate (MVTec AD definition): small defects count as much as large ones."),
-    "aupro_per_image": ("AUPRO (per image)", "The same, averaged per anomalous image (the CKAAD/RD4AD reference code's protocol)."),
-    "aupimo": ("AUPIMO", "How much of each defect is found while almost no normal pixel is flagged (false-positive rates 1e-5 to 1e-4 on the good images), averaged over defective images."),
-    "num_images": ("Test images", ""),
-    "num_anomalous": ("of which defective", ""),
-}
+METRIC_HELP = {key: (name.title, name.help) for key, name in METRIC_TABLE.items()}
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}

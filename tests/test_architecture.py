@@ -17,7 +17,7 @@ PACKAGE = ROOT / "ckaad_fast"
 LOWER = ("ckaad_fast.ops", "ckaad_fast.models", "ckaad_fast.kernels")
 # What the lower floors may import besides each other: the NVTX ranges, which know nothing else.
 FOUNDATION = LOWER + ("ckaad_fast.profiling",)
-MAX_MODULE_LINES = 500
+MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
 
@@ -204,3 +204,73 @@ def test_the_floor_rule_can_fail():
     assert _floor("ckaad_fast.scoring.engine", floors) > _floor("ckaad_fast.model", floors)
     assert _floor("ckaad_fast.data.registry", floors) == floors["ckaad_fast.data"]
     assert _floor("ckaad_fast.not_in_the_table", floors) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# One owner for every default: the CLI restates none, and no run-time choice has a literal
+# default outside its owner (docs/ARCHITECTURE.md, "One place for each rule and default").
+# ------------------------------------------------------------------------------------------------
+#: The options that may keep a literal default: output folders.
+CLI_LITERAL_ALLOWED = {"--out"}
+#: The run-time choices whose defaults have one owner each (runtime/plan.py, model.DEFAULT_TOPK,
+#: head.DEFAULT_SENSITIVITY, calibration.TARGET_FPR and CALIBRATE_SHARE).
+OWNED_CHOICES = {"precision", "dtype", "engine", "topk", "target_fpr", "sensitivity", "calibrate_share"}
+#: Where those literals live: each owner, and the ops (which know nothing of CKAAD's defaults).
+OWNERS = {"ckaad_fast.runtime.plan"}
+
+
+def _cli_literal_defaults(source: str) -> list[str]:
+    """``add_argument`` calls of ``source`` whose default is a string or decimal literal."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            flag = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else "?"
+            for kw in node.keywords:
+                if (kw.arg == "default" and isinstance(kw.value, ast.Constant)
+                        and isinstance(kw.value.value, (str, float)) and flag not in CLI_LITERAL_ALLOWED):
+                    found.append(f"{flag}={kw.value.value!r} (line {node.lineno})")
+    return found
+
+
+def _owned_literal_defaults(source: str) -> list[str]:
+    """Parameters and dataclass fields named after an owned choice with a literal default (not
+    None, not a name the owner exports)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.args + node.args.kwonlyargs
+            defaults = ([None] * (len(node.args.args) - len(node.args.defaults)) + list(node.args.defaults)
+                        + list(node.args.kw_defaults))
+            for arg, default in zip(args, defaults):
+                if arg.arg in OWNED_CHOICES and isinstance(default, ast.Constant) and default.value is not None:
+                    found.append(f"{node.name}({arg.arg}={default.value!r})")
+        elif isinstance(node, ast.ClassDef):
+            for st in node.body:
+                if (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+                        and st.target.id in OWNED_CHOICES and isinstance(st.value, ast.Constant)
+                        and st.value.value is not None):
+                    found.append(f"{node.name}.{st.target.id} = {st.value.value!r}")
+    return found
+
+
+def test_the_cli_restates_no_default():
+    bad = {name: found for name, path in MODULES.items() if name.startswith("ckaad_fast.cli")
+           for found in [_cli_literal_defaults(path.read_text())] if found}
+    assert not bad, f"literal defaults in the CLI (default=None, or the API's constant): {bad}"
+
+
+def test_each_run_time_choice_has_one_owner():
+    bad = {name: found for name, path in MODULES.items() if name not in OWNERS
+           for found in [_owned_literal_defaults(path.read_text())] if found}
+    assert not bad, f"run-time defaults outside their owner (take None, or the owner's constant): {bad}"
+
+
+def test_the_default_checks_can_fail():
+    assert _cli_literal_defaults('p.add_argument("--dtype", default="float32")\n'
+                                 'p.add_argument("--rate", default=0.01)\n'
+                                 'p.add_argument("--out", default="runs")\n'
+                                 'p.add_argument("--x", default=None)\n') == ["--dtype='float32' (line 1)",
+                                                                            "--rate=0.01 (line 2)"]
+    assert _owned_literal_defaults("def f(a, topk=100, engine=None, precision=DEFAULT): pass\n"
+                                   "class C:\n    target_fpr: float = 0.01\n    sensitivity: float = S\n") == [
+        "f(topk=100)", "C.target_fpr = 0.01"]

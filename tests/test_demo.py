@@ -46,8 +46,12 @@ def test_cli_demo_passes_its_options(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: got.update(out=out, **kw))
     assert main(["demo", "--out", str(tmp_path), "--epochs", "3", "--image-size", "96", "--category", "grass",
                  "--seed", "5", "--no-progress"]) == 0
+    # No --device: the API's default applies (the CLI restates none).
     assert got == {"out": str(tmp_path), "epochs": 3, "image_size": 96, "category": "grass", "seed": 5,
-                   "device": "cpu", "progress": False}
+                   "progress": False}
+    got.clear()
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu", "--no-progress"]) == 0
+    assert got["device"] == "cpu"
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):

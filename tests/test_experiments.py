@@ -199,7 +199,7 @@ def test_table1_runs_end_to_end_and_resumes_without_redoing_runs(isic, tmp_path)
     assert (out / "results.jsonl.damaged").read_bytes() == text[: len(text) - 40].split(b"\n")[5] + b"\n"
     assert [json.loads(x)["run_id"] for x in ledger.read_text().splitlines()] == [r["run_id"] for r in rows2]
     # A second experiment on the same folder while one runs: refused, naming the first.
-    from ckaad_fast.scoring.lock import FolderLock
+    from ckaad_fast.lock import FolderLock
 
     with FolderLock(out, what="ckaad-fast experiment"):
         with pytest.raises(FileExistsError, match="in use by another ckaad-fast experiment"):

@@ -24,7 +24,7 @@ from ckaad_fast.cli import main
 from ckaad_fast.model import ModelConfig, load_checkpoint, save_checkpoint
 from ckaad_fast.training import CKAAD
 from ckaad_fast.scoring import read_scores_csv
-from ckaad_fast.scoring.lock import LOCK_NAME
+from ckaad_fast.lock import LOCK_NAME
 from helpers import tiny_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]

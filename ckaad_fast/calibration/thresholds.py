@@ -148,11 +148,12 @@ def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
 
 
 def calibration_from_scores(labels, scores, target_fpr: float = TARGET_FPR, masks=None, maps=None,
-                            precision: str | None = "float32", device: str | None = None,
+                            precision: str | None = None, device: str | None = None,
                             paths=None, on_training_images: bool = False, engine: str | None = None,
                             map_range=None) -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
-    its masks and maps), computed in ``precision``. Images labelled normal that score like
+    its masks and maps), computed in ``precision`` (None: float32, as the record of calibrations
+    older than it reads). Images labelled normal that score like
     anomalies are counted, recorded and named (``paths``) in a :class:`CalibrationSetWarning`
     (see the module). Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     cal = _calibration(labels, scores, target_fpr, masks, maps, precision, device, map_range)

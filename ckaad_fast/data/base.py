@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .files import check_mode, readable, warn_skip
-from .images import ImageRejected, SizeLike, load_image, norm_stats, size_hw
+from .images import ImageRejected, SizeLike, check_mask_resize, load_image, load_mask, norm_stats, size_hw
 
-__all__ = ["ImageFileDataset", "PathLike"]
+__all__ = ["ImageFileDataset", "MaskedImageDataset", "PathLike"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,3 +83,35 @@ class ImageFileDataset(Dataset):
             f"{type(self).__name__}(n={len(self)}, anomalous={sum(self.labels)}, "
             f"image_size={self.image_size}, skipped={len(self.skipped)})"
         )
+
+
+class MaskedImageDataset(ImageFileDataset):
+    """The base of the layouts with ground-truth masks (MVTec AD, VisA): items ``(image, label,
+    mask, path)``, the mask resized by ``mask_resize`` to the image's size."""
+
+    def __init__(self, root: PathLike, category: str, split: str, image_size: SizeLike, mean, std, check: str,
+                 mask_resize: str) -> None:
+        super().__init__(image_size, mean, std, check)
+        self.mask_resize = check_mask_resize(mask_resize)
+        self.root = os.fspath(root)
+        self.category = category
+        self.split = split
+        self.mask_paths: list[str | None] = []
+
+    def _keep_all(self, items: list[tuple], kind: str) -> list[tuple]:
+        """The readable ``(path, label, mask path, ...)`` items, which become the data set's; a
+        ValueError naming the ``kind`` of layout when none is."""
+        kept = [it for it in items if self._keep(it[0], it[2])]
+        if not kept:
+            raise ValueError(f"no readable images for {kind} category {self.category!r}, split {self.split!r} "
+                             f"({len(self.skipped)} skipped: {self.skipped[:5]})")
+        self.paths = [it[0] for it in kept]
+        self.labels = [it[1] for it in kept]
+        self.mask_paths = [it[2] for it in kept]
+        return kept
+
+    def __getitem__(self, idx: int):
+        path = self.paths[idx]
+        image = self._load(path)
+        mask = load_mask(self.mask_paths[idx], self.image_size or tuple(image.shape[-2:]), self.mask_resize)
+        return image, self.labels[idx], mask, path

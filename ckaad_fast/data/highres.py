@@ -22,6 +22,7 @@ import numpy as np
 
 from .synthetic import TEXTURES, load_texture
 from .images import size_hw
+from ..records import holds
 
 __all__ = ["make_highres_dataset", "render_highres_normal", "add_small_defect", "HIGHRES_DEFECT"]
 
@@ -87,7 +88,7 @@ def make_highres_dataset(root, category: str = "grass", image_size: int = 2048, 
             "n_test_good": n_test_good, "n_test_defect": n_test_defect, "defect_px": [lo, hi], "seed": seed}
     root = Path(root)
     final = root / category
-    if (final / "meta.json").is_file() and json.loads((final / "meta.json").read_text()) == meta:
+    if holds(final / "meta.json", meta):
         return root
     tmp = root / f".{category}.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -124,6 +124,16 @@ def to_rgb_float01(im: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def normalise_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Raw images (uint8 in [0, 255], or floats in [0, 1]) as the network's input: ``(x / 255 -
+    mean) / std`` in float32. The one arithmetic the Scorer, the exported graph and the int8
+    export's pixel table share (and
+    :func:`load_image`, on floats), so that all of them feed the network the same bits."""
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32) / 255.0
+    return (x - mean) / std
+
+
 def load_image(
     path: PathLike | Image.Image,
     image_size: SizeLike = 256,
@@ -149,7 +159,7 @@ def load_image(
     if mean is not None:
         m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        x = (x - m) / s
+        x = normalise_pixels(x, m, s)
     return x
 
 

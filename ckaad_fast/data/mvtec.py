@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import IMAGE_EXTENSIONS, describe, images_in_dir, subdirs, warn_skip
-from .images import DEFAULT_MASK_RESIZE, SizeLike, check_mask_resize, load_mask
-from .base import ImageFileDataset, PathLike
+from .images import DEFAULT_MASK_RESIZE, SizeLike
+from .base import MaskedImageDataset, PathLike
 
 __all__ = ["MVTecDataset"]
 
@@ -22,7 +22,7 @@ def _find_mask(gt_dir: str, stem: str) -> str | None:
     return None
 
 
-class MVTecDataset(ImageFileDataset):
+class MVTecDataset(MaskedImageDataset):
     """One category of MVTec AD (or any data set laid out the same way).
 
     Expected layout::
@@ -52,13 +52,9 @@ class MVTecDataset(ImageFileDataset):
         check: str = "verify",
         mask_resize: str = DEFAULT_MASK_RESIZE,
     ) -> None:
-        super().__init__(image_size, mean, std, check)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.mask_resize = check_mask_resize(mask_resize)
-        self.root = os.fspath(root)
-        self.category = category
-        self.split = split
+        super().__init__(root, category, split, image_size, mean, std, check, mask_resize)
         layout = (
             "expected MVTec layout root/<category>/train/good/*.png, root/<category>/test/<good|defect>/"
             "*.png and root/<category>/ground_truth/<defect>/<name>_mask.png"
@@ -109,19 +105,4 @@ class MVTecDataset(ImageFileDataset):
             if not items and not self.skipped:
                 raise ValueError(f"no images under {split_dir!r}: {layout}; {describe(split_dir)}")
 
-        kept = [it for it in items if self._keep(it[0], it[2])]
-        if not kept:
-            raise ValueError(
-                f"no readable images for MVTec category {category!r}, split {split!r} "
-                f"({len(self.skipped)} skipped: {self.skipped[:5]})"
-            )
-        self.paths = [it[0] for it in kept]
-        self.labels = [it[1] for it in kept]
-        self.mask_paths = [it[2] for it in kept]
-        self.defect_types = [it[3] for it in kept]
-
-    def __getitem__(self, idx: int):
-        path = self.paths[idx]
-        image = self._load(path)
-        mask = load_mask(self.mask_paths[idx], self.image_size or tuple(image.shape[-2:]), self.mask_resize)
-        return image, self.labels[idx], mask, path
+        self.defect_types = [it[3] for it in self._keep_all(items, "MVTec")]

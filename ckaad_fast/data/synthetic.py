@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ..records import holds
+
 __all__ = [
     "TEXTURES",
     "DEFECT_TYPES",
@@ -371,10 +373,7 @@ def _texture_meta(category, n_train, n_test_good, n_test_defect, n_coarse, image
 
 
 def _made_with(existing: Path, meta: dict) -> bool:
-    try:
-        return json.loads((existing / "meta.json").read_text()) == meta
-    except (OSError, ValueError):
-        return False
+    return holds(existing / "meta.json", meta)
 
 
 def _write_texture_tree(tmp: Path, meta: dict) -> None:

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 from ..models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .files import describe, warn_skip
-from .images import DEFAULT_MASK_RESIZE, SizeLike, check_mask_resize, load_mask
-from .base import ImageFileDataset, PathLike
+from .images import DEFAULT_MASK_RESIZE, SizeLike
+from .base import MaskedImageDataset, PathLike
 
 __all__ = ["VisADataset"]
 
 
-class VisADataset(ImageFileDataset):
+class VisADataset(MaskedImageDataset):
     """One category of VisA, read through its split file.
 
     Expected layout: ``root/split_csv/1cls.csv`` (or ``csv_path``) with the header
@@ -39,11 +39,7 @@ class VisADataset(ImageFileDataset):
         csv_path: PathLike | None = None,
         mask_resize: str = DEFAULT_MASK_RESIZE,
     ) -> None:
-        super().__init__(image_size, mean, std, check)
-        self.mask_resize = check_mask_resize(mask_resize)
-        self.root = os.fspath(root)
-        self.category = category
-        self.split = split
+        super().__init__(root, category, split, image_size, mean, std, check, mask_resize)
         csv_file = os.fspath(csv_path) if csv_path is not None else os.path.join(self.root, "split_csv", "1cls.csv")
         layout = (
             "expected VisA layout root/split_csv/1cls.csv with columns object,split,label,image,mask "
@@ -90,25 +86,10 @@ class VisADataset(ImageFileDataset):
                     continue
             items.append((path, int(lab == "anomaly"), mpath))
         items.sort(key=lambda it: it[0])
-        kept = [it for it in items if self._keep(it[0], it[2])]
-        if not kept:
-            raise ValueError(
-                f"no readable images for VisA category {category!r}, split {split!r} "
-                f"({len(self.skipped)} skipped: {self.skipped[:5]})"
-            )
-        self.paths = [it[0] for it in kept]
-        self.labels = [it[1] for it in kept]
-        self.mask_paths = [it[2] for it in kept]
+        self._keep_all(items, "VisA")
         #: Each item's defect type ("good" for normal ones) from VisA's ``<category>/image_anno.csv``
         #: (its ``label`` column, e.g. "chunk of wax missing"), or None without that file.
         self.defect_types = _visa_defect_types(self.root, category, self.paths, self.labels)
-
-    def __getitem__(self, idx: int):
-        path = self.paths[idx]
-        image = self._load(path)
-        mask = load_mask(self.mask_paths[idx], self.image_size or tuple(image.shape[-2:]), self.mask_resize)
-        return image, self.labels[idx], mask, path
-
 
 def _visa_defect_types(root: str, category: str, paths: list[str], labels: list[int]) -> list[str] | None:
     table = os.path.join(root, category, "image_anno.csv")

@@ -84,24 +84,18 @@ def read_ledger(path: str | os.PathLike, warn: bool = True) -> Ledger:
 
 
 def append_record(path: str | os.PathLike, record: dict) -> None:
-    """Append ``record`` as one JSON line in one synced write, after closing a torn last line."""
-    line = json.dumps(record).encode("utf-8") + b"\n"
-    with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = b"\n" + line  # the torn line stays on its own, reported and skipped
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append ``record`` as one JSON line (:func:`ckaad_fast.atomic.append_line`: a torn last line
+    stays on its own, reported and skipped)."""
+    from ..atomic import append_line
+
+    append_line(path, record)
 
 
 def set_aside(ledger: Ledger) -> Path | None:
     """Move the damaged lines of ``ledger`` (read just before, by the one writer) to
     ``<ledger>.damaged`` (appended) and rewrite the ledger with its records only, atomically.
     Returns the file the lines went to, or None when there were none."""
-    from ..atomic import atomic_write_text
+    from ..atomic import atomic_write_lines
 
     if not ledger.problems:
         return None
@@ -110,5 +104,5 @@ def set_aside(ledger: Ledger) -> Path | None:
         f.write(b"".join(p.raw + b"\n" for p in ledger.problems))
         f.flush()
         os.fsync(f.fileno())
-    atomic_write_text(ledger.path, "".join(json.dumps(r) + "\n" for r in ledger.records))
+    atomic_write_lines(ledger.path, ledger.records)
     return aside

@@ -25,13 +25,14 @@ from pathlib import Path
 from ..atomic import atomic_write_json, atomic_write_text
 from ..data import FolderDataset, list_categories, open_dataset
 from ..errors import ArgumentError
-from ..scoring.lock import FolderLock
+from ..lock import FolderLock
 from ..report import save_png
 from .figures import figure2
 from .ledger import append_record, read_ledger, set_aside
 from .plan import Experiment, RunSpec
 from .single import run_one
 from .tables import by_defect_rows, markdown, result_rows, write_csv
+from ..records import as_stored, differences
 
 __all__ = ["plan_experiment", "run_experiment", "read_results", "write_outputs"]
 
@@ -77,8 +78,8 @@ def _check_folder(exp: Experiment, out: Path, create: bool = True) -> None:
                                        "folder, or remove it to start this experiment there afresh") from None
         if not isinstance(saved, dict):
             raise ArgumentError("out", f"{str(meta)!r} is not an experiment's description: choose another folder")
-        now = json.loads(json.dumps(exp.describe()))
-        diff = [k for k in now if saved.get(k) != now[k]]
+        now = as_stored(exp.describe())
+        diff = differences(saved, now)
         if diff:
             detail = "; ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in diff)
             raise ArgumentError("out", f"{str(out)!r} holds another experiment ({detail}): choose another folder")

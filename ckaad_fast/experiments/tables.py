@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_text
+from ..metrics import METRIC_TABLE
 from .paired import BASELINE, paired_difference
 
 __all__ = ["STRATEGY_NAMES", "MEDICAL_COLUMNS", "INDUSTRIAL_COLUMNS", "result_rows", "by_defect_rows",
@@ -27,9 +28,9 @@ STRATEGY_NAMES = {"recon": "Recon", "recon_sub": "ReconSub", "gan": "GAN", "cka_
 #: authors' code and the paper); "(val)": at the validation split's best-F1 threshold.
 MEDICAL_COLUMNS = {"image_auroc": "AUC", "image_f1": "F1", "image_acc": "ACC", "image_f1_val": "F1 (val)",
                    "image_acc_val": "ACC (val)"}
-INDUSTRIAL_COLUMNS = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "PRO (FPR≤0.3)",
-                      "aupro_per_image": "PRO (per image)", "aupimo": "AUPIMO"}
-_DEFECT_COLUMNS = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "PRO (FPR≤0.3)"}
+INDUSTRIAL_COLUMNS = {k: METRIC_TABLE[k].column for k in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image",
+                                                          "aupimo")}
+_DEFECT_COLUMNS = {k: METRIC_TABLE[k].column for k in ("image_auroc", "pixel_auroc", "aupro")}
 _FLAT = ("run_id", "category", "strategy", "ratio_labeled", "anomaly_classes", "draw", "seed", "protocol", "epochs",
          "batch_size", "backbone", "image_size", "num_train", "num_labelled_anomalies", "num_validation",
          "image_auroc", "image_f1", "image_acc", "image_f1_val", "image_acc_val", "val_threshold", "pixel_auroc",

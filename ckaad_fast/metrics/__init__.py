@@ -35,6 +35,7 @@ from .pro import (
     label_regions,
     mean_per_image,
 )
+from .names import METRIC_TABLE, PAPER_ORDER, MetricName
 from .pimo import AUPIMO_FPR_BOUNDS, AUPIMO_NUM_THRESHOLDS, AupimoResult, aupimo
 from .roc import auroc_sorted_negatives, f1_acc_at, image_auroc, image_f1_acc, pixel_auroc
 
@@ -50,6 +51,9 @@ __all__ = [
     "AUPIMO_FPR_BOUNDS",
     "AUPIMO_NUM_THRESHOLDS",
     "evaluate",
+    "METRIC_TABLE",
+    "PAPER_ORDER",
+    "MetricName",
 ]
 
 

@@ -1,6 +1,7 @@
 """Networks of CKAAD: frozen backbones, auto-encoder, discriminators."""
 
-from .autoencoder import FeatureAutoEncoder, InstanceNorm2d
+from .autoencoder import FeatureAutoEncoder
+from .blocks import InstanceNorm2d
 from .backbone import (
     BACKBONES,
     IMAGENET_MEAN,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import InstanceNorm2d, fit_spatial, interp_channels
+from .blocks import InstanceNorm2d, fit_spatial, interp_channels
 
 __all__ = ["PatchEnergyDiscriminator", "MultiLayerPatchDiscriminator",
            "ImageEnergyDiscriminator", "MultiLayerImageDiscriminator"]

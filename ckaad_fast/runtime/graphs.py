@@ -25,7 +25,8 @@ from torch import nn
 from ..atomic import atomic_path
 from ..errors import ArgumentError
 from ..head import DEFAULT_SENSITIVITY, InferenceHead, decide, feature_sizes, normalized_score
-from ..model import Detector, normalise_pixels
+from ..data.images import normalise_pixels
+from ..model import Detector
 
 __all__ = ["ScoringGraph", "EngineGraph", "standard_ops_head", "write_onnx", "write_engine_onnx", "dynamic_batch",
            "GRAPH_PARTS", "INPUT_NAME", "SENSITIVITY_NAME", "OUTPUT_NAMES", "MAX_BATCH"]

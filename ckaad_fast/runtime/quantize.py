@@ -41,7 +41,7 @@ import numpy as np
 from ..errors import ArgumentError
 from ..metrics import image_auroc
 from ..head import normalized_score
-from ..model import normalise_pixels
+from ..data.images import normalise_pixels
 from .engines import cache_folder, engine_graph_file
 from .graphs import GRAPH_PARTS, INPUT_NAME, OUTPUT_NAMES
 from .openvino_engine import compile_openvino

@@ -18,6 +18,7 @@ from typing import Sequence
 from .. import __version__
 from ..atomic import atomic_write_json
 from ..errors import ArgumentError
+from ..records import differences
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "manifest_of", "read_manifest", "write_manifest", "check_resume",
            "path_key"]
@@ -80,7 +81,7 @@ def check_resume(saved: dict | None, current: dict, out: Path) -> None:
         return
     # Results written before engines were recorded were the torch engine's.
     saved, current = {"engine": "torch", **saved}, {"engine": "torch", **current}
-    diff = [k for k in _SAME_SCORES if saved.get(k) != current.get(k)]
+    diff = differences(saved, current, _SAME_SCORES)
     if diff == ["model_sha256"] and saved.get("version") == 1:
         raise ArgumentError(
             "resume",

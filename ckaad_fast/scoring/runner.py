@@ -11,7 +11,7 @@ from .. import distributed as ddp
 from ..head import DEFAULT_SENSITIVITY
 from .engine import Scorer
 from .local import LocalRun
-from .lock import FolderLock
+from ..lock import FolderLock
 from ..errors import ArgumentError
 from .manifest import MANIFEST_NAME, manifest_of, read_manifest, write_manifest
 from .results import ScoreSummary, Verdict, check_arguments, check_out, previous_rows
@@ -99,7 +99,7 @@ def score_to_folder(
     ``out_dir`` must be one folder seen by every rank (a shared file system across machines).
 
     One run at a time writes to ``out_dir``: a second one raises FileExistsError naming the first
-    (see :mod:`.lock`). ``out_dir/run.json`` records what made the results (see :mod:`.manifest`):
+    (see :mod:`ckaad_fast.lock`). ``out_dir/run.json`` records what made the results (see :mod:`.manifest`):
     ``resume`` refuses results of another model or other scoring options. A score that is not a
     finite number is an error row, never a verdict.
     """

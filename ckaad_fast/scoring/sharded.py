@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import distributed as ddp
 from .engine import Scorer
-from .lock import FolderLock
+from ..lock import FolderLock
 from .manifest import keys_of, manifest_of
 from .results import (
     CSV_NAME,

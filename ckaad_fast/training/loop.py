@@ -49,6 +49,7 @@ from .curves import Curves
 from .module import CKAAD, ckaad_from_checkpoint
 from .loaders import Images, TileImages, WithDistortion, cycle, epoch_loader, rng_state, seed_everything, set_rng_state
 from .trainer import Trainer
+from ..records import differences
 
 __all__ = ["TrainResult", "train"]
 
@@ -286,7 +287,7 @@ class _Run:
             raise ValueError(f"{str(self.ckpt_path)!r} holds no training state to resume "
                              "(it was not written by train())")
         saved = TrainConfig.from_dict(ckpt["train_config"])
-        diff = [k for k in RUN_FIELDS if getattr(saved, k) != getattr(self.cfg, k)]
+        diff = differences(saved.to_dict(), self.cfg.to_dict(), RUN_FIELDS)
         if diff:
             detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs {getattr(self.cfg, k)!r}" for k in diff)
             raise ValueError(f"cannot resume {str(self.ckpt_path)!r} with a different configuration ({detail})")

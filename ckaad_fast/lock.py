@@ -1,4 +1,4 @@
-"""One writer per results folder: a lock file that names its holder.
+"""One writer per output folder (a results folder, an experiment's): a lock file that names its holder.
 
 Two ``ckaad-fast score`` runs on the same ``--out`` would overwrite each other's scores.csv and
 both report success. :class:`FolderLock` makes the second refuse, naming the first (its process
