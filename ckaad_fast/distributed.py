@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 
+from .devices import cuda_usable, default_device
+
 __all__ = [
     "DistInfo",
     "GlobalBatchSampler",
@@ -147,10 +149,10 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     if "RANK" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but RANK is not set: launch with torchrun")
     local = _env_int("LOCAL_RANK", 0)
-    dev_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = torch.device(device if device is not None else default_device()).type
     backend = backend or os.environ.get("CKAAD_FAST_DIST_BACKEND") or ("nccl" if dev_type == "cuda" else "gloo")
     if dev_type == "cuda":
-        if not torch.cuda.is_available():
+        if not cuda_usable():
             raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
         if local >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible: "

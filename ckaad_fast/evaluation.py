@@ -107,7 +107,8 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
     training mode it had), a :class:`~ckaad_fast.model.Detector`'s forward in ``precision`` (None:
     its default, float32). Masks are resized (nearest) to the maps' size when they differ.
-    A tiled model (``model.config.tile_size``) gets each image at its own size (build the data
+    A model with a tiling (its ``tiling`` attribute, a :class:`~ckaad_fast.tiling.Tiling`, and
+    ``tiled(images, precision, batch=)``) gets each image at its own size (build the data
     set at ``config.source_size``) and scores ``batch_size`` of its tiles at a time; its maps,
     and so the pixel metrics, are at the images' full resolution.
 
@@ -149,7 +150,7 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     if channels_last:
         model.to(memory_format=torch.channels_last)
     # A tiled model takes each image whole, at its own size, and scores batch_size tiles at a time.
-    tiled = getattr(getattr(model, "config", None), "tile_size", None) is not None
+    tiled = getattr(model, "tiling", None) is not None
     loader = DataLoader(dataset, batch_size=1 if tiled else batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     scores, labels, maps, masks, paths = [], [], [], [], []
@@ -198,7 +199,7 @@ def _forward(model, images, dtype, tiled: bool, batch_size: int, paths):
     with a warning, as data sets leave out odd files; a tiled set's batches hold one image)."""
     if not tiled:
         return model(images) if dtype is None else model(images, dtype)
-    tiling = model.config.tiling
+    tiling = model.tiling
     if not tiling.fits(*images.shape[-2:]):
         warn_skip(paths[0], tiling.too_small(*images.shape[-2:]))
         return None

@@ -206,6 +206,11 @@ class Detector(nn.Module):
             recon = self.reconstruct(feats)
         return (head or self.head)(feats, recon, images.shape[-2:])
 
+    @property
+    def tiling(self) -> Tiling | None:
+        """The tiling this model scores full-size images with (None: images are resized whole)."""
+        return self.config.tiling
+
     def tiled(self, images: torch.Tensor, precision: torch.dtype | str = torch.float32, head: InferenceHead | None = None,
               batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores (B,), maps (B, H, W)) of full-size normalised ``images`` for a tiled model

@@ -24,6 +24,7 @@ import contextlib
 
 import torch
 
+from .devices import cuda_usable, default_device
 from .errors import ArgumentError
 
 __all__ = ["PRECISIONS", "INT8", "canonical_precision", "torch_dtype", "resolve_precision", "precision_name", "autocast",
@@ -125,19 +126,9 @@ def channels_last_for(device, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cuda" or dtype != torch.float32
 
 
-def cuda_usable() -> bool:
-    """Whether this machine has a CUDA device torch can use: the one place that asks."""
-    return torch.cuda.is_available()
-
-
-def default_device() -> str:
-    """"cuda" where a GPU is usable, else "cpu": what a command scores on when told nothing."""
-    return "cuda" if cuda_usable() else "cpu"
-
-
 def check_device_usable(device, argument: str = "device") -> torch.device:
-    """``device`` as a torch.device of type cpu or cuda, refusing CUDA where there is none: the
-    one place that asks whether CUDA is available."""
+    """``device`` as a torch.device of type cpu or cuda, refusing CUDA where there is none
+    (:func:`ckaad_fast.devices.cuda_usable`)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data.registry import DEFAULT_LAYOUT
 from ..training.config import DEFAULT_PROTOCOL, PROTOCOLS
-from ._types import nonneg_int, positive_float, positive_int, ratio_float
+from ._types import add_tiling_arguments, nonneg_int, positive_float, positive_int, ratio_float
 from .train import layer_int
 
 
@@ -63,11 +63,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive_int, metavar="N", help="epochs of every run")
     g.add_argument("--batch-size", type=positive_int, metavar="N", help="normal images per step")
     g.add_argument("--image-size", type=positive_int, metavar="PX", help="images are resized to PX x PX")
-    g.add_argument("--tile-size", type=positive_int, metavar="PX",
-                   help="train and score on square tiles of PX pixels cut at each image's own resolution "
-                        "(see ckaad-fast train --tile-size; default: no tiling)")
-    g.add_argument("--tile-stride", type=positive_int, metavar="PX",
-                   help="pixels between two tiles' starts, at most --tile-size (default: 3/4 of the tile size)")
     g.add_argument("--backbone", metavar="NAME", help="the frozen feature extractor (a name of `ckaad-fast train`)")
     g.add_argument("--layers", type=layer_int, nargs="+", metavar="L", help="backbone layers to reconstruct")
     g.add_argument("--weights", metavar="imagenet|none|PATH", help="backbone weights")
@@ -76,6 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision")
     g.add_argument("--num-workers", type=nonneg_int, metavar="N",
                    help="data-loading worker processes per run (JPEG data sets decode every epoch: use several)")
+    add_tiling_arguments(p, sets=True)
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="the experiment's folder (results, table, runs)")
     g.add_argument("--dry-run", action="store_true", help="list the runs the experiment takes, and which are done")

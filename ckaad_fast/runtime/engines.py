@@ -155,6 +155,11 @@ class RuntimeModule(torch.nn.Module):
     def forward(self, images: torch.Tensor, precision=None):
         return self.engine(images)
 
+    @property
+    def tiling(self):
+        """The model's tiling (None: images are resized whole)."""
+        return self.config.tiling
+
     def tiled(self, images: torch.Tensor, precision=None, batch: int = 16):
         """The engine on each full-size image's tiles, stitched (:meth:`ckaad_fast.model.Detector.tiled`)."""
         return tiled_forward(self.engine, images, self.config.tiling, self.config.image_size, self.config.topk, batch)
