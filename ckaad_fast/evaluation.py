@@ -239,10 +239,13 @@ def _concat(parts: list[Predictions]) -> Predictions:
 
 
 def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                   num_workers: int = 0, distributed: bool = False, by_defect_type: bool = False) -> dict:
+                   num_workers: int = 0, distributed: bool = False, by_defect_type: bool = False,
+                   precision=None) -> dict:
     """Image AUROC, best F1 and its accuracy, and, where the data set has masks with anomalous
     pixels, pixel AUROC, AUPRO (standard) and AUPRO (reference per-image protocol), plus
-    ``num_images`` and ``num_anomalous``. See :func:`ckaad_fast.metrics.evaluate`.
+    ``num_images`` and ``num_anomalous``. See :func:`ckaad_fast.metrics.evaluate`. ``precision``:
+    the model's forward's (see :func:`predict_dataset`; the execution plan's choice for a
+    checkpoint as deployed: :func:`ckaad_fast.runtime.planned.evaluate_planned`).
 
     ``distributed=True``: call it on every rank of a process group (e.g. under torchrun); the
     data set is sharded over the ranks (see :func:`predict_dataset`), the metrics are computed on
@@ -258,10 +261,10 @@ def evaluate_model(model, dataset: Dataset, batch_size: int = 16, device="cpu", 
 
         if ddp.is_distributed():
             pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
-                                   num_workers=num_workers, distributed=True)
+                                   num_workers=num_workers, distributed=True, precision=precision)
             return ddp.run_on_main(lambda: metrics_from_predictions(pred, types))
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, progress=progress,
-                           num_workers=num_workers)
+                           num_workers=num_workers, precision=precision)
     return metrics_from_predictions(pred, types)
 
 

@@ -12,8 +12,8 @@ from ..errors import ArgumentError
 from ..evaluation import predict_dataset
 from ..model import fingerprint
 from ..precision import precision_name
-from ..runtime import RuntimeModule, build_runtime_engine
-from ..runtime.plan import RUNTIME_ENGINES, plan_device, plan_engine, plan_precision
+from ..runtime.engines import engine_module
+from ..runtime.plan import plan_device, plan_engine, plan_precision
 from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, QuantizedGraph, check_resolves, quantize_graph
 from .sets import NormalItems
 from .thresholds import TARGET_FPR, Calibration, calibration_from_scores, check_set_size
@@ -48,12 +48,10 @@ def calibrate(model, dataset, target_fpr: float = TARGET_FPR, batch_size: int = 
                                              "would score tiles, not the stitched image): calibrate in float32")
         check_one_size(getattr(dataset, "paths", None) or getattr(getattr(dataset, "dataset", None), "paths", None),
                        "the calibration set", "a tiled model's pixel threshold is picked over maps of one size")
-    scorer, graph = model, None
+    graph = None
     if dtype == torch.int8:
         graph = _quantized(model, dataset, check, max_auroc_drop, int8_scope)
-    if name in RUNTIME_ENGINES:
-        runtime = build_runtime_engine(name, model, fingerprint(model), model.config.topk, dtype, quantized=graph)
-        scorer, dtype = RuntimeModule(runtime, model.config), runtime.dtype
+    scorer, dtype = engine_module(model, name, dtype, graph)
     # Maps only where masks ask for them: a set of normal images keeps each map's range alone.
     pred = predict_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype,
                            keep_maps="masked")

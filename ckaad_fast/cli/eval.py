@@ -1,6 +1,8 @@
 """``ckaad-fast eval``: score a test split with a trained checkpoint, print and save the metrics.
 
-A thin layer over :func:`ckaad_fast.evaluation.evaluate_model`. Under ``torchrun`` the test set is
+A thin layer over :func:`ckaad_fast.runtime.planned.evaluate_planned`: the checkpoint judged as it
+is deployed (its calibration's precision and engine, by the execution plan's rule), unless
+--dtype or --engine say otherwise. Under ``torchrun`` the test set is
 sharded over the processes and the predictions gathered on rank 0, which prints (and saves) the
 metrics: the same as one process's.
 """
@@ -9,9 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..runtime.plan import default_of
+from ..runtime.plan import ENGINES, default_of
 from ._data import add_data_arguments, dataset_from_args
-from ._types import add_tiling_arguments, nonneg_int, positive_int
+from ._types import add_tiling_arguments, nonneg_int, positive_int, precision_or_int8
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,6 +34,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="images scored per batch (per process under torchrun) (default: %(default)s)")
     p.add_argument("--device", default=None, metavar="cpu|cuda",
                    help=f"device to score on, e.g. cpu, cuda (default: {default_of('eval', 'device')})")
+    p.add_argument("--dtype", type=precision_or_int8, default=None, metavar="float32|bfloat16|float16|auto|int8",
+                   help="precision to score in; by default a calibrated checkpoint is judged as it is deployed, "
+                        "in its calibration's precision (int8: its quantized graph), and an uncalibrated one in "
+                        f"{default_of('eval', 'precision')}")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="who scores: by default a calibrated checkpoint's own engine (the one its threshold was "
+                        f"picked with), else {default_of('eval', 'engine')}; or auto, torch, openvino, onnxruntime")
     p.add_argument("--num-workers", type=nonneg_int, default=0, metavar="N",
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--json", metavar="FILE",
@@ -67,7 +76,8 @@ def _device(text: str):
 
 def _run(args, dist_info) -> int:
     from ..atomic import atomic_write_json
-    from ..evaluation import evaluate_model, format_by_defect_type, format_metrics
+    from ..evaluation import format_by_defect_type, format_metrics
+    from ..runtime.planned import evaluate_planned
     from ..calibration import read_calibration
     from ..model import check_recorded_tiling, checkpoint_file, load_checkpoint, model_from_checkpoint
 
@@ -85,11 +95,13 @@ def _run(args, dist_info) -> int:
     cfg = model.config
     check_recorded_tiling(cfg, args.tile_size, args.tile_stride)
     test_set = dataset_from_args(args, "test", cfg.source_size, cfg.mean, cfg.std)
-    metrics = evaluate_model(model, test_set, batch_size=args.batch_size, device=device,
-                             progress=not args.quiet and dist_info.is_main, num_workers=args.num_workers,
-                             distributed=dist_info.distributed, by_defect_type=True)
+    metrics = evaluate_planned(model, test_set, calibration, device=device, precision=args.dtype, engine=args.engine,
+                               batch_size=args.batch_size, progress=not args.quiet and dist_info.is_main,
+                               num_workers=args.num_workers, distributed=dist_info.distributed, by_defect_type=True)
     if not dist_info.is_main:
         return 0
+    plan = metrics.pop("plan")
+    print(f"scored by {plan['engine']} in {plan['precision']} on {plan['device']}")
     print(format_metrics(metrics))
     if metrics.get("by_defect_type"):
         print(format_by_defect_type(metrics))
@@ -115,6 +127,7 @@ def _run(args, dist_info) -> int:
             "strategy": cfg.strategy,
             "backbone": cfg.backbone,
             "calibration": calibration.to_dict() if calibration is not None else None,
+            "plan": plan,
         }
         atomic_write_json(args.json, record)
         print(f"metrics written to {args.json}")

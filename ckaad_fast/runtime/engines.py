@@ -40,11 +40,12 @@ from .. import __version__
 from ..atomic import STALE_AFTER_S, atomic_path, atomic_write_text, remove_stale_temporaries
 from ..errors import ArgumentError
 from ..head import tiled_forward
+from ..model import fingerprint as model_fingerprint
 from .engine_base import RuntimeEngine
 from .onnxruntime_engine import OnnxRuntimeEngine
 from .openvino_engine import Int8OpenVinoEngine, OpenVinoEngine
 
-__all__ = ["cache_folder", "RuntimeEngine",
+__all__ = ["cache_folder", "RuntimeEngine", "engine_module",
            "RuntimeModule", "build_runtime_engine", "engine_graph_file", "cached_engine_graph",
            "cached_graph_problem", "CachedGraphWarning", "GRAPH_RECORD"]
 
@@ -163,6 +164,17 @@ class RuntimeModule(torch.nn.Module):
     def tiled(self, images: torch.Tensor, precision=None, batch: int = 16):
         """The engine on each full-size image's tiles, stitched (:meth:`ckaad_fast.model.Detector.tiled`)."""
         return tiled_forward(self.engine, images, self.config.tiling, self.config.image_size, self.config.topk, batch)
+
+
+def engine_module(model, engine: str, dtype: torch.dtype, quantized=None):
+    """``(module, dtype)``: what a data set is scored through by ``engine`` (``model`` itself for
+    torch; a :class:`RuntimeModule` for a runtime engine, whose graph is ``model``'s, or for int8
+    the calibration's ``quantized`` graph) and the precision it really computes in."""
+    if engine == "torch":
+        return model, dtype
+    runtime = build_runtime_engine(engine, model, model_fingerprint(model), model.config.topk, dtype,
+                                   quantized=quantized)
+    return RuntimeModule(runtime, model.config), runtime.dtype
 
 
 def build_runtime_engine(name: str, model, fingerprint: str, topk, dtype: torch.dtype,

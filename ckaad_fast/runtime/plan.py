@@ -146,7 +146,7 @@ def plan_precision(purpose: str, asked, calibration, device: torch.device, argum
     when it differs from the calibration's, or when it would be emulated on this CPU."""
     calibrated = _calibrated_precision(calibration)
     name = asked if asked is not None else (calibrated or DEFAULTS[purpose]["precision"])
-    chosen = resolve_precision(name, device, argument, int8=purpose != "eval")
+    chosen = resolve_precision(name, device, argument, int8=True)
     if calibrated is not None and precision_name(chosen) != calibrated:
         warnings.warn(
             f"scoring in {precision_name(chosen)} a model calibrated in {calibrated}: scores move by about 1e-3 "
