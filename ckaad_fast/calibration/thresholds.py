@@ -19,7 +19,8 @@ from ..precision import canonical_precision
 from ..runtime.plan import ENGINES
 
 __all__ = ["Calibration", "CalibrationSetWarning", "TARGET_FPR", "threshold_at_fpr", "calibration_from_scores",
-           "normal_images_needed", "check_set_size", "suspected_anomalies", "FENCE_IQRS"]
+           "normal_images_needed", "check_set_size", "suspected_anomalies", "FENCE_IQRS", "NORMAL_SCORES_KEPT",
+           "kept_normal_scores"]
 
 #: The false-positive rate a set of normal images is calibrated at, unless told otherwise: 1% of
 #: normal images flagged (the one owner of this default: calibrate, train --calibrate, the
@@ -69,6 +70,10 @@ class Calibration(PlainConfig):
     #: (:func:`ckaad_fast.runtime.quantize.quantize_graph`'s report). The quantized graph itself
     #: travels as the attribute ``int8_graph`` and is stored beside the calibration.
     quantization: dict | None = None
+    #: The calibration set's normal scores, sorted (at most NORMAL_SCORES_KEPT, evenly spaced in
+    #: rank): what a run's share of flagged images and its score distribution are compared with
+    #: (:mod:`ckaad_fast.scoring.monitor`; None: a calibration older than this record).
+    normal_scores: list | None = None
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "cuda"):
@@ -111,6 +116,22 @@ class Calibration(PlainConfig):
         reaches ``1 - sensitivity``)."""
         return bool(score >= self.decision_threshold(sensitivity))
 
+    def normal_flag_rate(self, sensitivity: float = DEFAULT_SENSITIVITY) -> float | None:
+        """The share of normal images this calibration promises to flag at ``sensitivity``: the
+        share of the calibration set's own normal images at or above the decision threshold,
+        counted as ``(k + 1) / (n + 2)`` so that a set that flagged none still allows a little, and
+        at least the target false-positive rate at a normal-only set's calibrated threshold (None:
+        no normal scores recorded, and no target to go by)."""
+        t = self.decision_threshold(sensitivity)
+        target = self.target_fpr if self.method == "fpr" and t == self.decision_threshold() else None
+        if not self.normal_scores:
+            return target
+        kept = np.asarray(self.normal_scores, dtype=np.float64)
+        n = max(int(self.num_normal), kept.size)
+        k = float(np.mean(kept >= t)) * n
+        rate = (k + 1.0) / (n + 2.0)
+        return max(rate, target) if target is not None else rate
+
     def describe(self) -> str:
         how = (f"best F1 on {self.num_normal} normal and {self.num_anomalous} anomalous images"
                if self.method == "f1" else
@@ -133,6 +154,19 @@ class Calibration(PlainConfig):
             text += ("; picked on the model's training images (explicit override): expect more false positives "
                      "than the target on new images")
         return text
+
+
+#: The most normal scores a calibration keeps (evenly spaced in rank, the extremes included).
+NORMAL_SCORES_KEPT = 512
+
+
+def kept_normal_scores(normal_scores) -> list[float]:
+    """The sorted normal scores a calibration records: all of them, or NORMAL_SCORES_KEPT evenly
+    spaced in rank (the lowest and the highest among them), as float32 values."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if s.size > NORMAL_SCORES_KEPT:
+        s = s[np.linspace(0, s.size - 1, NORMAL_SCORES_KEPT).round().astype(int)]
+    return [float(np.float32(v)) for v in s]
 
 
 def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
@@ -209,7 +243,8 @@ def _calibration(labels, scores, target_fpr, masks, maps, precision, device, map
                                     f"({scores[0]:.6g}): the model cannot tell them apart, so no threshold picked on "
                                     "them means anything (is it trained? are the images all alike?)")
     cal = dict(score_min=float(scores.min()), score_max=float(scores.max()), num_normal=n_normal,
-               num_anomalous=n_anom, precision=precision, device=device)
+               num_anomalous=n_anom, precision=precision, device=device,
+               normal_scores=kept_normal_scores(scores[labels == 0]))
     if maps is not None:
         maps = np.asarray(maps)
         cal.update(map_min=float(maps.min()), map_max=float(maps.max()))

@@ -255,6 +255,12 @@ def _report(args, summary, dist_info) -> None:
                 else f"the calibrated threshold moved to sensitivity {args.sensitivity:g}")
         msg += f"; {summary.anomalous} anomalous at {rule}"
     print(msg, file=sys.stderr)
+    test = (summary.monitor or {}).get("test")
+    if test is not None:
+        print(f"calibration's promise: {test['flagged']} of {test['images']} flagged where about "
+              f"{test['expected']:.1f} normal images would be (p = {test['p_value']:.2g}"
+              f"{', significant: see the warning' if test['significant'] else ''}; run.json: monitor)",
+              file=sys.stderr)
     if summary.failed:
         print(f"{summary.failed} image(s) could not be scored: see the error column, e.g. "
               f"{summary.errors[0][0]!r}: {summary.errors[0][1]}", file=sys.stderr)

@@ -19,7 +19,8 @@ from .. import distributed as ddp
 from ..atomic import atomic_save_npy
 from .decoding import error_text
 from .engine import Scorer, ScoreResult
-from .manifest import keys_of, manifest_of
+from .manifest import keys_of, manifest_of, record_in_manifest
+from .monitor import decided, monitor_for
 from .results import (
     CSV_NAME,
     MAPS_DIR,
@@ -74,6 +75,8 @@ class LocalRun:
         self.held: list[tuple[ScoreResult, dict]] = []  # PNG maps waiting for the colour scale
         self.batches = 0
         self.summary = ScoreSummary(csv_path=self.csv_path)
+        # A whole run's promise monitor (a sharded run's is rank 0's, at the merge: .sharded).
+        self.monitor = monitor_for(verdict, len(paths)) if part is None else None
 
     # -- before scoring -----------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite: bool) -> None:
@@ -124,6 +127,10 @@ class LocalRun:
             self.flush()
         self._count_anomalous()
         self.summary.map_range = self.map_range if self.maps == "png" else None
+        if self.monitor is not None:
+            rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
+            self.summary.monitor = self.monitor.finish(*decided([r for r in rows if r is not None], self.verdict))
+            record_in_manifest(self.out, "monitor", self.summary.monitor)
         return self.summary
 
     def _stream(self, todo: list[str], bar) -> None:
@@ -151,6 +158,8 @@ class LocalRun:
             self.new[r.path] = row
             return
         self.summary.scored += 1
+        if self.monitor is not None:
+            self.monitor.add(self.verdict.anomalous(r.score))
         if self.pool is None:
             self.new[r.path] = row
             return

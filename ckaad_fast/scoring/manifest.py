@@ -75,6 +75,14 @@ def write_manifest(out: Path, manifest: dict) -> None:
     atomic_write_json(out / MANIFEST_NAME, manifest, fsync=True)
 
 
+def record_in_manifest(out: Path, key: str, value) -> None:
+    """Add ``key`` to the run.json of ``out`` (what a finished run found: the promise monitor's
+    test), keeping everything else it records."""
+    manifest = read_manifest(out)
+    if manifest is not None:
+        write_manifest(out, {**manifest, key: value})
+
+
 def check_resume(saved: dict | None, current: dict, out: Path) -> None:
     """Refuse to resume results made by another model or with options that change the scores."""
     if saved is None:

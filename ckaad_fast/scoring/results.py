@@ -78,6 +78,8 @@ class ScoreSummary:
     seconds: float = 0.0
     map_range: tuple[float, float] | None = None
     errors: list[tuple[str, str]] = field(default_factory=list)
+    #: The promise monitor's record (:mod:`.monitor`), for a calibrated decision; also in run.json.
+    monitor: dict | None = None
 
     @property
     def images_per_second(self) -> float:

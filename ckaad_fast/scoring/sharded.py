@@ -11,7 +11,8 @@ import numpy as np
 from .. import distributed as ddp
 from .engine import Scorer
 from ..lock import FolderLock
-from .manifest import keys_of, manifest_of
+from .manifest import keys_of, manifest_of, record_in_manifest
+from .monitor import decided, monitor_for
 from .results import (
     CSV_NAME,
     MAPS_DIR,
@@ -129,6 +130,13 @@ class _Earlier:
         )
         if self.verdict.decides:
             summary.anomalous = sum(1 for r in rows if row_done(r) and self.verdict.anomalous(float(r["score"])))
+        monitor = monitor_for(self.verdict, len(self.paths))
+        if monitor is not None:  # the whole run, in input order: its windows too
+            flags, scores = decided(rows, self.verdict)
+            for flag in flags:
+                monitor.add(flag)
+            summary.monitor = monitor.finish(flags, scores)
+            record_in_manifest(self.out, "monitor", summary.monitor)
         return summary
 
 
