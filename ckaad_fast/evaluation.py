@@ -79,7 +79,9 @@ def format_metrics(metrics: dict) -> str:
 class Predictions:
     """Outputs of :func:`predict_dataset` (CPU, numpy): ``scores`` (N,) float32, ``labels`` (N,)
     int64, ``maps`` (N, H, W) float32 (None when only their ranges were kept), ``masks`` (N, H, W)
-    bool or None, ``paths`` (N,), ``map_range`` (N, 2): each map's minimum and maximum."""
+    bool or None, ``paths`` (N,), ``map_range`` (N, 2): each map's minimum and maximum;
+    ``normal_top``: the largest values of the normal images' maps, descending, and
+    ``normal_pixels``: how many pixels those maps hold (with ``normal_top_share``)."""
 
     scores: np.ndarray
     labels: np.ndarray
@@ -87,6 +89,8 @@ class Predictions:
     masks: np.ndarray | None
     paths: list[str]
     map_range: np.ndarray | None = None
+    normal_top: np.ndarray | None = None
+    normal_pixels: int = 0
 
 
 def _split_item(batch):
@@ -103,7 +107,7 @@ def _split_item(batch):
 
 def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu", progress: bool = True,
                     num_workers: int = 0, distributed: bool = False, precision=None,
-                    keep_maps: bool | str = True) -> Predictions | None:
+                    keep_maps: bool | str = True, normal_top_share: float = 0.0) -> Predictions | None:
     """Score every item of ``dataset`` with ``model`` (moved to ``device``; put back in the
     training mode it had), a :class:`~ckaad_fast.model.Detector`'s forward in ``precision`` (None:
     its default, float32). Masks are resized (nearest) to the maps' size when they differ.
@@ -120,7 +124,10 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
 
     ``keep_maps``: True keeps every map; ``"masked"`` keeps them only for a set with masks (the
     pixel metrics need them) and otherwise only each map's range (``map_range``), so that memory
-    does not grow with the images times their pixels (a calibration set of normal images)."""
+    does not grow with the images times their pixels (a calibration set of normal images).
+    ``normal_top_share``: also keep the largest values of the normal images' maps, at least that
+    share of all their pixels plus one (``normal_top``; a pixel false-positive rate's threshold
+    needs no more), whatever ``keep_maps`` says. Not with ``distributed``."""
     if len(dataset) == 0:
         raise ValueError("the test set is empty")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -155,6 +162,7 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                         pin_memory=device.type == "cuda")
     scores, labels, maps, masks, paths = [], [], [], [], []
     has_masks = None
+    top, top_k, normal_pixels = None, 0, 0
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="scoring", disable=not progress, leave=False, dynamic_ncols=True):
@@ -171,6 +179,13 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                 keep = keep_maps is True or (keep_maps == "masked" and has_masks)
                 scores.append(s.float().cpu())
                 maps.append(m if keep else torch.stack([m.amin((1, 2)), m.amax((1, 2))], 1))
+                if normal_top_share > 0:
+                    if not top_k:  # one map size (a tiled set is checked to be): an upper bound
+                        top_k = int(np.ceil(normal_top_share * len(dataset) * m[0].numel())) + 1
+                    normal = m[lab.cpu() == 0].reshape(-1)
+                    normal_pixels += normal.numel()
+                    joined = normal if top is None else torch.cat([top, normal])
+                    top = torch.topk(joined, min(top_k, joined.numel())).values
                 labels.append(lab.long().cpu())
                 paths.extend(p)
                 if has_masks:
@@ -179,7 +194,10 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
         model.train(was_training)
     if not scores:
         raise ValueError(f"no image of the set could be scored ({len(dataset)} left out: see the warnings)")
-    return _predictions(scores, labels, maps, masks if has_masks else None, paths, kept=maps[0].dim() == 3)
+    pred = _predictions(scores, labels, maps, masks if has_masks else None, paths, kept=maps[0].dim() == 3)
+    if top is not None:
+        pred.normal_top, pred.normal_pixels = top.numpy(), normal_pixels
+    return pred
 
 
 def _predictions(scores, labels, maps, masks, paths, kept: bool) -> Predictions:

@@ -2,6 +2,7 @@
 calibrate -> score path."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -106,7 +107,10 @@ def test_calibrate_then_score_gives_normalised_scores_and_decisions(ckpt, tmp_pa
     assert main(["score", "--checkpoint", str(ckpt), "--input", str(test), "--out", str(out), "--num-workers", "0",
                  "--no-progress"]) == 0
     rows = _rows(out)
-    assert list(rows[0]) == ["path", "score", "normalized_score", "error", "is_anomalous"]
+    # A normal-only set picks the pixel threshold at a pixel false-positive rate: rows get regions.
+    assert cal.pixel_method == "fpr" and cal.pixel_fpr == 1e-4 and cal.pixel_threshold is not None
+    assert list(rows[0]) == ["path", "score", "normalized_score", "error", "is_anomalous", "regions"]
+    assert all(isinstance(json.loads(r["regions"]), list) for r in rows)
     for r in rows:
         assert float(r["normalized_score"]) == pytest.approx(cal.normalize(float(r["score"])), abs=1e-6)
         assert r["is_anomalous"] == str(float(r["score"]) >= cal.image_threshold)

@@ -16,7 +16,7 @@ from ..runtime.engines import engine_module
 from ..runtime.plan import plan_device, plan_engine, plan_precision
 from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, QuantizedGraph, check_resolves, quantize_graph
 from .sets import NormalItems
-from .thresholds import TARGET_FPR, Calibration, calibration_from_scores, check_set_size
+from .thresholds import PIXEL_FPR, TARGET_FPR, Calibration, calibration_from_scores, check_set_size
 
 __all__ = ["calibrate", "check_calibration_out", "INT8_RANGE_IMAGES"]
 
@@ -54,9 +54,10 @@ def calibrate(model, dataset, target_fpr: float = TARGET_FPR, batch_size: int = 
     scorer, dtype = engine_module(model, name, dtype, graph)
     # Maps only where masks ask for them: a set of normal images keeps each map's range alone.
     pred = predict_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress, precision=dtype,
-                           keep_maps="masked")
+                           keep_maps="masked", normal_top_share=PIXEL_FPR)
     cal = calibration_from_scores(pred.labels, pred.scores, target_fpr, masks=pred.masks, maps=pred.maps,
-                                  map_range=pred.map_range,
+                                  map_range=pred.map_range, normal_top=pred.normal_top,
+                                  normal_pixels=pred.normal_pixels,
                                   precision=precision_name(dtype), device=device.type,
                                   paths=pred.paths, on_training_images=on_training_images, engine=name)
     if graph is not None:

@@ -20,12 +20,15 @@ from ..runtime.plan import ENGINES
 
 __all__ = ["Calibration", "CalibrationSetWarning", "TARGET_FPR", "threshold_at_fpr", "calibration_from_scores",
            "normal_images_needed", "check_set_size", "suspected_anomalies", "FENCE_IQRS", "NORMAL_SCORES_KEPT",
-           "kept_normal_scores"]
+           "kept_normal_scores", "PIXEL_FPR", "pixel_threshold_at_fpr"]
 
 #: The false-positive rate a set of normal images is calibrated at, unless told otherwise: 1% of
 #: normal images flagged (the one owner of this default: calibrate, train --calibrate, the
 #: pipeline and the command line read it here).
 TARGET_FPR = 0.01
+#: The pixel false-positive rate a pixel threshold is picked at where the calibration set has no
+#: masks to pick it by F1: one normal pixel in ten thousand (AUPIMO's upper bound).
+PIXEL_FPR = 1e-4
 
 METHODS = ("f1", "fpr")
 
@@ -74,6 +77,10 @@ class Calibration(PlainConfig):
     #: rank): what a run's share of flagged images and its score distribution are compared with
     #: (:mod:`ckaad_fast.scoring.monitor`; None: a calibration older than this record).
     normal_scores: list | None = None
+    #: How the pixel threshold was picked: "f1" (on the set's masks) or "fpr" (at ``pixel_fpr`` of
+    #: the normal images' pixels); None: no pixel threshold, or a calibration older than this record.
+    pixel_method: str | None = None
+    pixel_fpr: float | None = None
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "cuda"):
@@ -169,6 +176,20 @@ def kept_normal_scores(normal_scores) -> list[float]:
     return [float(np.float32(v)) for v in s]
 
 
+def pixel_threshold_at_fpr(normal_top, normal_pixels: int, pixel_fpr: float) -> float:
+    """The lowest float32 threshold at which at most ``pixel_fpr`` of ``normal_pixels`` normal map
+    pixels are at or above it, from their largest values ``normal_top`` (descending, at least
+    ``pixel_fpr * normal_pixels + 1`` of them): :func:`threshold_at_fpr`'s rule on pixels."""
+    if not (isinstance(pixel_fpr, (int, float)) and 0 < pixel_fpr < 1):
+        raise ArgumentError("pixel_fpr", f"must lie in (0, 1), got {pixel_fpr!r}")
+    top = np.asarray(normal_top, dtype=np.float64)
+    k = int(math.floor(pixel_fpr * normal_pixels + 1e-9))  # how many normal pixels may be above
+    if k >= top.size:
+        raise ValueError(f"{top.size} largest normal map values cannot place a threshold at {pixel_fpr:g} of "
+                         f"{normal_pixels} pixels")
+    return float32_at_least(float(np.nextafter(top[k], np.inf)))
+
+
 def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
     """The lowest float32 threshold at which at most ``target_fpr`` of ``normal_scores`` are >= it.
 
@@ -184,13 +205,20 @@ def threshold_at_fpr(normal_scores, target_fpr: float) -> float:
 def calibration_from_scores(labels, scores, target_fpr: float = TARGET_FPR, masks=None, maps=None,
                             precision: str | None = None, device: str | None = None,
                             paths=None, on_training_images: bool = False, engine: str | None = None,
-                            map_range=None) -> Calibration:
+                            map_range=None, normal_top=None, normal_pixels: int = 0,
+                            pixel_fpr: float = PIXEL_FPR) -> Calibration:
     """A :class:`Calibration` from a calibration set's labels and image scores (and, optionally,
     its masks and maps), computed in ``precision`` (None: float32, as the record of calibrations
-    older than it reads). Images labelled normal that score like
+    older than it reads). The pixel threshold is the one of best F1 on the masks where the set
+    has anomalous pixels, else the one at ``pixel_fpr`` of the normal maps' ``normal_pixels``
+    pixels, whose largest values are ``normal_top`` (descending;
+    :func:`ckaad_fast.evaluation.predict_dataset`'s). Images labelled normal that score like
     anomalies are counted, recorded and named (``paths``) in a :class:`CalibrationSetWarning`
     (see the module). Errors are :class:`~ckaad_fast.errors.ArgumentError` naming the argument."""
     cal = _calibration(labels, scores, target_fpr, masks, maps, precision, device, map_range)
+    if cal.pixel_threshold is None and normal_top is not None and normal_pixels:
+        cal.pixel_threshold = pixel_threshold_at_fpr(normal_top, normal_pixels, pixel_fpr)
+        cal.pixel_method, cal.pixel_fpr = "fpr", float(pixel_fpr)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     cal.on_training_images = bool(on_training_images)
@@ -254,6 +282,7 @@ def _calibration(labels, scores, target_fpr, masks, maps, precision, device, map
         cal.update(method="f1", image_threshold=image_f1_acc(labels, scores)[2])
         if masks is not None and maps is not None and np.asarray(masks).any():
             cal["pixel_threshold"] = image_f1_acc(np.asarray(masks).reshape(-1) > 0, maps.reshape(-1))[2]
+            cal["pixel_method"] = "f1"
     else:
         check_set_size(n_normal, 0, target_fpr)
         cal.update(method="fpr", target_fpr=float(target_fpr),

@@ -92,6 +92,10 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
                    help="a calibrated checkpoint's decision (ckaad-fast calibrate): is_anomalous when "
                         "normalized_score >= 1 - S; "
                         f"{DEFAULT_SENSITIVITY} (default) is the calibrated threshold, higher flags more")
+    p.add_argument("--regions", action=argparse.BooleanOptionalAction, default=None,
+                   help="each image's defect regions at the calibrated pixel threshold (8-connected; box, area, "
+                        "peak and mean score) in the rows' regions column and OUT/regions.json, and as boxes on the "
+                        "PNG overlays (default: on where the checkpoint's calibration has a pixel threshold)")
     p.add_argument("--masks", choices=("none", "png"), default=None,
                    help="png: each image's binary mask (map >= the calibrated pixel threshold, 0/255) as "
                         "OUT/masks/<name>.png; needs a checkpoint calibrated on a set with masks (default: none)")
@@ -212,6 +216,7 @@ def _run(args, device, dist_info) -> int:
             threshold=args.threshold,
             sensitivity=args.sensitivity,
             masks=args.masks == "png",
+            regions=args.regions,
             resume=args.resume,
             overwrite=args.overwrite,
             map_range=tuple(args.map_range) if args.map_range else None,

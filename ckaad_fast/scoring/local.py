@@ -19,6 +19,7 @@ from .. import distributed as ddp
 from ..atomic import atomic_save_npy
 from .decoding import error_text
 from .engine import Scorer, ScoreResult
+from ..regions import draw_boxes, find_regions, regions_to_text
 from .manifest import keys_of, manifest_of, record_in_manifest
 from .monitor import decided, monitor_for
 from .results import (
@@ -36,6 +37,7 @@ from .results import (
     read_scale,
     row_done,
     unlink_parts,
+    write_regions,
     write_rows,
     write_scale,
 )
@@ -61,6 +63,7 @@ class LocalRun:
         self.masks_dir = out / MASKS_DIR
         self.mask_names = map_names(all_paths if all_paths is not None else paths, ".png") if masks else {}
         self.writes = maps != "none" or masks  # files written per image, beside its row
+        self.need_maps = self.writes or verdict.regions
         self.map_range, self.flush_seconds, self.user_on_batch = map_range, flush_seconds, on_batch
         self.csv_path = out / PARTS_DIR / part_name(*part) if part is not None else out / CSV_NAME
         self.maps_dir = out / MAPS_DIR
@@ -77,12 +80,14 @@ class LocalRun:
         self.summary = ScoreSummary(csv_path=self.csv_path)
         # A whole run's promise monitor (a sharded run's is rank 0's, at the merge: .sharded).
         self.monitor = monitor_for(verdict, len(paths)) if part is None else None
+        self.part = part
 
     # -- before scoring -----------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Read what an earlier run left in OUT (with ``resume``), or refuse to overwrite it, and
         record this run's manifest. Call it while holding OUT's lock."""
-        self.old, self.extra_old, parts = begin_run(self.out, manifest_of(self.scorer), self.keys, resume, overwrite)
+        self.old, self.extra_old, parts = begin_run(self.out, manifest_of(self.scorer, self.verdict.regions), self.keys,
+                                                    resume, overwrite)
         if parts and not resume:
             unlink_parts(self.out)  # overwrite: stale rows of an earlier run must not come back on a resume
             parts = []
@@ -131,11 +136,14 @@ class LocalRun:
             rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
             self.summary.monitor = self.monitor.finish(*decided([r for r in rows if r is not None], self.verdict))
             record_in_manifest(self.out, "monitor", self.summary.monitor)
+        if self.verdict.regions and self.part is None:
+            rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
+            write_regions(self.out, [r for r in rows if r is not None], self.verdict)
         return self.summary
 
     def _stream(self, todo: list[str], bar) -> None:
         last_flush = time.perf_counter()
-        stream = self.scorer.score_paths(todo, return_maps=self.writes, return_images=self.maps == "png",
+        stream = self.scorer.score_paths(todo, return_maps=self.need_maps, return_images=self.maps == "png",
                                          on_batch=self._on_batch)
         for r in stream:
             self._take(r)
@@ -158,6 +166,8 @@ class LocalRun:
             self.new[r.path] = row
             return
         self.summary.scored += 1
+        if self.verdict.regions:
+            row["regions"] = regions_to_text(find_regions(r.map, self.verdict.calibration.pixel_threshold))
         if self.monitor is not None:
             self.monitor.add(self.verdict.anomalous(r.score))
         if self.pool is None:
@@ -194,7 +204,10 @@ class LocalRun:
         elif self.maps == "png":
             from ..report import overlay, save_png
 
-            save_png(overlay(r.image, amap, rng[0], rng[1]), self.maps_dir / self.names[path])
+            picture = overlay(r.image, amap, rng[0], rng[1])
+            if self.verdict.regions:  # the regions' boxes on the picture a person looks at
+                picture = draw_boxes(picture, find_regions(r.map, cal.pixel_threshold))
+            save_png(picture, self.maps_dir / self.names[path])
         if self.masks:
             from ..report import save_png
 

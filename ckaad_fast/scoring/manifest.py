@@ -27,10 +27,10 @@ MANIFEST_NAME = "run.json"
 MANIFEST_FORMAT = "ckaad_fast.scores"
 # What makes two runs' scores comparable: a resume refuses when one of these differs (the
 # precision too: bfloat16 moves scores, so one scores.csv never mixes two precisions).
-_SAME_SCORES = ("model_sha256", "topk", "image_size", "sigma", "border", "dtype", "engine")
+_SAME_SCORES = ("model_sha256", "topk", "image_size", "sigma", "border", "dtype", "engine", "regions")
 
 
-def manifest_of(scorer) -> dict:
+def manifest_of(scorer, regions: bool = False) -> dict:
     """The manifest of a run by ``scorer`` (a :class:`~.engine.Scorer`), started from this folder."""
     c = scorer.config
     return {
@@ -52,6 +52,8 @@ def manifest_of(scorer) -> dict:
         "calibration_precision": (None if scorer.calibration is None
                                   else scorer.calibration.precision or "float32"),
         "calibration_device": None if scorer.calibration is None else scorer.calibration.device,
+        # Whether rows hold the regions at the calibration's pixel threshold.
+        "regions": bool(regions),
         "cwd": os.getcwd(),
     }
 
@@ -88,7 +90,8 @@ def check_resume(saved: dict | None, current: dict, out: Path) -> None:
     if saved is None:
         return
     # Results written before engines were recorded were the torch engine's.
-    saved, current = {"engine": "torch", **saved}, {"engine": "torch", **current}
+    # Nor regions, before rows held them.
+    saved, current = {"engine": "torch", "regions": False, **saved}, {"engine": "torch", "regions": False, **current}
     diff = differences(saved, current, _SAME_SCORES)
     if diff == ["model_sha256"] and saved.get("version") == 1:
         raise ArgumentError(

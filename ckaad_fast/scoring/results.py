@@ -40,7 +40,7 @@ from ..errors import ArgumentError
 from ..head import DEFAULT_SENSITIVITY, check_sensitivity
 from .manifest import MANIFEST_NAME, check_resume, path_key, read_manifest, write_manifest
 
-__all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
+__all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "REGIONS_NAME", "write_regions", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",
            "part_files", "read_scores_csv", "row_done", "map_names", "previous_rows", "unlink_parts",
            "exists_error", "check_arguments", "write_rows", "check_out", "earlier_run", "begin_run", "kept_row", "done_paths", "escape_cell",
            "unescape_cell", "CSV_ERRORS", "Verdict", "read_scale", "write_scale"]
@@ -50,6 +50,8 @@ MAPS_DIR = "maps"
 #: Where ``--masks png`` puts each image's binary mask (map >= the calibrated pixel threshold).
 MASKS_DIR = "masks"
 SCALE_NAME = "colour_scale.json"
+#: Every scored image's regions, written at the end of a run (its rows hold them too).
+REGIONS_NAME = "regions.json"
 MAP_FORMATS = ("none", "npy", "png")
 #: Where the ranks of a sharded (torchrun) run put their rows: OUT/parts/scores.rank{r}-of-{n}.csv.
 PARTS_DIR = "parts"
@@ -196,11 +198,14 @@ class Verdict:
     threshold: float | None = None
     calibration: object | None = None
     sensitivity: float = DEFAULT_SENSITIVITY
+    #: Whether rows get ``regions``: the map's regions at the calibration's pixel threshold
+    #: (:mod:`ckaad_fast.regions`), as compact JSON.
+    regions: bool = False
 
     @property
     def columns(self) -> list[str]:
         return (["path", "score"] + (["normalized_score"] if self.calibration is not None else []) + ["error"]
-                + (["is_anomalous"] if self.decides else []))
+                + (["is_anomalous"] if self.decides else []) + (["regions"] if self.regions else []))
 
     @property
     def decides(self) -> bool:
@@ -228,6 +233,8 @@ def finish_row(r: dict, verdict: Verdict) -> dict:
         out["normalized_score"] = "" if score is None else format(verdict.calibration.normalize(score), ".6g")
     if verdict.decides:
         out["is_anomalous"] = "" if score is None else str(verdict.anomalous(score))
+    if verdict.regions:
+        out["regions"] = r.get("regions", "") if score is not None else ""
     return out
 
 
@@ -355,3 +362,16 @@ def write_scale(maps_dir: Path, map_range: tuple[float, float]) -> None:
     """Save the PNG colour range of a run in ``maps_dir`` (so that a resume uses the same)."""
     text = json.dumps({"colormap": "turbo", "lo": map_range[0], "hi": map_range[1]}) + "\n"
     atomic_write_text(maps_dir / SCALE_NAME, text, fsync=True)
+
+
+def write_regions(out: Path, rows: Sequence[dict], verdict: Verdict) -> None:
+    """``out/regions.json`` (atomically): the pixel threshold and how it was picked, and each
+    scored row's regions (:mod:`ckaad_fast.regions`), in the rows' order."""
+    import json
+
+    from ..atomic import atomic_write_json
+
+    cal = verdict.calibration
+    images = [{"path": r["path"], "regions": json.loads(r.get("regions") or "[]")} for r in rows if row_done(r)]
+    atomic_write_json(out / REGIONS_NAME, {"pixel_threshold": cal.pixel_threshold, "pixel_method": cal.pixel_method,
+                                           "pixel_fpr": cal.pixel_fpr, "images": images})

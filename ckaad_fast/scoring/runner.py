@@ -58,6 +58,7 @@ def score_to_folder(
     distributed: bool | None = None,
     sensitivity: float | None = None,
     masks: bool = False,
+    regions: bool | None = None,
 ) -> ScoreSummary:
     """Score ``paths`` and write ``out_dir/scores.csv`` (and the maps), the job of ``ckaad-fast score``.
 
@@ -67,7 +68,10 @@ def score_to_folder(
     (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
     ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (None: :data:`~ckaad_fast.head.DEFAULT_SENSITIVITY`,
     0.5, the calibrated threshold; higher flags more). ``masks=True`` also writes each image's binary mask (map >= the
-    calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). A calibrated model's
+    calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). ``regions`` (None: where
+    the calibration has a pixel threshold) adds each image's defect regions at that threshold
+    (:mod:`ckaad_fast.regions`: box, area, peak, mean) as the rows' ``regions`` column, in
+    ``out_dir/regions.json`` at the end, and as boxes on the PNG overlays. A calibrated model's
     maps are written normalised (:meth:`~ckaad_fast.calibration.Calibration.normalize_map`, 0.5 at
     the pixel threshold), PNG overlays on the fixed range 0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync, rename)
     every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
@@ -105,7 +109,7 @@ def score_to_folder(
     """
     sensitivity = DEFAULT_SENSITIVITY if sensitivity is None else sensitivity
     check_arguments(maps, threshold, map_range, sensitivity)
-    verdict, map_range = _decision(scorer, threshold, sensitivity, masks, maps, map_range)
+    verdict, map_range = _decision(scorer, threshold, sensitivity, masks, maps, map_range, regions)
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("no images to score")
@@ -122,13 +126,17 @@ def score_to_folder(
         return run.score(progress)
 
 
-def _decision(scorer: Scorer, threshold, sensitivity, masks: bool, maps: str, map_range):
+def _decision(scorer: Scorer, threshold, sensitivity, masks: bool, maps: str, map_range, regions=None):
     """The run's Verdict, and the PNG colour range (0..1 for a calibrated model's normalised maps)."""
-    if masks and getattr(scorer.calibration, "pixel_threshold", None) is None:
-        raise ValueError("masks need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate on "
-                         "a validation set with ground-truth masks")
+    pixel = getattr(scorer.calibration, "pixel_threshold", None) is not None
+    for asked, what in ((masks, "masks"), (regions, "regions")):
+        if asked and not pixel:
+            raise ValueError(f"{what} need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate "
+                             "(by F1 on a set with ground-truth masks, else at a false-positive rate of the normal "
+                             "images' pixels)")
+    regions = pixel if regions is None else bool(regions)
     if scorer.calibration is not None and maps == "png" and map_range is None:
         map_range = (0.0, 1.0)  # normalised maps: one scale for every run, the threshold in its middle
     if map_range is not None:
         map_range = tuple(float(v) for v in map_range)
-    return Verdict(threshold, scorer.calibration, float(sensitivity)), map_range
+    return Verdict(threshold, scorer.calibration, float(sensitivity), regions), map_range

@@ -30,6 +30,7 @@ from .results import (
     read_scores_csv,
     row_done,
     unlink_parts,
+    write_regions,
     write_rows,
 )
 from .local import LocalRun
@@ -95,7 +96,7 @@ class _Earlier:
         """(paths still to score, how many were done, the PNG colour range): rank 0's answer,
         taken while holding OUT's lock, which rank 0 keeps until the merge is done."""
         self.lock.acquire()
-        manifest = manifest_of(self.scorer)
+        manifest = manifest_of(self.scorer, self.verdict.regions)
         self.old, self.extra, parts = begin_run(self.out, manifest, self.keys, resume, overwrite)
         if parts or (overwrite and not resume and self.csv_path.exists()):
             # One scores.csv with what is kept (nothing, with overwrite), and no parts: the parts
@@ -137,6 +138,8 @@ class _Earlier:
                 monitor.add(flag)
             summary.monitor = monitor.finish(flags, scores)
             record_in_manifest(self.out, "monitor", summary.monitor)
+        if self.verdict.regions:
+            write_regions(self.out, rows, self.verdict)
         return summary
 
 
