@@ -136,16 +136,8 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
         from . import distributed as ddp
 
         if ddp.is_distributed():
-            start, stop = ddp.shard_bounds(len(dataset), block=batch_size)
-            part = None
-            if stop > start:
-                part = predict_dataset(model, Subset(dataset, range(start, stop)), batch_size=batch_size,
-                                       device=device, progress=progress and ddp.is_main(), num_workers=num_workers,
-                                       precision=precision, keep_maps=keep_maps)
-            parts = ddp.gather_object(part)
-            if parts is None:
-                return None
-            return _concat([p for p in parts if p is not None])
+            return _predict_sharded(ddp, model, dataset, batch_size, device, progress, num_workers, precision,
+                                    keep_maps)
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -162,7 +154,7 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                         pin_memory=device.type == "cuda")
     scores, labels, maps, masks, paths = [], [], [], [], []
     has_masks = None
-    top, top_k, normal_pixels = None, 0, 0
+    top = _LargestNormal(normal_top_share, len(dataset))
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="scoring", disable=not progress, leave=False, dynamic_ncols=True):
@@ -179,13 +171,7 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                 keep = keep_maps is True or (keep_maps == "masked" and has_masks)
                 scores.append(s.float().cpu())
                 maps.append(m if keep else torch.stack([m.amin((1, 2)), m.amax((1, 2))], 1))
-                if normal_top_share > 0:
-                    if not top_k:  # one map size (a tiled set is checked to be): an upper bound
-                        top_k = int(np.ceil(normal_top_share * len(dataset) * m[0].numel())) + 1
-                    normal = m[lab.cpu() == 0].reshape(-1)
-                    normal_pixels += normal.numel()
-                    joined = normal if top is None else torch.cat([top, normal])
-                    top = torch.topk(joined, min(top_k, joined.numel())).values
+                top.add(m, lab.cpu())
                 labels.append(lab.long().cpu())
                 paths.extend(p)
                 if has_masks:
@@ -195,9 +181,41 @@ def predict_dataset(model, dataset: Dataset, batch_size: int = 16, device="cpu",
     if not scores:
         raise ValueError(f"no image of the set could be scored ({len(dataset)} left out: see the warnings)")
     pred = _predictions(scores, labels, maps, masks if has_masks else None, paths, kept=maps[0].dim() == 3)
-    if top is not None:
-        pred.normal_top, pred.normal_pixels = top.numpy(), normal_pixels
+    if top.values is not None:
+        pred.normal_top, pred.normal_pixels = top.values.numpy(), top.pixels
     return pred
+
+
+def _predict_sharded(ddp, model, dataset, batch_size, device, progress, num_workers, precision, keep_maps):
+    """:func:`predict_dataset` of this rank's contiguous shard of whole batches, gathered on rank 0."""
+    start, stop = ddp.shard_bounds(len(dataset), block=batch_size)
+    part = None
+    if stop > start:
+        part = predict_dataset(model, Subset(dataset, range(start, stop)), batch_size=batch_size, device=device,
+                               progress=progress and ddp.is_main(), num_workers=num_workers, precision=precision,
+                               keep_maps=keep_maps)
+    parts = ddp.gather_object(part)
+    return None if parts is None else _concat([p for p in parts if p is not None])
+
+
+class _LargestNormal:
+    """The largest values of the normal images' maps: at least ``share`` of all the pixels of
+    ``n_images`` maps of the first map's size, plus one (an upper bound on the normal ones: a set
+    of one size, as a tiled calibration set is checked to be)."""
+
+    def __init__(self, share: float, n_images: int):
+        self.share, self.n_images = share, n_images
+        self.k, self.values, self.pixels = 0, None, 0
+
+    def add(self, maps: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.share <= 0:
+            return
+        if not self.k:
+            self.k = int(np.ceil(self.share * self.n_images * maps[0].numel())) + 1
+        normal = maps[labels == 0].reshape(-1)
+        self.pixels += normal.numel()
+        joined = normal if self.values is None else torch.cat([self.values, normal])
+        self.values = torch.topk(joined, min(self.k, joined.numel())).values
 
 
 def _predictions(scores, labels, maps, masks, paths, kept: bool) -> Predictions:

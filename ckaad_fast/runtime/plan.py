@@ -21,9 +21,10 @@ The defaults (:data:`DEFAULTS`), and why they differ by purpose:
 - top-k: the model's (``ModelConfig.topk``, whose default is :data:`ckaad_fast.ops.DEFAULT_TOPK`);
   ``"mean"`` is the spelling of ``None`` (the mean of the whole map) on the command line.
 
-The tiling is the model's (``ModelConfig.tiling``, recorded in the checkpoint) and the
-sensitivity's default is :data:`ckaad_fast.head.DEFAULT_SENSITIVITY`; both are read here for the
-plan's record.
+Beside these, the tiling is the model's (``ModelConfig.tiling``, recorded in the checkpoint) and
+the sensitivity's default is :data:`ckaad_fast.head.DEFAULT_SENSITIVITY`: each has its one owner
+there. A calibration records the plan it was computed with (precision, device kind, engine; the
+top-k is its model's).
 """
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ import warnings
 import torch
 
 from ..errors import ArgumentError
-from ..head import DEFAULT_SENSITIVITY
-from ..precision import INT8, canonical_precision, cpu_has_bf16_matmul, cuda_usable, default_device, precision_name, resolve_device, resolve_precision
+from ..precision import (INT8, canonical_precision, cpu_has_bf16_matmul, cuda_usable, default_device, precision_name,
+                         resolve_device, resolve_precision)
 
-__all__ = ["ENGINES", "RUNTIME_ENGINES", "PURPOSES", "DEFAULTS", "CAPABILITIES", "FORMAT_PRECISIONS",
-           "plan_precision", "plan_engine", "plan_topk", "plan_device", "device_name", "plan_export", "FORMAT_DEVICES", "resolve_engine",
-           "engine_supports", "engine_installed", "default_of", "DEFAULT_SENSITIVITY"]
+__all__ = ["ENGINES", "RUNTIME_ENGINES", "PURPOSES", "DEFAULTS", "CAPABILITIES", "FORMAT_PRECISIONS", "FORMAT_DEVICES",
+           "plan_precision", "plan_engine", "plan_topk", "plan_device", "device_name", "plan_export", "resolve_engine",
+           "engine_supports", "engine_installed", "default_of"]
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: The engines that run an exported graph (on the CPU).
@@ -47,7 +48,7 @@ RUNTIME_ENGINES = ("onnxruntime", "openvino")
 PURPOSES = ("calibrate", "score", "eval", "export")
 
 #: The defaults, per purpose (see the module for why they differ). "device" None: a GPU where one
-#: is usable, else the CPU (:func:`ckaad_fast.precision.default_device`).
+#: is usable, else the CPU (:func:`ckaad_fast.devices.default_device`).
 DEFAULTS = {
     "calibrate": {"device": None, "precision": "float32", "engine": "auto"},
     "score": {"device": None, "precision": "auto", "engine": "torch"},

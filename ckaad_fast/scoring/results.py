@@ -261,9 +261,9 @@ def csv_text(rows: Sequence[dict], verdict: Verdict) -> str:
 
 
 
-def check_arguments(maps, threshold, map_range, sensitivity: float = DEFAULT_SENSITIVITY) -> None:
-    """ValueError for a bad ``maps`` format, threshold, colour range or sensitivity."""
-    check_sensitivity(sensitivity)
+def check_arguments(maps, threshold, map_range, sensitivity: float | None = None) -> None:
+    """ValueError for a bad ``maps`` format, threshold, colour range or sensitivity (None: the default)."""
+    check_sensitivity(DEFAULT_SENSITIVITY if sensitivity is None else sensitivity)
     if maps not in MAP_FORMATS:
         raise ValueError(f"maps must be one of {MAP_FORMATS}, got {maps!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):

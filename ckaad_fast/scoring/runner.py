@@ -66,15 +66,15 @@ def score_to_folder(
     ``error`` (empty when the image was scored) and, with ``threshold``, ``is_anomalous``
     (True when score >= threshold). When the scorer's model is calibrated
     (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
-    ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (None: :data:`~ckaad_fast.head.DEFAULT_SENSITIVITY`,
-    0.5, the calibrated threshold; higher flags more). ``masks=True`` also writes each image's binary mask (map >= the
-    calibration's pixel threshold) as ``out_dir/masks/<name>.png`` (0 / 255). ``regions`` (None: where
-    the calibration has a pixel threshold) adds each image's defect regions at that threshold
-    (:mod:`ckaad_fast.regions`: box, area, peak, mean) as the rows' ``regions`` column, in
-    ``out_dir/regions.json`` at the end, and as boxes on the PNG overlays. A calibrated model's
-    maps are written normalised (:meth:`~ckaad_fast.calibration.Calibration.normalize_map`, 0.5 at
-    the pixel threshold), PNG overlays on the fixed range 0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync, rename)
-    every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
+    ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (None: 0.5,
+    :data:`~ckaad_fast.head.DEFAULT_SENSITIVITY`, the calibrated threshold; higher flags more).
+    ``masks=True`` also writes each image's binary mask (map >= the calibration's pixel
+    threshold) as ``out_dir/masks/<name>.png`` (0 / 255). ``regions`` (None: where the
+    calibration has a pixel threshold) adds each image's defect regions (:mod:`ckaad_fast.regions`)
+    in the rows' ``regions`` column, ``out_dir/regions.json`` and boxes on the PNG overlays. A
+    calibrated model's maps are written normalised (0.5 at the pixel threshold), PNG overlays on
+    the range 0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync,
+    rename) every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
     never half-written and holds every result computed before the stop.
 
     ``maps``: "none", "npy" (the float32 map, ``out_dir/maps/<name>.npy``) or "png" (a heat-map
@@ -107,7 +107,6 @@ def score_to_folder(
     ``resume`` refuses results of another model or other scoring options. A score that is not a
     finite number is an error row, never a verdict.
     """
-    sensitivity = DEFAULT_SENSITIVITY if sensitivity is None else sensitivity
     check_arguments(maps, threshold, map_range, sensitivity)
     verdict, map_range = _decision(scorer, threshold, sensitivity, masks, maps, map_range, regions)
     paths = [os.fspath(p) for p in paths]
@@ -135,6 +134,7 @@ def _decision(scorer: Scorer, threshold, sensitivity, masks: bool, maps: str, ma
                              "(by F1 on a set with ground-truth masks, else at a false-positive rate of the normal "
                              "images' pixels)")
     regions = pixel if regions is None else bool(regions)
+    sensitivity = DEFAULT_SENSITIVITY if sensitivity is None else sensitivity
     if scorer.calibration is not None and maps == "png" and map_range is None:
         map_range = (0.0, 1.0)  # normalised maps: one scale for every run, the threshold in its middle
     if map_range is not None:
