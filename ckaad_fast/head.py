@@ -16,13 +16,13 @@ threshold up to its own rounding, and it never decides.
 """
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import ops
+from .decisions import (DEFAULT_SENSITIVITY, check_sensitivity, decision_threshold, float32_at_least, normalized_score,
+                        span)
 from .ops.scoring import upsample_blur_matrix
 from .profiling import nvtx_range
 from .tiling import tiled_maps
@@ -30,8 +30,6 @@ from .tiling import tiled_maps
 __all__ = ["InferenceHead", "DEFAULT_SENSITIVITY", "float32_at_least", "normalized_score", "decision_threshold",
            "decide", "check_sensitivity", "feature_sizes", "tiled_forward"]
 
-#: The sensitivity at which the calibrated threshold decides (0: flag least, 1: flag everything).
-DEFAULT_SENSITIVITY = 0.5
 #: The truncation of the Gaussian blur, in sigmas (scipy's default, the authors').
 TRUNCATE = 4.0
 
@@ -114,33 +112,6 @@ def tiled_forward(forward, images: torch.Tensor, tiling, input_size, topk: int |
 # ------------------------------------------------------------------------------------------------
 # From scores to decisions (numbers a calibration holds: threshold t, scores' range lo..hi)
 # ------------------------------------------------------------------------------------------------
-def check_sensitivity(sensitivity) -> float:
-    if isinstance(sensitivity, bool) or not isinstance(sensitivity, (int, float)) or not 0 <= sensitivity <= 1:
-        raise ValueError(f"sensitivity must lie in [0, 1], got {sensitivity!r}")
-    return float(sensitivity)
-
-
-def float32_at_least(x: float) -> float:
-    """The smallest float32 number >= ``x``, as a Python float (exact in float64)."""
-    f = np.float32(x)
-    if float(f) < x:
-        f = np.nextafter(f, np.float32(np.inf))
-    return float(f)
-
-
-def _span(lo: float, hi: float) -> float:
-    return max(float(hi) - float(lo), 1e-12)
-
-
-def normalized_score(scores, threshold: float, lo: float, hi: float):
-    """anomalib's normalised score ``clip((s - t) / (hi - lo) + 0.5, 0, 1)``: for numpy arrays
-    (computed in float64), torch tensors (in their dtype) and graph nodes with that arithmetic (the
-    int8 graph's, :mod:`ckaad_fast.runtime.quantize`) alike. Monotone in ``s``; t -> 0.5."""
-    if not hasattr(scores, "clip") or isinstance(scores, np.ndarray):
-        scores = np.asarray(scores, dtype=np.float64)
-    return ((scores - threshold) / _span(lo, hi) + 0.5).clip(0.0, 1.0)
-
-
 def decide(scores: torch.Tensor, threshold: float, lo: float, hi: float, sensitivity: torch.Tensor) -> torch.Tensor:
     """The decisions of float32 ``scores`` at a run-time ``sensitivity`` tensor (one value, or one
     per image; clipped to [0, 1]), in tensor operations a graph can carry: ``score >=
@@ -149,16 +120,5 @@ def decide(scores: torch.Tensor, threshold: float, lo: float, hi: float, sensiti
     number), and every image at sensitivity 1. Same arithmetic, same order as
     :func:`decision_threshold`."""
     cut = 1.0 - sensitivity.to(torch.float64).clamp(0.0, 1.0)
-    value = float(threshold) + (cut - 0.5) * _span(lo, hi)
+    value = float(threshold) + (cut - 0.5) * span(lo, hi)
     return (scores.to(torch.float64) >= value) | (cut <= 0.0)
-
-
-def decision_threshold(threshold: float, lo: float, hi: float, sensitivity: float = DEFAULT_SENSITIVITY) -> float:
-    """The raw score at or above which an image is anomalous at ``sensitivity``: where the
-    normalised score reaches ``1 - sensitivity``, i.e. ``t + (0.5 - sensitivity) (hi - lo)``,
-    rounded up to a float32 number (see the module). Sensitivity 1 flags everything (-inf)."""
-    sensitivity = check_sensitivity(sensitivity)
-    cut = 1.0 - sensitivity
-    if cut <= 0.0:
-        return -math.inf
-    return float32_at_least(float(threshold) + (cut - 0.5) * _span(lo, hi))

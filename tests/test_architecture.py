@@ -274,3 +274,36 @@ def test_the_default_checks_can_fail():
     assert _owned_literal_defaults("def f(a, topk=100, engine=None, precision=DEFAULT): pass\n"
                                    "class C:\n    target_fpr: float = 0.01\n    sensitivity: float = S\n") == [
         "f(topk=100)", "C.target_fpr = 0.01"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The deployment path runs without PyTorch: nothing it imports, in the package or its own
+# modules, imports torch (tests/test_deployment.py runs it with torch blocked).
+# ------------------------------------------------------------------------------------------------
+TORCH_FREE = ("ckaad_fast.deployment",)
+
+
+def _closure(roots) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in GRAPH:
+            continue
+        seen.add(m)
+        todo += [t for t, _, _ in GRAPH[m]]
+        parent = m.rsplit(".", 1)[0]
+        if parent in MODULES and parent != m:  # importing a module runs its package's __init__
+            todo.append(parent)
+    return seen
+
+
+def _imports_torch(source: str) -> bool:
+    return bool(re.search(r"^\s*(import torch\b|from torch\b)", source, re.M))
+
+
+def test_the_deployment_path_imports_no_torch():
+    modules = _closure(TORCH_FREE)
+    assert "ckaad_fast.deployment" in modules and "ckaad_fast.pixels" in modules
+    bad = sorted(m for m in modules if _imports_torch(MODULES[m].read_text()))
+    assert not bad, f"the deployment path reaches modules that import torch: {bad}"
+    assert _imports_torch("x = 1\n    import torch.nn\n") and not _imports_torch("# torch\nimport torchvision\n")
