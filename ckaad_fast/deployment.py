@@ -25,6 +25,7 @@ import numpy as np
 from .decisions import DEFAULT_SENSITIVITY, check_sensitivity, decision_threshold
 from .pixels import ImageRejected, decode_pixels
 from .regions import Region, find_regions
+from .runtimes import compile_openvino, onnxruntime_session
 
 __all__ = ["Deployment", "DeployResult", "SIDECAR", "RUNTIMES"]
 
@@ -157,19 +158,9 @@ def _runtime(name: str, graph: Path, input_name: str, threads: int | None):
     if not graph.is_file():
         raise ValueError(f"{str(graph)!r} is missing: the export folder is incomplete")
     if name == "onnxruntime":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(graph, threads)
         return lambda images: session.run(None, {input_name: images})
-    import openvino as ov
-
-    config = {"INFERENCE_PRECISION_HINT": "f32"}
-    if threads is not None:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(str(graph), "CPU", config)
+    compiled = compile_openvino(graph, "f32", threads)
     request = compiled.create_infer_request()
 
     def run(images):

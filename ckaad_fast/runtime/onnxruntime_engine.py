@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtimes import onnxruntime_session
 from .engine_base import RuntimeEngine
 
 __all__ = ["OnnxRuntimeEngine"]
@@ -17,13 +18,8 @@ class OnnxRuntimeEngine(RuntimeEngine):
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
-
         super().__init__(torch.float32, path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._session = onnxruntime_session(path, threads)
 
     def run(self, images):
         return self._session.run(None, {"image": images})

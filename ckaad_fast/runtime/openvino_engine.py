@@ -1,7 +1,7 @@
 """The ``openvino`` engine: OpenVINO's CPU plugin, on the float engine graph
 (:class:`OpenVinoEngine`) or on an int8 calibration's quantized copy of it
-(:class:`Int8OpenVinoEngine`). :func:`compile_openvino` is the one place an OpenVINO model is
-compiled, for the engines and for quantization's own measurements (:mod:`.quantize`).
+(:class:`Int8OpenVinoEngine`), compiled by :func:`ckaad_fast.runtimes.compile_openvino`, the one
+place an OpenVINO model is compiled.
 
 OpenVINO takes float32, and bfloat16 (its inference-precision hint) on CPUs with bfloat16 units;
 elsewhere it computes float32 whatever the hint, and :attr:`OpenVinoEngine.dtype` says so."""
@@ -9,21 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ..runtimes import compile_openvino
 from .engine_base import RuntimeEngine
 
-__all__ = ["OpenVinoEngine", "Int8OpenVinoEngine", "compile_openvino"]
-
-
-def compile_openvino(model, dtype: torch.dtype = torch.float32, threads: int | None = None):
-    """``model`` (an ``ov.Model`` or an IR/ONNX file's path) compiled for the CPU with the
-    precision hint of ``dtype`` (bfloat16, else float32: an int8 graph's quantizers set their own
-    precision, the operations left in float run in float32) and, when given, ``threads``."""
-    import openvino as ov
-
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"}
-    if threads is not None:
-        config.update({"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
-    return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
+__all__ = ["OpenVinoEngine", "Int8OpenVinoEngine"]
 
 
 class OpenVinoEngine(RuntimeEngine):
@@ -32,7 +21,7 @@ class OpenVinoEngine(RuntimeEngine):
     name = "openvino"
 
     def __init__(self, source, dtype: torch.dtype, threads: int, path=None):
-        compiled = compile_openvino(source, dtype, threads)
+        compiled = compile_openvino(source, "bf16" if dtype == torch.bfloat16 else "f32", threads)
         # What OpenVINO really runs in: bf16 only where the CPU has bf16 units.
         real = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         super().__init__(torch.bfloat16 if "bf16" in real else torch.float32, path)

@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArgumentError
+from ..runtimes import compile_openvino
 from ..metrics import image_auroc
 from ..head import normalized_score
 from ..data.images import normalise_pixels
 from .engines import cache_folder, engine_graph_file
 from .graphs import GRAPH_PARTS, INPUT_NAME, OUTPUT_NAMES
-from .openvino_engine import compile_openvino
 
 __all__ = ["QuantizedGraph", "quantize_graph", "int8_scoring_model", "SCOPES", "DEFAULT_SCOPE",
            "DEFAULT_MAX_AUROC_DROP"]
