@@ -55,11 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..distributed import distributed_session
-
-    # Under torchrun: join the process group (NCCL for a CUDA device, gloo on the CPU); else nothing.
     from ..runtime.plan import device_name
 
     args.device = device_name("eval", args.device)
+    # Under torchrun: join the process group (NCCL for a CUDA device, gloo on the CPU); else nothing.
     with distributed_session(args.device) as dist_info:
         return _run(args, dist_info)
 

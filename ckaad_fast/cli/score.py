@@ -95,7 +95,8 @@ def _add_io_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", action=argparse.BooleanOptionalAction, default=None,
                    help="each image's defect regions at the calibrated pixel threshold (8-connected; box, area, "
                         "peak and mean score) in the rows' regions column and OUT/regions.json, and as boxes on the "
-                        "PNG overlays (default: on where the checkpoint's calibration has a pixel threshold)")
+                        "PNG overlays (default: on where the checkpoint's calibration has a pixel threshold; on a GPU only with "
+                        "--maps or --masks, since every map is read back for them)")
     p.add_argument("--masks", choices=("none", "png"), default=None,
                    help="png: each image's binary mask (map >= the calibrated pixel threshold, 0/255) as "
                         "OUT/masks/<name>.png; needs a checkpoint calibrated on a set with masks (default: none)")

@@ -68,13 +68,13 @@ def score_to_folder(
     (:mod:`ckaad_fast.calibration`), rows also get ``normalized_score`` and, without a
     ``threshold``, ``is_anomalous`` by the calibration at ``sensitivity`` (None: 0.5,
     :data:`~ckaad_fast.head.DEFAULT_SENSITIVITY`, the calibrated threshold; higher flags more).
-    ``masks=True`` also writes each image's binary mask (map >= the calibration's pixel
-    threshold) as ``out_dir/masks/<name>.png`` (0 / 255). ``regions`` (None: where the
-    calibration has a pixel threshold) adds each image's defect regions (:mod:`ckaad_fast.regions`)
-    in the rows' ``regions`` column, ``out_dir/regions.json`` and boxes on the PNG overlays. A
-    calibrated model's maps are written normalised (0.5 at the pixel threshold), PNG overlays on
-    the range 0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync,
-    rename) every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
+    ``masks=True`` writes each image's binary mask (map >= the pixel threshold) as
+    ``out_dir/masks/<name>.png``. ``regions`` (None: where the calibration has a pixel threshold,
+    on a GPU only where maps are written) adds each image's defect regions (:mod:`ckaad_fast.regions`)
+    to the rows (``regions``), ``out_dir/regions.json`` and the PNG overlays (boxes). A calibrated
+    model's maps are written normalised (0.5 at the pixel threshold), PNG overlays on the range
+    0..1 unless ``map_range`` is given. It is rewritten atomically (temporary file, fsync, rename)
+    every ``flush_seconds`` and at the end, also on an interruption or an error, so that it is
     never half-written and holds every result computed before the stop.
 
     ``maps``: "none", "npy" (the float32 map, ``out_dir/maps/<name>.npy``) or "png" (a heat-map
@@ -133,7 +133,9 @@ def _decision(scorer: Scorer, threshold, sensitivity, masks: bool, maps: str, ma
             raise ValueError(f"{what} need a checkpoint calibrated with a pixel threshold: run ckaad-fast calibrate "
                              "(by F1 on a set with ground-truth masks, else at a false-positive rate of the normal "
                              "images' pixels)")
-    regions = pixel if regions is None else bool(regions)
+    if regions is None:  # on a GPU only where the maps come back anyway: reading them all back costs throughput
+        regions = pixel and (scorer.device.type == "cpu" or masks or maps != "none")
+    regions = bool(regions)
     sensitivity = DEFAULT_SENSITIVITY if sensitivity is None else sensitivity
     if scorer.calibration is not None and maps == "png" and map_range is None:
         map_range = (0.0, 1.0)  # normalised maps: one scale for every run, the threshold in its middle
