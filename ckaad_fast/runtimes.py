@@ -3,6 +3,8 @@ Scorer's engines (:mod:`ckaad_fast.runtime`), int8 quantization's measurements a
 deployment client (:mod:`ckaad_fast.deployment`) all open their graphs here."""
 from __future__ import annotations
 
+from .signal_stack import ensure_signal_stack
+
 __all__ = ["onnxruntime_session", "compile_openvino"]
 
 
@@ -27,4 +29,9 @@ def compile_openvino(model, hint: str = "f32", threads: int | None = None):
     config = {"INFERENCE_PRECISION_HINT": hint}
     if threads is not None:
         config.update({"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
-    return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
+    compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)
+    # A process's first compile puts back a small alternate signal stack on this thread (measured:
+    # faulthandler's 9,968 bytes, OpenVINO 2026.4), on which the SIGCHLD handler of DataLoader
+    # workers started later overflows and crashes the process (ckaad_fast.signal_stack).
+    ensure_signal_stack()
+    return compiled

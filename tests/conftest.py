@@ -80,3 +80,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _large_signal_stack_kept():
+    """Every test leaves the process on a large alternate signal stack: a library that puts a
+    small one back (OpenVINO's first compile did: ckaad_fast.runtimes) makes a later test crash
+    when a DataLoader worker exits (ckaad_fast.signal_stack). The test that did it fails here,
+    whatever order the tests run in, and the stack is made large again for the next."""
+    from ckaad_fast.signal_stack import DEFAULT_BYTES, ensure_signal_stack, signal_stack_size
+
+    yield
+    size = signal_stack_size()
+    if size is not None and 0 < size < DEFAULT_BYTES:
+        ensure_signal_stack()
+        pytest.fail(f"this test left a {size}-byte alternate signal stack (want {DEFAULT_BYTES}): whatever "
+                    "shrank it must call ckaad_fast.signal_stack.ensure_signal_stack() after")
