@@ -5,13 +5,15 @@ tensors. Each runtime is one subclass in a file of its own (:mod:`.onnxruntime_e
 :meth:`RuntimeEngine.run` on numpy arrays; :mod:`.engines` picks the class by name."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
 __all__ = ["RuntimeEngine"]
 
 
-class RuntimeEngine:
+class RuntimeEngine(ABC):
     """One runtime running one engine graph on the CPU (see the module). :attr:`name` is the
     engine's name, :attr:`dtype` what it really computes in, :attr:`path` the graph's file
     (None for a graph held in memory)."""
@@ -22,9 +24,9 @@ class RuntimeEngine:
         self.dtype = dtype
         self.path = path
 
+    @abstractmethod
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, maps)`` of a contiguous float32 array of normalised images."""
-        raise NotImplementedError
+        """``(scores, maps)`` of a contiguous float32 array of normalised images (each runtime's own)."""
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

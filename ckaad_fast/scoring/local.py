@@ -19,7 +19,7 @@ from .. import distributed as ddp
 from ..atomic import atomic_save_npy
 from .decoding import error_text
 from .engine import Scorer, ScoreResult
-from ..regions import draw_boxes, find_regions, regions_to_text
+from ..regions import draw_boxes, find_regions, regions_from_text, regions_to_text
 from .manifest import keys_of, manifest_of, record_in_manifest
 from .monitor import decided, monitor_for
 from .results import (
@@ -132,13 +132,13 @@ class LocalRun:
             self.flush()
         self._count_anomalous()
         self.summary.map_range = self.map_range if self.maps == "png" else None
-        if self.monitor is not None:
-            rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
-            self.summary.monitor = self.monitor.finish(*decided([r for r in rows if r is not None], self.verdict))
-            record_in_manifest(self.out, "monitor", self.summary.monitor)
-        if self.verdict.regions and self.part is None:
-            rows = [self.new.get(p) or kept_row(self.old, p, self.keys[p]) for p in self.paths]
-            write_regions(self.out, [r for r in rows if r is not None], self.verdict)
+        if self.part is None and (self.monitor is not None or self.verdict.regions):
+            rows = [r for p in self.paths if (r := self.new.get(p) or kept_row(self.old, p, self.keys[p])) is not None]
+            if self.monitor is not None:
+                self.summary.monitor = self.monitor.finish(*decided(rows, self.verdict))
+                record_in_manifest(self.out, "monitor", self.summary.monitor)
+            if self.verdict.regions:
+                write_regions(self.out, rows, self.verdict)
         return self.summary
 
     def _stream(self, todo: list[str], bar) -> None:
@@ -195,7 +195,7 @@ class LocalRun:
         self.flush()
 
     # -- maps ---------------------------------------------------------------------------------
-    def _write_map(self, path: str, r: ScoreResult, rng) -> None:
+    def _write_map(self, path: str, r: ScoreResult, rng, regions: str = "") -> None:
         # A calibrated model's maps are written normalised (0.5 at its pixel threshold), like its scores.
         cal = self.verdict.calibration
         amap = cal.normalize_map(r.map) if cal is not None and self.maps != "none" else r.map
@@ -205,8 +205,8 @@ class LocalRun:
             from ..report import overlay, save_png
 
             picture = overlay(r.image, amap, rng[0], rng[1])
-            if self.verdict.regions:  # the regions' boxes on the picture a person looks at
-                picture = draw_boxes(picture, find_regions(r.map, cal.pixel_threshold))
+            if self.verdict.regions:  # the row's regions, as boxes on the picture a person looks at
+                picture = draw_boxes(picture, regions_from_text(regions))
             save_png(picture, self.maps_dir / self.names[path])
         if self.masks:
             from ..report import save_png
@@ -215,7 +215,7 @@ class LocalRun:
             save_png(mask, self.masks_dir / self.mask_names[path])
 
     def _submit(self, r: ScoreResult, row: dict) -> None:
-        self.futures.append((self.pool.submit(self._write_map, r.path, r, self.map_range), row))
+        self.futures.append((self.pool.submit(self._write_map, r.path, r, self.map_range, row.get("regions", "")), row))
 
     def _fix_scale_and_release(self) -> None:
         # The colour scale of a run without map_range: the range of its first batch's maps.
