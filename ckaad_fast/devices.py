@@ -3,13 +3,13 @@
 process group)."""
 from __future__ import annotations
 
-import torch
-
 __all__ = ["cuda_usable", "default_device"]
 
 
 def cuda_usable() -> bool:
     """Whether this machine has a CUDA device torch can use."""
+    import torch  # here, not above: a deployment without torch imports this module's callers
+
     return torch.cuda.is_available()
 
 

@@ -14,10 +14,8 @@ machines), ``LOCAL_RANK`` (0..N-1 on this machine), ``WORLD_SIZE``, ``MASTER_ADD
 Without torchrun (``WORLD_SIZE`` unset or 1) every helper here is the single-process identity:
 ``rank() == 0``, ``world_size() == 1``, ``barrier()`` does nothing, ``shard(x) == x``.
 
-Test-only fault injection: ``CKAAD_FAST_TEST_DIE_AFTER_BATCHES=[RANK:]N`` makes the process of
-that rank (every rank when ``RANK:`` is left out) stop dead with ``os._exit`` after its N-th
-batch of ``ckaad-fast score`` (see :func:`maybe_die_for_test`). It exists for the tests of
-``--resume`` after a crash; never set it otherwise.
+Test-only fault injection (``CKAAD_FAST_TEST_DIE_AFTER_BATCHES``) lives in :mod:`ckaad_fast.faults`,
+re-exported here.
 """
 from __future__ import annotations
 
@@ -34,8 +32,11 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 
 from .devices import cuda_usable, default_device
+from .faults import DIE_ENV, DIE_EXIT_CODE, maybe_die_for_test
 
 __all__ = [
+    "DIE_ENV",
+    "DIE_EXIT_CODE",
     "DistInfo",
     "GlobalBatchSampler",
     "all_gather_object",
@@ -60,11 +61,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-#: Environment variable of the test-only fault injection (see the module's docstring).
-DIE_ENV = "CKAAD_FAST_TEST_DIE_AFTER_BATCHES"
-#: Exit code of a process stopped by the fault injection.
-DIE_EXIT_CODE = 99
 
 _CPU_GROUP = None  # gloo group for objects and barriers when the default group is NCCL
 _OWNED = False  # the group was created by init_distributed (and is destroyed by destroy_distributed)
@@ -365,27 +361,3 @@ class GlobalBatchSampler(DistributedSampler):
         self.epoch = int(epoch)
         if self.seed_fn is not None:
             self.generator.manual_seed(int(self.seed_fn(self.epoch)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Test-only fault injection
-# ------------------------------------------------------------------------------------------------
-def _die_after() -> int | None:
-    spec = os.environ.get(DIE_ENV, "").strip()
-    if not spec:
-        return None
-    who, _, n = spec.rpartition(":")
-    if who and int(who) != (rank() if is_distributed() else _env_int("RANK", 0)):
-        return None
-    return int(n)
-
-
-def maybe_die_for_test(batches_done: int, before_exit: Callable[[], None] | None = None) -> None:
-    """Test-only: stop this process dead (``os._exit``, no clean-up, no ``finally``) once it has
-    finished ``CKAAD_FAST_TEST_DIE_AFTER_BATCHES`` batches, after ``before_exit`` (which saves
-    what a periodic save would have saved). Does nothing when the variable is unset."""
-    n = _die_after()
-    if n is not None and batches_done >= n:
-        if before_exit is not None:
-            before_exit()
-        os._exit(DIE_EXIT_CODE)

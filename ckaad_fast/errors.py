@@ -6,7 +6,7 @@ can name its own flag (``--data``) where a Python caller reads the parameter (``
 """
 from __future__ import annotations
 
-__all__ = ["ArgumentError"]
+__all__ = ["ArgumentError", "error_text"]
 
 
 class ArgumentError(ValueError):
@@ -16,3 +16,11 @@ class ArgumentError(ValueError):
         self.name = name
         self.message = message
         super().__init__(f"{name}: {message}")
+
+
+def error_text(e: BaseException) -> str:
+    """``e`` as one line of at most about 300 characters: what a results row reports."""
+    msg = " ".join(str(e).split())  # one line
+    if len(msg) > 300:
+        msg = msg[:297] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

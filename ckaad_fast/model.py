@@ -7,7 +7,6 @@ them out (scoring never calls it), :func:`ckaad_fast.training.ckaad_from_checkpo
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import warnings
@@ -27,6 +26,7 @@ from .models.safe_load import refusal_reason
 from .precision import autocast, resolve_precision
 from .profiling import nvtx_range
 from .errors import ArgumentError
+from .records import PlainConfig
 from .tiling import Tiling, tiling_of
 from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
@@ -37,23 +37,6 @@ CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
 #: The file name of a run's checkpoint in its output folder (``ckaad-fast train --out``).
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class PlainConfig:
-    """Round-trips a configuration dataclass through plain types (lists for tuples), which JSON
-    and ``torch.load(weights_only=True)`` both accept."""
-
-    _kind = "configuration"
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown {cls._kind} keys {sorted(unknown)}")
-        return cls(**d)
 
 
 #: The image score's default top-k: the mean of the 100 largest map values (the one owner: the

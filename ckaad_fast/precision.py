@@ -21,11 +21,14 @@ where it belongs. Its torch marker is ``torch.int8``.
 from __future__ import annotations
 
 import contextlib
-
-import torch
+import sys
+from typing import TYPE_CHECKING
 
 from .devices import cuda_usable, default_device
 from .errors import ArgumentError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PRECISIONS", "INT8", "canonical_precision", "torch_dtype", "resolve_precision", "precision_name", "autocast",
            "cpu_has_bf16_matmul", "resolve_device", "check_device_usable", "channels_last_for",
@@ -39,7 +42,9 @@ _ALIASES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The precisions that are torch dtypes (torch is imported only by what builds or runs a network:
+# the names alone serve a deployment without it).
+_DTYPES = ("float32", "bfloat16", "float16")
 #: The quantized precision (see the module): its name, and torch.int8 as its marker.
 INT8 = "int8"
 
@@ -50,9 +55,9 @@ def canonical_precision(name, argument: str = "precision", int8: bool = False) -
     :class:`~ckaad_fast.errors.ArgumentError` naming ``argument``."""
     if name is None:
         return "auto"
-    if isinstance(name, torch.dtype):
-        key = next((k for k, v in _DTYPES.items() if v == name), INT8 if name == torch.int8 else None)
-        if key is None:
+    if _is_torch_dtype(name):
+        key = str(name).removeprefix("torch.")
+        if key not in _DTYPES and key != INT8:
             raise ArgumentError(argument, f"must be float32, bfloat16 or float16, got {name}")
     else:
         key = str(name).lower().removeprefix("torch.")
@@ -68,6 +73,12 @@ def canonical_precision(name, argument: str = "precision", int8: bool = False) -
     return _ALIASES[key]
 
 
+def _is_torch_dtype(value) -> bool:
+    # A torch dtype exists only once torch is imported: no need to import it to ask.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.dtype)
+
+
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16; Linux's
     /proc/cpuinfo flags), where bfloat16 pays off; oneDNN emulates it elsewhere."""
@@ -77,6 +88,8 @@ def cpu_has_bf16_matmul() -> bool:
     except OSError:
         return False
     names = set(flags.split())
+    import torch
+
     return bool({"amx_bf16", "avx512_bf16"} & names) and torch.backends.mkldnn.is_available()
 
 
@@ -86,13 +99,17 @@ def torch_dtype(name, argument: str = "precision", int8: bool = False) -> torch.
     key = canonical_precision(name, argument, int8)
     if key == "auto":
         raise ArgumentError(argument, f"must name one precision ({', '.join(_DTYPES)}), not auto")
-    return torch.int8 if key == INT8 else _DTYPES[key]
+    import torch
+
+    return getattr(torch, key)  # torch.int8 for INT8
 
 
 def resolve_precision(name, device, argument: str = "precision", int8: bool = False) -> torch.dtype:
     """The torch dtype ``name`` means on ``device`` ("auto" resolved as the module says); float16
     on a CPU is refused (no CPU multiplies it fast, and its range overflows features), and int8
     anywhere but on the CPU (OpenVINO runs it there) or where ``int8`` does not allow it."""
+    import torch
+
     key = canonical_precision(name, argument, int8)
     device = torch.device(device)
     if key == "auto":
@@ -112,6 +129,8 @@ def precision_name(dtype: torch.dtype) -> str:
 def autocast(device, dtype: torch.dtype):
     """The context the networks run in: autocast to ``dtype`` (no cast cache, so that nothing
     stale is captured into a CUDA graph), or nothing for float32."""
+    import torch
+
     if dtype == torch.float32:
         return contextlib.nullcontext()
     if dtype == torch.int8:  # a quantized graph's marker, never an autocast type
@@ -123,12 +142,16 @@ def channels_last_for(device, dtype: torch.dtype) -> bool:
     """Whether the networks run in channels_last: on a GPU, and for oneDNN's bfloat16 on the CPU
     (where it is the fast layout). Every scoring path follows this one rule, since the layout
     picks the convolution algorithm and so the last bits of every score."""
+    import torch
+
     return torch.device(device).type == "cuda" or dtype != torch.float32
 
 
 def check_device_usable(device, argument: str = "device") -> torch.device:
     """``device`` as a torch.device of type cpu or cuda, refusing CUDA where there is none
     (:func:`ckaad_fast.devices.cuda_usable`)."""
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -143,6 +166,8 @@ def check_device_usable(device, argument: str = "device") -> torch.device:
 def resolve_device(device) -> torch.device:
     """``device`` as a usable torch.device, a CUDA one with its index (the current GPU when none
     is given)."""
+    import torch
+
     dev = check_device_usable(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())

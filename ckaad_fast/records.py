@@ -1,13 +1,15 @@
 """Does this folder hold the same thing? The one comparison of a folder's JSON record (what made
 it) with what would be made now: the engine's results folder (run.json), an experiment's folder,
-a training run's checkpoint configuration and the generated data sets (meta.json) all ask it."""
+a training run's checkpoint configuration and the generated data sets (meta.json) all ask it.
+Beside it, :class:`PlainConfig`: how a configuration record round-trips through plain types."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
 
-__all__ = ["read_record", "as_stored", "differences", "holds"]
+__all__ = ["read_record", "as_stored", "differences", "holds", "PlainConfig"]
 
 
 def read_record(path: str | os.PathLike) -> dict | None:
@@ -37,3 +39,20 @@ def holds(path: str | os.PathLike, current: Mapping) -> bool:
     """Whether the record at ``path`` is ``current``, exactly (no key more or less)."""
     saved = read_record(path)
     return saved is not None and saved == as_stored(current)
+
+
+class PlainConfig:
+    """Round-trips a configuration dataclass through plain types (lists for tuples), which JSON
+    and ``torch.load(weights_only=True)`` both accept."""
+
+    _kind = "configuration"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls._kind} keys {sorted(unknown)}")
+        return cls(**d)

@@ -213,7 +213,7 @@ def test_the_floor_rule_can_fail():
 #: The options that may keep a literal default: output folders.
 CLI_LITERAL_ALLOWED = {"--out"}
 #: The run-time choices whose defaults have one owner each (runtime/plan.py, model.DEFAULT_TOPK,
-#: head.DEFAULT_SENSITIVITY, calibration.TARGET_FPR and CALIBRATE_SHARE).
+#: decisions.DEFAULT_SENSITIVITY, calibration.TARGET_FPR and CALIBRATE_SHARE).
 OWNED_CHOICES = {"precision", "dtype", "engine", "topk", "target_fpr", "sensitivity", "calibrate_share"}
 #: Where those literals live: each owner, and the ops (which know nothing of CKAAD's defaults).
 OWNERS = {"ckaad_fast.runtime.plan"}

@@ -35,21 +35,16 @@ find it.
 """
 from __future__ import annotations
 
-from .run import INT8_RANGE_IMAGES, calibrate, check_calibration_out
-from .sets import CALIBRATE_SHARE, CALIBRATION_SPLIT, check_calibration_split, normal_folder_set, split_for_calibration
-from .store import read_calibration, write_calibration
-from .thresholds import (
-    FENCE_IQRS,
-    TARGET_FPR,
-    Calibration,
-    CalibrationSetWarning,
-    calibration_from_scores,
-    check_set_size,
-    suspected_anomalies,
-    threshold_at_fpr,
-)
+from ..lazy import exports
 
-__all__ = ["Calibration", "calibrate", "calibration_from_scores", "normal_folder_set", "write_calibration",
-           "read_calibration", "split_for_calibration", "threshold_at_fpr", "check_calibration_split",
-           "check_calibration_out", "check_set_size", "suspected_anomalies", "CalibrationSetWarning", "FENCE_IQRS",
-           "TARGET_FPR", "CALIBRATE_SHARE", "CALIBRATION_SPLIT", "INT8_RANGE_IMAGES"]
+# Each public name, and the submodule that owns it: imported on first use, so that a deployment
+# without torch reads a Calibration (.thresholds) without the calibration run (.run, torch).
+__getattr__, __dir__, __all__ = exports(__name__, {
+    "INT8_RANGE_IMAGES": "run", "calibrate": "run", "check_calibration_out": "run",
+    "CALIBRATE_SHARE": "sets", "CALIBRATION_SPLIT": "sets", "check_calibration_split": "sets",
+    "normal_folder_set": "sets", "split_for_calibration": "sets",
+    "read_calibration": "store", "write_calibration": "store",
+    "FENCE_IQRS": "thresholds", "TARGET_FPR": "thresholds", "Calibration": "thresholds",
+    "CalibrationSetWarning": "thresholds", "calibration_from_scores": "thresholds", "check_set_size": "thresholds",
+    "suspected_anomalies": "thresholds", "threshold_at_fpr": "thresholds",
+})

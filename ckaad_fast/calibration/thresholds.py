@@ -12,9 +12,9 @@ import numpy as np
 
 from ..calibration_checks import FENCE_IQRS, fence_rule, suspected_anomalies
 from ..errors import ArgumentError
-from ..head import DEFAULT_SENSITIVITY, decision_threshold, float32_at_least, normalized_score
+from ..decisions import DEFAULT_SENSITIVITY, decision_threshold, float32_at_least, normalized_score
 from ..metrics import image_f1_acc
-from ..model import PlainConfig
+from ..records import PlainConfig
 from ..precision import canonical_precision
 from ..runtime.plan import ENGINES
 

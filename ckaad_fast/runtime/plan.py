@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ArgumentError
 from ..precision import (INT8, canonical_precision, cpu_has_bf16_matmul, cuda_usable, default_device, precision_name,
                          resolve_device, resolve_precision)
+
+if TYPE_CHECKING:  # torch is imported by what runs a network, never by the plan's tables
+    import torch
 
 __all__ = ["ENGINES", "RUNTIME_ENGINES", "PURPOSES", "DEFAULTS", "CAPABILITIES", "FORMAT_PRECISIONS", "FORMAT_DEVICES",
            "plan_precision", "plan_engine", "plan_topk", "plan_device", "device_name", "plan_export", "resolve_engine",
@@ -118,18 +120,18 @@ def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype) -> str
         if kind != "cpu":
             return "torch"
         usable = [e for e in _CPU_ORDER if engine_installed(e) and engine_supports(e, kind, dtype)]
-        if not usable and dtype == torch.int8:
+        if not usable and precision_name(dtype) == INT8:
             raise ArgumentError("engine", "int8 runs on the openvino engine, which is not installed here: "
                                           "pip install 'ckaad_fast[export]'")
         return usable[0] if usable else "torch"
-    if engine == "torch" and dtype != torch.int8:
+    if engine == "torch" and precision_name(dtype) != INT8:
         return engine
     if engine != "torch" and kind not in CAPABILITIES[engine]:
         raise ArgumentError("engine", f"{engine} runs on the CPU here; on {kind} use torch (or auto)")
     if engine != "torch" and not engine_installed(engine):
         raise ArgumentError("engine", f"{engine} is not installed: pip install 'ckaad_fast[export]'")
     if not engine_supports(engine, kind, dtype):
-        if dtype == torch.int8:
+        if precision_name(dtype) == INT8:
             raise ArgumentError("engine", f"{engine} cannot run the int8 graph (openvino only): use engine openvino "
                                           "(or auto), or dtype float32 to score the float model instead")
         raise ArgumentError("engine", f"{engine} cannot compute in {precision_name(dtype)} here (onnxruntime: "
@@ -154,7 +156,7 @@ def plan_precision(purpose: str, asked, calibration, device: torch.device, argum
             f"relative (up to 3e-2; int8 more), so images near the threshold can be decided differently from the "
             f"calibration's promise; leave {argument} out (or pass {calibrated!r}) to score as it was calibrated",
             UserWarning, stacklevel=3)
-    if chosen == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul():
+    if precision_name(chosen) == "bfloat16" and device.type == "cpu" and not cpu_has_bf16_matmul():
         warnings.warn(
             "scoring in bfloat16 on a CPU without bfloat16 matrix units (AMX, AVX-512 BF16): it is emulated, about "
             "12x slower than float32 (measured on a 2-core AVX2 EPYC); calibrate in float32 for such machines",
@@ -176,7 +178,7 @@ def plan_engine(purpose: str, asked: str | None, calibration, device: torch.devi
     int8 runs on OpenVINO whatever the default. A warning when a calibrated model is scored by
     another engine than its calibration's: float32 engines agree to about 1e-6 relative, so only
     an image that close to the threshold can be decided differently."""
-    if dtype == torch.int8:  # the calibration's quantized graph, which only OpenVINO runs
+    if precision_name(dtype) == INT8:  # the calibration's quantized graph, which only OpenVINO runs
         if torch_only:
             raise ArgumentError("dtype", "int8 runs on the openvino engine; compile and cuda_graphs are torch's")
         return resolve_engine("openvino" if asked in (None, "auto") else asked, device, dtype)

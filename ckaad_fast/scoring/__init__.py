@@ -5,35 +5,18 @@
 - :mod:`.results`: OUT/scores.csv, OUT/maps/, OUT/parts/, and reading them back for a resume.
 - :mod:`.runner`: :func:`score_to_folder`; :mod:`.local`: its work in one process; :mod:`.sharded`:
   over a process group.
-"""
-from .engine import ScoreResult, Scorer
-from .results import (
-    CSV_NAME,
-    MAP_FORMATS,
-    MAPS_DIR,
-    PARTS_DIR,
-    SCALE_NAME,
-    ScoreSummary,
-    check_out,
-    map_names,
-    part_name,
-    read_scores_csv,
-)
-from .runner import adopt_results, score_to_folder
 
-__all__ = [
-    "adopt_results",
-    "CSV_NAME",
-    "MAP_FORMATS",
-    "MAPS_DIR",
-    "PARTS_DIR",
-    "SCALE_NAME",
-    "ScoreResult",
-    "ScoreSummary",
-    "check_out",
-    "Scorer",
-    "map_names",
-    "part_name",
-    "read_scores_csv",
-    "score_to_folder",
-]
+The names below are imported on first use (PEP 562): the results folder (results, runner, local,
+manifest, monitor) needs no torch, so an exported model scored by :mod:`ckaad_fast.deployment`
+writes the same folder in a process that has none.
+"""
+from ..lazy import exports
+
+# Each public name, and the submodule that owns it.
+__getattr__, __dir__, __all__ = exports(__name__, {
+    "Scorer": "engine", "ScoreResult": "result",
+    "CSV_NAME": "results", "MAP_FORMATS": "results", "MAPS_DIR": "results", "PARTS_DIR": "results",
+    "SCALE_NAME": "results", "ScoreSummary": "results", "check_out": "results", "map_names": "results",
+    "part_name": "results", "read_scores_csv": "results",
+    "adopt_results": "runner", "score_to_folder": "runner",
+})

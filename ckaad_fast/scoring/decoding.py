@@ -12,17 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import ImageRejected, decode_image
+from ..errors import error_text
 from ..profiling import enable_nvtx, nvtx_range
 
 __all__ = ["DecodeDataset", "collate", "default_workers", "error_text", "worker_init"]
-
-
-def error_text(e: BaseException) -> str:
-    """``e`` as one line of at most about 300 characters: what a results row reports."""
-    msg = " ".join(str(e).split())  # one line
-    if len(msg) > 300:
-        msg = msg[:297] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 class DecodeDataset(Dataset):

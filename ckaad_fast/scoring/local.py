@@ -1,7 +1,8 @@
 """The work of :func:`~.runner.score_to_folder` in one process: a whole run, or one rank's share
 of a sharded one (see :mod:`.sharded`).
 
-:class:`LocalRun` streams the images through a :class:`~.engine.Scorer`, writes the maps on a
+:class:`LocalRun` streams the images through a :class:`~.engine.Scorer` (or anything that
+scores paths as it does: :class:`ckaad_fast.deployment.DeployedScorer`), writes the maps on a
 few threads, and rewrites scores.csv atomically every few seconds and at the end, so an
 interruption loses nothing finished. A row enters the results only once its map is on disk.
 """
@@ -11,14 +12,14 @@ import concurrent.futures
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .. import distributed as ddp
 from ..atomic import atomic_save_npy
-from .decoding import error_text
-from .engine import Scorer, ScoreResult
+from ..errors import error_text
+from ..faults import maybe_die_for_test
+from .result import ScoreResult
 from ..regions import draw_boxes, find_regions, regions_from_text, regions_to_text
 from .manifest import keys_of, manifest_of, record_in_manifest
 from .monitor import decided, monitor_for
@@ -41,6 +42,9 @@ from .results import (
     write_rows,
     write_scale,
 )
+
+if TYPE_CHECKING:
+    from .engine import Scorer
 
 __all__ = ["LocalRun"]
 
@@ -188,7 +192,7 @@ class LocalRun:
         if self.user_on_batch is not None:
             self.user_on_batch()
         # Test-only fault injection (a no-op unless its variable is set): die after a periodic save.
-        ddp.maybe_die_for_test(self.batches, self._save_now)
+        maybe_die_for_test(self.batches, self._save_now)
 
     def _save_now(self) -> None:
         self._settle(block=True)

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..errors import ArgumentError
-from ..head import DEFAULT_SENSITIVITY, check_sensitivity
+from ..decisions import DEFAULT_SENSITIVITY, check_sensitivity
 from .manifest import MANIFEST_NAME, check_resume, path_key, read_manifest, write_manifest
 
 __all__ = ["CSV_NAME", "MAPS_DIR", "MASKS_DIR", "SCALE_NAME", "REGIONS_NAME", "write_regions", "MAP_FORMATS", "PARTS_DIR", "ScoreSummary", "part_name",

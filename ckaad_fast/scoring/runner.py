@@ -4,18 +4,19 @@ group (:mod:`.sharded`) does the work."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from .. import distributed as ddp
-from ..head import DEFAULT_SENSITIVITY
-from .engine import Scorer
+from ..decisions import DEFAULT_SENSITIVITY
 from .local import LocalRun
 from ..lock import FolderLock
 from ..errors import ArgumentError
 from .manifest import MANIFEST_NAME, manifest_of, read_manifest, write_manifest
 from .results import ScoreSummary, Verdict, check_arguments, check_out, previous_rows
-from .sharded import score_sharded
+
+if TYPE_CHECKING:
+    from .engine import Scorer
 
 __all__ = ["score_to_folder", "adopt_results"]
 
@@ -114,15 +115,24 @@ def score_to_folder(
         raise ValueError("no images to score")
     out = Path(out_dir)
     check_out(out, resume, overwrite)
-    if distributed is None:
-        distributed = ddp.is_distributed()
-    if distributed and ddp.is_distributed():
+    if distributed is not False and _in_process_group():  # None: whenever a process group runs
+        from .sharded import score_sharded  # torch's; imported only where a process group runs
         return score_sharded(scorer, paths, out, maps, verdict, resume, overwrite, map_range, progress,
                              flush_seconds, on_batch, masks)
     run = LocalRun(scorer, paths, out, maps, verdict, map_range, flush_seconds, on_batch, masks=masks)
     with FolderLock(out):  # one writer per results folder
         run.prepare(resume, overwrite)
         return run.score(progress)
+
+
+def _in_process_group() -> bool:
+    """Whether a process group of more than one process runs (torchrun). One exists only where
+    torch.distributed was imported, so a process without torch (the deployment path) never asks."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    from .. import distributed as ddp
+
+    return ddp.is_distributed()
 
 
 def _decision(scorer: Scorer, threshold, sensitivity, masks: bool, maps: str, map_range, regions=None):

@@ -4,39 +4,13 @@ is an error result, never a verdict."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
+from .result import NON_FINITE_ERROR, ScoreResult
+
 __all__ = ["ScoreResult", "NON_FINITE_ERROR", "stream_results"]
-
-
-#: The error of an image whose score is not a finite number (the image or the model gave NaN/Inf).
-NON_FINITE_ERROR = "non-finite score ({}): the image or the model produced NaN or infinite values"
-
-
-@dataclass
-class ScoreResult:
-    """The result for one file of :meth:`Scorer.score_paths`.
-
-    ``score`` is the image score (None when the file could not be read), ``map`` the anomaly
-    map (H, W) float32 at the model's input size, or at the file's own size for a tiled model (None when maps were not asked for or the file
-    could not be read), ``error`` a one-line description of why the file could not be scored
-    (None when it was), ``image`` the (H, W, 3) uint8 image the model saw (only with
-    ``return_images=True``).
-    """
-
-    path: str
-    score: float | None
-    map: np.ndarray | None = None
-    error: str | None = None
-    image: np.ndarray | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def stream_results(loader, launch, paths, return_maps, return_images, on_batch) -> Iterator[ScoreResult]:
