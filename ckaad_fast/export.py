@@ -124,6 +124,10 @@ def _sidecar(model, calibration, target: Path, format: str, batch, sensitivity: 
         "backbone": model.config.backbone,
         "layers": list(model.config.layers),
         "image_size": [h, w],
+        # What else makes a score (a results folder's manifest records them: scoring.deployed).
+        "topk": model.config.topk,
+        "sigma": model.config.sigma,
+        "border": model.config.border,
         # The batch sizes the graph was exported for. ONNX Runtime and OpenVINO do not check a
         # dynamic batch's bounds (see docs/CLI.md, "export"): a server in front of them should.
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW RGB", "batch": batch or "dynamic",

@@ -24,14 +24,15 @@ megapixels: docs/CLI.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .errors import ArgumentError
 from .validation import is_int
+
+if TYPE_CHECKING:  # torch only where tiles are scored by a network; the geometry is numpy's
+    import torch
 
 __all__ = ["Tiling", "tiling_of", "axis_starts", "axis_weights", "Stitcher", "tiled_maps", "tile_crops",
            "seam_ratio", "default_stride"]
@@ -134,9 +135,12 @@ def axis_weights(length: int, size: int, stride: int) -> tuple[list[int], np.nda
 
 class Stitcher:
     """Accumulates tile maps (``size`` x ``size`` each) into one (h, w) float32 map on
-    ``device``: ``add(maps, corners)`` for each batch, then :attr:`map`."""
+    ``device``: ``add(maps, corners)`` for each batch, then :attr:`map`. (A deployment without
+    torch stitches by the same weights in numpy: :mod:`ckaad_fast.deployment`.)"""
 
     def __init__(self, h: int, w: int, tiling: Tiling, device="cpu"):
+        import torch
+
         tiling.check_image(h, w)
         self.tiling = tiling
         ys, wy = axis_weights(h, tiling.size, tiling.stride)
@@ -154,6 +158,8 @@ class Stitcher:
 
 def tile_crops(image: torch.Tensor, tiling: Tiling, batch: int) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
     """The tiles of a (3, H, W) image, ``batch`` at a time: (corners, (n, 3, size, size))."""
+    import torch
+
     h, w = image.shape[-2:]
     corners = tiling.grid(h, w)
     s = tiling.size
@@ -171,6 +177,8 @@ def tiled_maps(image: torch.Tensor, tiling: Tiling, input_size: tuple[int, int],
     ``input_size`` when the tile size differs (bilinear, antialiased), through ``forward``
     (whose maps are resized back to the tile's size, bilinear), blended into the canvas on
     ``device`` (default: the forward's device)."""
+    import torch.nn.functional as F
+
     h, w = image.shape[-2:]
     stitcher = None
     size = (tiling.size, tiling.size)

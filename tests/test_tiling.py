@@ -257,36 +257,6 @@ def test_a_six_pixel_defect_is_in_the_top_percent_of_a_tiled_512_map(tmp_path):
     assert m[mask].max() >= top, (m[mask].max(), top)
 
 
-@pytest.mark.slow
-def test_the_documented_client_tiles_an_exported_model_as_the_scorer_does(tmp_path):
-    # The numpy client of docs/CLI.md ("Tiled models"), run as written against the ONNX export.
-    pytest.importorskip("onnxruntime")
-    import re
-
-    from ckaad_fast.export import export
-    from ckaad_fast.model import save_checkpoint
-
-    model = _model(64, 48)
-    save_checkpoint(tmp_path / "c.pt", model)
-    export(tmp_path / "c.pt", tmp_path / "deploy", "onnx")
-    text = open(__file__.replace("tests/test_tiling.py", "docs/CLI.md"), encoding="utf-8").read()
-    code = re.search(r"```python\n(import json, numpy as np, onnxruntime.*?)```", text, re.S).group(1)
-    code = code.replace('"deploy/', f'"{tmp_path}/deploy/')
-    meta = __import__("json").load(open(tmp_path / "deploy" / "model.json"))
-    assert meta["tiling"]["size"] == 64 and meta["tiling"]["stride"] == 48
-    meta["decision_threshold"] = 0.0  # an uncalibrated export has none; the client compares with it
-    (tmp_path / "deploy" / "model.json").write_text(__import__("json").dumps(meta))
-    ns: dict = {}
-    exec(compile(code, "CLI.md", "exec"), ns)
-    img = np.random.default_rng(3).integers(0, 256, (150, 181, 3), dtype=np.uint8)
-    score, _, canvas = ns["score_image"](img)
-    scorer = Scorer(model, dtype="float32", engine="torch", batch_size=8)
-    x = scorer.normalise(torch.from_numpy(img).permute(2, 0, 1)[None])
-    s, m = scorer(x)
-    assert np.allclose(canvas, m[0].numpy(), rtol=1e-4, atol=1e-5)
-    assert float(score) == pytest.approx(float(s), rel=1e-4)
-
-
 def test_an_image_smaller_than_a_tile_is_an_error_row_in_score_and_left_out_elsewhere(tmp_path):
     # One small file among full-size ones: the Scorer reports it in its row and scores the others;
     # predict_dataset (eval, calibrate) and the tile loader (train) leave it out with a warning.

@@ -30,8 +30,16 @@ from ..signal_stack import ensure_signal_stack
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-# Subcommand modules, in the order --help lists them.
-_COMMANDS = ("train", "eval", "calibrate", "score", "export", "experiment", "demo")
+#: The subcommands (one module each), in the order --help lists them, with the line it shows.
+COMMANDS = {
+    "train": "train a CKAAD detector and write OUT/checkpoint.pt and OUT/log.jsonl",
+    "eval": "score a test split with a trained checkpoint and report image/pixel AUROC, F1, AUPRO",
+    "calibrate": "pick the decision threshold on held-out data and store it in the checkpoint",
+    "score": "score images with a trained checkpoint or an export folder; write scores.csv and anomaly maps",
+    "export": "export the scoring forward (uint8 image -> score, normalized_score, is_anomalous, anomaly_map)",
+    "experiment": "run one of the paper's tables (table1, table2, table3) and write OUT/results.csv and OUT/table.md",
+    "demo": "make a small anomaly data set, train a small CKAAD on the CPU, score it, write a report",
+}
 
 # The option that sets each Python argument whose name differs from the option's.
 _FLAGS = {
@@ -56,7 +64,7 @@ def _message(e: Exception) -> str:
     return re.sub(r"TrainConfig\.(\w+)", lambda m: flag(m.group(1)), str(e))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckaad-fast",
         description="Train, evaluate and run CKAAD anomaly detectors with fused GPU kernels.",
@@ -64,9 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+    for name, line in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=line)
     return parser
+
+
+def _command_of(argv) -> str:
+    """The subcommand ``argv`` names ("" for none or an unknown one: argparse says which)."""
+    word = next((a for a in argv if not a.startswith("-")), "")
+    return word if word in COMMANDS else ""
 
 
 @contextlib.contextmanager
@@ -97,7 +114,8 @@ def main(argv=None) -> int:
     if not faulthandler.is_enabled():
         faulthandler.enable()
     ensure_signal_stack()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         with _sigterm_as_interrupt(), _warnings_as_lines(args.command):
             return _dispatch(args)

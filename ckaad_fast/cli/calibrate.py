@@ -7,6 +7,7 @@ import argparse
 from ..calibration import CALIBRATION_SPLIT, TARGET_FPR
 from ..runtime.plan import ENGINES, default_of
 from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, SCOPES
+from . import COMMANDS
 from ._data import add_data_arguments, dataset_from_args
 from ._types import add_tiling_arguments, fraction, fraction_or_zero, given, nonneg_int, positive_int, precision_or_int8
 
@@ -14,7 +15,7 @@ from ._types import add_tiling_arguments, fraction, fraction_or_zero, given, non
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "calibrate",
-        help="pick the decision threshold on held-out data and store it in the checkpoint",
+        help=COMMANDS["calibrate"],
         description="Score a calibration set that is not the test set and store the decision in the checkpoint: "
                     "with anomalous images in it, the threshold of best F1 (and a pixel threshold where masks "
                     "exist); with normal images only (--normal DIR, or a split with no anomalies), the threshold "

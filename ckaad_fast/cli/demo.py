@@ -5,6 +5,7 @@ import argparse
 
 from ..data.synthetic import TEXTURES
 from ..demo import DEMO_DEFAULTS
+from . import COMMANDS
 from ._types import given, int_at_least
 
 
@@ -12,7 +13,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = DEMO_DEFAULTS
     p = subparsers.add_parser(
         "demo",
-        help="make a small anomaly data set, train a small CKAAD on the CPU, score it, write a report",
+        help=COMMANDS["demo"],
         description=(
             "The main job on an embedded default, with nothing downloaded and no data of yours: "
             "makes a small anomaly data set from a texture photograph that scikit-image ships, "

@@ -12,6 +12,7 @@ import argparse
 import os
 
 from ..runtime.plan import ENGINES, default_of
+from . import COMMANDS
 from ._data import add_data_arguments, dataset_from_args
 from ._types import add_tiling_arguments, nonneg_int, positive_int, precision_or_int8
 
@@ -19,7 +20,7 @@ from ._types import add_tiling_arguments, nonneg_int, positive_int, precision_or
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
-        help="score a test split with a trained checkpoint and report image/pixel AUROC, F1, AUPRO",
+        help=COMMANDS["eval"],
         description="Evaluate a checkpoint written by `ckaad-fast train` on the test split of a data set: "
                     "image AUROC, best F1 and its accuracy, and, where masks exist, pixel AUROC and AUPRO "
                     "(standard and the reference code's per-image protocol); then the same for each defect "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..data.registry import DEFAULT_LAYOUT
 from ..training.config import DEFAULT_PROTOCOL, PROTOCOLS
+from . import COMMANDS
 from ._types import add_tiling_arguments, nonneg_int, positive_float, positive_int, ratio_float
 from .train import layer_int
 
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "experiment",
-        help="run one of the paper's tables (table1, table2, table3) and write OUT/results.csv and OUT/table.md",
+        help=COMMANDS["experiment"],
         description="Run every training run of one of the paper's tables on one data set, then write the results "
                     "(OUT/results.csv, OUT/by_defect_type.csv) and the table in the paper's format (OUT/table.md). "
                     "table1: the medical protocol (a class-labelled layout), the strategies at each r_l, k = 1 "

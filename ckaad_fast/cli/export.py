@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..head import DEFAULT_SENSITIVITY
+from ..decisions import DEFAULT_SENSITIVITY
 from ..runtime.plan import default_of
+from . import COMMANDS
 from ._types import add_tiling_arguments, given, precision_or_int8, unit_float
 
 
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "export",
-        help="export the scoring forward (uint8 image -> score, normalized_score, is_anomalous, anomaly_map)",
+        help=COMMANDS["export"],
         description="Export a checkpoint's whole scoring forward as one graph with standard operators only: "
                     "normalisation of uint8 RGB input, backbone, auto-encoder, anomaly map, image score and, for a "
                     "calibrated checkpoint (ckaad-fast calibrate), the normalised score and the decision. Writes "

@@ -1,8 +1,10 @@
-"""``ckaad-fast score``: score a folder or a list of images with a trained checkpoint.
+"""``ckaad-fast score``: score a folder or a list of images with a trained checkpoint, or with a
+folder written by ``ckaad-fast export``.
 
-A thin layer over :class:`ckaad_fast.scoring.Scorer` and :func:`ckaad_fast.scoring.score_to_folder`.
-Under ``torchrun --nproc_per_node N`` the images are sharded over the N processes (one GPU each)
-and rank 0 merges their rows into the one OUT/scores.csv.
+A thin layer over :class:`ckaad_fast.scoring.Scorer` (or, for an export folder,
+:class:`ckaad_fast.scoring.deployed.DeployedScorer`, which never imports torch) and
+:func:`ckaad_fast.scoring.score_to_folder`. Under ``torchrun --nproc_per_node N`` the images are
+sharded over the N processes (one GPU each) and rank 0 merges their rows into the one OUT/scores.csv.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import os
 import sys
 import textwrap
 
-from ..head import DEFAULT_SENSITIVITY
+from ..decisions import DEFAULT_SENSITIVITY
 from ..runtime.plan import ENGINES
 from ..scoring.results import MAP_FORMATS
+from . import COMMANDS
 from ._types import add_tiling_arguments, finite_float, nonneg_int, positive_int, precision_or_int8, unit_float
 
 
@@ -31,10 +34,11 @@ def _topk(text: str):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "score",
-        help="score images with a trained checkpoint; write scores.csv and anomaly maps",
+        help=COMMANDS["score"],
         description=textwrap.fill(
             "Score a folder (searched recursively) or a list of image files with a trained CKAAD "
-            "checkpoint. Writes OUT/scores.csv, one row per image in sorted path order, with the "
+            "checkpoint, or with a folder written by ckaad-fast export (then PyTorch is never loaded: "
+            "OpenVINO or ONNX Runtime run the graph, on the CPU). Writes OUT/scores.csv, one row per image in sorted path order, with the "
             "columns path, score, error (empty when the image was scored) and, with --threshold, "
             "is_anomalous; and, with --maps, one map per image under OUT/maps/. An image that "
             "cannot be read is reported in its row and the others are still scored. Files are "
@@ -46,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "examples:\n"
             "  ckaad-fast score --checkpoint runs/brick/checkpoint.pt --input photos/ --out results/\n"
             "  ckaad-fast score --checkpoint ckpt.pt --input a.png b.png --out res --maps png --threshold 0.6\n"
+            "  ckaad-fast score --checkpoint exported/ --input photos/ --out res   # an export folder, no PyTorch\n"
             "  ckaad-fast score --checkpoint ckpt.pt --input photos/ --out res --device cuda --compile --cuda-graphs\n"
             "  torchrun --nproc_per_node 8 -m ckaad_fast score --checkpoint ckpt.pt --input photos/ --out res\n"
             "  nsys profile -t cuda,nvtx,osrt --trace-fork-before-exec=true --cuda-graph-trace=node \\\n"
@@ -62,10 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_io_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a checkpoint written by ckaad-fast train (or ckaad_fast.model.save_checkpoint); "
+    p.add_argument("--checkpoint", required=True, metavar="CKPT_OR_EXPORT_DIR",
+                   help="a checkpoint written by ckaad-fast train (or ckaad_fast.model.save_checkpoint), "
                         "loaded with torch.load(weights_only=True), so a file holding arbitrary Python "
-                        "objects is refused")
+                        "objects is refused; or a folder written by ckaad-fast export (onnx or openvino), "
+                        "scored without PyTorch with the decisions of the checkpoint it was exported from "
+                        "(--engine picks the runtime; the options of PyTorch's forward are refused)")
     p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
                    help="one or more folders (searched recursively for .png, .jpg, .jpeg, .bmp, .tif, "
                         ".tiff; hidden files skipped) and/or image files")
@@ -158,18 +165,79 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import distributed_session
-
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.adopt_rows and not args.resume:
         raise ValueError("--adopt-rows: only with --resume")
+    from ..scoring.deployed import is_export_folder
+
+    if is_export_folder(args.checkpoint):  # before anything imports torch
+        return _run_export(args)
+    from ..distributed import distributed_session
     from ..runtime.plan import device_name
 
     device = device_name("score", args.device)
     # Under torchrun: join the process group (NCCL on GPUs, gloo on the CPU); else nothing.
     with distributed_session(device) as dist_info:
         return _run(args, device, dist_info)
+
+
+#: What an export folder cannot honour (the graph is fixed, and run on the CPU), and why.
+_NOT_FOR_EXPORTS = {
+    "compile": "torch.compile builds PyTorch's forward",
+    "cuda_graphs": "CUDA graphs capture PyTorch's forward",
+    "profile": "the profiler traces PyTorch",
+    "nvtx": "the NVTX ranges are PyTorch's stages",
+    "num_workers": "images are decoded in the scoring process",
+    "dtype": "the graph has the precision it was exported in",
+    "topk": "the top-k is the exported model's",
+    "tile_size": "the tiling is the exported model's",
+    "tile_stride": "the tiling is the exported model's",
+}
+
+
+def _run_export(args) -> int:
+    """``score`` with a folder written by ``ckaad-fast export``: the same results folder, without
+    PyTorch (:class:`~ckaad_fast.scoring.deployed.DeployedScorer`)."""
+    from ..data.files import list_images
+    from ..scoring.deployed import DeployedScorer
+    from ..scoring.results import check_out
+    from ..scoring.runner import adopt_results, score_to_folder
+    from . import flag
+
+    for name, why in _NOT_FOR_EXPORTS.items():
+        if getattr(args, name) not in (None, False):
+            raise ValueError(f"{flag(name)}: not for an export folder ({why}); give the checkpoint instead")
+    if args.device not in (None, "cpu"):
+        raise ValueError("--device: an export folder runs on the CPU (OpenVINO or ONNX Runtime)")
+    if args.engine == "torch":
+        raise ValueError("--engine: an export folder is run by openvino or onnxruntime; torch needs the checkpoint")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--checkpoint: an export folder is scored by one process; run it without torchrun")
+    paths = list_images(args.input, exclude=[args.out])
+    check_out(args.out, args.resume, args.overwrite)  # before the graph is compiled: fail fast
+    try:
+        scorer = DeployedScorer(args.checkpoint, runtime=None if args.engine in (None, "auto") else args.engine,
+                                batch_size=args.batch_size)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    if args.sensitivity is not None and scorer.calibration is None:
+        raise ValueError("--sensitivity moves a calibrated decision, and this export holds none: export a "
+                         "calibrated checkpoint, or give a raw --threshold")
+    if args.adopt_rows:
+        n = adopt_results(scorer, args.out)
+        print(f"adopted {n} rows in {args.out} as this export's (recorded in run.json)", file=sys.stderr)
+    progress = not args.no_progress
+    if progress:
+        print(f"{len(paths)} images; {scorer}", file=sys.stderr)
+    with _os_errors_as_clear_lines(args.out):
+        summary = score_to_folder(scorer, paths, args.out, maps=args.maps, threshold=args.threshold,
+                                  sensitivity=args.sensitivity, masks=args.masks == "png", regions=args.regions,
+                                  resume=args.resume, overwrite=args.overwrite,
+                                  map_range=tuple(args.map_range) if args.map_range else None, progress=progress,
+                                  distributed=False)
+    _report(args, summary, None)
+    return EXIT_NOT_ALL_SCORED if summary.failed else 0
 
 
 def _run(args, device, dist_info) -> int:

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from . import COMMANDS
 from ._data import add_data_arguments, dataset_from_args
 from ..data.anomalies import RATIO_LABELED
 from ..calibration import CALIBRATE_SHARE, TARGET_FPR
@@ -33,7 +34,7 @@ def layer_int(text: str) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
-        help="train a CKAAD detector and write OUT/checkpoint.pt and OUT/log.jsonl",
+        help=COMMANDS["train"],
         description="Train a CKAAD detector (or one of the paper's ablation strategies). Industrial data "
                     "(mvtec, visa) without --anomaly-dir uses elastic pseudo-anomalies; class-folder data "
                     "draws labelled anomalies from the training classes (--ratio-labeled, "

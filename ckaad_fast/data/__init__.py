@@ -13,54 +13,24 @@ Everything here reads local files only; nothing ever touches the network.
 - :mod:`.anomalies`: the coarse anomaly set (the paper's protocols) and pseudo-anomalies.
 - :mod:`.synthetic`: a realistic anomaly data set with exact masks, made offline (the demo's).
 """
-from .anomalies import (
-    AnomalyFolderDataset,
-    CoarseAnomalies,
-    PseudoAnomalyDataset,
-    coarse_anomaly_set,
-    sample_coarse_anomalies,
-)
-from .files import IMAGE_EXTENSIONS, CorruptImageWarning, check_image, is_image_file, list_images
-from .images import MAX_UPSCALE, ImageRejected, decode_image, load_image, load_mask, minimum_source_size
-from .base import ImageFileDataset
-from .br35h import Br35HDataset
-from .folder import FolderDataset
-from .isic2018 import ISIC2018Dataset
-from .mvtec import MVTecDataset
-from .visa import VisADataset
-from .open import list_categories, open_dataset
-from .registry import LAYOUT_TABLE, LAYOUTS, Layout, layout_spec
-from .splits import VALIDATION_SHARE, carve_validation
+from ..lazy import exports
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "MAX_UPSCALE",
-    "ImageRejected",
-    "minimum_source_size",
-    "LAYOUTS",
-    "LAYOUT_TABLE",
-    "Layout",
-    "layout_spec",
-    "VALIDATION_SHARE",
-    "AnomalyFolderDataset",
-    "Br35HDataset",
-    "ISIC2018Dataset",
-    "CoarseAnomalies",
-    "CorruptImageWarning",
-    "FolderDataset",
-    "ImageFileDataset",
-    "MVTecDataset",
-    "PseudoAnomalyDataset",
-    "VisADataset",
-    "carve_validation",
-    "check_image",
-    "coarse_anomaly_set",
-    "decode_image",
-    "is_image_file",
-    "list_images",
-    "load_image",
-    "list_categories",
-    "load_mask",
-    "open_dataset",
-    "sample_coarse_anomalies",
-]
+# Each public name, and the submodule that owns it: imported on first use, so that finding image
+# files (.files) needs no torch (the deployment path has none).
+__getattr__, __dir__, __all__ = exports(__name__, {
+    "AnomalyFolderDataset": "anomalies", "CoarseAnomalies": "anomalies", "PseudoAnomalyDataset": "anomalies",
+    "coarse_anomaly_set": "anomalies", "sample_coarse_anomalies": "anomalies",
+    "IMAGE_EXTENSIONS": "files", "CorruptImageWarning": "files", "check_image": "files", "is_image_file": "files",
+    "list_images": "files",
+    "MAX_UPSCALE": "images", "ImageRejected": "images", "decode_image": "images", "load_image": "images",
+    "load_mask": "images", "minimum_source_size": "images",
+    "ImageFileDataset": "base",
+    "Br35HDataset": "br35h",
+    "FolderDataset": "folder",
+    "ISIC2018Dataset": "isic2018",
+    "MVTecDataset": "mvtec",
+    "VisADataset": "visa",
+    "list_categories": "open", "open_dataset": "open",
+    "LAYOUT_TABLE": "registry", "LAYOUTS": "registry", "Layout": "registry", "layout_spec": "registry",
+    "VALIDATION_SHARE": "splits", "carve_validation": "splits",
+})

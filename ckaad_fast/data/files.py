@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from .images import ImageRejected, check_finite, check_source_size
+from ..pixels import ImageRejected, check_finite, check_source_size
 
 __all__ = ["IMAGE_EXTENSIONS", "CHECK_MODES", "CorruptImageWarning", "is_image_file", "list_images",
            "images_in_dir", "check_image", "check_mode", "readable", "warn_skip", "subdirs", "describe",
