@@ -20,6 +20,7 @@ packages (they need PyTorch).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -139,13 +140,21 @@ class Deployment:
         regions = pixel is not None if regions is None else bool(regions)
         want = _Wanted(return_maps, return_images, pixel if regions else None, self.threshold())
         files = 1 if self.tiling is not None else batch_size  # a tiled image is a batch of tiles
-        for start in range(0, len(paths), files):
-            yield from self._batch(paths[start:start + files], want, batch_size)
-            if on_batch is not None:
-                on_batch()
+        chunks = [paths[start:start + files] for start in range(0, len(paths), files)]
+        # The next batch is decoded on a thread while the runtime scores this one (both release
+        # the GIL): decoding leaves the critical path, as the Scorer's DataLoader workers do.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(self._decode, chunks[0]) if chunks else None
+            for k, chunk in enumerate(chunks):
+                decoded = ahead.result()
+                ahead = pool.submit(self._decode, chunks[k + 1]) if k + 1 < len(chunks) else None
+                yield from self._batch(chunk, decoded, want, batch_size)
+                if on_batch is not None:
+                    on_batch()
 
-    def _batch(self, paths: list[str], want: "_Wanted", batch_size: int) -> Iterator[DeployResult]:
-        images, results = [], {}
+    def _decode(self, paths: list[str]) -> tuple[list, dict]:
+        """([(index, (3, H, W) uint8 image)], {index: error result}) of a batch of files."""
+        images, errors = [], {}
         for i, path in enumerate(paths):
             try:
                 arr = decode_pixels(path, None if self.tiling is not None else self.image_size)
@@ -155,9 +164,13 @@ class Deployment:
                 if self.tiling is not None and not self.tiling.fits(*arr.shape[1:]):
                     raise ImageRejected(self.tiling.too_small(*arr.shape[1:]))
             except (OSError, ValueError, ImageRejected) as e:
-                results[i] = DeployResult(path, None, error=error_text(e))  # the Scorer's words
+                errors[i] = DeployResult(path, None, error=error_text(e))  # the Scorer's words
                 continue
             images.append((i, arr))
+        return images, errors
+
+    def _batch(self, paths: list[str], decoded, want: "_Wanted", batch_size: int) -> Iterator[DeployResult]:
+        images, results = decoded
         if self.tiling is not None:
             for i, arr in images:
                 amap = self._stitched(arr, batch_size)

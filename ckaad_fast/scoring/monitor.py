@@ -20,7 +20,7 @@ import warnings
 from collections import deque
 
 import numpy as np
-from scipy.stats import binom
+from scipy.special import bdtrc  # binom.sf, without importing scipy.stats (0.7 s of start-up)
 
 __all__ = ["ALPHA", "WINDOW", "PromiseWarning", "promise_test", "score_shift", "PromiseMonitor", "monitor_for",
            "decided"]
@@ -38,7 +38,7 @@ class PromiseWarning(UserWarning):
 
 def promise_test(n: int, k: int, rate: float) -> dict:
     """The one-sided binomial test of ``k`` flagged among ``n`` at the promised ``rate``."""
-    p = float(binom.sf(k - 1, n, rate)) if k > 0 else 1.0
+    p = float(bdtrc(k - 1, n, rate)) if k > 0 else 1.0
     return {"images": int(n), "flagged": int(k), "promised_rate": float(rate), "expected": float(n * rate),
             "p_value": p}
 
