@@ -177,6 +177,7 @@ def tiled_maps(image: torch.Tensor, tiling: Tiling, input_size: tuple[int, int],
     ``input_size`` when the tile size differs (bilinear, antialiased), through ``forward``
     (whose maps are resized back to the tile's size, bilinear), blended into the canvas on
     ``device`` (default: the forward's device)."""
+    import torch
     import torch.nn.functional as F
 
     h, w = image.shape[-2:]

@@ -277,10 +277,34 @@ def test_the_default_checks_can_fail():
 
 
 # ------------------------------------------------------------------------------------------------
-# The deployment path runs without PyTorch: nothing it imports, in the package or its own
-# modules, imports torch (tests/test_deployment.py runs it with torch blocked).
+# The deployment path runs without PyTorch: importing its modules never imports torch. Counted
+# here: what runs when a module is imported (its body, class bodies, but not function bodies, nor
+# `if TYPE_CHECKING:` blocks); a function may import torch where only the torch path calls it, and
+# tests/test_deployment.py runs the path itself with torch blocked.
 # ------------------------------------------------------------------------------------------------
-TORCH_FREE = ("ckaad_fast.deployment",)
+TORCH_FREE = ("ckaad_fast.deployment", "ckaad_fast.scoring.deployed", "ckaad_fast.cli", "ckaad_fast.cli.score")
+
+
+def _at_import(tree: ast.Module) -> list[ast.stmt]:
+    """The statements that run when the module is imported."""
+    out, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo += node.orelse
+            continue
+        out.append(node)
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            todo += [n for n in getattr(node, field, []) if isinstance(n, (ast.stmt, ast.excepthandler))]
+    return out
+
+
+def _import_time_targets(name: str) -> set[str]:
+    """The package's modules ``name`` imports when it is imported."""
+    lines = {n.lineno for n in _at_import(ast.parse(MODULES[name].read_text()))}
+    return {t for t, _, line in GRAPH[name] if line in lines}
 
 
 def _closure(roots) -> set[str]:
@@ -290,7 +314,7 @@ def _closure(roots) -> set[str]:
         if m in seen or m not in GRAPH:
             continue
         seen.add(m)
-        todo += [t for t, _, _ in GRAPH[m]]
+        todo += sorted(_import_time_targets(m))
         parent = m.rsplit(".", 1)[0]
         if parent in MODULES and parent != m:  # importing a module runs its package's __init__
             todo.append(parent)
@@ -298,12 +322,20 @@ def _closure(roots) -> set[str]:
 
 
 def _imports_torch(source: str) -> bool:
-    return bool(re.search(r"^\s*(import torch\b|from torch\b)", source, re.M))
+    for node in _at_import(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if any(n == "torch" or n.startswith("torch.") for n in names):
+            return True
+    return False
 
 
 def test_the_deployment_path_imports_no_torch():
     modules = _closure(TORCH_FREE)
-    assert "ckaad_fast.deployment" in modules and "ckaad_fast.pixels" in modules
+    assert {"ckaad_fast.deployment", "ckaad_fast.pixels", "ckaad_fast.scoring.results",
+            "ckaad_fast.calibration.thresholds", "ckaad_fast.runtime.plan"} <= modules
     bad = sorted(m for m in modules if _imports_torch(MODULES[m].read_text()))
-    assert not bad, f"the deployment path reaches modules that import torch: {bad}"
-    assert _imports_torch("x = 1\n    import torch.nn\n") and not _imports_torch("# torch\nimport torchvision\n")
+    assert not bad, f"the deployment path reaches modules that import torch when imported: {bad}"
+    assert _imports_torch("import numpy\nif x:\n    import torch.nn\n")
+    assert not _imports_torch("# torch\nimport torchvision\ndef f():\n    import torch\n")
+    assert not _imports_torch("if TYPE_CHECKING:\n    import torch\n")
