@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import error_text
+from .errors import ArgumentError, error_text
 from .decisions import DEFAULT_SENSITIVITY, check_sensitivity, decision_threshold, normalized_score
 from .pixels import ImageRejected, decode_pixels
 from .regions import Region, find_regions
@@ -89,7 +89,8 @@ class Deployment:
         self.tiling, self.topk = _tiling(self.sidecar, self.image_size, self.folder)
         self.runtime = runtime or ("onnxruntime" if fmt == "onnx" else "openvino")
         if self.runtime not in RUNTIMES or fmt not in RUNTIMES[self.runtime]:
-            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)} for a {fmt} graph, got {self.runtime!r}")
+            raise ArgumentError("runtime", f"must be one of {[r for r in RUNTIMES if fmt in RUNTIMES[r]]} for {fmt} "
+                                           f"graphs, got {self.runtime!r}")
         self.calibration = self.sidecar.get("calibration")
         self.sensitivity = check_sensitivity(self.sidecar.get("sensitivity", DEFAULT_SENSITIVITY)
                                              if sensitivity is None else sensitivity)

@@ -217,15 +217,16 @@ def test_score_with_an_export_folder_keeps_the_results_folder_and_the_checkpoint
     assert got["code"] == 2 and "--resume" in err and "regions" in err
 
 
-@pytest.mark.parametrize("option, words", [
-    (["--engine", "torch"], "--engine: an export folder is run by openvino or onnxruntime"),
-    (["--compile"], "--compile: not for an export folder"),
-    (["--device", "cuda"], "--device: an export folder runs on the CPU"),
-    (["--topk", "3"], "--topk: not for an export folder"),
+@pytest.mark.parametrize("fmt, option, words", [
+    ("onnx", ["--engine", "torch"], "--engine: an export folder is run by openvino or onnxruntime"),
+    ("onnx", ["--compile"], "--compile: not for an export folder"),
+    ("onnx", ["--device", "cuda"], "--device: an export folder runs on the CPU"),
+    ("onnx", ["--topk", "3"], "--topk: not for an export folder"),
+    ("openvino", ["--engine", "onnxruntime"], "--engine: must be one of ['openvino'] for openvino graphs"),
 ])
-def test_score_with_an_export_folder_refuses_pytorchs_options_by_name(calibrated, tmp_path, option, words):
+def test_score_with_an_export_folder_refuses_pytorchs_options_by_name(calibrated, tmp_path, fmt, option, words):
     ckpt, _, results = calibrated
-    export(ckpt, tmp_path / "export", format="onnx")
+    export(ckpt, tmp_path / "export", format=fmt)
     got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", next(iter(results)),
                                   "--out", tmp_path / "o", *option)
     assert got == {"code": 2, "torch": False} and words in err, err

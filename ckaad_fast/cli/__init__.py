@@ -49,6 +49,7 @@ _FLAGS = {
     "data": "--data/--normal",
     "num_classes": "--num-anomaly-classes",
     "table": "TABLE",
+    "runtime": "--engine",  # an export folder's runtime (score --checkpoint EXPORT_DIR)
 }
 
 

@@ -200,6 +200,7 @@ def _run_export(args) -> int:
     """``score`` with a folder written by ``ckaad-fast export``: the same results folder, without
     PyTorch (:class:`~ckaad_fast.scoring.deployed.DeployedScorer`)."""
     from ..data.files import list_images
+    from ..errors import ArgumentError
     from ..scoring.deployed import DeployedScorer
     from ..scoring.results import check_out
     from ..scoring.runner import adopt_results, score_to_folder
@@ -219,6 +220,8 @@ def _run_export(args) -> int:
     try:
         scorer = DeployedScorer(args.checkpoint, runtime=None if args.engine in (None, "auto") else args.engine,
                                 batch_size=args.batch_size)
+    except ArgumentError:
+        raise  # named already (the runtime: --engine)
     except (ValueError, OSError) as e:
         raise ValueError(f"--checkpoint: {e}") from None
     if args.sensitivity is not None and scorer.calibration is None:
