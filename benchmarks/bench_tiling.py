@@ -20,7 +20,10 @@ the image AUROC should sit near chance; tiled at full resolution it keeps its pi
 AUROCs should be far higher. Throughput: the tiles' forwards dominate, so MP/s ~ (tiles/s of the
 model at its input) x (stride² / 10^6); stitching adds one multiply-add per pixel per covering tile.
 
-Run: ``python -m benchmarks.bench_tiling [--evidence] [--quick] [--device cuda]``.
+Run: ``python -m benchmarks.bench_tiling [--evidence] [--quick] [--device cuda]``. The columns
+``auroc_top*``, ``auroc_local15_top10`` and ``px_above_defect_peak`` ask why the image decision of
+a tiled model fails where its maps find the defects (docs/BENCHMARKS.md, "Small defects on large
+images"); ``--tile 64 --stride 56 --input 128`` enlarges each tile twice.
 """
 from __future__ import annotations
 
@@ -50,15 +53,16 @@ def _config(tiled: bool, args):
     # More steps for the resized model, which sees one input per image where the tiled model
     # sees every tile: as many steps as the tiled model's, up to 300 (its loss has flattened by then).
     per_image = Tiling(args.tile, args.stride).count(args.size, args.size)
-    return TrainConfig(strategy="recon", backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=args.input,
-                       epochs=args.epochs if tiled else min(args.epochs * per_image, 300), batch_size=2 if args.quick else 6, ae_lr=5e-3, seed=0, device=args.device, **tiles)
+    return TrainConfig(strategy="recon", backbone="efficientnet_lite0", layers=tuple(args.layers), image_size=args.input,
+                       epochs=args.epochs if tiled else min(args.epochs * per_image, 300), batch_size=2 if args.quick else 6,
+                       ae_lr=5e-3, seed=args.seed, device=args.device, **tiles)
 
 
 def evidence(args, root) -> list[dict]:
     from ckaad_fast.training import train
 
     rows = []
-    for tiled in (False, True):
+    for tiled in (False, True)[1 if args.tiles_only else 0:]:
         cfg = _config(tiled, args)
         mean, std = cfg.normalization()
         train_set = MVTecDataset(root, args.category, "train", cfg.source_size, mean, std)
@@ -74,13 +78,37 @@ def evidence(args, root) -> list[dict]:
         metrics = metrics_from_predictions(pred)
         normal = pred.labels == 0
         seams = [seam_ratio(m, model.config.tiling) for m in pred.maps[normal]] if tiled else []
-        rows.append({"input": "tiles" if tiled else "resized whole", "model_input": args.input,
+        rows.append({"input": "tiles" if tiled else "resized whole", "seed": args.seed, "layers": "".join(map(str, args.layers)),
+                     "model_input": args.input,
                      "tile": f"{args.tile}/{args.stride}" if tiled else "-", "epochs": cfg.epochs,
                      "steps": sum(r["steps"] for r in result.history), "train_s": round(train_s, 1), "score_s": round(score_s, 1),
                      "image_auroc": round(100 * metrics["image_auroc"], 2),
                      "pixel_auroc": round(100 * metrics["pixel_auroc"], 2), "aupro": round(100 * metrics["aupro"], 2),
-                     "seam_ratio": round(float(np.mean(seams)), 3) if seams else None})
+                     "seam_ratio": round(float(np.mean(seams)), 3) if seams else None, **image_rules(pred)})
     return rows
+
+
+def image_rules(pred) -> dict:
+    """Why an image decision fails where the maps find the defects: the image AUROC of other
+    image-score rules on the same full-resolution maps (the mean of the top 1, 10, 100 and 1000
+    values; the top 10 of the map minus its 15-pixel local mean, which removes broad normal
+    variation), and how many pixels of its own image lie above each defect's peak (median)."""
+    from scipy import ndimage
+
+    from ckaad_fast.metrics import image_auroc
+
+    def top(m, k):
+        f = m.ravel()
+        return float(np.partition(f, f.size - k)[f.size - k:].mean())
+
+    out = {f"auroc_top{k}": round(100 * image_auroc(pred.labels, [top(m, k) for m in pred.maps]), 1)
+           for k in (1, 10, 100, 1000)}
+    out["auroc_local15_top10"] = round(100 * image_auroc(
+        pred.labels, [top(m - ndimage.uniform_filter(m, 15), 10) for m in pred.maps]), 1)
+    above = [int((m > m[mask > 0].max()).sum()) for m, mask, y in zip(pred.maps, pred.masks, pred.labels)
+             if y == 1 and mask.any()]
+    out["px_above_defect_peak"] = int(np.median(above)) if above else None
+    return out
 
 
 def _predict_full_resolution(model, test_set, cfg, args):
@@ -161,6 +189,11 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=4, help="training epochs of each model (default: 4)")
     p.add_argument("--batch", type=int, default=32, help="tiles per forward when scoring (default: 32)")
     p.add_argument("--skip-throughput", action="store_true", help="only the evidence")
+    p.add_argument("--tiles-only", action="store_true", help="evidence of the tiled model only (no resized-whole model)")
+    p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3],
+                   help="backbone layers, comma-separated (default: 1,2,3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data set and of training (default: 0)")
+    p.add_argument("--n-train", type=int, default=6, help="normal training images of the set (default: 6)")
     p.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
@@ -171,8 +204,9 @@ def main(argv=None) -> None:
         save_rows("tiling_throughput", rows, args, args.device)
     if args.evidence:
         with tempfile.TemporaryDirectory() as tmp:
-            root = make_highres_dataset(args.data or tmp, args.category, image_size=args.size,
-                                        **({"n_train": 2, "n_test_good": 2, "n_test_defect": 2} if args.quick else {}))
+            root = make_highres_dataset(args.data or tmp, args.category, image_size=args.size, seed=args.seed,
+                                        **({"n_train": 2, "n_test_good": 2, "n_test_defect": 2} if args.quick else
+                                           {"n_train": args.n_train}))
             ev = evidence(args, root)
         print_table("Tiles against the whole image resized (full-resolution metrics)", list(ev[0]),
                     [list(r.values()) for r in ev])

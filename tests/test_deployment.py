@@ -154,7 +154,10 @@ _CLI = textwrap.dedent("""
     sys.meta_path.insert(0, Gate())
     from ckaad_fast.cli import main
 
-    code = main(sys.argv[1:])
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
     print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
 """)
 
@@ -230,6 +233,20 @@ def test_score_with_an_export_folder_refuses_pytorchs_options_by_name(calibrated
     got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", next(iter(results)),
                                   "--out", tmp_path / "o", *option)
     assert got == {"code": 2, "torch": False} and words in err, err
+
+
+def test_help_and_score_help_need_no_torch():
+    # The command builds the parser of the command it runs only: --help lists every command from
+    # its one line, and score's help is whole, both without importing torch (3-4 s of start-up).
+    from ckaad_fast.cli import COMMANDS
+
+    proc = subprocess.run([sys.executable, "-c", _CLI, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}, proc.stderr
+    assert all(name in proc.stdout and line[:40] in proc.stdout for name, line in COMMANDS.items())
+    proc = subprocess.run([sys.executable, "-c", _CLI, "score", "--help"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}, proc.stderr
+    assert "CKPT_OR_EXPORT_DIR" in proc.stdout and "--engine" in proc.stdout
 
 
 def _deploy_install() -> set[str]:
