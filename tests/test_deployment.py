@@ -220,6 +220,19 @@ def test_score_with_an_export_folder_keeps_the_results_folder_and_the_checkpoint
     assert got["code"] == 2 and "--resume" in err and "regions" in err
 
 
+def test_score_with_an_export_folder_decides_at_the_exports_sensitivity(calibrated, tmp_path):
+    ckpt, cal, results = calibrated
+    export(ckpt, tmp_path / "export", format="onnx", sensitivity=0.9)
+    got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", *sorted(results),
+                                  "--out", tmp_path / "o", "--no-progress")
+    assert got == {"code": 0, "torch": False}, err
+    assert "moved to sensitivity 0.9" in err
+    rows = _csv(tmp_path / "o" / "scores.csv")
+    flagged = [r["is_anomalous"] == "True" for r in rows]
+    assert flagged == [results[r["path"]].score >= cal.decision_threshold(0.9) for r in rows]
+    assert sum(flagged) > sum(results[r["path"]].score >= cal.decision_threshold() for r in rows)
+
+
 @pytest.mark.parametrize("fmt, option, words", [
     ("onnx", ["--engine", "torch"], "--engine: an export folder is run by openvino or onnxruntime"),
     ("onnx", ["--compile"], "--compile: not for an export folder"),

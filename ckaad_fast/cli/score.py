@@ -227,6 +227,8 @@ def _run_export(args) -> int:
     if args.sensitivity is not None and scorer.calibration is None:
         raise ValueError("--sensitivity moves a calibrated decision, and this export holds none: export a "
                          "calibrated checkpoint, or give a raw --threshold")
+    if args.sensitivity is None and scorer.sensitivity not in (None, DEFAULT_SENSITIVITY):
+        args.sensitivity = scorer.sensitivity  # the export's (export --sensitivity): the graph's own decisions
     if args.adopt_rows:
         n = adopt_results(scorer, args.out)
         print(f"adopted {n} rows in {args.out} as this export's (recorded in run.json)", file=sys.stderr)

@@ -46,6 +46,8 @@ class DeployedScorer:
         self.batch_size = int(batch_size)
         self.device = SimpleNamespace(type="cpu")  # both runtimes run the graph on the CPU here
         self.calibration = Calibration.from_dict(side["calibration"]) if side.get("calibration") else None
+        #: The sensitivity the export decides at (``export --sensitivity``): the run's default.
+        self.sensitivity = self.deployment.sensitivity if self.calibration is not None else None
         self.config = _Config(side.get("backbone"), tuple(side.get("layers") or ()), side.get("sigma"),
                               side.get("border"))
         self.image_size = self.deployment.image_size
