@@ -75,6 +75,13 @@ def calibrated(tmp_path_factory):
     return ckpt, cal, results
 
 
+@pytest.fixture(scope="module")
+def exported(calibrated, tmp_path_factory):
+    """The calibrated checkpoint exported once per format: {format: folder} (read only)."""
+    tmp = tmp_path_factory.mktemp("exports")
+    return {fmt: export(calibrated[0], tmp / fmt, format=fmt).parent for fmt in ("onnx", "openvino")}
+
+
 def _run_without_torch(folder, runtime, paths):
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(folder), runtime, *paths], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
@@ -83,13 +90,12 @@ def _run_without_torch(folder, runtime, paths):
 
 
 @pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("openvino", "openvino")])
-def test_an_export_scored_without_torch_decides_as_the_checkpoint(calibrated, fmt, runtime, tmp_path):
+def test_an_export_scored_without_torch_decides_as_the_checkpoint(calibrated, exported, fmt, runtime, tmp_path):
     ckpt, cal, results = calibrated
-    export(ckpt, tmp_path / "export", format=fmt)
     paths = sorted(results)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    got = _run_without_torch(tmp_path / "export", runtime, paths + [str(bad)])
+    got = _run_without_torch(exported[fmt], runtime, paths + [str(bad)])
     assert got["torch"] is False
     rows = got["results"]
     assert [r["path"] for r in rows] == paths + [str(bad)]
@@ -178,18 +184,18 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def test_score_with_an_export_folder_keeps_the_results_folder_and_the_checkpoints_decisions(calibrated, tmp_path):
+def test_score_with_an_export_folder_keeps_the_results_folder_and_the_checkpoints_decisions(calibrated, exported,
+                                                                                          tmp_path):
     from ckaad_fast.cli import main
 
     ckpt, cal, results = calibrated
-    export(ckpt, tmp_path / "export", format="openvino")
     folder = Path(next(iter(results))).parent
     (tmp_path / "in").mkdir()
     inputs = [folder, tmp_path / "in" / "broken.png"]
     inputs[1].write_bytes(b"not an image")
     assert main(["score", "--checkpoint", str(ckpt), "--input", *map(str, inputs), "--out", str(tmp_path / "ref"),
                  "--engine", "torch", "--no-progress"]) == 1  # one file unreadable
-    got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", *inputs,
+    got, err = _cli_without_torch("score", "--checkpoint", exported["openvino"], "--input", *inputs,
                                   "--out", tmp_path / "dep", "--maps", "png", "--no-progress")
     assert got == {"code": 1, "torch": False}, err
     ref, dep = _csv(tmp_path / "ref" / "scores.csv"), _csv(tmp_path / "dep" / "scores.csv")
@@ -212,10 +218,10 @@ def test_score_with_an_export_folder_keeps_the_results_folder_and_the_checkpoint
     assert manifest["monitor"]["test"]["images"] == len(results)
     assert len(list((tmp_path / "dep" / "maps").rglob("*.png"))) == len(results)
     # A resume scores only the unreadable file again; another option is refused, naming it.
-    got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", *inputs,
+    got, err = _cli_without_torch("score", "--checkpoint", exported["openvino"], "--input", *inputs,
                                   "--out", tmp_path / "dep", "--maps", "png", "--resume")
     assert got["code"] == 1 and "9 already done" not in err and f"{len(results)} already done" in err
-    got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", *inputs,
+    got, err = _cli_without_torch("score", "--checkpoint", exported["openvino"], "--input", *inputs,
                                   "--out", tmp_path / "dep", "--maps", "png", "--resume", "--no-regions")
     assert got["code"] == 2 and "--resume" in err and "regions" in err
 
@@ -240,10 +246,10 @@ def test_score_with_an_export_folder_decides_at_the_exports_sensitivity(calibrat
     ("onnx", ["--topk", "3"], "--topk: not for an export folder"),
     ("openvino", ["--engine", "onnxruntime"], "--engine: must be one of ['openvino'] for openvino graphs"),
 ])
-def test_score_with_an_export_folder_refuses_pytorchs_options_by_name(calibrated, tmp_path, fmt, option, words):
-    ckpt, _, results = calibrated
-    export(ckpt, tmp_path / "export", format=fmt)
-    got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", next(iter(results)),
+def test_score_with_an_export_folder_refuses_pytorchs_options_by_name(calibrated, exported, tmp_path, fmt, option,
+                                                                     words):
+    results = calibrated[2]
+    got, err = _cli_without_torch("score", "--checkpoint", exported[fmt], "--input", next(iter(results)),
                                   "--out", tmp_path / "o", *option)
     assert got == {"code": 2, "torch": False} and words in err, err
 
@@ -289,14 +295,13 @@ def _deploy_install() -> set[str]:
             if any(o.lower().replace("_", "-") in dists for o in owners)}
 
 
-def test_the_documented_install_without_torch_scores_an_export_folder(calibrated, tmp_path):
+def test_the_documented_install_without_torch_scores_an_export_folder(calibrated, exported, tmp_path):
     # Every import outside the standard library, ckaad_fast and what the README's command installs
     # fails, as on an inference box installed that way: the deployment path must not need it.
     ckpt, cal, results = calibrated
-    export(ckpt, tmp_path / "export", format="openvino")
     allowed = _deploy_install()
     assert {"numpy", "PIL", "openvino"} <= allowed and not {"torch", "torchvision", "nvtx"} & allowed
-    got, err = _cli_without_torch("score", "--checkpoint", tmp_path / "export", "--input", *sorted(results),
+    got, err = _cli_without_torch("score", "--checkpoint", exported["openvino"], "--input", *sorted(results),
                                   "--out", tmp_path / "o", "--no-progress", allow=allowed)
     assert got == {"code": 0, "torch": False}, err
     rows = _csv(tmp_path / "o" / "scores.csv")
