@@ -203,7 +203,7 @@ def _run_export(args) -> int:
     from ..errors import ArgumentError
     from ..scoring.deployed import DeployedScorer
     from ..scoring.results import check_out
-    from ..scoring.runner import adopt_results, score_to_folder
+    from ..scoring.runner import score_to_folder
     from . import flag
 
     for name, why in _NOT_FOR_EXPORTS.items():
@@ -230,17 +230,12 @@ def _run_export(args) -> int:
     if args.sensitivity is None and scorer.sensitivity not in (None, DEFAULT_SENSITIVITY):
         args.sensitivity = scorer.sensitivity  # the export's (export --sensitivity): the graph's own decisions
     if args.adopt_rows:
-        n = adopt_results(scorer, args.out)
-        print(f"adopted {n} rows in {args.out} as this export's (recorded in run.json)", file=sys.stderr)
+        _adopt(args, scorer, "export")
     progress = not args.no_progress
     if progress:
         print(f"{len(paths)} images; {scorer}", file=sys.stderr)
     with _os_errors_as_clear_lines(args.out):
-        summary = score_to_folder(scorer, paths, args.out, maps=args.maps, threshold=args.threshold,
-                                  sensitivity=args.sensitivity, masks=args.masks == "png", regions=args.regions,
-                                  resume=args.resume, overwrite=args.overwrite,
-                                  map_range=tuple(args.map_range) if args.map_range else None, progress=progress,
-                                  distributed=False)
+        summary = score_to_folder(scorer, paths, args.out, progress=progress, distributed=False, **_folder_options(args))
     _report(args, summary, None)
     return EXIT_NOT_ALL_SCORED if summary.failed else 0
 
@@ -264,10 +259,7 @@ def _run(args, device, dist_info) -> int:
         raise ValueError("--sensitivity moves a calibrated decision, and this checkpoint holds none: run "
                          "ckaad-fast calibrate first, or give a raw --threshold")
     if args.adopt_rows and main:
-        from ..scoring import adopt_results
-
-        n = adopt_results(scorer, args.out)
-        print(f"adopted {n} rows in {args.out} as this checkpoint's (recorded in run.json)", file=sys.stderr)
+        _adopt(args, scorer, "checkpoint")
     progress = not args.no_progress and main
     if progress:
         procs = f" over {dist_info.world_size} processes" if dist_info.distributed else ""
@@ -282,25 +274,26 @@ def _run(args, device, dist_info) -> int:
         on_batch = prof.step
 
     with prof if prof is not None else contextlib.nullcontext(), _os_errors_as_clear_lines(args.out):
-        summary = score_to_folder(
-            scorer,
-            paths,
-            args.out,
-            maps=args.maps,
-            threshold=args.threshold,
-            sensitivity=args.sensitivity,
-            masks=args.masks == "png",
-            regions=args.regions,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            map_range=tuple(args.map_range) if args.map_range else None,
-            progress=progress,
-            on_batch=on_batch,
-        )
+        summary = score_to_folder(scorer, paths, args.out, progress=progress, on_batch=on_batch, **_folder_options(args))
     if not main:
         return 0
     _report(args, summary, dist_info)
     return EXIT_NOT_ALL_SCORED if summary.failed else 0
+
+
+def _folder_options(args) -> dict:
+    """The results folder's options, as ``score_to_folder`` takes them (a checkpoint's run and an
+    export folder's alike)."""
+    return dict(maps=args.maps, threshold=args.threshold, sensitivity=args.sensitivity, masks=args.masks == "png",
+                regions=args.regions, resume=args.resume, overwrite=args.overwrite,
+                map_range=tuple(args.map_range) if args.map_range else None)
+
+
+def _adopt(args, scorer, what: str) -> None:
+    from ..scoring.runner import adopt_results
+
+    n = adopt_results(scorer, args.out)
+    print(f"adopted {n} rows in {args.out} as this {what}'s (recorded in run.json)", file=sys.stderr)
 
 
 def _scorer(args, device):

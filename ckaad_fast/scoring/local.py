@@ -2,7 +2,7 @@
 of a sharded one (see :mod:`.sharded`).
 
 :class:`LocalRun` streams the images through a :class:`~.engine.Scorer` (or anything that
-scores paths as it does: :class:`ckaad_fast.deployment.DeployedScorer`), writes the maps on a
+scores paths as it does: :class:`~.deployed.DeployedScorer`), writes the maps on a
 few threads, and rewrites scores.csv atomically every few seconds and at the end, so an
 interruption loses nothing finished. A row enters the results only once its map is on disk.
 """
