@@ -19,7 +19,7 @@ from helpers import (
     guarded,
 )
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "native", "torch")
 
 
 def _skip_interpreted_bf16(backend, dtype):

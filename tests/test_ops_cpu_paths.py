@@ -23,13 +23,19 @@ def _scores(dtype, seed=0):
     return sn, sa, sg
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_eager_energy_path_equals_the_registered_op(dtype):
+def test_eager_energy_path_equals_the_registered_op(dtype, backend):
     sn, sa, sg = _scores(dtype)
     leaves = sn + sa + sg
-    fast = ops.discriminator_loss(sn, sa, sg, gamma=0.3, margin=5.0)
-    assert type(fast.grad_fn).__name__ == "_EagerEnergyBackward"
-    slow = energy._energy_op(leaves, [1.0] * 2 + [0.7] * 2 + [0.3] * 2, [False] * 2 + [True] * 4, 5.0)
+    with ops.backend(backend):
+        fast = ops.discriminator_loss(sn, sa, sg, gamma=0.3, margin=5.0)
+        # The native kernels serve float32; other dtypes keep the PyTorch Function.
+        native = backend == "native" and dtype == torch.float32
+        assert type(fast.grad_fn).__name__ == ("_NativeEnergyBackward" if native else "_EagerEnergyBackward")
+        slow = energy._energy_op(leaves, [1.0] * 2 + [0.7] * 2 + [0.3] * 2, [False] * 2 + [True] * 4, 5.0)
+    with ops.backend("torch"):  # and the op's own PyTorch path
+        slow = energy._energy_op(leaves, [1.0] * 2 + [0.7] * 2 + [0.3] * 2, [False] * 2 + [True] * 4, 5.0)
     assert "ckaad_fast" in type(slow.grad_fn).__name__ or slow.grad_fn is not None
     # Two float32 (float64) formulations of one sum: the op sums relu(m - |s|), the eager path
     # offsets m - min(|s|, m); both within any-order rounding of the terms' magnitudes m + |s|.
@@ -38,10 +44,13 @@ def test_eager_energy_path_equals_the_registered_op(dtype):
     magnitude = sum(w * (5.0 + s.detach().double().abs().mean().item()) for w, s in zip(weights, leaves))
     bound = sum_error_bound(max(s.numel() for s in leaves) + len(leaves) + 2, magnitude, acc)
     assert abs(fast.double().item() - slow.double().item()) <= bound
-    for a, b in zip(torch.autograd.grad(fast, leaves), torch.autograd.grad(slow, leaves)):
-        assert a.dtype == b.dtype and a.shape == b.shape
+    with ops.backend(backend):
+        got = torch.autograd.grad(fast, leaves)
+    for a, b in zip(got, torch.autograd.grad(slow, leaves)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    gen = ops.generator_loss(sg)
+    with ops.backend(backend):
+        gen = ops.generator_loss(sg)
     torch.testing.assert_close(gen, sum(s.float().abs().mean() if dtype != torch.float64 else s.abs().mean()
                                         for s in sg).to(gen.dtype), rtol=1e-5, atol=1e-6)
 

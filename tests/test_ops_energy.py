@@ -18,7 +18,7 @@ from helpers import (
     with_layout,
 )
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "native", "torch")
 
 
 def scores(shape, dtype, layout, seed, scale=6.0):

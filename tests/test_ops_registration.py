@@ -7,7 +7,7 @@ from ckaad_fast.ops import reference as ref
 
 from helpers import feature_pair
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "native", "torch")
 
 
 def _op(name):

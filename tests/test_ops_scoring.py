@@ -21,7 +21,7 @@ from helpers import (
     guarded,
 )
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "native", "torch")
 
 
 @pytest.mark.parametrize("border", ["reflect", "mirror"])

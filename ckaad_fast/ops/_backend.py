@@ -1,11 +1,14 @@
-"""Which implementation runs: the Triton kernels or the PyTorch paths.
+"""Which implementation runs: the Triton kernels, the native CPU kernels or the PyTorch paths.
 
-``CKAAD_FAST_BACKEND=auto|triton|torch`` (read at every call) or the :func:`backend` context
-manager, which wins over the variable:
+``CKAAD_FAST_BACKEND=auto|triton|native|torch`` (read at every call) or the :func:`backend`
+context manager, which wins over the variable:
 
-- ``auto``: Triton for CUDA tensors, PyTorch for CPU tensors.
+- ``auto``: Triton for CUDA tensors; for float32 CPU tensors the native C kernels
+  (``kernels/cpu_kernels.c``, built on first use) where the op has one and they could be built,
+  else the PyTorch paths.
 - ``triton``: Triton everywhere; CPU tensors then need Triton's interpreter (``TRITON_INTERPRET=1``
   set before the package is imported). This is how CI, which has no GPU, tests the kernels.
+- ``native``: as ``auto``, but an error when the native kernels cannot be built (tests use it).
 - ``torch``: the PyTorch paths everywhere.
 
 When the kernels cannot be imported (no Triton, or a broken one), the library says so once, with
@@ -22,7 +25,9 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from ckaad_fast.kernels import native as native_kernels
+
+BACKENDS = ("auto", "triton", "native", "torch")
 _local = threading.local()
 
 # The interpreter is chosen when @triton.jit runs, i.e. when the kernels are imported.
@@ -83,6 +88,8 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "cuda":
         return True
+    if choice in ("auto", "native"):
+        return False
     if choice == "triton":
         if t.device.type == "cpu" and _INTERPRET:
             return True
@@ -90,6 +97,31 @@ def use_triton(t: torch.Tensor) -> bool:
             f"backend 'triton' on {t.device.type} tensors needs Triton's interpreter: set "
             "TRITON_INTERPRET=1 before importing ckaad_fast, or use backend 'auto'"
         )
+    return False
+
+
+_native_warned = False
+
+
+def use_native(t: torch.Tensor) -> bool:
+    """Whether an op on CPU tensor ``t`` runs the native C kernels: on backend ``auto`` or
+    ``native``, for float32 (other dtypes take the PyTorch paths), once the kernels are built.
+    Where a compiler exists but the build fails, ``auto`` says so once and runs the PyTorch
+    paths; ``native`` raises. Without any compiler ``auto`` stays silent: the PyTorch paths are
+    the documented fallback."""
+    global _native_warned
+    choice = current_backend()
+    if choice not in ("auto", "native") or t.device.type != "cpu" or t.dtype != torch.float32:
+        return False
+    if native_kernels.library() is not None:
+        return True
+    if choice == "native":
+        raise RuntimeError(f"backend 'native' was asked for, but the native CPU kernels cannot be built "
+                           f"({native_kernels.BUILD_ERROR})")
+    if not _native_warned and native_kernels.compiler() is not None:
+        _native_warned = True
+        warnings.warn(f"ckaad_fast: the native CPU kernels could not be built ({native_kernels.BUILD_ERROR}); "
+                      "CPU tensors take the PyTorch paths", RuntimeWarning, stacklevel=2)
     return False
 
 

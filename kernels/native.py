@@ -1,0 +1,204 @@
+"""The native CPU kernels (``cpu_kernels.c``): built on first use, loaded with ctypes.
+
+The library is compiled once per machine with the system's C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``: the compiler ``torch.compile`` needs on a CPU) for this CPU
+(``-march=native``), and cached under ``$CKAAD_FAST_CACHE_DIR`` (default
+``~/.cache/ckaad_fast``), keyed by the source, the compiler, its flags and the CPU, so a home
+folder shared between different machines keeps one build per machine. Building takes about half
+a second; the file appears atomically (written aside, then renamed), so concurrent first uses do
+not see a half-written library.
+
+Where nothing can be built (no compiler, an unsupported platform), :func:`library` returns None
+and :data:`BUILD_ERROR` says why: the ops then run their PyTorch paths. Like the Triton
+launchers, the wrappers take tensors and sizes, check what the C code relies on, and allocate
+their outputs; they know nothing of models.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -fopenmp-simd: the `omp simd` loops vectorise without linking an OpenMP run time (torch has its
+# own); no -ffast-math, so NaN and infinity behave as in PyTorch.
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno")
+ARCH_FLAGS = ("-march=native",)
+
+#: Why the library could not be built or loaded, or None (also None before the first try).
+BUILD_ERROR: str | None = None
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+
+
+def compiler() -> str | None:
+    """The C compiler the build uses, or None when there is none."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CKAAD_FAST_CACHE_DIR")
+    if root:
+        return Path(root) / "native"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckaad_fast" / "native"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    sig = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    sig.append(line.strip())
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(sig)
+
+
+def _compile(cc: str, out: Path, arch: bool) -> subprocess.CompletedProcess:
+    cmd = [cc, *FLAGS, *(ARCH_FLAGS if arch else ()), "-o", str(out), str(SOURCE), "-lm"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _build() -> Path:
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join(x.encode() for x in (
+        SOURCE.read_text(), cc, version, " ".join(FLAGS + ARCH_FLAGS), _cpu_signature(), sys.platform))).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = target.parent
+    except OSError:  # a read-only home: build into a private temporary folder instead
+        folder = Path(tempfile.mkdtemp(prefix="ckaad_fast_native_"))
+        target = folder / target.name
+    fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        proc = _compile(cc, Path(tmp), arch=True)
+        if proc.returncode != 0:  # a compiler without -march=native (some cross or ARM toolchains)
+            proc = _compile(cc, Path(tmp), arch=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed to build {SOURCE.name}: {proc.stderr.strip()[-800:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on the first call; None when they cannot be had."""
+    global _lib, _tried, BUILD_ERROR
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                lib.ckf_cosine_map.argtypes = [_P, _P, _P, _P, _L, _L, _L, _I, _F, _I]
+                lib.ckf_cosine_map.restype = _I
+                lib.ckf_energy.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
+                lib.ckf_energy.restype = ctypes.c_double
+                lib.ckf_energy_grad.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
+                lib.ckf_energy_grad.restype = None
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                BUILD_ERROR = f"{type(e).__name__}: {e}"
+            _tried = True
+    return _lib
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------
+# Cosine error map
+# --------------------------------------------------------------------------------------------
+def cosine_layout(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """'nchw' or 'rows' (channels_last) when the kernel reads this float32 CPU pair in place, else None."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu" or b.device.type != "cpu":
+        return None
+    if a.dim() != 4 or a.shape != b.shape:
+        return None
+    if a.is_contiguous() and b.is_contiguous():
+        return "nchw"
+    cl = torch.channels_last
+    if a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
+        return "rows"
+    return None
+
+
+def cosine_map(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 - cos`` over channels of two (N, C, H, W) float32 tensors laid out as
+    :func:`cosine_layout` accepts, and the stats (cos, |a|, |b|) stacked as (3, N, H, W)."""
+    layout = cosine_layout(a, b)
+    if layout is None:
+        raise ValueError("cosine_map needs two same-shape float32 CPU tensors, both NCHW-contiguous or both "
+                         f"channels_last, got {a.dtype} {tuple(a.shape)} {a.stride()} and {b.dtype} {tuple(b.shape)} "
+                         f"{b.stride()}")
+    lib = library()
+    N, C, H, W = a.shape
+    err = a.new_empty((N, H, W))
+    stats = a.new_empty((3, N, H, W))
+    if err.numel():
+        lib.ckf_cosine_map(a.data_ptr(), b.data_ptr(), err.data_ptr(), stats.data_ptr(), N, C, H * W,
+                           int(layout == "rows"), float(eps), _threads())
+    return err, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Hinge energy losses
+# --------------------------------------------------------------------------------------------
+def _energy_args(flats, weights, high):
+    K = len(flats)
+    for t in flats:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"energy kernels take contiguous 1-D float32 CPU tensors, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    return (K, (_P * K)(*[t.data_ptr() for t in flats]), (_L * K)(*[t.numel() for t in flats]),
+            (_F * K)(*weights), (_I * K)(*[int(h) for h in high]))
+
+
+def energy(flats: list[torch.Tensor], weights: list[float], high: list[bool], margin: float,
+           want_grads: bool, scale: float = 1.0) -> tuple[float, list[torch.Tensor] | None]:
+    """``sum_k weights[k] * sum_i f_k(flats[k][i])`` (f = |s|, or max(0, margin - |s|) where
+    ``high[k]``), summed in float32 chunks and double across them; with ``want_grads`` also each
+    term's gradient times ``scale``, in the same pass."""
+    K, s, n, w, h = _energy_args(flats, weights, high)
+    grads = [torch.empty_like(t) for t in flats] if want_grads else None
+    g = (_P * K)(*[t.data_ptr() for t in grads]) if want_grads else None
+    total = library().ckf_energy(K, s, g, n, w, h, float(margin), float(scale))
+    return total, grads
+
+
+def energy_grad(flats: list[torch.Tensor], weights: list[float], high: list[bool], margin: float,
+                scale: float) -> list[torch.Tensor]:
+    """Each term's gradient of :func:`energy` times ``scale``, without the loss."""
+    K, s, n, w, h = _energy_args(flats, weights, high)
+    grads = [torch.empty_like(t) for t in flats]
+    library().ckf_energy_grad(K, s, (_P * K)(*[t.data_ptr() for t in grads]), n, w, h, float(margin), float(scale))
+    return grads
