@@ -10,9 +10,14 @@ compiler, the one torch.compile uses on a CPU.
 Semantics are the PyTorch paths' (docs/ARCHITECTURE.md, "Numerical semantics"): float32
 accumulation, max(norm, eps) with NaN kept, sign(0) = sign(NaN) = 0 in the gradients. No
 -ffast-math: NaN and infinity propagate as in PyTorch; the loops are vectorised by the compiler
-through `omp simd` (-fopenmp-simd: no OpenMP run time is linked, so nothing can clash with
-torch's). Threads are POSIX threads created per call, only when each gets enough work to repay
-the ~20 us of creating it. */
+through `omp simd`.
+
+Threads: built with -fopenmp, the library needs libgomp.so.1, and the dynamic loader hands it the
+one torch already loaded, so these loops run on torch's own OpenMP workers. Measured on a 2-core
+EPYC, the anomaly map at WideResNet50's shapes: 0.61-0.70 ms per image, against 0.93 with POSIX
+threads created per call, which found torch's workers still spinning after its last parallel
+region and shared the two cores with them. Without OpenMP (a compiler lacking it) the same split
+runs on POSIX threads. A call only splits when each thread gets enough work to repay it. */
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -136,6 +141,12 @@ int ckf_cosine_map(const float* a, const float* b, float* err, float* stats, lon
     jobs[i] = j;
     started[i] = 0;
   }
+#ifdef _OPENMP
+  (void)ids;
+  (void)started;
+#pragma omp parallel for num_threads(t) schedule(static, 1)
+  for (long i = 0; i < t; i++) run_cosine_job(&jobs[i]);
+#else
   for (long i = 1; i < t; i++) started[i] = pthread_create(&ids[i], NULL, run_cosine_job, &jobs[i]) == 0;
   run_cosine_job(&jobs[0]);
   for (long i = 1; i < t; i++) {
@@ -144,6 +155,7 @@ int ckf_cosine_map(const float* a, const float* b, float* err, float* stats, lon
     else
       run_cosine_job(&jobs[i]); /* no thread to be had: do its share here */
   }
+#endif
   return (int)t;
 }
 

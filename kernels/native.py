@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-# -fopenmp-simd: the `omp simd` loops vectorise without linking an OpenMP run time (torch has its
-# own); no -ffast-math, so NaN and infinity behave as in PyTorch.
-FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno")
-ARCH_FLAGS = ("-march=native",)
+# No -ffast-math, so NaN and infinity behave as in PyTorch.
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
+# Tried in this order until one builds. -fopenmp: the threads are torch's own OpenMP workers (the
+# loader resolves libgomp.so.1 to the copy torch loaded; see cpu_kernels.c); -fopenmp-simd: the
+# loops still vectorise, the threads are POSIX ones. -march=native: this CPU's vector width.
+VARIANTS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native", "-fopenmp-simd"), ())
 
 #: Why the library could not be built or loaded, or None (also None before the first try).
 BUILD_ERROR: str | None = None
@@ -73,8 +75,8 @@ def _cpu_signature() -> str:
     return "\n".join(sig)
 
 
-def _compile(cc: str, out: Path, arch: bool) -> subprocess.CompletedProcess:
-    cmd = [cc, *FLAGS, *(ARCH_FLAGS if arch else ()), "-o", str(out), str(SOURCE), "-lm"]
+def _compile(cc: str, out: Path, variant: tuple[str, ...]) -> subprocess.CompletedProcess:
+    cmd = [cc, *FLAGS, *variant, "-o", str(out), str(SOURCE), "-lm"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -84,7 +86,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join(x.encode() for x in (
-        SOURCE.read_text(), cc, version, " ".join(FLAGS + ARCH_FLAGS), _cpu_signature(), sys.platform))).hexdigest()[:16]
+        SOURCE.read_text(), cc, version, repr((FLAGS, VARIANTS)), _cpu_signature(), sys.platform))).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
@@ -97,9 +99,10 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        proc = _compile(cc, Path(tmp), arch=True)
-        if proc.returncode != 0:  # a compiler without -march=native (some cross or ARM toolchains)
-            proc = _compile(cc, Path(tmp), arch=False)
+        for variant in VARIANTS:  # e.g. no -march=native on some ARM toolchains, no OpenMP in Apple's clang
+            proc = _compile(cc, Path(tmp), variant)
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed to build {SOURCE.name}: {proc.stderr.strip()[-800:]}")
         os.replace(tmp, target)
@@ -173,32 +176,46 @@ def cosine_map(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tens
 # --------------------------------------------------------------------------------------------
 # Hinge energy losses
 # --------------------------------------------------------------------------------------------
-def _energy_args(flats, weights, high):
-    K = len(flats)
-    for t in flats:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(f"energy kernels take contiguous 1-D float32 CPU tensors, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
-    return (K, (_P * K)(*[t.data_ptr() for t in flats]), (_L * K)(*[t.numel() for t in flats]),
-            (_F * K)(*weights), (_I * K)(*[int(h) for h in high]))
+# At the score maps' sizes the C loop takes ~35 us for nine terms, so what surrounds it counts:
+# the per-term constants are built once per (sizes, weights, kinds) and the tensors are passed as
+# they lie (any contiguous shape: the loops only need each term's elements in memory order).
+_CONSTS: dict[tuple, tuple] = {}
+_MAX_CONSTS = 64
 
 
-def energy(flats: list[torch.Tensor], weights: list[float], high: list[bool], margin: float,
+def _energy_args(scores, weights, high):
+    for t in scores:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda:
+            raise ValueError(f"energy kernels take contiguous float32 CPU tensors, got {t.dtype} "
+                             f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
+    K = len(scores)
+    key = (tuple(t.numel() for t in scores), tuple(weights), tuple(high))
+    consts = _CONSTS.get(key)
+    if consts is None:
+        consts = ((_L * K)(*key[0]), (_F * K)(*weights), (_I * K)(*[int(h) for h in high]))
+        if len(_CONSTS) >= _MAX_CONSTS:
+            _CONSTS.pop(next(iter(_CONSTS)))
+        _CONSTS[key] = consts
+    return K, (_P * K)(*[t.data_ptr() for t in scores]), *consts
+
+
+def energy(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float,
            want_grads: bool, scale: float = 1.0) -> tuple[float, list[torch.Tensor] | None]:
-    """``sum_k weights[k] * sum_i f_k(flats[k][i])`` (f = |s|, or max(0, margin - |s|) where
-    ``high[k]``), summed in float32 chunks and double across them; with ``want_grads`` also each
-    term's gradient times ``scale``, in the same pass."""
-    K, s, n, w, h = _energy_args(flats, weights, high)
-    grads = [torch.empty_like(t) for t in flats] if want_grads else None
+    """``sum_k weights[k] * sum_i f_k(scores[k].flat[i])`` (f = |s|, or max(0, margin - |s|)
+    where ``high[k]``) over contiguous float32 tensors, summed in float32 chunks and double across
+    them; with ``want_grads`` also each term's gradient times ``scale``, shaped like its term,
+    written in the same pass."""
+    K, s, n, w, h = _energy_args(scores, weights, high)
+    grads = [torch.empty_like(t) for t in scores] if want_grads else None
     g = (_P * K)(*[t.data_ptr() for t in grads]) if want_grads else None
     total = library().ckf_energy(K, s, g, n, w, h, float(margin), float(scale))
     return total, grads
 
 
-def energy_grad(flats: list[torch.Tensor], weights: list[float], high: list[bool], margin: float,
+def energy_grad(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float,
                 scale: float) -> list[torch.Tensor]:
     """Each term's gradient of :func:`energy` times ``scale``, without the loss."""
-    K, s, n, w, h = _energy_args(flats, weights, high)
-    grads = [torch.empty_like(t) for t in flats]
+    K, s, n, w, h = _energy_args(scores, weights, high)
+    grads = [torch.empty_like(t) for t in scores]
     library().ckf_energy_grad(K, s, (_P * K)(*[t.data_ptr() for t in grads]), n, w, h, float(margin), float(scale))
     return grads

@@ -67,12 +67,22 @@ def two_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(params=["openmp", "posix threads"])
+def threading_build(request, fresh_build, monkeypatch):
+    """The library as built here (OpenMP), and as built by a compiler without OpenMP."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    if request.param == "posix threads":
+        monkeypatch.setattr(native, "VARIANTS", (("-fopenmp-simd",),))
+    assert native.library() is not None, native.BUILD_ERROR
+
+
 @pytest.mark.parametrize("shape,layout", [
     ((2, 64, 64, 64), "nchw"),  # 2^19 elements: two threads, one image each
     ((1, 130, 63, 65), "nchw"),  # batch 1: the positions split between threads; channels not a multiple of 4
     ((2, 64, 64, 64), "rows"),  # channels_last rows split between threads
 ])
-def test_threaded_cosine_map_against_float64(shape, layout, two_threads):
+def test_threaded_cosine_map_against_float64(shape, layout, two_threads, threading_build):
     g = torch.Generator().manual_seed(7)
     a = torch.randn(shape, generator=g)
     b = a + 0.5 * torch.randn(shape, generator=g)
