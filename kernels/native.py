@@ -127,6 +127,8 @@ def library() -> ctypes.CDLL | None:
                 lib.ckf_energy.restype = ctypes.c_double
                 lib.ckf_energy_grad.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
                 lib.ckf_energy_grad.restype = None
+                lib.ckf_upsample_blur_sum.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I]
+                lib.ckf_upsample_blur_sum.restype = None
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 BUILD_ERROR = f"{type(e).__name__}: {e}"
@@ -219,3 +221,50 @@ def energy_grad(scores: list[torch.Tensor], weights: list[float], high: list[boo
     grads = [torch.empty_like(t) for t in scores]
     library().ckf_energy_grad(K, s, (_P * K)(*[t.data_ptr() for t in grads]), n, w, h, float(margin), float(scale))
     return grads
+
+
+# --------------------------------------------------------------------------------------------
+# Upsampling, sum over layers and blur
+# --------------------------------------------------------------------------------------------
+#: The most maps (layers) one call takes (the C code's per-layer offsets live on its stack).
+MAX_MAPS = 64
+
+
+def row_bands(m: torch.Tensor) -> torch.Tensor:
+    """(rows, 2) int64: each row's nonzero columns lie in [lo, hi) (lo == hi for a zero row)."""
+    n = m.shape[1]
+    idx = torch.arange(n, device=m.device)
+    nz = m != 0
+    lo = torch.where(nz, idx, n).amin(1)
+    hi = torch.where(nz, idx + 1, 0).amax(1)
+    return torch.stack([torch.minimum(lo, hi), hi], 1).to(torch.long).contiguous()
+
+
+def upsample_blur_sum(maps: list[torch.Tensor], rows: list[torch.Tensor], cols_t: list[torch.Tensor],
+                      row_bands_: list[torch.Tensor], col_bands: list[torch.Tensor], out_h: int,
+                      out_w: int) -> torch.Tensor:
+    """``sum_s rows[s] @ maps[s] @ cols_t[s]`` per image, (B, out_h, out_w) float32, over each
+    matrix row's band only (:func:`row_bands` of ``rows[s]`` and of ``cols_t[s]``). maps: (B, h_s,
+    w_s) float32 CPU; rows[s]: (out_h, h_s); cols_t[s]: (w_s, out_w)."""
+    S, B = len(maps), maps[0].shape[0]
+    for m, r, c, rb, cb in zip(maps, rows, cols_t, row_bands_, col_bands):
+        h, w = m.shape[1], m.shape[2]
+        ok = (m.dtype == r.dtype == c.dtype == torch.float32 and m.dim() == 3 and m.shape[0] == B
+              and tuple(r.shape) == (out_h, h) and tuple(c.shape) == (w, out_w)
+              and tuple(rb.shape) == (out_h, 2) and tuple(cb.shape) == (w, 2) and rb.dtype == cb.dtype == torch.long
+              and all(t.is_contiguous() and not t.is_cuda for t in (m, r, c, rb, cb)))
+        if not ok:
+            raise ValueError(f"upsample_blur_sum: a map {tuple(m.shape)} {m.dtype} does not match its matrices "
+                             f"{tuple(r.shape)}, {tuple(c.shape)} and bands for an ({out_h}, {out_w}) output "
+                             "(all contiguous float32 CPU tensors, bands int64)")
+    ptrs = lambda ts: (_P * S)(*[t.data_ptr() for t in ts])  # noqa: E731
+    out = maps[0].new_empty((B, out_h, out_w))
+    threads = _threads()
+    if S > MAX_MAPS:
+        raise ValueError(f"upsample_blur_sum takes at most {MAX_MAPS} maps, got {S}")
+    scratch = maps[0].new_empty((threads * sum(m.shape[1] for m in maps) * out_w,))
+    library().ckf_upsample_blur_sum(
+        S, ptrs(maps), ptrs(rows), ptrs(cols_t), ptrs(row_bands_), ptrs(col_bands),
+        (_L * S)(*[m.shape[1] for m in maps]), (_L * S)(*[m.shape[2] for m in maps]),
+        B, out_h, out_w, out.data_ptr(), scratch.data_ptr(), threads)
+    return out

@@ -173,3 +173,14 @@ def test_a_nan_score_makes_the_loss_nan_and_its_own_gradient_zero_as_in_pytorch(
     assert grads[term][0, 0, 1, 2] == 0.0
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("batch,out_size,sigma", [(1, (37, 70), 4.0), (3, (64, 33), 2.0), (2, (40, 40), 0.0)])
+def test_threaded_upsample_blur_against_float64(batch, out_size, sigma, two_threads, threading_build):
+    # Batch 1 splits output rows between threads; widths off the 32-column register blocks.
+    g = torch.Generator().manual_seed(batch)
+    maps = [torch.rand(batch, h, w, generator=g) for h, w in [(9, 11), (5, 6), (3, 3)]]
+    with ops.backend("native"):
+        got = ops.upsample_blur_sum(maps, out_size, sigma=sigma, border="mirror")
+    want = ops.upsample_blur_sum([m.double() for m in maps], out_size, sigma=sigma, border="mirror")
+    assert_close_to_ref(got, want, torch.float32)

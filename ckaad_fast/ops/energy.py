@@ -52,8 +52,7 @@ def _energy_grad(s: torch.Tensor, scale: torch.Tensor, margin: float, high: bool
 @torch.library.custom_op("ckaad_fast::energy_loss", mutates_args=(), device_types=_DEVICES)
 def _energy_op(scores: list[torch.Tensor], weights: list[float], high: list[bool], margin: float) -> torch.Tensor:
     if use_native(scores[0]):
-        flats = [flat_in_memory_order(s)[0] for s in scores]
-        total, _ = native_kernels.energy(flats, _slopes(scores, weights), high, margin, want_grads=False)
+        total, _ = native_kernels.energy(_dense(scores), _slopes(scores, weights), high, margin, want_grads=False)
         return scores[0].new_tensor(total)
     total = None
     triton = use_triton(scores[0])  # one backend for every term: the checks made them share a device
@@ -73,10 +72,8 @@ def _energy_backward_op(
     scores: list[torch.Tensor], grad: torch.Tensor, weights: list[float], high: list[bool], margin: float
 ) -> list[torch.Tensor]:
     if use_native(scores[0]):
-        flat_and_back = [flat_in_memory_order(s) for s in scores]
-        got = native_kernels.energy_grad([f for f, _ in flat_and_back], _slopes(scores, weights), high, margin,
-                                         grad.item())
-        return [back(g) for g, (_, back) in zip(got, flat_and_back)]
+        got = native_kernels.energy_grad(_dense(scores), _slopes(scores, weights), high, margin, grad.item())
+        return _in_layout(got, scores)
     grads = []
     triton = use_triton(scores[0])
     for s, w, h in zip(scores, weights, high):
@@ -88,6 +85,16 @@ def _energy_backward_op(
 @_energy_backward_op.register_fake
 def _(scores, grad, weights, high, margin):
     return [torch.empty_like(s) for s in scores]
+
+
+def _dense(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The scores as the native kernels read them: contiguous (a copy only where they are not)."""
+    return [s if s.is_contiguous() else s.contiguous() for s in scores]
+
+
+def _in_layout(grads: list[torch.Tensor], scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of contiguous copies given back in each score tensor's own layout."""
+    return [g if s.is_contiguous() else torch.empty_like(s).copy_(g) for g, s in zip(grads, scores)]
 
 
 def _slopes(scores, weights) -> list[float]:
@@ -228,14 +235,12 @@ class _NativeEnergy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, margin: float, weights, high, *scores: torch.Tensor):
-        flat_and_back = [flat_in_memory_order(s) for s in scores]
-        slopes = _slopes(scores, weights)
         want = any(ctx.needs_input_grad[3:])
-        total, grads = native_kernels.energy([f for f, _ in flat_and_back], slopes, high, margin, want_grads=want)
+        total, grads = native_kernels.energy(_dense(scores), _slopes(scores, weights), high, margin, want_grads=want)
         ctx.save_for_backward(*scores)
         ctx.args = (weights, high, margin)
         # Handed to the first backward only: a second one (retain_graph=True) recomputes them.
-        ctx.grads = [back(g) for g, (_, back) in zip(grads, flat_and_back)] if want else None
+        ctx.grads = _in_layout(grads, scores) if want else None
         return scores[0].new_tensor(total)
 
     @staticmethod

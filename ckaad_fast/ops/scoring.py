@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..profiling import nvtx_range
-from ._backend import upsample_blur_kernels, use_triton
+from ..kernels import native as native_kernels
+from ._backend import upsample_blur_kernels, use_native, use_triton
 from ._double import wants_double_backward
 from .checks import (
     check_alike,
@@ -114,6 +115,13 @@ def _axis_matrix(n_in, n_out, sigma, truncate, border, device: torch.device, dty
     return torch.from_numpy(m.T.copy() if transpose else m).to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=256)
+def _axis_bands(n_in, n_out, sigma, truncate, border, transpose: bool) -> torch.Tensor:
+    """Each row's nonzero band of the CPU float32 matrix :func:`_axis_matrix` returns."""
+    m = _axis_matrix(n_in, n_out, sigma, truncate, border, torch.device("cpu"), torch.float32, transpose)
+    return native_kernels.row_bands(m)
+
+
 # --------------------------------------------------------------------------------------------
 # The op: sum_s R_s M_s C_s^T
 # --------------------------------------------------------------------------------------------
@@ -136,6 +144,16 @@ def _upsample_blur_op(
         rows = [_axis_matrix(m.shape[1], out_h, sigma, truncate, border, dev, torch.float32, False) for m in maps]
         cols_t = [_axis_matrix(m.shape[2], out_w, sigma, truncate, border, dev, torch.float32, True) for m in maps]
         return upsample_blur_kernels.upsample_blur_sum(maps, rows, cols_t, out_h, out_w)
+    if use_native(maps[0]) and len(maps) <= native_kernels.MAX_MAPS:
+        # The same float32 matrices, multiplied over their bands only (~6x fewer multiply-adds).
+        dev = maps[0].device
+        args = [(_axis_matrix(m.shape[1], out_h, sigma, truncate, border, dev, torch.float32, False),
+                 _axis_matrix(m.shape[2], out_w, sigma, truncate, border, dev, torch.float32, True),
+                 _axis_bands(m.shape[1], out_h, sigma, truncate, border, False),
+                 _axis_bands(m.shape[2], out_w, sigma, truncate, border, True)) for m in maps]
+        rows, cols_t, row_bands, col_bands = (list(x) for x in zip(*args))
+        return native_kernels.upsample_blur_sum([m.contiguous() for m in maps], rows, cols_t, row_bands, col_bands,
+                                                out_h, out_w)
     # float64 (gradcheck) stays on the exact PyTorch path.
     return _upsample_blur_torch(maps, out_h, out_w, sigma, truncate, border)
 
