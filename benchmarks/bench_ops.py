@@ -14,6 +14,10 @@ At the feature shapes of WideResNet50 layers 1-3 for 256x256 images (256x64x64, 
 Expected before measuring (CPU, 2 cores): the reference pipeline ~22 ms/image (an earlier design estimate); the
 floor ~0.5-0.7 ms; our CPU path reads the features once in cache-sized slabs, so ~1 ms, i.e.
 >= 15x the reference and within 2x of the floor. On a GPU: >= 70% of a device copy's bandwidth.
+With the native CPU kernels (kernels/cpu_kernels.c, 2026-12-07): the cosine maps at ~1.1x the
+read-once time plus ~0.11 ms of upsampling and blur, so ~1.4x the floor; the discriminator loss
+one C pass per direction plus autograd's bookkeeping, ~0.2 ms against ~0.4 ms compiled (2x).
+Each ckaad_fast row is also timed on its PyTorch path (backend 'torch'), the route without them.
 
 Run: ``python -m benchmarks.bench_ops [--quick] [--device cuda]``.
 """
@@ -73,8 +77,13 @@ def bench_anomaly_map(args, device):
                          device=device, repeats=reps) / batch
     cl_sets = [([f.contiguous(memory_format=torch.channels_last) for f in fs],
                 [f.contiguous(memory_format=torch.channels_last) for f in ft]) for fs, ft in sets]
+    def torch_path(fs, ft):
+        with ops.backend("torch"):
+            return ops.anomaly_map(fs, ft, out_size=out_size)
+
     paths = {
         "anomaly_map (ckaad_fast)": lambda fs, ft: ops.anomaly_map(fs, ft, out_size=out_size),
+        "anomaly_map (ckaad_fast, PyTorch path)": torch_path,
         "anomaly_map (ckaad_fast), channels_last features": lambda fs, ft: ops.anomaly_map(
             *cl_sets[0 if fs is sets[0][0] else 1], out_size=out_size),
         "reference pipeline (per image, scipy blur)": lambda fs, ft: reference_pipeline(fs, ft, out_size),
@@ -125,8 +134,10 @@ def bench_losses(args, device):
     sets = make_inputs(shapes, batch, device, torch.float32, args.sets, seed=1)
     sets = [([x.requires_grad_(True) for x in xs], [y.requires_grad_(True) for y in ys]) for xs, ys in sets]
     g = torch.Generator().manual_seed(2)
-    score_sets = [[(6 * torch.randn(batch, 1, s[1], s[2], generator=g)).to(device).requires_grad_(True) for s in shapes]
-                  for _ in range(args.sets)]
+    # Three score tensors per layer (normal, anomalous, generated inputs), distinct as in training:
+    # passing one tensor thrice would time autograd summing its three gradients too.
+    score_sets = [tuple([(6 * torch.randn(batch, 1, s[1], s[2], generator=g)).to(device).requires_grad_(True)
+                         for s in shapes] for _ in range(3)) for _ in range(args.sets)]
 
     def fwd_bwd(loss_fn, inputs):
         # The gradients are returned, not accumulated into .grad: in a training step they are
@@ -139,14 +150,18 @@ def bench_losses(args, device):
     rows = []
     for name, ours_fn, eager_fn, inputs in [
         ("cosine_reconstruction_loss", ops.cosine_reconstruction_loss, baselines.reconstruction_loss, sets),
-        ("discriminator_loss", lambda s: ops.discriminator_loss(s, s, s), lambda s: baselines.discriminator_loss(s, s, s),
-         [(s,) for s in score_sets]),
+        ("discriminator_loss", ops.discriminator_loss, baselines.discriminator_loss, score_sets),
     ]:
         _check_loss(name, ours_fn, eager_fn, inputs[0])
         # The least any implementation moves: one read of every input, one write of every gradient.
         leaves = [[x.detach() for group in inp for x in group] for inp in inputs]
         floor = memory_floor([(xs, [torch.empty_like(x) for x in xs]) for xs in leaves], device=device, repeats=reps)
-        timers = {"ours": lambda: t(ours_fn, inputs), "eager": lambda: t(eager_fn, inputs)}
+        def torch_path(*args, fn=ours_fn):
+            with ops.backend("torch"):
+                return fn(*args)
+
+        timers = {"ours": lambda: t(ours_fn, inputs), "torch_path": lambda: t(torch_path, inputs),
+                  "eager": lambda: t(eager_fn, inputs)}
         if not args.no_compile:
             torch._dynamo.reset()
             compiled = torch.compile(eager_fn)
@@ -155,17 +170,18 @@ def bench_losses(args, device):
         mem = [peak_memory(lambda fn=fn: fwd_bwd(fn, inputs[0]), device) for fn in (ours_fn, eager_fn)]
         rows.append((name, times["ours"] * 1e3, times["eager"] * 1e3, times.get("compiled", math.nan) * 1e3,
                      times["eager"] / times["ours"], times.get("compiled", math.nan) / times["ours"],
-                     floor * 1e3, 100 * floor / times["ours"], mem[0], mem[1]))
+                     floor * 1e3, 100 * floor / times["ours"], mem[0], mem[1], times["torch_path"] * 1e3))
     print_table(
         f"losses, forward + backward, {shapes}, batch {batch}, float32, device {device}",
         ["loss", "ckaad_fast ms", "eager autograd ms", "torch.compile ms", "eager / ours", "compiled / ours",
-         "floor ms (read inputs, write grads)", "ours % of floor", "ours peak MiB", "eager peak MiB"],
+         "floor ms (read inputs, write grads)", "ours % of floor", "ours peak MiB", "eager peak MiB",
+         "ckaad_fast PyTorch path ms"],
         rows,
     )
     return [{"bench": "loss_fwd_bwd", "path": r[0], "ms": f"{r[1]:.4f}", "eager_ms": f"{r[2]:.4f}",
              "compiled_ms": f"{r[3]:.4f}", "speedup": f"{r[4]:.3f}", "speedup_vs_compiled": f"{r[5]:.3f}",
              "floor_ms": f"{r[6]:.4f}", "pct_of_floor": f"{r[7]:.2f}", "peak_mib": f"{r[8]:.1f}",
-             "eager_peak_mib": f"{r[9]:.1f}", "batch": batch, "shapes": str(shapes)}
+             "eager_peak_mib": f"{r[9]:.1f}", "torch_path_ms": f"{r[10]:.4f}", "batch": batch, "shapes": str(shapes)}
             for r in rows]
 
 
