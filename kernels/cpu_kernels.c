@@ -21,6 +21,7 @@ runs on POSIX threads. A call only splits when each thread gets enough work to r
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -354,5 +355,112 @@ void ckf_upsample_blur_sum(int S, const float* const* maps, const float* const* 
     long b = k / per_image, part = k % per_image;
     long y0 = out_h * part / per_image, y1 = out_h * (part + 1) / per_image;
     upsample_blur_rows(&g, b, y0, y1, out + b * out_h * out_w, T);
+  }
+}
+
+/* ---- The flattened cosine loss: per-sample sums, and the gradients from their coefficients ---- */
+/* Rows are samples (each a contiguous (rows, n) matrix row); a call splits every row into `parts`
+   pieces so that rows * parts jobs keep all threads busy even at batch 1. */
+static long flat_parts(long rows, long n, int threads) {
+  long t = threads < 1 ? 1 : threads;
+  long by_work = rows * n / MIN_WORK_PER_THREAD;
+  if (t > by_work) t = by_work < 1 ? 1 : by_work;
+  long parts = (t + rows - 1) / rows;
+  if (parts > n) parts = n < 1 ? 1 : n;
+  return parts;
+}
+
+/* sums: (rows, 3) float32 = (a.b, |a|^2, |b|^2) per row: float32 lanes over chunks of CHUNK,
+   double across chunks and parts. */
+void ckf_flat_sums(const float* a, const float* b, float* sums, long rows, long n, int threads) {
+  long parts = flat_parts(rows, n, threads);
+  /* Split rows sum their parts in double afterwards; a row in one part writes its sums directly. */
+  double* acc = parts > 1 ? (double*)malloc(sizeof(double) * 3 * rows * parts) : NULL;
+  if (!acc) parts = 1;
+  long jobs = rows * parts;
+  long t = threads < 1 ? 1 : threads;
+  if (t > jobs) t = jobs;
+  (void)t;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t) schedule(static)
+#endif
+  for (long j = 0; j < jobs; j++) {
+    long r = j / parts, p = j % parts;
+    long lo = n * p / parts, hi = n * (p + 1) / parts;
+    const float *x = a + r * n, *y = b + r * n;
+    double d = 0.0, sa = 0.0, sb = 0.0;
+    for (long i0 = lo; i0 < hi; i0 += CHUNK) {
+      long i1 = i0 + CHUNK < hi ? i0 + CHUNK : hi;
+      float fd = 0.0f, fa = 0.0f, fb = 0.0f;
+#pragma omp simd reduction(+ : fd, fa, fb)
+      for (long i = i0; i < i1; i++) {
+        float u = x[i], v = y[i];
+        fd += u * v;
+        fa += u * u;
+        fb += v * v;
+      }
+      d += fd;
+      sa += fa;
+      sb += fb;
+    }
+    if (acc) {
+      acc[3 * j] = d;
+      acc[3 * j + 1] = sa;
+      acc[3 * j + 2] = sb;
+    } else {
+      sums[3 * r] = (float)d;
+      sums[3 * r + 1] = (float)sa;
+      sums[3 * r + 2] = (float)sb;
+    }
+  }
+  if (acc)
+    for (long r = 0; r < rows; r++) {
+      double d = 0.0, sa = 0.0, sb = 0.0;
+      for (long p = 0; p < parts; p++) {
+        d += acc[3 * (r * parts + p)];
+        sa += acc[3 * (r * parts + p) + 1];
+        sb += acc[3 * (r * parts + p) + 2];
+      }
+      sums[3 * r] = (float)d;
+      sums[3 * r + 1] = (float)sa;
+      sums[3 * r + 2] = (float)sb;
+    }
+  free(acc);
+}
+
+/* ga = k_ab b + k_aa a and gb = k_ab a + k_bb b per row, coef (rows, 3) = (k_ab, k_aa, k_bb);
+   ga or gb NULL: not wanted. One read of a and b, one write of each gradient. */
+void ckf_flat_grads(const float* a, const float* b, const float* coef, float* ga, float* gb, long rows, long n,
+                    int threads) {
+  long parts = flat_parts(rows, n, threads);
+  long jobs = rows * parts;
+  long t = threads < 1 ? 1 : threads;
+  if (t > jobs) t = jobs;
+  (void)t;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t) schedule(static)
+#endif
+  for (long j = 0; j < jobs; j++) {
+    long r = j / parts, p = j % parts;
+    long lo = n * p / parts, hi = n * (p + 1) / parts;
+    const float *x = a + r * n, *y = b + r * n;
+    float kab = coef[3 * r], kaa = coef[3 * r + 1], kbb = coef[3 * r + 2];
+    if (ga && gb) {
+      float *gx = ga + r * n, *gy = gb + r * n;
+#pragma omp simd
+      for (long i = lo; i < hi; i++) {
+        float u = x[i], v = y[i];
+        gx[i] = u * kaa + v * kab;
+        gy[i] = v * kbb + u * kab;
+      }
+    } else if (ga) {
+      float* gx = ga + r * n;
+#pragma omp simd
+      for (long i = lo; i < hi; i++) gx[i] = x[i] * kaa + y[i] * kab;
+    } else if (gb) {
+      float* gy = gb + r * n;
+#pragma omp simd
+      for (long i = lo; i < hi; i++) gy[i] = y[i] * kbb + x[i] * kab;
+    }
   }
 }

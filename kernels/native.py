@@ -129,6 +129,10 @@ def library() -> ctypes.CDLL | None:
                 lib.ckf_energy_grad.restype = None
                 lib.ckf_upsample_blur_sum.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I]
                 lib.ckf_upsample_blur_sum.restype = None
+                lib.ckf_flat_sums.argtypes = [_P, _P, _P, _L, _L, _I]
+                lib.ckf_flat_sums.restype = None
+                lib.ckf_flat_grads.argtypes = [_P, _P, _P, _P, _P, _L, _L, _I]
+                lib.ckf_flat_grads.restype = None
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 BUILD_ERROR = f"{type(e).__name__}: {e}"
@@ -268,3 +272,46 @@ def upsample_blur_sum(maps: list[torch.Tensor], rows: list[torch.Tensor], cols_t
         (_L * S)(*[m.shape[1] for m in maps]), (_L * S)(*[m.shape[2] for m in maps]),
         B, out_h, out_w, out.data_ptr(), scratch.data_ptr(), threads)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The flattened cosine loss
+# --------------------------------------------------------------------------------------------
+def _check_rows(*ts: torch.Tensor) -> None:
+    shape = ts[0].shape
+    for t in ts:
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape != shape or not t.is_contiguous() or t.is_cuda:
+            raise ValueError(f"flat cosine kernels take same-shape contiguous (rows, n) float32 CPU tensors, got "
+                             f"{t.dtype} {tuple(t.shape)} (first {tuple(shape)})")
+
+
+def flat_sums(a2d: torch.Tensor, b2d: torch.Tensor) -> torch.Tensor:
+    """(rows, 3) float32: each row's (a.b, |a|^2, |b|^2), one read of both; float32 lanes over
+    chunks of 4096, double across them."""
+    _check_rows(a2d, b2d)
+    sums = a2d.new_empty((a2d.shape[0], 3))
+    if a2d.numel():
+        library().ckf_flat_sums(a2d.data_ptr(), b2d.data_ptr(), sums.data_ptr(), a2d.shape[0], a2d.shape[1],
+                                _threads())
+    else:
+        sums.zero_()
+    return sums
+
+
+def flat_grads(a2d: torch.Tensor, b2d: torch.Tensor, coef: torch.Tensor, need_a: bool, need_b: bool,
+               out_a: torch.Tensor | None = None, out_b: torch.Tensor | None = None):
+    """``(k_ab b + k_aa a, k_ab a + k_bb b)`` per row for ``coef`` (rows, 3) = (k_ab, k_aa, k_bb),
+    into ``out_a``/``out_b`` when given (else new tensors); None for a gradient not needed."""
+    _check_rows(a2d, b2d)
+    coef = coef.to(torch.float32).contiguous()
+    if tuple(coef.shape) != (a2d.shape[0], 3):
+        raise ValueError(f"coef must be ({a2d.shape[0]}, 3), got {tuple(coef.shape)}")
+    ga = (a2d.new_empty(a2d.shape) if out_a is None else out_a) if need_a else None
+    gb = (b2d.new_empty(b2d.shape) if out_b is None else out_b) if need_b else None
+    for g in (ga, gb):
+        if g is not None:
+            _check_rows(a2d, g)
+    if a2d.numel() and (need_a or need_b):
+        library().ckf_flat_grads(a2d.data_ptr(), b2d.data_ptr(), coef.data_ptr(), ga.data_ptr() if need_a else None,
+                                 gb.data_ptr() if need_b else None, a2d.shape[0], a2d.shape[1], _threads())
+    return ga, gb

@@ -184,3 +184,20 @@ def test_threaded_upsample_blur_against_float64(batch, out_size, sigma, two_thre
         got = ops.upsample_blur_sum(maps, out_size, sigma=sigma, border="mirror")
     want = ops.upsample_blur_sum([m.double() for m in maps], out_size, sigma=sigma, border="mirror")
     assert_close_to_ref(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1 splits each sample between threads
+def test_threaded_reconstruction_loss_against_float64(batch, two_threads, threading_build):
+    g = torch.Generator().manual_seed(batch)
+    xs = [torch.randn(batch, 64, 96, 96, generator=g).requires_grad_(), torch.randn(batch, 5, 3, 7, generator=g)]
+    ys = [(x.detach() + 0.4 * torch.randn(x.shape, generator=g)).requires_grad_() for x in xs]
+    with ops.backend("native"):
+        loss = ops.cosine_reconstruction_loss(xs, ys)
+        got = torch.autograd.grad(loss, [xs[0], ys[0]])
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    y64 = [y.detach().double().requires_grad_() for y in ys]
+    want_loss = ref.cosine_reconstruction_loss(x64, y64)
+    want = torch.autograd.grad(want_loss, [x64[0], y64[0]])
+    assert_close_to_ref(loss.reshape(1), want_loss.reshape(1), torch.float32)
+    for a, b in zip(got, want):
+        assert_close_to_ref(a, b, torch.float32)

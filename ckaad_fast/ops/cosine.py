@@ -236,7 +236,12 @@ def _flat_loss_impl(a, b, eps: float):
     all_sums = []
     for x, y in zip(a, b):
         x2d, y2d, _ = rows_in_memory_order(x, y)
-        all_sums.append(cosine_kernels.flat_cosine_sums(x2d, y2d) if use_triton(x) else _flat_sums_torch(x2d, y2d))
+        if use_triton(x):
+            all_sums.append(cosine_kernels.flat_cosine_sums(x2d, y2d))
+        elif use_native(x):
+            all_sums.append(native_kernels.flat_sums(x2d, y2d))
+        else:
+            all_sums.append(_flat_sums_torch(x2d, y2d))
     sums = torch.cat(all_sums) if len(all_sums) > 1 else all_sums[0]
     # Every layer's rows at once: sum_l mean_i (1 - cos_li) = sum_rows (1 - cos_row) / B_layer.
     cos, _, _ = _flat_cos_from_sums(sums, eps)
@@ -274,17 +279,20 @@ def _flat_coefficients(grad, sums, eps, batch_sizes):
 
 def _flat_grads(x, y, coef, need_x: bool, need_y: bool):
     x2d, y2d, restore = rows_in_memory_order(x, y)
+    acc = coef.dtype
+
+    def out():  # float32/64 gradients go to a reused buffer: fresh pages cost more than the math
+        # (not while autograd records, as under create_graph=True: out= has no derivative)
+        reuse = x2d.dtype == acc and not torch.is_grad_enabled()
+        return reusable_empty(x2d.shape, acc, x2d.device) if reuse else None
+
     if use_triton(x):
         gx2d, gy2d = cosine_kernels.flat_cosine_backward(x2d, y2d, coef, need_a=need_x, need_b=need_y)
+    elif use_native(x):  # one read of both, one write of each gradient
+        gx2d, gy2d = native_kernels.flat_grads(x2d, y2d, coef, need_x, need_y, out() if need_x else None,
+                                               out() if need_y else None)
     else:
-        acc = coef.dtype
         xa, ya = x2d.to(acc), y2d.to(acc)
-
-        def out():  # float32/64 gradients go to a reused buffer: fresh pages cost more than the math
-            # (not while autograd records, as under create_graph=True: out= has no derivative)
-            reuse = x2d.dtype == acc and not torch.is_grad_enabled()
-            return reusable_empty(x2d.shape, acc, x2d.device) if reuse else None
-
         gx2d = torch.mul(xa, coef[:, 1:2], out=out()).addcmul_(ya, coef[:, 0:1]).to(x.dtype) if need_x else None
         gy2d = torch.mul(ya, coef[:, 2:3], out=out()).addcmul_(xa, coef[:, 0:1]).to(y.dtype) if need_y else None
     # A gradient nobody needs comes back empty (custom ops cannot return None in a list).
