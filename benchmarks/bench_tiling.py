@@ -53,7 +53,7 @@ def _config(tiled: bool, args):
     # More steps for the resized model, which sees one input per image where the tiled model
     # sees every tile: as many steps as the tiled model's, up to 300 (its loss has flattened by then).
     per_image = Tiling(args.tile, args.stride).count(args.size, args.size)
-    return TrainConfig(strategy="recon", backbone="efficientnet_lite0", layers=tuple(args.layers), image_size=args.input,
+    return TrainConfig(strategy=args.strategy, backbone="efficientnet_lite0", layers=tuple(args.layers), image_size=args.input,
                        epochs=args.epochs if tiled else min(args.epochs * per_image, 300), batch_size=2 if args.quick else 6,
                        ae_lr=5e-3, seed=args.seed, device=args.device, **tiles)
 
@@ -78,7 +78,8 @@ def evidence(args, root) -> list[dict]:
         metrics = metrics_from_predictions(pred)
         normal = pred.labels == 0
         seams = [seam_ratio(m, model.config.tiling) for m in pred.maps[normal]] if tiled else []
-        rows.append({"input": "tiles" if tiled else "resized whole", "seed": args.seed, "layers": "".join(map(str, args.layers)),
+        rows.append({"input": "tiles" if tiled else "resized whole", "strategy": cfg.strategy, "seed": args.seed,
+                     "layers": "".join(map(str, args.layers)),
                      "model_input": args.input,
                      "tile": f"{args.tile}/{args.stride}" if tiled else "-", "epochs": cfg.epochs,
                      "steps": sum(r["steps"] for r in result.history), "train_s": round(train_s, 1), "score_s": round(score_s, 1),
@@ -193,6 +194,9 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3],
                    help="backbone layers, comma-separated (default: 1,2,3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and of training (default: 0)")
+    p.add_argument("--strategy", default="recon", choices=["recon", "recon_sub", "cka_patch", "cka_img", "gan"],
+                   help="training strategy of the evidence models (default: recon); those with anomalies train "
+                        "on elastic distortions of the training tiles, the paper's industrial protocol")
     p.add_argument("--n-train", type=int, default=6, help="normal training images of the set (default: 6)")
     p.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/")
     args = p.parse_args(argv)
