@@ -358,6 +358,12 @@ void ckf_upsample_blur_sum(int S, const float* const* maps, const float* const* 
   }
 }
 
+/* Threads for `jobs` independent jobs: at most `threads` (torch's count), at least one. */
+static long team_size(int threads, long jobs) {
+  long t = threads < 1 ? 1 : threads;
+  return t > jobs ? (jobs < 1 ? 1 : jobs) : t;
+}
+
 /* ---- The flattened cosine loss: per-sample sums, and the gradients from their coefficients ---- */
 /* Rows are samples (each a contiguous (rows, n) matrix row); a call splits every row into `parts`
    pieces so that rows * parts jobs keep all threads busy even at batch 1. */
@@ -378,9 +384,8 @@ void ckf_flat_sums(const float* a, const float* b, float* sums, long rows, long 
   double* acc = parts > 1 ? (double*)malloc(sizeof(double) * 3 * rows * parts) : NULL;
   if (!acc) parts = 1;
   long jobs = rows * parts;
-  long t = threads < 1 ? 1 : threads;
-  if (t > jobs) t = jobs;
-  (void)t;
+  long t = team_size(threads, jobs);
+  (void)t; /* unused without OpenMP */
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(t) schedule(static)
 #endif
@@ -434,9 +439,8 @@ void ckf_flat_grads(const float* a, const float* b, const float* coef, float* ga
                     int threads) {
   long parts = flat_parts(rows, n, threads);
   long jobs = rows * parts;
-  long t = threads < 1 ? 1 : threads;
-  if (t > jobs) t = jobs;
-  (void)t;
+  long t = team_size(threads, jobs);
+  (void)t; /* unused without OpenMP */
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(t) schedule(static)
 #endif
