@@ -8,13 +8,17 @@ folder shared between different machines keeps one build per machine. Building t
 a second; the file appears atomically (written aside, then renamed), so concurrent first uses do
 not see a half-written library.
 
-Where nothing can be built (no compiler, an unsupported platform), :func:`library` returns None
-and :data:`BUILD_ERROR` says why: the ops then run their PyTorch paths. Like the Triton
+Flags are tried in the order of :data:`VARIANTS` (OpenMP and this CPU's vector width first); a
+variant that fails to build is remembered in the cache (``.failed``), so later processes do not
+compile it again. Where nothing can be built or loaded (no compiler, an unsupported platform),
+:func:`library` returns None and :data:`BUILD_ERROR` says why: the ops then run their PyTorch
+paths. Like the Triton
 launchers, the wrappers take tensors and sizes, check what the C code relies on, and allocate
 their outputs; they know nothing of models.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -80,31 +84,33 @@ def _compile(cc: str, out: Path, variant: tuple[str, ...]) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def _build() -> Path:
-    cc = compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+def _build(cc: str, version: str, variant: tuple[str, ...]) -> Path:
+    """The library built with ``variant``'s flags: from the cache, else compiled into it. A
+    failed build is remembered beside it (``.failed``, the compiler's message), so that later
+    processes go straight to the next variant."""
     key = hashlib.sha256(b"\0".join(x.encode() for x in (
-        SOURCE.read_text(), cc, version, repr((FLAGS, VARIANTS)), _cpu_signature(), sys.platform))).hexdigest()[:16]
+        SOURCE.read_text(), cc, version, repr((FLAGS, variant)), _cpu_signature(), sys.platform))).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
+    failed = target.with_suffix(".failed")
     if target.exists():
         return target
+    if failed.exists():
+        raise RuntimeError(failed.read_text())
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         folder = target.parent
     except OSError:  # a read-only home: build into a private temporary folder instead
         folder = Path(tempfile.mkdtemp(prefix="ckaad_fast_native_"))
-        target = folder / target.name
+        target, failed = folder / target.name, folder / failed.name
     fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        for variant in VARIANTS:  # e.g. no -march=native on some ARM toolchains, no OpenMP in Apple's clang
-            proc = _compile(cc, Path(tmp), variant)
-            if proc.returncode == 0:
-                break
+        proc = _compile(cc, Path(tmp), variant)
         if proc.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed to build {SOURCE.name}: {proc.stderr.strip()[-800:]}")
+            message = f"{Path(cc).name} {' '.join(variant)} failed to build {SOURCE.name}: {proc.stderr.strip()[-800:]}"
+            with contextlib.suppress(OSError):
+                failed.write_text(message)
+            raise RuntimeError(message)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -112,30 +118,46 @@ def _build() -> Path:
     return target
 
 
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.ckf_cosine_map.argtypes = [_P, _P, _P, _P, _L, _L, _L, _I, _F, _I]
+    lib.ckf_cosine_map.restype = _I
+    lib.ckf_energy.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
+    lib.ckf_energy.restype = ctypes.c_double
+    lib.ckf_energy_grad.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
+    lib.ckf_energy_grad.restype = None
+    lib.ckf_upsample_blur_sum.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I]
+    lib.ckf_upsample_blur_sum.restype = None
+    lib.ckf_flat_sums.argtypes = [_P, _P, _P, _L, _L, _I]
+    lib.ckf_flat_sums.restype = None
+    lib.ckf_flat_grads.argtypes = [_P, _P, _P, _P, _P, _L, _L, _I]
+    lib.ckf_flat_grads.restype = None
+    return lib
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, building them on the first call; None when they cannot be had."""
+    """The loaded kernels, building them on the first call; None when they cannot be had. Each
+    of :data:`VARIANTS` in turn until one builds and loads (one may build and still not load,
+    e.g. against an OpenMP run time older than the compiler's)."""
     global _lib, _tried, BUILD_ERROR
     if _tried:
         return _lib
     with _lock:
         if not _tried:
+            errors = []
             try:
-                lib = ctypes.CDLL(str(_build()))
-                lib.ckf_cosine_map.argtypes = [_P, _P, _P, _P, _L, _L, _L, _I, _F, _I]
-                lib.ckf_cosine_map.restype = _I
-                lib.ckf_energy.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
-                lib.ckf_energy.restype = ctypes.c_double
-                lib.ckf_energy_grad.argtypes = [_I, _P, _P, _P, _P, _P, _F, _F]
-                lib.ckf_energy_grad.restype = None
-                lib.ckf_upsample_blur_sum.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I]
-                lib.ckf_upsample_blur_sum.restype = None
-                lib.ckf_flat_sums.argtypes = [_P, _P, _P, _L, _L, _I]
-                lib.ckf_flat_sums.restype = None
-                lib.ckf_flat_grads.argtypes = [_P, _P, _P, _P, _P, _L, _L, _I]
-                lib.ckf_flat_grads.restype = None
-                _lib = lib
+                cc = compiler()
+                if cc is None:
+                    raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+                version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+                for variant in VARIANTS:
+                    try:
+                        _lib = _declare(ctypes.CDLL(str(_build(cc, version, variant))))
+                        break
+                    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+                        errors.append(f"{type(e).__name__}: {e}")
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                BUILD_ERROR = f"{type(e).__name__}: {e}"
+                errors.append(f"{type(e).__name__}: {e}")
+            BUILD_ERROR = None if _lib is not None else errors[-1]
             _tried = True
     return _lib
 

@@ -44,8 +44,11 @@ def test_a_build_lands_atomically_in_the_cache_and_is_reused(fresh_build):
 
 
 def test_a_failed_build_falls_back_once_with_a_warning_and_native_says_why(fresh_build, monkeypatch, tmp_path):
+    calls = tmp_path / "calls"
     broken = tmp_path / "cc"
-    broken.write_text("#!/bin/sh\necho 'cc: no such luck' >&2\nexit 1\n")
+    # --version answers (as every compiler does); a build fails.
+    broken.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n[ \"$1\" = --version ] && exit 0\n"
+                      "echo 'cc: no such luck' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
@@ -57,6 +60,13 @@ def test_a_failed_build_falls_back_once_with_a_warning_and_native_says_why(fresh
     torch.testing.assert_close(first, second)
     with ops.backend("native"), pytest.raises(RuntimeError, match="backend 'native'.*no such luck"):
         ops.cosine_error_map(a, b)
+    # Every variant was tried once; a later process remembers the failures instead of compiling again.
+    builds = [line for line in calls.read_text().splitlines() if "--version" not in line]
+    assert len(builds) == len(native.VARIANTS)
+    assert len(list((fresh_build / "native").glob("*.failed"))) == len(native.VARIANTS)
+    native._lib, native._tried = None, False
+    assert native.library() is None and "no such luck" in native.BUILD_ERROR
+    assert len([line for line in calls.read_text().splitlines() if "--version" not in line]) == len(builds)
 
 
 @pytest.fixture

@@ -229,9 +229,9 @@ class _NativeEnergy(torch.autograd.Function):
     kernels: the forward's one pass over each term also writes its gradient (the backward of a
     hinge is a sign and a mask, known as soon as the scores are read), so the backward only
     scales it by the upstream gradient, in place, or hands it over as it is when that is 1.
-    Measured at three layers of 16x1x64^2..16^2 score maps, nine terms, on a 2-core EPYC: 0.19 ms
-    forward + backward, against 0.39 ms for the plain formula under torch.compile
-    (docs/BENCHMARKS.md)."""
+    Measured at three layers of 16x1x64^2..16^2 score maps, nine terms, on a 2-core EPYC: 0.29-0.32
+    ms forward + backward, against 0.40-0.44 ms for the plain formula under torch.compile
+    (bench_ops, two runs; docs/BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, margin: float, weights, high, *scores: torch.Tensor):
