@@ -59,7 +59,7 @@ def current_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Run the ops in this block with backend ``name`` ('auto', 'triton' or 'torch')."""
+    """Run the ops in this block with backend ``name`` ('auto', 'triton', 'native' or 'torch')."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = getattr(_local, "override", None)
