@@ -77,14 +77,30 @@ def two_threads():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(params=["openmp", "posix threads"])
-def threading_build(request, fresh_build, monkeypatch):
-    """The library as built here (OpenMP), and as built by a compiler without OpenMP."""
-    if native.compiler() is None:
+@pytest.fixture(scope="module")
+def posix_threads_library(tmp_path_factory):
+    """The library as a compiler without OpenMP builds it (POSIX threads), built once."""
+    import ctypes
+    import subprocess
+
+    cc = native.compiler()
+    if cc is None:
         pytest.skip("no C compiler")
-    if request.param == "posix threads":
-        monkeypatch.setattr(native, "VARIANTS", (("-fopenmp-simd",),))
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKAAD_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("posix")))
+        return native._declare(ctypes.CDLL(str(native._build(cc, version, ("-fopenmp-simd",)))))
+
+
+@pytest.fixture(params=["as built here", "posix threads"])
+def threading_build(request, posix_threads_library):
+    """The library as built here (OpenMP where the compiler has it), and with POSIX threads."""
     assert native.library() is not None, native.BUILD_ERROR
+    saved = native._lib
+    if request.param == "posix threads":
+        native._lib = posix_threads_library
+    yield
+    native._lib = saved
 
 
 @pytest.mark.parametrize("shape,layout", [
