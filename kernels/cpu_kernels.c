@@ -16,8 +16,9 @@ Threads: built with -fopenmp, the library needs libgomp.so.1, and the dynamic lo
 one torch already loaded, so these loops run on torch's own OpenMP workers. Measured on a 2-core
 EPYC, the anomaly map at WideResNet50's shapes: 0.61-0.70 ms per image, against 0.93 with POSIX
 threads created per call, which found torch's workers still spinning after its last parallel
-region and shared the two cores with them. Without OpenMP (a compiler lacking it) the same split
-runs on POSIX threads. A call only splits when each thread gets enough work to repay it. */
+region and shared the two cores with them. Without OpenMP (a compiler lacking it) the cosine map
+splits over POSIX threads and the other loops run on the calling thread. A cosine map or a loss
+only splits when each thread gets enough work to repay it. */
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
