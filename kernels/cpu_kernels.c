@@ -377,6 +377,14 @@ static long flat_parts(long rows, long n, int threads) {
   return parts;
 }
 
+/* Job j of rows * parts: its row and its part's range [lo, hi) of that row's n elements. */
+static inline void flat_job(long j, long parts, long n, long* r, long* lo, long* hi) {
+  long p = j % parts;
+  *r = j / parts;
+  *lo = n * p / parts;
+  *hi = n * (p + 1) / parts;
+}
+
 /* sums: (rows, 3) float32 = (a.b, |a|^2, |b|^2) per row: float32 lanes over chunks of CHUNK,
    double across chunks and parts. */
 void ckf_flat_sums(const float* a, const float* b, float* sums, long rows, long n, int threads) {
@@ -391,8 +399,8 @@ void ckf_flat_sums(const float* a, const float* b, float* sums, long rows, long 
 #pragma omp parallel for num_threads(t) schedule(static)
 #endif
   for (long j = 0; j < jobs; j++) {
-    long r = j / parts, p = j % parts;
-    long lo = n * p / parts, hi = n * (p + 1) / parts;
+    long r, lo, hi;
+    flat_job(j, parts, n, &r, &lo, &hi);
     const float *x = a + r * n, *y = b + r * n;
     double d = 0.0, sa = 0.0, sb = 0.0;
     for (long i0 = lo; i0 < hi; i0 += CHUNK) {
@@ -446,8 +454,8 @@ void ckf_flat_grads(const float* a, const float* b, const float* coef, float* ga
 #pragma omp parallel for num_threads(t) schedule(static)
 #endif
   for (long j = 0; j < jobs; j++) {
-    long r = j / parts, p = j % parts;
-    long lo = n * p / parts, hi = n * (p + 1) / parts;
+    long r, lo, hi;
+    flat_job(j, parts, n, &r, &lo, &hi);
     const float *x = a + r * n, *y = b + r * n;
     float kab = coef[3 * r], kaa = coef[3 * r + 1], kbb = coef[3 * r + 2];
     if (ga && gb) {
