@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import peak_memory, print_table, save_rows
-from ckaad_fast.data import MVTecDataset
+from pathlib import Path
+
+from ckaad_fast.data import FolderDataset, MVTecDataset
 from ckaad_fast.data.highres import make_highres_dataset
 from ckaad_fast.evaluation import metrics_from_predictions, predict_dataset
 from ckaad_fast.model import Detector, ModelConfig
@@ -75,10 +77,20 @@ def evidence(args, root) -> list[dict]:
         t0 = time.perf_counter()
         pred = _predict_full_resolution(model, test_set, cfg, args)
         score_s = time.perf_counter() - t0
+        calib = None
+        if tiled and args.n_calib:
+            calib_set = FolderDataset(Path(root) / args.category, "good", split="calib", image_size=None, mean=mean, std=std)
+            calib = predict_dataset(model, calib_set, batch_size=16, device=args.device, progress=False).maps
+        if tiled and args.maps_out:
+            Path(args.maps_out).mkdir(parents=True, exist_ok=True)
+            np.savez(Path(args.maps_out) / f"maps_{args.category}_s{args.seed}_{cfg.strategy}.npz",
+                     maps=pred.maps.astype(np.float32), labels=pred.labels, masks=pred.masks,
+                     calib=calib if calib is not None else np.zeros((0,) + pred.maps.shape[1:], np.float32))
         metrics = metrics_from_predictions(pred)
         normal = pred.labels == 0
         seams = [seam_ratio(m, model.config.tiling) for m in pred.maps[normal]] if tiled else []
-        rows.append({"input": "tiles" if tiled else "resized whole", "strategy": cfg.strategy, "seed": args.seed,
+        rows.append({"input": "tiles" if tiled else "resized whole", "category": args.category, "strategy": cfg.strategy,
+                     "seed": args.seed,
                      "layers": "".join(map(str, args.layers)),
                      "model_input": args.input,
                      "tile": f"{args.tile}/{args.stride}" if tiled else "-", "epochs": cfg.epochs,
@@ -109,6 +121,90 @@ def image_rules(pred) -> dict:
     above = [int((m > m[mask > 0].max()).sum()) for m, mask, y in zip(pred.maps, pred.masks, pred.labels)
              if y == 1 and mask.any()]
     out["px_above_defect_peak"] = int(np.median(above)) if above else None
+    return out
+
+
+#: The image-decision rules compared on the same stitched maps (``--maps-out``, ``--rules-from``):
+#: name -> what it scores. ``top100`` is the library's default, the twin of every other rule.
+RULES = {
+    "top100": "the mean of the map's 100 largest values (the default)",
+    "top10": "the same over 10",
+    "top1": "the map's largest value",
+    "blur2_top100": "top100 of the map blurred again (Gaussian, sigma 2 px)",
+    "blur4_top100": "top100 of the map blurred again (sigma 4 px)",
+    "norm16_top100": "top100 of the map normalised per position (16 px cells, the calibration normals' maps)",
+    "norm16_top1": "the normalised map's largest value",
+    "norm64_top100": "top100 of the map normalised per position (64 px cells)",
+    "region": "the largest region's excess mass (pixel threshold at 1e-5 of the calibration normals' pixels)",
+    "norm16_region": "the same on the normalised maps",
+}
+
+
+def rule_scores(maps, calib) -> dict[str, list[float]]:
+    """Each rule of :data:`RULES`'s image scores of ``maps`` (N, H, W); ``calib``: the maps of
+    normal images kept apart (the normalisation's statistics and the region decision's pixel
+    threshold come from them; the rules that need them are left out without)."""
+    from scipy import ndimage
+
+    from ckaad_fast.map_norm import fit_map_normalization
+    from ckaad_fast.calibration.region_decision import calibrate_region_decision
+
+    def top(m, k):
+        f = m.ravel()
+        return float(np.partition(f, f.size - k)[f.size - k:].mean())
+
+    out = {f"top{k}": [top(m, k) for m in maps] for k in (100, 10, 1)}
+    for s in (2, 4):
+        out[f"blur{s}_top100"] = [top(ndimage.gaussian_filter(m, s), 100) for m in maps]
+    if calib is None or len(calib) < 2:
+        return out
+    for cell in (16, 64):
+        norm = fit_map_normalization(calib, cell)
+        z = norm.apply(maps)
+        out[f"norm{cell}_top100"] = [top(m, 100) for m in z]
+        if cell == 16:
+            out["norm16_top1"] = [top(m, 1) for m in z]
+            zc = norm.apply(calib)
+            rule = calibrate_region_decision(zc, 0.05, pixel_fpr=1e-5)
+            out["norm16_region"] = [rule.score(m) for m in z]
+    rule = calibrate_region_decision(calib, 0.05, pixel_fpr=1e-5)
+    out["region"] = [rule.score(m) for m in maps]
+    return out
+
+
+def rules_from_maps(paths) -> list[dict]:
+    """One row per stored run (``--maps-out``'s .npz) and rule: the image AUROC of the rule on
+    the run's test maps."""
+    from ckaad_fast.metrics import image_auroc
+
+    rows = []
+    for path in paths:
+        d = np.load(path)
+        name = Path(path).stem.split("_")  # maps_<category>_s<seed>_<strategy>
+        calib = d["calib"] if len(d["calib"]) else None
+        for rule, scores in rule_scores(d["maps"], calib).items():
+            rows.append({"category": name[1], "seed": int(name[2][1:]), "strategy": name[3], "rule": rule,
+                         "image_auroc": round(100 * image_auroc(d["labels"], scores), 2)})
+    return rows
+
+
+def rules_summary(rows) -> list[dict]:
+    """Per category and rule: the image AUROC of each seed, and the paired difference against
+    ``top100`` over the seeds (mean, 95% t-interval; :mod:`ckaad_fast.experiments.paired`)."""
+    from ckaad_fast.experiments.paired import paired_difference
+
+    out = []
+    for category in sorted({r["category"] for r in rows}):
+        mine = [dict(r, strategy=r["rule"]) for r in rows if r["category"] == category]
+        for rule in RULES:
+            runs = sorted((r for r in mine if r["rule"] == rule), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            d = paired_difference(mine, rule, "image_auroc", baseline="top100") if rule != "top100" else None
+            out.append({"category": category, "rule": rule, "image_auroc": " / ".join(f"{r['image_auroc']:.1f}" for r in runs),
+                        "mean": round(float(np.mean([r["image_auroc"] for r in runs])), 1),
+                        "vs_top100": "-" if d is None else (f"{d.mean:+.1f}" + ("" if d.low is None else
+                                                                                 f" ({d.low:+.1f} to {d.high:+.1f})"))})
     return out
 
 
@@ -198,10 +294,24 @@ def main(argv=None) -> None:
                    help="training strategy of the evidence models (default: recon); those with anomalies train "
                         "on elastic distortions of the training tiles, the paper's industrial protocol")
     p.add_argument("--n-train", type=int, default=6, help="normal training images of the set (default: 6)")
+    p.add_argument("--n-test", type=int, default=8, help="normal and defective test images of the set, each (default: 8)")
+    p.add_argument("--n-calib", type=int, default=0,
+                   help="normal images kept for the statistics of normal maps and the calibration (default: 0)")
+    p.add_argument("--maps-out", default=None, help="also write each tiled run's full-resolution maps here (.npz)")
+    p.add_argument("--rules-from", nargs="+", default=None, metavar="NPZ",
+                   help="no training: compare the image-decision rules on stored maps (--maps-out's files), "
+                        "per run, and their paired differences against top100 per category")
     p.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.input, args.tile, args.stride, args.epochs, args.batch = 256, 64, 64, 48, 1, 8
+    if args.rules_from:
+        rows = rules_from_maps(args.rules_from)
+        save_rows("tiling_rules", rows, args, args.device)
+        summary = rules_summary(rows)
+        print_table("Image-decision rules on the same stitched maps: image AUROC per seed, paired difference "
+                    "against top100 (mean, 95% t-interval)", list(summary[0]), [list(r.values()) for r in summary])
+        return
     if not args.skip_throughput:
         rows = throughput(args)
         print_table("Tiled scoring throughput", list(rows[0]), [list(r.values()) for r in rows])
@@ -209,8 +319,9 @@ def main(argv=None) -> None:
     if args.evidence:
         with tempfile.TemporaryDirectory() as tmp:
             root = make_highres_dataset(args.data or tmp, args.category, image_size=args.size, seed=args.seed,
-                                        **({"n_train": 2, "n_test_good": 2, "n_test_defect": 2} if args.quick else
-                                           {"n_train": args.n_train}))
+                                        **({"n_train": 2, "n_test_good": 2, "n_test_defect": 2, "n_calib": min(args.n_calib, 2)} if args.quick else
+                                           {"n_train": args.n_train, "n_test_good": args.n_test,
+                                            "n_test_defect": args.n_test, "n_calib": args.n_calib}))
             ev = evidence(args, root)
         print_table("Tiles against the whole image resized (full-resolution metrics)", list(ev[0]),
                     [list(r.values()) for r in ev])

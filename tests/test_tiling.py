@@ -355,3 +355,28 @@ def test_a_calibration_set_of_normal_images_keeps_only_each_maps_range(tmp_path)
     np.testing.assert_array_equal(lean.scores, full.scores)
     cal = calibration.calibrate(model, data, target_fpr=0.1, engine="torch", batch_size=8)
     assert (cal.map_min, cal.map_max) == (float(full.maps.min()), float(full.maps.max()))
+
+
+def test_the_plate_is_one_aligned_part_and_calibration_normals_leave_the_other_images_alone(tmp_path):
+    from PIL import Image
+
+    from ckaad_fast.data.highres import PLATE_JITTER, make_highres_dataset
+
+    def images(root, sub):
+        return [np.asarray(Image.open(p), dtype=np.float64) for p in sorted((root / "plate" / sub).glob("*.png"))]
+
+    a = make_highres_dataset(tmp_path / "a", "plate", image_size=256, n_train=2, n_test_good=1, n_test_defect=1)
+    b = make_highres_dataset(tmp_path / "b", "plate", image_size=256, n_train=2, n_test_good=1, n_test_defect=1,
+                             n_calib=3)
+    for sub in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        for x, y in zip(images(a, sub), images(b, sub)):
+            np.testing.assert_array_equal(x, y)
+    calib = images(b, "calib/good")
+    assert len(calib) == 3 and not (b / "plate" / "calib" / "good").samefile(a / "plate") and not (a / "plate" / "calib").exists()
+    # Aligned: the holes (the darkest pixels, each ~7 px wide at 256²) sit in the same places in
+    # every image, up to the fixture's jitter; a texture's dark pixels would not.
+    train = images(a, "train/good")
+    holes = [im[..., 0] < 60 for im in train + calib]
+    overlap = [(h & holes[0]).sum() / holes[0].sum() for h in holes[1:]]
+    assert min(overlap) > 0.4 and PLATE_JITTER <= 3
+    assert not np.array_equal(train[0], train[1])  # the grain and the place differ

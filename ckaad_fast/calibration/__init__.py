@@ -29,6 +29,9 @@ engine that ran the forward (:mod:`ckaad_fast.runtime`; ``auto`` by default: the
 :class:`~ckaad_fast.scoring.Scorer` of the checkpoint scores in that precision, with that engine,
 unless told otherwise, so that the images of the calibration set get exactly the decisions it
 promised.
+An image decision on regions instead of the top-k score (:mod:`.region_decision`: the largest
+region's excess mass over a pixel threshold) is calibrated from normal maps the same way, both its
+thresholds at once (:func:`calibrate_region_decision`).
 :func:`write_calibration` stores the result in a checkpoint (a ``calibration`` entry; checkpoints
 without one load as before), where :class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score``
 find it.
@@ -47,4 +50,6 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "FENCE_IQRS": "thresholds", "TARGET_FPR": "thresholds", "Calibration": "thresholds",
     "CalibrationSetWarning": "thresholds", "calibration_from_scores": "thresholds", "check_set_size": "thresholds",
     "suspected_anomalies": "thresholds", "threshold_at_fpr": "thresholds",
+    "RegionDecision": "region_decision", "calibrate_region_decision": "region_decision",
+    "region_score": "region_decision",
 })
