@@ -125,84 +125,89 @@ def image_rules(pred) -> dict:
 
 
 #: The image-decision rules compared on the same stitched maps (``--maps-out``, ``--rules-from``):
-#: name -> what it scores. ``top100`` is the library's default, the twin of every other rule.
-RULES = {
-    "top100": "the mean of the map's 100 largest values (the default)",
-    "top10": "the same over 10",
-    "top1": "the map's largest value",
-    "blur2_top100": "top100 of the map blurred again (Gaussian, sigma 2 px)",
-    "blur4_top100": "top100 of the map blurred again (sigma 4 px)",
-    "norm16_top100": "top100 of the map normalised per position (16 px cells, the calibration normals' maps)",
-    "norm16_top1": "the normalised map's largest value",
-    "norm64_top100": "top100 of the map normalised per position (64 px cells)",
-    "region": "the largest region's excess mass (pixel threshold at 1e-5 of the calibration normals' pixels)",
-    "norm16_region": "the same on the normalised maps",
-}
+#: a map (as it is, blurred again, or normalised per position by the calibration normals' maps:
+#: :mod:`ckaad_fast.map_norm`) read by a score (the mean of its k largest values, or the largest
+#: region's excess mass at a pixel threshold at 1e-5 of the calibration normals' pixels:
+#: :mod:`ckaad_fast.calibration.region_decision`). ``top100`` is the library's default, every
+#: other rule's twin.
+MAP_VARIANTS = ("", "blur2_", "blur4_", "norm16_", "norm64_")
+READERS = ("top100", "top10", "top1", "region")
+RULES = tuple(v + r for v in MAP_VARIANTS for r in READERS)
 
 
-def rule_scores(maps, calib) -> dict[str, list[float]]:
-    """Each rule of :data:`RULES`'s image scores of ``maps`` (N, H, W); ``calib``: the maps of
-    normal images kept apart (the normalisation's statistics and the region decision's pixel
-    threshold come from them; the rules that need them are left out without)."""
+def _variant(name: str, maps, calib):
+    """``maps`` (and ``calib``) as the map variant ``name`` of :data:`MAP_VARIANTS` makes them."""
     from scipy import ndimage
 
     from ckaad_fast.map_norm import fit_map_normalization
+
+    if name.startswith("blur"):
+        sigma = float(name[4:-1])
+        return ([ndimage.gaussian_filter(m, sigma) for m in maps], [ndimage.gaussian_filter(m, sigma) for m in calib])
+    if name.startswith("norm"):
+        norm = fit_map_normalization(calib, int(name[4:-1]))
+        return norm.apply(maps), norm.apply(calib)
+    return maps, calib
+
+
+def rule_scores(name: str, maps, calib) -> dict[str, list[float]]:
+    """Each reader's image scores of the map variant ``name`` of ``maps`` (N, H, W); ``calib``:
+    the maps of normal images kept apart (the normalisation's statistics and the region
+    decision's pixel threshold come from them)."""
     from ckaad_fast.calibration.region_decision import calibrate_region_decision
 
     def top(m, k):
-        f = m.ravel()
+        f = np.asarray(m).ravel()
         return float(np.partition(f, f.size - k)[f.size - k:].mean())
 
-    out = {f"top{k}": [top(m, k) for m in maps] for k in (100, 10, 1)}
-    for s in (2, 4):
-        out[f"blur{s}_top100"] = [top(ndimage.gaussian_filter(m, s), 100) for m in maps]
-    if calib is None or len(calib) < 2:
-        return out
-    for cell in (16, 64):
-        norm = fit_map_normalization(calib, cell)
-        z = norm.apply(maps)
-        out[f"norm{cell}_top100"] = [top(m, 100) for m in z]
-        if cell == 16:
-            out["norm16_top1"] = [top(m, 1) for m in z]
-            zc = norm.apply(calib)
-            rule = calibrate_region_decision(zc, 0.05, pixel_fpr=1e-5)
-            out["norm16_region"] = [rule.score(m) for m in z]
+    out = {f"{name}top{k}": [top(m, k) for m in maps] for k in (100, 10, 1)}
     rule = calibrate_region_decision(calib, 0.05, pixel_fpr=1e-5)
-    out["region"] = [rule.score(m) for m in maps]
+    out[f"{name}region"] = [rule.score(m) for m in maps]
     return out
 
 
 def rules_from_maps(paths) -> list[dict]:
     """One row per stored run (``--maps-out``'s .npz) and rule: the image AUROC of the rule on
-    the run's test maps."""
-    from ckaad_fast.metrics import image_auroc
+    the run's test maps, and the pixel AUROC of the map variant it reads."""
+    from ckaad_fast.metrics import image_auroc, pixel_auroc
 
     rows = []
     for path in paths:
         d = np.load(path)
+        if len(d["calib"]) < 2:
+            raise SystemExit(f"{path}: no calibration normals' maps (run the evidence with --n-calib)")
         name = Path(path).stem.split("_")  # maps_<category>_s<seed>_<strategy>
-        calib = d["calib"] if len(d["calib"]) else None
-        for rule, scores in rule_scores(d["maps"], calib).items():
-            rows.append({"category": name[1], "seed": int(name[2][1:]), "strategy": name[3], "rule": rule,
-                         "image_auroc": round(100 * image_auroc(d["labels"], scores), 2)})
+        for variant in MAP_VARIANTS:
+            maps, calib = _variant(variant, d["maps"], d["calib"])
+            pixel = round(100 * pixel_auroc(d["masks"], np.asarray(maps)), 2)
+            for rule, scores in rule_scores(variant, maps, calib).items():
+                rows.append({"category": name[1], "seed": int(name[2][1:]), "strategy": name[3], "rule": rule,
+                             "image_auroc": round(100 * image_auroc(d["labels"], scores), 2), "pixel_auroc": pixel})
     return rows
 
 
 def rules_summary(rows) -> list[dict]:
-    """Per category and rule: the image AUROC of each seed, and the paired difference against
-    ``top100`` over the seeds (mean, 95% t-interval; :mod:`ckaad_fast.experiments.paired`)."""
+    """Per category (and over all of them) and rule: the image AUROC of each seed, the mean pixel
+    AUROC of the map it reads, and the paired difference against ``top100`` over the seeds (mean,
+    95% t-interval; :mod:`ckaad_fast.experiments.paired`)."""
     from ckaad_fast.experiments.paired import paired_difference
 
     out = []
-    for category in sorted({r["category"] for r in rows}):
-        mine = [dict(r, strategy=r["rule"]) for r in rows if r["category"] == category]
+    categories = sorted({r["category"] for r in rows})
+    for category in categories + (["all"] if len(categories) > 1 else []):
+        # "all": each seed's difference is the mean over the categories first (the experiment
+        # tables' rule), so the interval is over seeds.
+        mine = [dict(r, strategy=r["rule"]) for r in rows if category in ("all", r["category"])]
         for rule in RULES:
             runs = sorted((r for r in mine if r["rule"] == rule), key=lambda r: r["seed"])
             if not runs:
                 continue
             d = paired_difference(mine, rule, "image_auroc", baseline="top100") if rule != "top100" else None
-            out.append({"category": category, "rule": rule, "image_auroc": " / ".join(f"{r['image_auroc']:.1f}" for r in runs),
+            per_seed = [float(np.mean([r["image_auroc"] for r in runs if r["seed"] == seed]))
+                        for seed in sorted({r["seed"] for r in runs})]
+            out.append({"category": category, "rule": rule, "image_auroc": " / ".join(f"{v:.1f}" for v in per_seed),
                         "mean": round(float(np.mean([r["image_auroc"] for r in runs])), 1),
+                        "pixel_auroc": round(float(np.mean([r["pixel_auroc"] for r in runs])), 1),
                         "vs_top100": "-" if d is None else (f"{d.mean:+.1f}" + ("" if d.low is None else
                                                                                  f" ({d.low:+.1f} to {d.high:+.1f})"))})
     return out
