@@ -187,29 +187,38 @@ def rules_from_maps(paths) -> list[dict]:
 
 
 def rules_summary(rows) -> list[dict]:
-    """Per category (and over all of them) and rule: the image AUROC of each seed, the mean pixel
-    AUROC of the map it reads, and the paired difference against ``top100`` over the seeds (mean,
-    95% t-interval; :mod:`ckaad_fast.experiments.paired`)."""
+    """Per training strategy, per category (and over all of them) and rule: the image AUROC of
+    each seed, the mean pixel AUROC of the map it reads, and the paired difference against
+    ``top100`` over the seeds (mean, 95% t-interval; :mod:`ckaad_fast.experiments.paired`)."""
+    out = []
+    for strategy in sorted({r["strategy"] for r in rows}, key=lambda v: (v != "recon", v)):
+        of_strategy = [r for r in rows if r["strategy"] == strategy]
+        categories = sorted({r["category"] for r in of_strategy})
+        for category in categories + (["all"] if len(categories) > 1 else []):
+            out += _rules_of(strategy, category, of_strategy)
+    return out
+
+
+def _rules_of(strategy: str, category: str, rows: list[dict]) -> list[dict]:
+    """:func:`rules_summary`'s rows of one strategy and category ("all": each seed's difference is
+    the mean over the categories first, the experiment tables' rule, so the interval is over seeds)."""
     from ckaad_fast.experiments.paired import paired_difference
 
+    mine = [dict(r, strategy=r["rule"]) for r in rows if category in ("all", r["category"])]
     out = []
-    categories = sorted({r["category"] for r in rows})
-    for category in categories + (["all"] if len(categories) > 1 else []):
-        # "all": each seed's difference is the mean over the categories first (the experiment
-        # tables' rule), so the interval is over seeds.
-        mine = [dict(r, strategy=r["rule"]) for r in rows if category in ("all", r["category"])]
-        for rule in RULES:
-            runs = sorted((r for r in mine if r["rule"] == rule), key=lambda r: r["seed"])
-            if not runs:
-                continue
-            d = paired_difference(mine, rule, "image_auroc", baseline="top100") if rule != "top100" else None
-            per_seed = [float(np.mean([r["image_auroc"] for r in runs if r["seed"] == seed]))
-                        for seed in sorted({r["seed"] for r in runs})]
-            out.append({"category": category, "rule": rule, "image_auroc": " / ".join(f"{v:.1f}" for v in per_seed),
-                        "mean": round(float(np.mean([r["image_auroc"] for r in runs])), 1),
-                        "pixel_auroc": round(float(np.mean([r["pixel_auroc"] for r in runs])), 1),
-                        "vs_top100": "-" if d is None else (f"{d.mean:+.1f}" + ("" if d.low is None else
-                                                                                 f" ({d.low:+.1f} to {d.high:+.1f})"))})
+    for rule in RULES:
+        runs = sorted((r for r in mine if r["rule"] == rule), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        d = paired_difference(mine, rule, "image_auroc", baseline="top100") if rule != "top100" else None
+        per_seed = [float(np.mean([r["image_auroc"] for r in runs if r["seed"] == seed]))
+                    for seed in sorted({r["seed"] for r in runs})]
+        interval = "" if d is None or d.low is None else f" ({d.low:+.1f} to {d.high:+.1f})"
+        out.append({"category": category, "strategy": strategy, "rule": rule,
+                    "image_auroc": " / ".join(f"{v:.1f}" for v in per_seed),
+                    "mean": round(float(np.mean([r["image_auroc"] for r in runs])), 1),
+                    "pixel_auroc": round(float(np.mean([r["pixel_auroc"] for r in runs])), 1),
+                    "vs_top100": "-" if d is None else f"{d.mean:+.1f}{interval}"})
     return out
 
 

@@ -77,7 +77,7 @@ def test_round_trip_and_bad_arguments():
 
 
 def test_the_promise_holds_on_generated_normal_images_through_a_tiled_model(tmp_path):
-    """The same promise end to end: 200 generated normal plates (128², the high-resolution set's
+    """The same promise end to end: 200 generated normal plates (96², the high-resolution set's
     aligned object), their stitched maps from a tiled model (random weights: the promise rests on
     normal images being exchangeable, not on the model), calibrated on 100 at 10%, judged on the
     100 others. One calibration of 100 and 100 fresh images: the count is beta-binomial around
@@ -91,17 +91,17 @@ def test_the_promise_holds_on_generated_normal_images_through_a_tiled_model(tmp_
     from ckaad_fast.evaluation import predict_dataset
     from ckaad_fast.model import Detector, ModelConfig
 
-    root = make_highres_dataset(tmp_path, "plate", image_size=128, n_train=0, n_test_good=0, n_test_defect=0,
+    root = make_highres_dataset(tmp_path, "plate", image_size=96, n_train=0, n_test_good=0, n_test_defect=0,
                                 n_calib=200)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Detector(ModelConfig(backbone="resnet18", layers=(2, 3), image_size=(64, 64), tile_size=64,
-                                     tile_stride=48), weights="none").eval()
+                                     tile_stride=32), weights="none").eval()
     data = FolderDataset(root / "plate", "good", split="calib", image_size=None, mean=model.config.mean,
                          std=model.config.std)
     maps = predict_dataset(model, data, batch_size=16, progress=False).maps
-    assert maps.shape == (200, 128, 128)
+    assert maps.shape == (200, 96, 96)
     rule = calibrate_region_decision(maps[:100], 0.1, pixel_fpr=1e-3)
     assert sum(rule.decide(m) for m in maps[:100]) <= 10  # on its own set: at most k = 10
     flagged = sum(rule.decide(m) for m in maps[100:])

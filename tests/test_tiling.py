@@ -372,11 +372,17 @@ def test_the_plate_is_one_aligned_part_and_calibration_normals_leave_the_other_i
         for x, y in zip(images(a, sub), images(b, sub)):
             np.testing.assert_array_equal(x, y)
     calib = images(b, "calib/good")
-    assert len(calib) == 3 and not (b / "plate" / "calib" / "good").samefile(a / "plate") and not (a / "plate" / "calib").exists()
+    assert len(calib) == 3 and not (a / "plate" / "calib").exists()
     # Aligned: the holes (the darkest pixels, each ~7 px wide at 256²) sit in the same places in
     # every image, up to the fixture's jitter; a texture's dark pixels would not.
     train = images(a, "train/good")
     holes = [im[..., 0] < 60 for im in train + calib]
     overlap = [(h & holes[0]).sum() / holes[0].sum() for h in holes[1:]]
-    assert min(overlap) > 0.4 and PLATE_JITTER <= 3
+    assert min(overlap) > 0.4
     assert not np.array_equal(train[0], train[1])  # the grain and the place differ
+    # ... by at most the jitter: every hole pixel of one plate lies within PLATE_JITTER * 2 + 1
+    # pixels of a hole pixel of the other.
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(holes[0], iterations=2 * PLATE_JITTER + 1)
+    assert all((h & ~near).sum() == 0 for h in holes[1:])

@@ -69,8 +69,8 @@ def render_highres_normal(texture: np.ndarray, rng: np.random.Generator, size: i
 def render_plate(grain: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """One normal plate, (size, size, 3) float32 in [0, 255]: the part drawn in coordinates
     relative to the image's side (so any ``size`` shows the same part), shifted by up to
-    :data:`PLATE_JITTER` pixels, with a faint grain (``grain``: a texture photograph, ±12 grey
-    levels) cut at a random place, and a brightness within ±4%."""
+    :data:`PLATE_JITTER` pixels, with a faint grain (``grain``: a texture photograph scaled to a
+    spread of 6 grey levels) cut at a random place, and a brightness within ±4%."""
     s = float(size)
     dy, dx = (float(v) for v in rng.uniform(-PLATE_JITTER, PLATE_JITTER, 2))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -99,7 +99,7 @@ def render_plate(grain: np.ndarray, rng: np.random.Generator, size: int) -> np.n
     big = np.pad(grain, ((0, g * reps), (0, g * reps)), mode="symmetric")
     y, x = (int(v) for v in rng.integers(0, g, 2))
     cut = big[y:y + size, x:x + size]
-    img += (cut - cut.mean()) * (12.0 / max(float(cut.std()), 1e-6)) * 0.5
+    img += (cut - cut.mean()) * (6.0 / max(float(cut.std()), 1e-6))
     img *= float(rng.uniform(0.96, 1.04))
     return np.clip(np.repeat(img[:, :, None], 3, axis=2), 0, 255).astype(np.float32)
 
