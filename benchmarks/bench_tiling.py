@@ -24,6 +24,12 @@ Run: ``python -m benchmarks.bench_tiling [--evidence] [--quick] [--device cuda]`
 ``auroc_top*``, ``auroc_local15_top10`` and ``px_above_defect_peak`` ask why the image decision of
 a tiled model fails where its maps find the defects (docs/BENCHMARKS.md, "Small defects on large
 images"); ``--tile 64 --stride 56 --input 128`` enlarges each tile twice.
+
+3. **Image rules** (``--n-calib N --maps-out DIR``, then ``--rules-from DIR/*.npz``): each run
+   keeps its test maps and the maps of N normal images held apart; twenty image-decision rules
+   (:data:`RULES`: the map as it is, blurred again or normalised per position, read by a top-k
+   mean or by the region decision) are scored on the same maps and paired against the default
+   top-100 over the seeds (docs/BENCHMARKS.md, "The evidence on three sets").
 """
 from __future__ import annotations
 
@@ -31,14 +37,13 @@ import argparse
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import peak_memory, print_table, save_rows
-from pathlib import Path
-
 from ckaad_fast.data import FolderDataset, MVTecDataset
 from ckaad_fast.data.highres import make_highres_dataset
 from ckaad_fast.evaluation import metrics_from_predictions, predict_dataset
@@ -292,7 +297,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: the tests run this so the script cannot rot")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--data", default=None, help="where the high-resolution set is written (default: a temporary folder)")
-    p.add_argument("--category", default="brick", help="texture of the high-resolution set (default: brick)")
+    p.add_argument("--category", default="brick",
+                   help="the high-resolution set: a texture (brick, gravel, grass) or the aligned plate (default: brick)")
     p.add_argument("--size", type=int, default=2048, help="the set's image side in pixels (default: 2048)")
     p.add_argument("--input", type=int, default=128, help="the model's input side (default: 128)")
     p.add_argument("--tile", type=int, default=128, help="tile side at full resolution (default: 128)")
@@ -314,7 +320,7 @@ def main(argv=None) -> None:
     p.add_argument("--maps-out", default=None, help="also write each tiled run's full-resolution maps here (.npz)")
     p.add_argument("--rules-from", nargs="+", default=None, metavar="NPZ",
                    help="no training: compare the image-decision rules on stored maps (--maps-out's files), "
-                        "per run, and their paired differences against top100 per category")
+                        "per run, and their paired differences against top100 per strategy and category")
     p.add_argument("--no-save", action="store_true", help="do not append the rows to benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
