@@ -132,7 +132,7 @@ def image_rules(pred) -> dict:
 #: The image-decision rules compared on the same stitched maps (``--maps-out``, ``--rules-from``):
 #: a map (as it is, blurred again, or normalised per position by the calibration normals' maps:
 #: :mod:`ckaad_fast.map_norm`) read by a score (the mean of its k largest values, or the largest
-#: region's excess mass at a pixel threshold at 1e-5 of the calibration normals' pixels:
+#: excess mass among its regions at a pixel threshold at 1e-5 of the calibration normals' pixels:
 #: :mod:`ckaad_fast.calibration.region_decision`). ``top100`` is the library's default, every
 #: other rule's twin.
 MAP_VARIANTS = ("", "blur2_", "blur4_", "norm16_", "norm64_")

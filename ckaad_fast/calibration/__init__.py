@@ -30,8 +30,8 @@ engine that ran the forward (:mod:`ckaad_fast.runtime`; ``auto`` by default: the
 unless told otherwise, so that the images of the calibration set get exactly the decisions it
 promised.
 An image decision on regions instead of the top-k score (:mod:`.region_decision`: the largest
-region's excess mass over a pixel threshold) is calibrated from normal maps the same way, both its
-thresholds at once (:func:`calibrate_region_decision`).
+excess mass among the map's regions over a pixel threshold) is calibrated from normal maps the
+same way, both its thresholds at once (:func:`calibrate_region_decision`).
 :func:`write_calibration` stores the result in a checkpoint (a ``calibration`` entry; checkpoints
 without one load as before), where :class:`ckaad_fast.scoring.Scorer` and ``ckaad-fast score``
 find it.

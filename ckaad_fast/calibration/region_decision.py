@@ -4,8 +4,8 @@ The default image score, the mean of a map's top-k values, asks how high the map
 pixels are. On a megapixel image a small defect and the most unusual of a million normal
 pixels can be equally high; what may still tell them apart is their extent. This rule looks at
 the map's *regions* (:func:`ckaad_fast.regions.find_regions`: the 8-connected parts of ``map >=
-pixel threshold``) and scores an image by its largest region's *excess mass*, the sum of ``map -
-pixel threshold`` over the region (so both its height and its area count); an image without a
+pixel threshold``) and scores an image by the largest *excess mass* among them, the sum of ``map -
+pixel threshold`` over a region (so both its height and its area count); an image without a
 region scores 0.
 
 :func:`calibrate_region_decision` picks both thresholds from normal maps alone (a calibration
@@ -33,8 +33,8 @@ __all__ = ["RegionDecision", "region_score", "calibrate_region_decision"]
 
 
 def region_score(amap, pixel_threshold: float) -> float:
-    """The excess mass of the largest region of ``amap`` at ``pixel_threshold``: the sum of
-    ``map - pixel_threshold`` over its pixels (0.0 when no pixel reaches the threshold)."""
+    """The largest excess mass among the regions of ``amap`` at ``pixel_threshold``: the sum of
+    ``map - pixel_threshold`` over a region's pixels (0.0 when no pixel reaches the threshold)."""
     regions = find_regions(amap, pixel_threshold)
     return max(((r.mean - pixel_threshold) * r.area for r in regions), default=0.0)
 
@@ -53,7 +53,7 @@ class RegionDecision:
         return region_score(amap, self.pixel_threshold)
 
     def decide(self, amap) -> bool:
-        """True when ``amap``'s largest region is anomalous: its score at or above the image threshold."""
+        """True when ``amap`` is anomalous: its region score at or above the image threshold."""
         return self.score(amap) >= self.image_threshold
 
     def to_dict(self) -> dict:
