@@ -186,7 +186,7 @@ def rules_from_maps(paths) -> list[dict]:
             maps, calib = _variant(variant, d["maps"], d["calib"])
             pixel = round(100 * pixel_auroc(d["masks"], np.asarray(maps)), 2)
             for rule, scores in rule_scores(variant, maps, calib).items():
-                rows.append({"category": name[1], "seed": int(name[2][1:]), "strategy": name[3], "rule": rule,
+                rows.append({"category": name[1], "seed": int(name[2][1:]), "strategy": "_".join(name[3:]), "rule": rule,
                              "image_auroc": round(100 * image_auroc(d["labels"], scores), 2), "pixel_auroc": pixel})
     return rows
 
