@@ -369,11 +369,12 @@ def test_the_plate_is_one_aligned_part_and_calibration_normals_leave_the_other_i
     b = make_highres_dataset(tmp_path / "b", "plate", image_size=256, n_train=2, n_test_good=1, n_test_defect=1,
                              n_calib=3)
     for sub in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        assert len(images(a, sub)) == len(images(b, sub)) > 0
         for x, y in zip(images(a, sub), images(b, sub)):
             np.testing.assert_array_equal(x, y)
     calib = images(b, "calib/good")
     assert len(calib) == 3 and not (a / "plate" / "calib").exists()
-    # Aligned: the holes (the darkest pixels, each ~7 px wide at 256²) sit in the same places in
+    # Aligned: the holes (the darkest pixels, about 15 px across at 256²) sit in the same places in
     # every image, up to the fixture's jitter; a texture's dark pixels would not.
     train = images(a, "train/good")
     holes = [im[..., 0] < 60 for im in train + calib]
