@@ -115,14 +115,10 @@ def image_rules(pred) -> dict:
 
     from ckaad_fast.metrics import image_auroc
 
-    def top(m, k):
-        f = m.ravel()
-        return float(np.partition(f, f.size - k)[f.size - k:].mean())
-
-    out = {f"auroc_top{k}": round(100 * image_auroc(pred.labels, [top(m, k) for m in pred.maps]), 1)
+    out = {f"auroc_top{k}": round(100 * image_auroc(pred.labels, [_top(m, k) for m in pred.maps]), 1)
            for k in (1, 10, 100, 1000)}
     out["auroc_local15_top10"] = round(100 * image_auroc(
-        pred.labels, [top(m - ndimage.uniform_filter(m, 15), 10) for m in pred.maps]), 1)
+        pred.labels, [_top(m - ndimage.uniform_filter(m, 15), 10) for m in pred.maps]), 1)
     above = [int((m > m[mask > 0].max()).sum()) for m, mask, y in zip(pred.maps, pred.masks, pred.labels)
              if y == 1 and mask.any()]
     out["px_above_defect_peak"] = int(np.median(above)) if above else None
@@ -161,11 +157,7 @@ def rule_scores(name: str, maps, calib) -> dict[str, list[float]]:
     decision's pixel threshold come from them)."""
     from ckaad_fast.calibration.region_decision import calibrate_region_decision
 
-    def top(m, k):
-        f = np.asarray(m).ravel()
-        return float(np.partition(f, f.size - k)[f.size - k:].mean())
-
-    out = {f"{name}top{k}": [top(m, k) for m in maps] for k in (100, 10, 1)}
+    out = {f"{name}top{k}": [_top(m, k) for m in maps] for k in (100, 10, 1)}
     rule = calibrate_region_decision(calib, 0.05, pixel_fpr=1e-5)
     out[f"{name}region"] = [rule.score(m) for m in maps]
     return out
@@ -225,6 +217,12 @@ def _rules_of(strategy: str, category: str, rows: list[dict]) -> list[dict]:
                     "pixel_auroc": round(float(np.mean([r["pixel_auroc"] for r in runs])), 1),
                     "vs_top100": "-" if d is None else f"{d.mean:+.1f}{interval}"})
     return out
+
+
+def _top(m, k: int) -> float:
+    """The mean of the ``k`` largest values of a map (the image rules' top-k reader)."""
+    f = np.asarray(m).ravel()
+    return float(np.partition(f, f.size - k)[f.size - k:].mean())
 
 
 def _predict_full_resolution(model, test_set, cfg, args):
