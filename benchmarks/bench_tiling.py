@@ -29,7 +29,10 @@ images"); ``--tile 64 --stride 56 --input 128`` enlarges each tile twice.
    keeps its test maps and the maps of N normal images held apart; twenty image-decision rules
    (:data:`RULES`: the map as it is, blurred again or normalised per position, read by a top-k
    mean or by the region decision) are scored on the same maps and paired against the default
-   top-100 over the seeds (docs/BENCHMARKS.md, "The evidence on three sets").
+   top-100 over the seeds (docs/BENCHMARKS.md, "The evidence on three sets"). Given the runs'
+   sets too (``--data 'DIR/d_{category}_{seed}'``, as the evidence wrote them), two more: a memory
+   of the training images' features looks up the map's 500 highest cells
+   (:data:`MEMORY_RULES`, :mod:`ckaad_fast.feature_memory`).
 """
 from __future__ import annotations
 
@@ -133,7 +136,11 @@ def image_rules(pred) -> dict:
 #: other rule's twin.
 MAP_VARIANTS = ("", "blur2_", "blur4_", "norm16_", "norm64_")
 READERS = ("top100", "top10", "top1", "region")
-RULES = tuple(v + r for v in MAP_VARIANTS for r in READERS)
+#: Rules that also need the images (``--rules-from`` with ``--data``): the largest distance to a
+#: memory of the training images' features among the 500 highest cells of the map as it is, or
+#: of the map normalised by 16 px cells (:mod:`ckaad_fast.feature_memory`).
+MEMORY_RULES = ("memory", "norm16_memory")
+RULES = tuple(v + r for v in MAP_VARIANTS for r in READERS) + MEMORY_RULES
 
 
 def _variant(name: str, maps, calib):
@@ -163,9 +170,10 @@ def rule_scores(name: str, maps, calib) -> dict[str, list[float]]:
     return out
 
 
-def rules_from_maps(paths) -> list[dict]:
+def rules_from_maps(paths, args) -> list[dict]:
     """One row per stored run (``--maps-out``'s .npz) and rule: the image AUROC of the rule on
-    the run's test maps, and the pixel AUROC of the map variant it reads."""
+    the run's test maps, and the pixel AUROC of the map variant it reads. With ``args.data`` (the
+    runs' sets, ``{category}`` and ``{seed}`` filled in), the :data:`MEMORY_RULES` too."""
     from ckaad_fast.metrics import image_auroc, pixel_auroc
 
     rows = []
@@ -174,13 +182,48 @@ def rules_from_maps(paths) -> list[dict]:
         if len(d["calib"]) < 2:
             raise SystemExit(f"{path}: no calibration normals' maps (run the evidence with --n-calib)")
         name = Path(path).stem.split("_")  # maps_<category>_s<seed>_<strategy>
+        run = {"category": name[1], "seed": int(name[2][1:]), "strategy": "_".join(name[3:])}
+        pixels = {}
         for variant in MAP_VARIANTS:
             maps, calib = _variant(variant, d["maps"], d["calib"])
-            pixel = round(100 * pixel_auroc(d["masks"], np.asarray(maps)), 2)
+            pixels[variant] = round(100 * pixel_auroc(d["masks"], np.asarray(maps)), 2)
             for rule, scores in rule_scores(variant, maps, calib).items():
-                rows.append({"category": name[1], "seed": int(name[2][1:]), "strategy": "_".join(name[3:]), "rule": rule,
-                             "image_auroc": round(100 * image_auroc(d["labels"], scores), 2), "pixel_auroc": pixel})
+                rows.append({**run, "rule": rule, "image_auroc": round(100 * image_auroc(d["labels"], scores), 2),
+                             "pixel_auroc": pixels[variant]})
+        if args.data:
+            root = args.data.format(**run)
+            for rule, scores in memory_scores(root, run["category"], d, args).items():
+                rows.append({**run, "rule": rule, "image_auroc": round(100 * image_auroc(d["labels"], scores), 2),
+                             "pixel_auroc": pixels[rule[:-len("memory")]]})
     return rows
+
+
+def memory_scores(root, category: str, d, args) -> dict[str, list[float]]:
+    """The :data:`MEMORY_RULES`' image scores of a stored run's test images (in ``root``): a
+    memory of the training images' features (the backbone's ``args.layers``, enlarged as the
+    tiles were, ``args.input / args.tile``), looked up at the 500 highest cells of each map and of
+    each map normalised per position; each image's features are computed once for both."""
+    from ckaad_fast.feature_memory import DEFAULT_CANDIDATES, FeatureMemory
+    from ckaad_fast.map_norm import fit_map_normalization
+    from ckaad_fast.models import build_backbone
+
+    backbone = build_backbone("efficientnet_lite0", layers=args.layers)
+    train = MVTecDataset(root, category, "train", None, backbone.mean, backbone.std)
+    test = MVTecDataset(root, category, "test", None, backbone.mean, backbone.std)
+    if list(test.labels) != list(d["labels"]):
+        raise SystemExit(f"{root}: its test images are not the stored maps' (labels differ)")
+    memory = FeatureMemory.fit(backbone, (train[i][0] for i in range(len(train))), args.input / args.tile)
+    normalised = fit_map_normalization(d["calib"], 16).apply(d["maps"])
+    out = {rule: [] for rule in MEMORY_RULES}
+    for i in range(len(test)):
+        feats = memory.features(backbone, test[i][0])
+        cells = {rule: memory.candidates(feats, m[i], DEFAULT_CANDIDATES)
+                 for rule, m in zip(MEMORY_RULES, (d["maps"], normalised))}
+        union = torch.unique(torch.cat(list(cells.values())))
+        dist = dict(zip(union.tolist(), memory.distances(feats, union).tolist()))
+        for rule, idx in cells.items():
+            out[rule].append(max(dist[j] for j in idx.tolist()))
+    return out
 
 
 def rules_summary(rows) -> list[dict]:
@@ -294,7 +337,8 @@ def main(argv=None) -> None:
     p.add_argument("--evidence", action="store_true", help="also train and evaluate both models on the high-res set")
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: the tests run this so the script cannot rot")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--data", default=None, help="where the high-resolution set is written (default: a temporary folder)")
+    p.add_argument("--data", default=None, help="where the high-resolution set is written ({category} and {seed} are filled in; default: a "
+                        "temporary folder); with --rules-from, where each run's set is (adds the memory rules)")
     p.add_argument("--category", default="brick",
                    help="the high-resolution set: a texture (brick, gravel, grass) or the aligned plate (default: brick)")
     p.add_argument("--size", type=int, default=2048, help="the set's image side in pixels (default: 2048)")
@@ -324,7 +368,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.size, args.input, args.tile, args.stride, args.epochs, args.batch = 256, 64, 64, 48, 1, 8
     if args.rules_from:
-        rows = rules_from_maps(args.rules_from)
+        rows = rules_from_maps(args.rules_from, args)
         save_rows("tiling_rules", rows, args, args.device)
         summary = rules_summary(rows)
         print_table("Image-decision rules on the same stitched maps: image AUROC per seed, paired difference "
@@ -336,7 +380,8 @@ def main(argv=None) -> None:
         save_rows("tiling_throughput", rows, args, args.device)
     if args.evidence:
         with tempfile.TemporaryDirectory() as tmp:
-            root = make_highres_dataset(args.data or tmp, args.category, image_size=args.size, seed=args.seed,
+            where = args.data.format(category=args.category, seed=args.seed) if args.data else tmp
+            root = make_highres_dataset(where, args.category, image_size=args.size, seed=args.seed,
                                         **({"n_train": 2, "n_test_good": 2, "n_test_defect": 2, "n_calib": min(args.n_calib, 2)} if args.quick else
                                            {"n_train": args.n_train, "n_test_good": args.n_test,
                                             "n_test_defect": args.n_test, "n_calib": args.n_calib}))

@@ -74,12 +74,15 @@ def test_plot_draws_each_csv(tmp_path):
 
 def test_tiling_evidence_keeps_its_maps_and_compares_the_decision_rules_on_them(tmp_path):
     # The #36 protocol in miniature: calibration normals kept apart, the maps stored, every rule
-    # (those that need the normals' maps included) scored on them, one row per rule.
+    # (those that need the normals' maps, and those that need the images, included) scored on
+    # them, one row per rule.
     _run(["-m", "benchmarks.bench_tiling", "--quick", "--skip-throughput", "--evidence", "--tiles-only",
-          "--category", "plate", "--n-calib", "2", "--maps-out", str(tmp_path / "maps")], tmp_path)
+          "--category", "plate", "--n-calib", "2", "--maps-out", str(tmp_path / "maps"),
+          "--data", str(tmp_path / "set_{category}")], tmp_path)
     stored = sorted((tmp_path / "maps").glob("*.npz"))
     assert [p.name for p in stored] == ["maps_plate_s0_recon.npz"]
-    out = _run(["-m", "benchmarks.bench_tiling", "--rules-from", str(stored[0]), "--no-save"], tmp_path)
+    out = _run(["-m", "benchmarks.bench_tiling", "--rules-from", str(stored[0]), "--no-save",
+                "--data", str(tmp_path / "set_{category}")], tmp_path)
     from benchmarks.bench_tiling import RULES
 
     for rule in RULES:
