@@ -9,9 +9,9 @@ images, and a defect has none. So the map proposes and the memory decides:
 1. the frozen backbone's features of each normal image (enlarged as the tiled model enlarges its
    tiles) are pooled over 3 x 3 neighbours, brought to the grid of the deepest layer and kept,
    one vector per grid cell (:meth:`FeatureMemory.fit`);
-2. for an image, the ``candidates`` cells where its map is highest are looked up, and its score
-   is the largest distance from one of them to its nearest normal vector
-   (:meth:`FeatureMemory.score`).
+2. for an image, the ``candidates`` cells where its map is highest (away from the image's edge,
+   whose features see the backbone's padding) are looked up, and its score is the largest
+   distance from one of them to its nearest normal vector (:meth:`FeatureMemory.score`).
 
 Only the candidates are looked up: the exact nearest neighbour of every cell of a megapixel
 image (65,536 cells against half a million normal vectors) costs minutes on a CPU; a thousand
@@ -40,6 +40,11 @@ __all__ = ["FeatureMemory", "memory_features", "nearest_distances", "DEFAULT_CAN
 #: textures a defect's peak has a median of 2-140 pixels of its image above it; on the plate,
 #: once normalised per position, 210-802.
 DEFAULT_CANDIDATES = 500
+#: Cells along the image's edge never proposed: their features see the backbone's zero padding,
+#: and on the #36 sets the largest distances of normal images sat on the edge (gravel seed 0:
+#: 23.4 on the edge where the interior's largest was 18.7). A defect within two cells (8 px at a
+#: scale of 2 with Lite0's layer 2) of the edge is not checked.
+DEFAULT_EDGE = 2
 #: Memory rows compared at once: bounds the distance block at chunk x candidates floats.
 _CHUNK = 32768
 
@@ -106,26 +111,37 @@ class FeatureMemory:
                                 f"not {backbone.name} layers {tuple(backbone.layers)}")
         return memory_features(backbone, image, self.scale)
 
-    def candidates(self, feats: torch.Tensor, amap, candidates: int = DEFAULT_CANDIDATES) -> torch.Tensor:
+    def candidates(self, feats: torch.Tensor, amap, candidates: int = DEFAULT_CANDIDATES,
+                   edge: int = DEFAULT_EDGE) -> torch.Tensor:
         """Indices (into ``feats.flatten(1).T``) of the ``candidates`` grid cells where the map
-        ``amap`` ((H, W), any resolution; a cell takes the map's maximum over it) is highest."""
+        ``amap`` ((H, W), any resolution; a cell takes the map's maximum over it) is highest,
+        leaving out the ``edge`` cells along each side (:data:`DEFAULT_EDGE`)."""
         if not is_int(candidates) or candidates < 1:
             raise ArgumentError("candidates", f"expected a positive integer, got {candidates!r}")
+        if not is_int(edge) or edge < 0 or 2 * edge >= min(feats.shape[-2:]):
+            raise ArgumentError("edge", f"expected an integer from 0 to less than half the grid "
+                                        f"{tuple(feats.shape[-2:])}, got {edge!r}")
         amap = torch.as_tensor(np.asarray(amap, dtype=np.float32))
         if amap.dim() != 2:
             raise ArgumentError("amap", f"expected one (H, W) map, got shape {tuple(amap.shape)}")
-        cell_map = F.adaptive_max_pool2d(amap[None, None], feats.shape[-2:])[0, 0].flatten()
-        return cell_map.topk(min(int(candidates), len(cell_map))).indices
+        cell_map = F.adaptive_max_pool2d(amap[None, None], feats.shape[-2:])[0, 0]
+        if edge:
+            inner = torch.full_like(cell_map, float("-inf"))
+            inner[edge:-edge, edge:-edge] = cell_map[edge:-edge, edge:-edge]
+            cell_map = inner
+        cell_map = cell_map.flatten()
+        return cell_map.topk(min(int(candidates), cell_map.isfinite().sum().item())).indices
 
     def distances(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Distance to the memory of each of ``cells`` (indices) of the features ``feats``."""
         return nearest_distances(feats.flatten(1).T[cells], self.vectors, self._sq)
 
-    def score(self, backbone, image: torch.Tensor, amap, candidates: int = DEFAULT_CANDIDATES) -> float:
+    def score(self, backbone, image: torch.Tensor, amap, candidates: int = DEFAULT_CANDIDATES,
+              edge: int = DEFAULT_EDGE) -> float:
         """The image's score: the largest distance to the memory among the ``candidates`` cells
-        where its map ``amap`` is highest."""
+        where its map ``amap`` is highest (the ``edge`` cells along each side left out)."""
         feats = self.features(backbone, image)
-        return float(self.distances(feats, self.candidates(feats, amap, candidates)).max())
+        return float(self.distances(feats, self.candidates(feats, amap, candidates, edge)).max())
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the memory to ``path`` (.npz; written whole or not at all)."""

@@ -69,6 +69,17 @@ def test_a_foreign_patch_scores_high_only_where_the_map_points(backbone):
     assert memory.score(backbone, defective, elsewhere, candidates=16) < 1.5 * max(normal)
 
 
+def test_the_edge_cells_are_never_proposed(backbone):
+    # Their features see the backbone's padding: on the #36 sets normal images' largest distances.
+    memory = FeatureMemory.fit(backbone, [_texture(4, 64)])
+    feats = torch.zeros(3, 10, 12)
+    amap = torch.arange(40 * 48, dtype=torch.float32).reshape(40, 48).numpy()  # highest at the bottom edge
+    rows_cols = [divmod(int(i), 12) for i in memory.candidates(feats, amap, 1000, edge=2)]
+    assert len(rows_cols) == 6 * 8 and all(2 <= r < 8 and 2 <= c < 10 for r, c in rows_cols)
+    assert divmod(int(memory.candidates(feats, amap, 1, edge=2)[0]), 12) == (7, 9)
+    assert divmod(int(memory.candidates(feats, amap, 1, edge=0)[0]), 12) == (9, 11)
+
+
 def test_the_memory_file_round_trips(backbone, tmp_path):
     memory = FeatureMemory.fit(backbone, [_texture(4, 64)], scale=1.5)
     memory.save(tmp_path / "memory.npz")
@@ -83,6 +94,8 @@ def test_bad_arguments_are_named(backbone):
     memory = FeatureMemory.fit(backbone, [_texture(4, 64)])
     with pytest.raises(ArgumentError, match="candidates"):
         memory.score(backbone, _texture(5, 64), np.zeros((64, 64)), candidates=0)
+    with pytest.raises(ArgumentError, match="edge"):
+        memory.score(backbone, _texture(5, 64), np.zeros((64, 64)), edge=4)  # a grid of 8 x 8 cells
     with pytest.raises(ArgumentError, match="amap"):
         memory.score(backbone, _texture(5, 64), np.zeros((2, 64, 64)))
     with pytest.raises(ArgumentError, match="image"):
