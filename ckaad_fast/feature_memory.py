@@ -124,13 +124,12 @@ class FeatureMemory:
         amap = torch.as_tensor(np.asarray(amap, dtype=np.float32))
         if amap.dim() != 2:
             raise ArgumentError("amap", f"expected one (H, W) map, got shape {tuple(amap.shape)}")
-        cell_map = F.adaptive_max_pool2d(amap[None, None], feats.shape[-2:])[0, 0]
-        if edge:
-            inner = torch.full_like(cell_map, float("-inf"))
-            inner[edge:-edge, edge:-edge] = cell_map[edge:-edge, edge:-edge]
-            cell_map = inner
-        cell_map = cell_map.flatten()
-        return cell_map.topk(min(int(candidates), cell_map.isfinite().sum().item())).indices
+        gh, gw = feats.shape[-2:]
+        cell_map = F.adaptive_max_pool2d(amap[None, None], (gh, gw))[0, 0]
+        inner = cell_map[edge:gh - edge, edge:gw - edge]
+        top = inner.flatten().topk(min(int(candidates), inner.numel())).indices
+        # Back from the inner block's indices to the whole grid's.
+        return (top // inner.shape[1] + edge) * gw + top % inner.shape[1] + edge
 
     def distances(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Distance to the memory of each of ``cells`` (indices) of the features ``feats``."""
