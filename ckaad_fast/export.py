@@ -38,7 +38,7 @@ from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .calibration import read_calibration
 from .errors import ArgumentError
 from .runtime.graphs import INPUT_NAME, MAX_BATCH, OUTPUT_NAMES, SENSITIVITY_NAME, ScoringGraph, dynamic_batch, write_onnx
-from .runtime.plan import plan_export
+from .runtime.plan import plan_export, uses_memory
 from .runtime.quantize import int8_scoring_model
 from .head import DEFAULT_SENSITIVITY, check_sensitivity
 from .model import fingerprint, load_checkpoint, model_from_checkpoint
@@ -93,6 +93,10 @@ def export(checkpoint, out_dir, format: str = DEFAULT_FORMAT, batch: int | None 
         calibration = read_calibration(ckpt)
     except ValueError as e:
         raise ArgumentError("checkpoint", str(e)) from None
+    if uses_memory(model.config):
+        raise ArgumentError("checkpoint", "this tiled model decides by its feature memory, which an exported graph "
+                            "does not carry yet (it scores tiles; the memory looks up the whole image's features): "
+                            "score it with ckaad-fast score, or train with --memory-candidates 0 to export")
     dtype, device = plan_export(format, dtype, device, calibration)
     graph_dtype = None if dtype == "int8" else torch_dtype(dtype, "dtype")
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ Nothing here knows CKAAD: a frozen backbone, maps and images.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -96,9 +97,23 @@ class FeatureMemory:
         self._sq = (self.vectors * self.vectors).sum(1)
 
     @classmethod
-    def fit(cls, backbone, images: Iterable[torch.Tensor], scale: float = 1.0) -> "FeatureMemory":
-        """Keep every cell's features of the normal ``images`` (normalised, (3, H, W) each)."""
-        rows = [memory_features(backbone, img, scale).flatten(1).T for img in images]
+    def fit(cls, backbone, images: Iterable[torch.Tensor], scale: float = 1.0,
+            max_bytes: int | None = None) -> "FeatureMemory":
+        """Keep every cell's features of the normal ``images`` (normalised, (3, H, W) each).
+        ``max_bytes`` (for a sequence of images, whose count is known after the first): where
+        every cell would not fit, every k-th cell of each image, the smallest k that fits, with a
+        warning (the memory then misses some normal patterns: expect more false alarms)."""
+        rows, step = [], 1
+        for img in images:
+            cells = memory_features(backbone, img, scale).flatten(1).T
+            if not rows and max_bytes is not None and hasattr(images, "__len__"):
+                total = cells.numel() * cells.element_size() * len(images)
+                step = -(-total // max_bytes)
+                if step > 1:
+                    warnings.warn(f"the feature memory of {len(images)} images would take {total / 2**30:.1f} GiB: "
+                                  f"keeping every {step}th cell (at most {max_bytes / 2**30:.1f} GiB); normal "
+                                  "patterns it misses can raise false alarms", UserWarning, stacklevel=3)
+            rows.append(cells[::step].cpu())
         if not rows:
             raise ArgumentError("images", "a feature memory needs at least one normal image")
         return cls(torch.cat(rows).contiguous(), float(scale), backbone.name, tuple(backbone.layers))
@@ -121,7 +136,8 @@ class FeatureMemory:
         if not is_int(edge) or edge < 0 or 2 * edge >= min(feats.shape[-2:]):
             raise ArgumentError("edge", f"expected an integer from 0 to less than half the grid "
                                         f"{tuple(feats.shape[-2:])}, got {edge!r}")
-        amap = torch.as_tensor(np.asarray(amap, dtype=np.float32))
+        amap = (amap.float() if isinstance(amap, torch.Tensor)
+                else torch.as_tensor(np.asarray(amap, dtype=np.float32))).to(feats.device)
         if amap.dim() != 2:
             raise ArgumentError("amap", f"expected one (H, W) map, got shape {tuple(amap.shape)}")
         gh, gw = feats.shape[-2:]
@@ -145,7 +161,7 @@ class FeatureMemory:
     def save(self, path: str | os.PathLike) -> None:
         """Write the memory to ``path`` (.npz; written whole or not at all)."""
         with atomic_open(path, "wb") as fh:
-            np.savez(fh, vectors=self.vectors.numpy(), scale=self.scale, backbone=self.backbone,
+            np.savez(fh, vectors=self.vectors.cpu().numpy(), scale=self.scale, backbone=self.backbone,
                      layers=np.asarray(self.layers))
 
     @classmethod

@@ -93,18 +93,22 @@ class InferenceHead(nn.Module):
 
 
 def tiled_forward(forward, images: torch.Tensor, tiling, input_size, topk: int | None, batch: int = 16,
-                  prepare=lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
+                  prepare=lambda t: t, image_score=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (B,), maps (B, H, W)) of full-size ``images`` (B, 3, H, W) for a tiled model
     (:mod:`ckaad_fast.tiling`): each image's tiles, ``batch`` at a time, through ``prepare``
     and ``forward`` (the model's forward on ``input_size`` batches); their maps stitched at the
     image's full resolution; the image score from the stitched map, by the one top-k rule
-    (mean of the ``topk`` largest values of the full-resolution map; None: its mean)."""
+    (mean of the ``topk`` largest values of the full-resolution map; None: its mean), or by
+    ``image_score(images, maps)`` where the model has a feature memory
+    (:meth:`ckaad_fast.model.Detector.memory_scores`)."""
     maps = []
     for image in images:
         with nvtx_range("tiles"):
             maps.append(tiled_maps(image, tiling, input_size, forward, prepare=prepare, batch=batch))
     # One image (the Scorer's streams): a view, not a copy of a map that may be 80 MB.
     maps = maps[0][None] if len(maps) == 1 else torch.stack(maps)
+    if image_score is not None:
+        return image_score(images, maps), maps
     with nvtx_range("head"):
         return ops.image_score(maps, topk), maps
 

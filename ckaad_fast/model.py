@@ -26,17 +26,23 @@ from .models.safe_load import refusal_reason
 from .precision import autocast, resolve_precision
 from .profiling import nvtx_range
 from .errors import ArgumentError
+from .feature_memory import DEFAULT_EDGE, FeatureMemory
 from .records import PlainConfig
 from .tiling import Tiling, tiling_of
-from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
+from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
 
 __all__ = ["Detector", "ModelConfig", "PlainConfig", "DEFAULT_TOPK", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
-           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling"]
+           "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling", "MEMORY_KEY",
+           "MAX_MEMORY_BYTES", "check_memory"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
 #: The file name of a run's checkpoint in its output folder (``ckaad-fast train --out``).
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The state-dict key of a tiled model's feature memory (present only where it has one).
+MEMORY_KEY = "memory_vectors"
+#: The largest feature memory a model keeps (bytes): above it, every k-th cell of each image.
+MAX_MEMORY_BYTES = 2 << 30
 
 
 #: The image score's default top-k: the mean of the 100 largest map values (the one owner: the
@@ -64,6 +70,11 @@ class ModelConfig(PlainConfig):
     # resized to image_size. Recorded so that scoring tiles the way training did.
     tile_size: int | None = None
     tile_stride: int | None = None
+    # The image decision of a tiled model (ckaad_fast.feature_memory): the map's memory_candidates
+    # highest cells (memory_edge cells along each side never proposed) looked up in a memory of
+    # normal features the checkpoint carries. None: the top-k rule on the map.
+    memory_candidates: int | None = None
+    memory_edge: int = DEFAULT_EDGE
     _kind = "model configuration"
 
     def __post_init__(self):
@@ -85,6 +96,14 @@ class ModelConfig(PlainConfig):
         if not isinstance(self.extra, dict):
             raise bad(_KIND, "extra", "be a mapping", self.extra)
         self.tile_size, self.tile_stride = check_tiling(self.tile_size, self.tile_stride, self.image_size)
+        self.memory_candidates, self.memory_edge = check_memory(_KIND, self.memory_candidates, self.memory_edge,
+                                                                self.tile_size)
+
+    @property
+    def memory_scale(self) -> float:
+        """How much the feature memory enlarges a full-size image: as the tiles are enlarged to
+        the model's input."""
+        return self.image_size[0] / self.tile_size
 
     @property
     def tiling(self) -> Tiling | None:
@@ -129,6 +148,22 @@ def check_tiling(tile_size, tile_stride, image_size) -> tuple[int | None, int | 
     return tiling.size, tiling.stride
 
 
+def check_memory(kind: str, candidates, edge, tile_size) -> tuple[int | None, int]:
+    """(memory_candidates, memory_edge) checked: None or an int >= 1 (0 is read as None: no
+    memory), only for a tiled model; an edge of 0 or more cells."""
+    if candidates == 0 and is_int(candidates):
+        candidates = None
+    if candidates is not None:
+        if not is_int(candidates) or candidates < 1:
+            raise bad(kind, "memory_candidates", "be None (the top-k rule) or an int >= 1", candidates)
+        if tile_size is None:
+            raise bad(kind, "memory_candidates", "be None for a model that does not tile (the feature memory "
+                      "decides for tiled models)", candidates)
+    if not is_int(edge) or edge < 0:
+        raise bad(kind, "memory_edge", "be an int >= 0 (grid cells)", edge)
+    return (None if candidates is None else int(candidates)), int(edge)
+
+
 #: The blur borders of :func:`ckaad_fast.ops.anomaly_map`.
 BORDERS = ("reflect", "mirror")
 _KIND = "ModelConfig"
@@ -167,6 +202,7 @@ class Detector(nn.Module):
         # The backbone table's recipe: for the ResNets, the authors' auto-encoder.
         self.autoencoder = FeatureAutoEncoder.for_backbone(config.backbone, config.layers)
         self.head = InferenceHead(config.sigma, config.border, config.topk)
+        self._memory: FeatureMemory | None = None  # built from the buffer MEMORY_KEY (set_memory)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         with nvtx_range("backbone"):
@@ -203,7 +239,64 @@ class Detector(nn.Module):
         if tiling is None:
             raise ValueError("this model does not tile (its configuration has no tile_size)")
         h = head or self.head
-        return tiled_forward(lambda x: self(x, precision, h), images, tiling, self.config.image_size, h.topk, batch)
+        return tiled_forward(lambda x: self(x, precision, h), images, tiling, self.config.image_size, h.topk, batch,
+                             image_score=self.memory_scores if self.config.memory_candidates else None)
+
+    # -- the feature memory (ckaad_fast.feature_memory): the image decision of a tiled model -----
+    def set_memory(self, memory: FeatureMemory | None) -> None:
+        """Make ``memory`` this model's feature memory (None: drop it). Its vectors become the
+        buffer :data:`MEMORY_KEY`, so a checkpoint and the fingerprint carry them."""
+        if memory is None:
+            self._buffers.pop(MEMORY_KEY, None)
+            self._memory = None
+            return
+        cfg = self.config
+        if cfg.tile_size is None:
+            raise ArgumentError("memory", "a feature memory decides for a tiled model; this one does not tile")
+        want = (cfg.backbone, tuple(cfg.layers), cfg.memory_scale)
+        if (memory.backbone, tuple(memory.layers), memory.scale) != want:
+            raise ArgumentError("memory", f"it holds {memory.backbone} layers {memory.layers} at scale {memory.scale:g}; "
+                                f"this model needs {want[0]} layers {want[1]} at scale {want[2]:g}")
+        device = next(self.backbone.parameters()).device
+        self.register_buffer(MEMORY_KEY, memory.vectors.to(device))
+        self._memory = None
+
+    @property
+    def memory(self) -> FeatureMemory | None:
+        """The model's :class:`~ckaad_fast.feature_memory.FeatureMemory` (None: it has none),
+        on the model's device."""
+        vectors = self._buffers.get(MEMORY_KEY)
+        if vectors is None:
+            return None
+        if getattr(self, "_memory", None) is None or self._memory.vectors is not vectors:
+            cfg = self.config  # rebuilt after the buffer moved (.to) or was loaded
+            self._memory = FeatureMemory(vectors, cfg.memory_scale, cfg.backbone, tuple(cfg.layers))
+        return self._memory
+
+    def fit_memory(self, images, max_bytes: int = MAX_MEMORY_BYTES) -> FeatureMemory:
+        """Fit the feature memory on normal full-size ``images`` (normalised (3, H, W) tensors;
+        a sequence is kept within ``max_bytes``), make it the model's, and return it."""
+        memory = FeatureMemory.fit(self.backbone, images, self.config.memory_scale, max_bytes=max_bytes)
+        self.set_memory(memory)
+        return memory
+
+    def memory_scores(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 image scores of normalised full-size ``images`` (B, 3, H, W) and their
+        stitched ``maps`` (B, H, W) by the feature memory (:meth:`FeatureMemory.score` with the
+        configuration's candidates and edge)."""
+        memory = self.memory
+        if memory is None:
+            raise ValueError("this model decides by a feature memory (memory_candidates) but holds none: "
+                             "call fit_memory with its normal training images first")
+        scores = []
+        with nvtx_range("memory"):
+            for image, amap in zip(images, maps):
+                feats = memory.features(self.backbone, image)
+                # A grid too small for the recorded edge keeps its middle cell(s).
+                edge = min(self.config.memory_edge, (min(feats.shape[-2:]) - 1) // 2)
+                cells = memory.candidates(feats, amap, self.config.memory_candidates, edge)
+                scores.append(memory.distances(feats, cells).max())
+        return torch.stack(scores).float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,6 +401,14 @@ def fill_from_checkpoint(model: nn.Module, ckpt: dict, map_location="cpu", skip:
     state = ckpt["model"]
     if skip and isinstance(state, dict):
         state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    memory_config = getattr(getattr(model, "config", None), "memory_candidates", None)
+    if isinstance(state, dict) and isinstance(model, Detector):
+        vectors = state.get(MEMORY_KEY)
+        if memory_config and not isinstance(vectors, torch.Tensor):
+            raise ValueError("the checkpoint's configuration decides by a feature memory (memory_candidates) "
+                             "but it holds none")
+        if memory_config and vectors.dim() == 2:  # the buffer takes the stored shape, then loads
+            model.register_buffer(MEMORY_KEY, torch.empty_like(vectors))
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:

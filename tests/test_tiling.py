@@ -193,6 +193,10 @@ def test_train_records_the_tiling_and_score_follows_it(highres, tmp_path, capsys
     ckpt = load_checkpoint(out)
     assert ckpt["config"]["tile_size"] == 64 and ckpt["config"]["tile_stride"] == 48
     assert ckpt["train_config"]["tile_size"] == 64 and ckpt["train_config"]["tile_stride"] == 48  # a resume keeps it
+    # A tiled run decides by its feature memory (#36): the training images' features, one row per
+    # cell of resnet18 layer 3's grid (stride 16) of each 192² image at scale 1.
+    assert ckpt["config"]["memory_candidates"] == 500
+    assert ckpt["model"]["memory_vectors"].shape == (3 * 12 * 12, 128 + 256)
     test_dir = highres / "grass" / "test" / "spot"
     assert main(["score", "--checkpoint", str(out), "--input", str(test_dir), "--out", str(tmp_path / "s"),
                  "--num-workers", "0", "--no-progress", "--engine", "torch", "--dtype", "float32"]) == 0
@@ -215,6 +219,10 @@ def test_train_records_the_tiling_and_score_follows_it(highres, tmp_path, capsys
         assert main([cmd, "--checkpoint", str(out), *extra, "--tile-size", "32"]) == 2
         err = capsys.readouterr().err
         assert "--tile-size" in err and "checkpoint's tiling" in err and err.strip().count("\n") == 0
+    # The exported graph scores tiles and cannot carry the memory: refused, naming the way out.
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "feature memory" in err and "--memory-candidates 0" in err and err.strip().count("\n") == 0
 
 
 def test_train_refuses_a_tile_larger_than_the_images(highres, tmp_path, capsys):

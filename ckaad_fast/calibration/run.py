@@ -13,7 +13,7 @@ from ..evaluation import predict_dataset
 from ..model import fingerprint
 from ..precision import precision_name
 from ..runtime.engines import engine_module
-from ..runtime.plan import plan_device, plan_engine, plan_precision
+from ..runtime.plan import check_memory_engine, plan_device, plan_engine, plan_precision, uses_memory
 from ..runtime.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_SCOPE, QuantizedGraph, check_resolves, quantize_graph
 from .sets import NormalItems
 from .thresholds import PIXEL_FPR, TARGET_FPR, Calibration, calibration_from_scores, check_set_size
@@ -41,7 +41,8 @@ def calibrate(model, dataset, target_fpr: float = TARGET_FPR, batch_size: int = 
         check_set_size(len(dataset), 0, target_fpr)
     device = plan_device("calibrate", device)
     dtype = plan_precision("calibrate", precision, None, device, "precision")
-    name = plan_engine("calibrate", engine, None, device, dtype)
+    name = plan_engine("calibrate", engine, None, device, dtype, uses_memory(model.config))
+    check_memory_engine(model.config, name)
     if getattr(model.config, "tiling", None) is not None:  # refused before anything is scored
         if dtype == torch.int8:
             raise ArgumentError("precision", "int8 is not available for a tiled model yet (its quantized graph "

@@ -99,6 +99,11 @@ def add_tiling_arguments(p: argparse.ArgumentParser, sets: bool) -> None:
     g.add_argument("--tile-stride", type=positive_int, default=None, metavar="PX",
                    help="pixels between two tiles' starts, at most --tile-size (default: 3/4 of the tile size, "
                         "so that neighbours overlap and the blend hides seams)." + follow)
+    if sets:
+        g.add_argument("--memory-candidates", type=nonneg_int, default=None, metavar="K",
+                       help="a tiled model's image decision: keep the training images' features and score an "
+                            "image by the largest distance to them among the K highest cells of its map "
+                            "(default: 500; 0: the mean of the map's top-k values instead, which export needs)")
 
 
 def given(**options) -> dict:

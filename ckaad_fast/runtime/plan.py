@@ -18,6 +18,8 @@ The defaults (:data:`DEFAULTS`), and why they differ by purpose:
 - engine: ``calibrate`` ``auto`` (the fastest here: production then scores with it, since the
   Scorer follows the calibration); ``score`` of an uncalibrated model and ``eval`` ``torch`` (the
   model's own forward; no graph to export first);
+- a tiled model that decides by its feature memory (``ModelConfig.memory_candidates``) runs on
+  torch for every purpose: the memory's lookup is not in any exported graph (:func:`uses_memory`);
 - top-k: the model's (``ModelConfig.topk``, whose default is :data:`ckaad_fast.ops.DEFAULT_TOPK`);
   ``"mean"`` is the spelling of ``None`` (the mean of the whole map) on the command line.
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:  # torch is imported by what runs a network, never by the plan
 
 __all__ = ["ENGINES", "RUNTIME_ENGINES", "PURPOSES", "DEFAULTS", "CAPABILITIES", "FORMAT_PRECISIONS", "FORMAT_DEVICES",
            "plan_precision", "plan_engine", "plan_topk", "plan_device", "device_name", "plan_export", "resolve_engine",
-           "engine_supports", "engine_installed", "default_of"]
+           "engine_supports", "engine_installed", "default_of", "uses_memory", "check_memory_engine"]
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: The engines that run an exported graph (on the CPU).
@@ -203,6 +205,21 @@ def plan_engine(purpose: str, asked: str | None, calibration, device: torch.devi
             f"calibration's promise; leave the engine out (or pass {calibrated!r}) to score as it was calibrated",
             UserWarning, stacklevel=3)
     return chosen
+
+
+def uses_memory(config) -> bool:
+    """Whether a model decides by its feature memory (a tiled model's default), which runs in
+    PyTorch only: its plans are made with ``torch_only``."""
+    return bool(getattr(config, "memory_candidates", None))
+
+
+def check_memory_engine(config, engine: str) -> None:
+    """An :class:`ArgumentError` naming ``engine`` when a runtime engine would score a model that
+    decides by its feature memory: the exported graph scores tiles, and the memory's lookup of
+    the full image's features is not in it."""
+    if uses_memory(config) and engine in RUNTIME_ENGINES:
+        raise ArgumentError("engine", f"this tiled model decides by its feature memory, which runs in PyTorch: use "
+                            f"the torch engine, not {engine} (or train with memory_candidates=0 for the top-k rule)")
 
 
 def plan_topk(asked, config, image_size=None) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..evaluation import evaluate_model
 from ..precision import precision_name
 from .engines import engine_module
-from .plan import plan_device, plan_engine, plan_precision
+from .plan import check_memory_engine, plan_device, plan_engine, plan_precision, uses_memory
 
 __all__ = ["planned_module", "evaluate_planned"]
 
@@ -21,7 +21,8 @@ def planned_module(model, purpose: str, calibration=None, device=None, precision
     ``quantized``: the int8 graph to run (else the calibration's, where it has one)."""
     dev = plan_device(purpose, device)
     dtype = plan_precision(purpose, precision, calibration, dev, "precision")
-    name = plan_engine(purpose, engine, calibration, dev, dtype)
+    name = plan_engine(purpose, engine, calibration, dev, dtype, uses_memory(model.config))
+    check_memory_engine(model.config, name)
     if quantized is None:
         quantized = getattr(calibration, "int8_graph", None)
     module, dtype = engine_module(model, name, dtype, quantized)

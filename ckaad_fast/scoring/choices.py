@@ -10,7 +10,7 @@ import torch
 
 from ..model import ModelConfig, checkpoint_fingerprint, config_from_checkpoint
 from ..runtime.engines import cached_engine_graph, cached_graph_problem
-from ..runtime.plan import RUNTIME_ENGINES, plan_device, plan_engine, plan_precision, plan_topk
+from ..runtime.plan import RUNTIME_ENGINES, plan_device, plan_engine, plan_precision, plan_topk, uses_memory
 
 __all__ = ["GraphDetector", "graph_detector"]
 
@@ -36,11 +36,11 @@ def graph_detector(ckpt: dict, calibration, device, options: dict) -> GraphDetec
             warnings.simplefilter("ignore")  # the Scorer itself warns, once
             dev = plan_device("score", device)
             dtype = plan_precision("score", options.get("dtype"), calibration, dev)
-            torch_only = bool(options.get("compile") or options.get("cuda_graphs"))
+            config = config_from_checkpoint(ckpt)
+            torch_only = bool(options.get("compile") or options.get("cuda_graphs")) or uses_memory(config)
             engine = plan_engine("score", options.get("engine"), calibration, dev, dtype, torch_only)
-        if engine not in RUNTIME_ENGINES:
+        if engine not in RUNTIME_ENGINES or uses_memory(config):
             return None
-        config = config_from_checkpoint(ckpt)
         topk = plan_topk(options.get("topk"), config)
         weights = checkpoint_fingerprint(ckpt)
     except (ValueError, TypeError):

@@ -51,7 +51,8 @@ from .choices import GraphDetector, graph_detector
 from .decoding import DecodeDataset, collate, default_workers, worker_init
 from .stream import NON_FINITE_ERROR, ScoreResult, stream_results
 from ..runtime import build_runtime_engine
-from ..runtime.plan import RUNTIME_ENGINES, plan_device, plan_engine, plan_precision, plan_topk
+from ..runtime.plan import (RUNTIME_ENGINES, check_memory_engine, plan_device, plan_engine, plan_precision, plan_topk,
+                            uses_memory)
 
 __all__ = ["Scorer", "ScoreResult", "NON_FINITE_ERROR"]  # the last two: .stream's
 
@@ -130,6 +131,9 @@ class Scorer:
         self.image_size = tuple(self.config.image_size)
         #: The model's :class:`~ckaad_fast.tiling.Tiling` (None: images are resized whole).
         self.tiling = self.config.tiling
+        if topk is not None and uses_memory(self.config):
+            raise ArgumentError("topk", "this tiled model decides by its feature memory, not by the map's top-k: "
+                                "leave topk out")
         self.topk = plan_topk(topk, self.config, self.image_size)
         self.compile = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
@@ -161,7 +165,8 @@ class Scorer:
         self.calibration = calibration
         #: The engine that runs the forward ("torch", "onnxruntime" or "openvino"; see .engines).
         self.engine = plan_engine("score", engine, calibration, self.device, self.dtype,
-                                  self.compile or self.cuda_graphs)
+                                  self.compile or self.cuda_graphs or uses_memory(self.config))
+        check_memory_engine(self.config, self.engine)
         self._runtime = None
         if self.model is None and self.engine not in RUNTIME_ENGINES:
             raise ArgumentError("engine", f"a GraphDetector runs on a runtime engine only, not {self.engine}")
@@ -266,8 +271,11 @@ class Scorer:
 
     def _tiled(self, images: torch.Tensor, normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-size images through their tiles, ``batch_size`` tiles per forward (padded like any batch)."""
+        image_score = None
+        if uses_memory(self.config):  # the memory looks at the normalised full image, in float32
+            image_score = lambda full, maps: self.model.memory_scores(self._prepare(full, normalise), maps)  # noqa: E731
         return tiled_forward(self._run, images, self.tiling, self.image_size, self.topk, self.batch_size,
-                             prepare=lambda t: self._pad(self._prepare(t, normalise)))
+                             prepare=lambda t: self._pad(self._prepare(t, normalise)), image_score=image_score)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

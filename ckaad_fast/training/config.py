@@ -14,6 +14,7 @@ import torch
 
 from ..data.registry import LAYOUT_TABLE, layout_spec
 from ..errors import ArgumentError
+from ..feature_memory import DEFAULT_CANDIDATES
 from ..model import CHECKPOINT_NAME, DEFAULT_TOPK, ModelConfig, check_tiling, PlainConfig, checkpoint_file, load_checkpoint
 from ..models import BACKBONES, backbone_spec
 from ..precision import canonical_precision, check_device_usable
@@ -118,6 +119,12 @@ class TrainConfig(PlainConfig):
             from each image at its own resolution, each at ``image_size``; an anomalous image's
             tiles are all anomalous. None: each image resized whole. The data sets are then built
             at their files' own size (:attr:`source_size`), and the checkpoint records the tiling.
+        memory_candidates: a tiled run's image decision (:mod:`ckaad_fast.feature_memory`): before
+            the first epoch the frozen backbone's features of every training image are kept in
+            the checkpoint, and an image's score is the largest distance to them among the
+            ``memory_candidates`` highest cells of its map (default
+            :data:`~ckaad_fast.feature_memory.DEFAULT_CANDIDATES`; measured in docs/BENCHMARKS.md).
+            0 or None: the top-k rule on the stitched map. Ignored without tiling.
     """
 
     _kind = "training configuration"
@@ -151,6 +158,7 @@ class TrainConfig(PlainConfig):
     protocol: str = DEFAULT_PROTOCOL
     tile_size: int | None = None
     tile_stride: int | None = None
+    memory_candidates: int | None = DEFAULT_CANDIDATES
 
     def __post_init__(self):
         check_choice(_KIND, "strategy", self.strategy, STRATEGIES)
@@ -218,6 +226,8 @@ class TrainConfig(PlainConfig):
         check_topk(_KIND, self.topk, self.image_size)
         check_choice(_KIND, "protocol", self.protocol, PROTOCOLS)
         self.tile_size, self.tile_stride = check_tiling(self.tile_size, self.tile_stride, self.image_size)
+        if self.memory_candidates is not None and (not is_int(self.memory_candidates) or self.memory_candidates < 0):
+            raise _bad("memory_candidates", "be an int >= 0 (0: the top-k rule) or None", self.memory_candidates)
 
     @property
     def source_size(self) -> tuple[int, int] | None:
@@ -236,7 +246,7 @@ class TrainConfig(PlainConfig):
         return ModelConfig(
             backbone=self.backbone, layers=self.layers, image_size=self.image_size,
             strategy=self.strategy, sigma=self.sigma, topk=self.topk, tile_size=self.tile_size,
-            tile_stride=self.tile_stride,
+            tile_stride=self.tile_stride, memory_candidates=(self.memory_candidates or None) if self.tile_size else None,
         )
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -116,6 +116,7 @@ def train(
     dinfo = ddp.init_distributed(device)  # a no-op outside torchrun
     run = _Run(cfg, Path(out_dir), ddp.local_device(device), dinfo.world_size, dinfo.is_main, progress)
     ddp.run_on_main(lambda: run.check_files(resume, overwrite))  # rank 0's files decide; every rank raises
+    full_size_train = train_set  # the feature memory's images: each whole, at its own size
     train_set, anomaly_set = _tiles(cfg, train_set, anomaly_set)
     _check_inputs(cfg, train_set, anomaly_set, eval_set, run.world)
     if run.main:
@@ -124,6 +125,10 @@ def train(
         for name in (CHECKPOINT_NAME, LOG_NAME):
             remove_stale_temporaries(run.out, name)
     model, trainer, history, start_epoch = run.start(resume)
+    if model.config.memory_candidates and model.memory is None:
+        # The backbone is frozen, so the memory is the same before the first epoch as after the
+        # last: fitted once, every evaluation and checkpoint of the run decides by it.
+        model.fit_memory(_MemoryImages(full_size_train, run.device, progress and run.main))
     curves = Curves(run.out, start_epoch, run.main)  # TensorBoard's files, when it is installed
     batches = _EpochBatches(cfg, train_set, anomaly_set, run.world)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -140,6 +145,25 @@ def train(
     curves.close()
     model.eval()
     return TrainResult(checkpoint=run.ckpt_path, log=run.log_path, history=history, model=model)
+
+
+class _MemoryImages:
+    """The training set's images, one at a time on ``device``, with a progress bar: what the
+    feature memory is fitted on (a sequence, so that its size is known after the first)."""
+
+    def __init__(self, dataset, device, progress: bool):
+        self.dataset, self.device, self.progress = dataset, device, progress
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self.dataset)), desc="feature memory", disable=not self.progress, leave=False,
+                      dynamic_ncols=True):
+            item = self.dataset[i]
+            yield (item[0] if isinstance(item, (tuple, list)) else item).to(self.device)
 
 
 def _tiles(cfg: TrainConfig, train_set, anomaly_set):
