@@ -23,13 +23,15 @@ model at its input) x (stride² / 10^6); stitching adds one multiply-add per pix
 Run: ``python -m benchmarks.bench_tiling [--evidence] [--quick] [--device cuda]``. The columns
 ``auroc_top*``, ``auroc_local15_top10`` and ``px_above_defect_peak`` ask why the image decision of
 a tiled model fails where its maps find the defects (docs/BENCHMARKS.md, "Small defects on large
-images"); ``--tile 64 --stride 56 --input 128`` enlarges each tile twice.
+images"); ``--tile 64 --stride 56 --input 128`` enlarges each tile twice. A tiled row's
+``image_auroc`` is the library's default decision, the feature memory's since #36
+(``--memory-candidates 0``: the top-k mean's, as ``auroc_top100``).
 
 3. **Image rules** (``--n-calib N --maps-out DIR``, then ``--rules-from DIR/*.npz``): each run
    keeps its test maps and the maps of N normal images held apart; twenty image-decision rules
    (:data:`RULES`: the map as it is, blurred again or normalised per position, read by a top-k
-   mean or by the region decision) are scored on the same maps and paired against the default
-   top-100 over the seeds (docs/BENCHMARKS.md, "The evidence on three sets"). Given the runs'
+   mean or by the region decision) are scored on the same maps and paired against top-100 (the
+   default until the feature memory became a tiled model's decision) over the seeds (docs/BENCHMARKS.md, "The evidence on three sets"). Given the runs'
    sets too (``--data 'DIR/d_{category}_{seed}'``, as the evidence wrote them), two more: a memory
    of the training images' features looks up the map's 500 highest cells
    (:data:`MEMORY_RULES`, :mod:`ckaad_fast.feature_memory`).
@@ -60,6 +62,8 @@ def _config(tiled: bool, args):
     from ckaad_fast.training import TrainConfig
 
     tiles = dict(tile_size=args.tile, tile_stride=args.stride) if tiled else {}
+    if tiled and args.memory_candidates is not None:
+        tiles["memory_candidates"] = args.memory_candidates
     # More steps for the resized model, which sees one input per image where the tiled model
     # sees every tile: as many steps as the tiled model's, up to 300 (its loss has flattened by then).
     per_image = Tiling(args.tile, args.stride).count(args.size, args.size)
@@ -132,8 +136,8 @@ def image_rules(pred) -> dict:
 #: a map (as it is, blurred again, or normalised per position by the calibration normals' maps:
 #: :mod:`ckaad_fast.map_norm`) read by a score (the mean of its k largest values, or the largest
 #: excess mass among its regions at a pixel threshold at 1e-5 of the calibration normals' pixels:
-#: :mod:`ckaad_fast.calibration.region_decision`). ``top100`` is the library's default, every
-#: other rule's twin.
+#: :mod:`ckaad_fast.calibration.region_decision`). ``top100`` was the library's default before the
+#: feature memory (and is with ``memory_candidates=0``), every other rule's twin.
 MAP_VARIANTS = ("", "blur2_", "blur4_", "norm16_", "norm64_")
 READERS = ("top100", "top10", "top1", "region")
 #: Rules that also need the images (``--rules-from`` with ``--data``): the largest distance to a
@@ -348,6 +352,9 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=4, help="training epochs of each model (default: 4)")
     p.add_argument("--batch", type=int, default=32, help="tiles per forward when scoring (default: 32)")
     p.add_argument("--skip-throughput", action="store_true", help="only the evidence")
+    p.add_argument("--memory-candidates", type=int, default=None, metavar="K",
+                   help="the tiled model's image decision: its feature memory at K candidates (default: the "
+                        "library's, 500); 0: the top-k mean")
     p.add_argument("--tiles-only", action="store_true", help="evidence of the tiled model only (no resized-whole model)")
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3],
                    help="backbone layers, comma-separated (default: 1,2,3)")

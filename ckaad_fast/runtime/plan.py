@@ -225,9 +225,12 @@ def check_memory_engine(config, engine: str) -> None:
 def plan_topk(asked, config, image_size=None) -> int | None:
     """The top-k: ``asked`` (a positive int, or "mean" for the whole map's mean), else the model's
     (``config.topk``, which its calibration was computed at). ``image_size``: the maps' (H, W),
-    which bounds it."""
+    which bounds it. A model that decides by its feature memory takes none: its top-k decides nothing."""
     if asked is None:
         return config.topk
+    if uses_memory(config):
+        raise ArgumentError("topk", "this tiled model decides by its feature memory, not by the map's top-k: "
+                            "leave topk out")
     if isinstance(asked, str):
         if asked != "mean":
             raise ArgumentError("topk", f"must be a positive int, None (the model's) or 'mean', got {asked!r}")

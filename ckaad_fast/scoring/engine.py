@@ -131,9 +131,6 @@ class Scorer:
         self.image_size = tuple(self.config.image_size)
         #: The model's :class:`~ckaad_fast.tiling.Tiling` (None: images are resized whole).
         self.tiling = self.config.tiling
-        if topk is not None and uses_memory(self.config):
-            raise ArgumentError("topk", "this tiled model decides by its feature memory, not by the map's top-k: "
-                                "leave topk out")
         self.topk = plan_topk(topk, self.config, self.image_size)
         self.compile = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
