@@ -33,7 +33,7 @@ from .validation import bad, check_choice, check_image_size, check_layers, check
 
 __all__ = ["Detector", "ModelConfig", "PlainConfig", "DEFAULT_TOPK", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling", "MEMORY_KEY",
-           "MAX_MEMORY_BYTES", "check_memory"]
+           "MAX_MEMORY_BYTES", "MEMORY_NORM_KEYS", "check_memory"]
 
 CHECKPOINT_FORMAT = "ckaad_fast.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -43,6 +43,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MEMORY_KEY = "memory_vectors"
 #: The largest feature memory a model keeps (bytes): above it, every k-th cell of each image.
 MAX_MEMORY_BYTES = 2 << 30
+#: The state-dict keys of the per-position statistics of the training images' maps (mean and
+#: spread grids), present only where ``memory_norm_cell`` is set and they were fitted.
+MEMORY_NORM_KEYS = ("memory_norm_mean", "memory_norm_spread")
 
 
 #: The image score's default top-k: the mean of the 100 largest map values (the one owner: the
@@ -75,6 +78,9 @@ class ModelConfig(PlainConfig):
     # normal features the checkpoint carries. None: the top-k rule on the map.
     memory_candidates: int | None = None
     memory_edge: int = DEFAULT_EDGE
+    # The maps normalised per position (ckaad_fast.map_norm, cells of memory_norm_cell pixels) by
+    # the training images' own maps before the memory's candidates are picked; None: as they are.
+    memory_norm_cell: int | None = None
     _kind = "model configuration"
 
     def __post_init__(self):
@@ -98,6 +104,10 @@ class ModelConfig(PlainConfig):
         self.tile_size, self.tile_stride = check_tiling(self.tile_size, self.tile_stride, self.image_size)
         self.memory_candidates, self.memory_edge = check_memory(_KIND, self.memory_candidates, self.memory_edge,
                                                                 self.tile_size)
+        if self.memory_norm_cell is not None and (not is_int(self.memory_norm_cell) or self.memory_norm_cell < 1
+                                                  or not self.memory_candidates):
+            raise bad(_KIND, "memory_norm_cell", "be None or an int >= 1 (pixels) with a feature memory "
+                      "(memory_candidates)", self.memory_norm_cell)
 
     @property
     def memory_scale(self) -> float:
@@ -280,6 +290,50 @@ class Detector(nn.Module):
         self.set_memory(memory)
         return memory
 
+    def fit_memory_normalization(self, images, batch: int = 16) -> None:
+        """Fit the per-position statistics (``config.memory_norm_cell``) of the stitched maps of
+        normal full-size ``images`` (normalised (3, H, W) tensors, at least two: the training
+        images, after training; maps of other sizes than the first's are resized to it, since
+        the statistics are kept by relative position) and keep them as buffers
+        (:data:`MEMORY_NORM_KEYS`)."""
+        from .map_norm import fit_map_normalization
+
+        cell = self.config.memory_norm_cell
+        if not cell:
+            raise ArgumentError("memory_norm_cell", "this model's configuration normalises no maps (None)")
+        maps, was_training = [], self.training
+        self.eval()  # the maps a scorer computes: the auto-encoder's normalisation layers in eval mode
+        try:
+            with torch.no_grad():
+                for image in images:
+                    amap = tiled_forward(lambda x: self(x), image[None], self.config.tiling,
+                                         self.config.image_size, None, batch)[1]
+                    if maps and amap.shape[-2:] != maps[0].shape:  # statistics by relative position
+                        amap = torch.nn.functional.interpolate(amap[None], size=maps[0].shape, mode="bilinear",
+                                                               align_corners=False)[0]
+                    maps.append(amap[0].cpu().numpy())
+        finally:
+            self.train(was_training)
+        norm = fit_map_normalization(maps, cell)
+        device = next(self.backbone.parameters()).device
+        for key, grid in zip(MEMORY_NORM_KEYS, (norm.mean, norm.spread)):
+            self.register_buffer(key, torch.from_numpy(grid).to(device))
+
+    def memory_map(self, amap: torch.Tensor):
+        """The map the memory's candidates are picked from: ``amap`` as it is, or normalised per
+        position (``config.memory_norm_cell``) by the training images' statistics."""
+        if not self.config.memory_norm_cell:
+            return amap
+        grids = [self._buffers.get(k) for k in MEMORY_NORM_KEYS]
+        if any(g is None for g in grids):
+            raise ValueError("this model normalises its maps before the feature memory (memory_norm_cell) but holds "
+                             "no statistics: they are fitted after training (fit_memory_normalization)")
+        from .map_norm import MapNormalization
+
+        mean, spread = (g.cpu().numpy() for g in grids)
+        norm = MapNormalization(self.config.memory_norm_cell, tuple(amap.shape), mean, spread, 0)
+        return norm.apply(amap.cpu().numpy())
+
     def memory_scores(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """(B,) float32 image scores of normalised full-size ``images`` (B, 3, H, W) and their
         stitched ``maps`` (B, H, W) by the feature memory (:meth:`FeatureMemory.score` with the
@@ -294,7 +348,7 @@ class Detector(nn.Module):
                 feats = memory.features(self.backbone, image)
                 # A grid too small for the recorded edge keeps its middle cell(s).
                 edge = min(self.config.memory_edge, (min(feats.shape[-2:]) - 1) // 2)
-                cells = memory.candidates(feats, amap, self.config.memory_candidates, edge)
+                cells = memory.candidates(feats, self.memory_map(amap), self.config.memory_candidates, edge)
                 scores.append(memory.distances(feats, cells).max())
         return torch.stack(scores).float()
 
@@ -407,8 +461,11 @@ def fill_from_checkpoint(model: nn.Module, ckpt: dict, map_location="cpu", skip:
         if memory_config and not isinstance(vectors, torch.Tensor):
             raise ValueError("the checkpoint's configuration decides by a feature memory (memory_candidates) "
                              "but it holds none")
-        if memory_config and vectors.dim() == 2:  # the buffer takes the stored shape, then loads
+        if memory_config and vectors.dim() == 2:  # the buffers take the stored shapes, then load
             model.register_buffer(MEMORY_KEY, torch.empty_like(vectors))
+            for key in MEMORY_NORM_KEYS:
+                if model.config.memory_norm_cell and isinstance(state.get(key), torch.Tensor):
+                    model.register_buffer(key, torch.empty_like(state[key]))
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:

@@ -25,12 +25,13 @@ def grass(tmp_path_factory):
                                 n_test_good=2, n_test_defect=2, defect_px=(6, 6), n_calib=200)
 
 
-def _model(candidates=50) -> Detector:
+def _model(candidates=50, norm_cell=None) -> Detector:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights on purpose: the mechanics, not the accuracy
         return Detector(ModelConfig(backbone="efficientnet_lite0", layers=(1, 2), image_size=(64, 64), tile_size=32,
-                                    tile_stride=24, memory_candidates=candidates), weights="none").eval()
+                                    tile_stride=24, memory_candidates=candidates, memory_norm_cell=norm_cell),
+                        weights="none").eval()
 
 
 def _set(root, split="train", label="good"):
@@ -134,8 +135,43 @@ def test_the_calibration_keeps_its_promise_on_fresh_normal_images(fitted, grass)
     assert 1 <= flagged <= 10.9 + 4 * 4.4, flagged
 
 
+def test_the_candidates_come_from_the_map_normalised_by_the_training_images_maps(grass, tmp_path):
+    from ckaad_fast.map_norm import fit_map_normalization
+
+    model = _model(norm_cell=16)
+    train = [item[0] for item in _set(grass)]
+    model.fit_memory(train)
+    test = _set(grass, "test")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with pytest.raises(ValueError, match="fit_memory_normalization"):
+        model.tiled(images[:1])
+    model.train()
+    model.fit_memory_normalization(train)
+    assert model.training  # its mode is given back (the maps themselves were computed in eval mode)
+    model.eval()
+    with torch.inference_mode():
+        train_maps = np.stack([model.tiled(x[None])[1][0].numpy() for x in train])
+        scores, maps = model.tiled(images)
+    norm = fit_map_normalization(train_maps, 16)
+    raw = []
+    for image, amap, score in zip(images, maps, scores):
+        want = model.memory.score(model.backbone, image, norm.apply(amap.numpy()), candidates=50, edge=2)
+        assert float(score) == pytest.approx(want, rel=1e-6)
+        raw.append(model.memory.score(model.backbone, image, amap.numpy(), candidates=50, edge=2))
+    assert not np.allclose(raw, scores.numpy())  # the normalisation moved the candidates
+    save_checkpoint(tmp_path / "n.pt", model)
+    again = model_from_checkpoint(tmp_path / "n.pt")
+    with torch.inference_mode():
+        assert torch.equal(again.tiled(images)[0], scores)
+
+
 def test_training_configurations_choose_the_rule():
     assert TrainConfig(tile_size=64, image_size=64).model_config().memory_candidates == 500
+    assert TrainConfig(tile_size=64, image_size=64).model_config().memory_norm_cell == 16
+    assert TrainConfig(tile_size=64, image_size=64, memory_norm_cell=0).model_config().memory_norm_cell is None
+    assert TrainConfig(tile_size=64, image_size=64, memory_candidates=0).model_config().memory_norm_cell is None
+    with pytest.raises(ValueError, match="memory_norm_cell"):
+        ModelConfig(image_size=(64, 64), tile_size=64, memory_norm_cell=16)  # no memory
     assert TrainConfig(tile_size=64, image_size=64, memory_candidates=0).model_config().memory_candidates is None
     assert TrainConfig(image_size=64).model_config().memory_candidates is None  # no tiling: top-k
     with pytest.raises(ValueError, match="memory_candidates"):

@@ -195,7 +195,8 @@ def test_train_records_the_tiling_and_score_follows_it(highres, tmp_path, capsys
     assert ckpt["train_config"]["tile_size"] == 64 and ckpt["train_config"]["tile_stride"] == 48  # a resume keeps it
     # A tiled run decides by its feature memory (#36): the training images' features, one row per
     # cell of resnet18 layer 3's grid (stride 16) of each 192² image at scale 1.
-    assert ckpt["config"]["memory_candidates"] == 500
+    assert ckpt["config"]["memory_candidates"] == 500 and ckpt["config"]["memory_norm_cell"] == 16
+    assert ckpt["model"]["memory_norm_mean"].shape == (12, 12)  # 16 px cells of a 192² map
     assert ckpt["model"]["memory_vectors"].shape == (3 * 12 * 12, 128 + 256)
     test_dir = highres / "grass" / "test" / "spot"
     assert main(["score", "--checkpoint", str(out), "--input", str(test_dir), "--out", str(tmp_path / "s"),

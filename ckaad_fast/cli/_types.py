@@ -104,6 +104,9 @@ def add_tiling_arguments(p: argparse.ArgumentParser, sets: bool) -> None:
                        help="a tiled model's image decision: keep the training images' features and score an "
                             "image by the largest distance to them among the K highest cells of its map "
                             "(default: 500; 0: the mean of the map's top-k values instead, which export needs)")
+        g.add_argument("--memory-norm-cell", type=nonneg_int, default=None, metavar="PX",
+                       help="with the feature memory, pick its cells from the map normalised per position by the "
+                            "training images' own maps, in cells of PX pixels (default: 16; 0: the map as it is)")
 
 
 def given(**options) -> dict:

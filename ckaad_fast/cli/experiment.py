@@ -81,7 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_SETTINGS = ("epochs", "batch_size", "image_size", "tile_size", "tile_stride", "memory_candidates", "backbone", "layers", "weights", "ae_lr", "device", "amp",
+_SETTINGS = ("epochs", "batch_size", "image_size", "tile_size", "tile_stride", "memory_candidates", "memory_norm_cell", "backbone", "layers", "weights", "ae_lr", "device", "amp",
              "num_workers")
 
 

@@ -159,7 +159,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = ("strategy", "backbone", "layers", "image_size", "weights", "epochs", "batch_size", "ae_lr",
               "d_lr", "lam", "gamma", "alpha", "margin", "seed", "device", "amp", "compile", "num_workers",
-              "eval_every", "evaluate", "protocol", "tile_size", "tile_stride", "memory_candidates")
+              "eval_every", "evaluate", "protocol", "tile_size", "tile_stride", "memory_candidates", "memory_norm_cell")
 
 
 def build_config(args):

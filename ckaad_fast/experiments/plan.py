@@ -48,7 +48,7 @@ TABLE3_RATIO = 0.05
 #: paper's other rows are other methods), Table 2 is the method alone, Table 3 all five strategies.
 TABLE_STRATEGIES = {"table1": ("recon", "cka_patch"), "table2": ("cka_patch",), "table3": STRATEGIES}
 #: The training settings an experiment may set for all its runs (:class:`~ckaad_fast.training.TrainConfig` fields).
-SETTINGS = ("backbone", "layers", "weights", "image_size", "tile_size", "tile_stride", "memory_candidates", "epochs", "batch_size", "ae_lr", "d_lr", "lam", "gamma",
+SETTINGS = ("backbone", "layers", "weights", "image_size", "tile_size", "tile_stride", "memory_candidates", "memory_norm_cell", "epochs", "batch_size", "ae_lr", "d_lr", "lam", "gamma",
             "alpha", "margin", "device", "amp", "compile", "num_workers")
 
 

@@ -117,6 +117,9 @@ def train(
     run = _Run(cfg, Path(out_dir), ddp.local_device(device), dinfo.world_size, dinfo.is_main, progress)
     ddp.run_on_main(lambda: run.check_files(resume, overwrite))  # rank 0's files decide; every rank raises
     full_size_train = train_set  # the feature memory's images: each whole, at its own size
+    if cfg.model_config().memory_norm_cell and train_set is not None and len(train_set) < 2:
+        raise ValueError("TrainConfig.memory_norm_cell needs at least two training images (the statistics of their "
+                         "maps); set it to 0 to pick the feature memory's cells from the map as it is")
     train_set, anomaly_set = _tiles(cfg, train_set, anomaly_set)
     _check_inputs(cfg, train_set, anomaly_set, eval_set, run.world)
     if run.main:
@@ -133,7 +136,13 @@ def train(
     batches = _EpochBatches(cfg, train_set, anomaly_set, run.world)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         record = run.epoch(epoch, trainer, batches)
-        if eval_set is not None and cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+        evaluates = eval_set is not None and cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs)
+        if model.config.memory_norm_cell and (evaluates or epoch == cfg.epochs):
+            # The statistics of the trained auto-encoder's maps: fitted where they are used, for
+            # an evaluation and for the last checkpoint (an earlier one keeps the last fitted).
+            model.fit_memory_normalization(_MemoryImages(full_size_train, run.device, progress and run.main),
+                                           batch=cfg.batch_size)
+        if evaluates:
             t1 = time.perf_counter()
             # Sharded in whole batches of the single-process size: the same maps, the same metrics.
             record["eval"] = evaluate_model(model, eval_set, batch_size=cfg.batch_size, device=run.device,
