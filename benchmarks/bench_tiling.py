@@ -62,8 +62,9 @@ def _config(tiled: bool, args):
     from ckaad_fast.training import TrainConfig
 
     tiles = dict(tile_size=args.tile, tile_stride=args.stride) if tiled else {}
-    if tiled and args.memory_candidates is not None:
-        tiles["memory_candidates"] = args.memory_candidates
+    for name in ("memory_candidates", "memory_norm_cell"):
+        if tiled and getattr(args, name, None) is not None:
+            tiles[name] = getattr(args, name)
     # More steps for the resized model, which sees one input per image where the tiled model
     # sees every tile: as many steps as the tiled model's, up to 300 (its loss has flattened by then).
     per_image = Tiling(args.tile, args.stride).count(args.size, args.size)
@@ -355,6 +356,9 @@ def main(argv=None) -> None:
     p.add_argument("--memory-candidates", type=int, default=None, metavar="K",
                    help="the tiled model's image decision: its feature memory at K candidates (default: the "
                         "library's, 500); 0: the top-k mean")
+    p.add_argument("--memory-norm-cell", type=int, default=None, metavar="PX",
+                   help="with the memory, its cells picked from the map normalised per position by the training "
+                        "images' maps in PX-pixel cells (default: the library's, none: the map as it is)")
     p.add_argument("--tiles-only", action="store_true", help="evidence of the tiled model only (no resized-whole model)")
     p.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3],
                    help="backbone layers, comma-separated (default: 1,2,3)")

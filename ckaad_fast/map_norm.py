@@ -3,10 +3,12 @@
 A model's map of a normal image is not equally high everywhere: on an aligned object the edges
 of holes and grooves answer more than flat metal, and a tiled model's map carries the pattern of
 its tiles. A defect on a quiet place can then score below the normal response of a busy one. A
-*per-position* normalisation divides that out: from the maps of normal images (a calibration
-set, never the training images, whose maps are too low), each place gets the normal maps' mean
-and spread, and a map becomes ``(map - mean) / spread``: how unusual each pixel is *for its
-place*.
+*per-position* normalisation divides that out: from the maps of normal images, each place gets
+the normal maps' mean and spread, and a map becomes ``(map - mean) / spread``: how unusual each
+pixel is *for its place*. Which normal images: for a score read off the normalised map, a set
+kept apart from training (the training images' maps are too low); for picking where a tiled
+model's feature memory looks (:meth:`ckaad_fast.model.Detector.memory_map`), the training images'
+own maps do almost as well (#36, docs/BENCHMARKS.md), and they are what a checkpoint has.
 
 The statistics are kept on a grid of ``cell`` x ``cell`` pixel cells, not per pixel: a per-pixel
 spread from a few dozen maps is too noisy (its own extremes would become the map's largest

@@ -167,9 +167,11 @@ def test_the_candidates_come_from_the_map_normalised_by_the_training_images_maps
 
 def test_training_configurations_choose_the_rule():
     assert TrainConfig(tile_size=64, image_size=64).model_config().memory_candidates == 500
-    assert TrainConfig(tile_size=64, image_size=64).model_config().memory_norm_cell == 16
+    assert TrainConfig(tile_size=64, image_size=64).model_config().memory_norm_cell is None  # textures: raw map
+    assert TrainConfig(tile_size=64, image_size=64, memory_norm_cell=16).model_config().memory_norm_cell == 16
     assert TrainConfig(tile_size=64, image_size=64, memory_norm_cell=0).model_config().memory_norm_cell is None
-    assert TrainConfig(tile_size=64, image_size=64, memory_candidates=0).model_config().memory_norm_cell is None
+    assert TrainConfig(tile_size=64, image_size=64, memory_candidates=0,
+                       memory_norm_cell=16).model_config().memory_norm_cell is None
     with pytest.raises(ValueError, match="memory_norm_cell"):
         ModelConfig(image_size=(64, 64), tile_size=64, memory_norm_cell=16)  # no memory
     assert TrainConfig(tile_size=64, image_size=64, memory_candidates=0).model_config().memory_candidates is None

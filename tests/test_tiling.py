@@ -188,8 +188,8 @@ def test_train_records_the_tiling_and_score_follows_it(highres, tmp_path, capsys
     out = tmp_path / "run"
     assert main(["train", "--layout", "mvtec", "--data", str(highres), "--category", "grass", "--strategy", "recon",
                  "--backbone", "resnet18", "--layers", "2", "3", "--weights", "none", "--image-size", "64",
-                 "--tile-size", "64", "--tile-stride", "48", "--epochs", "1", "--batch-size", "8",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--tile-size", "64", "--tile-stride", "48", "--memory-norm-cell", "16", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt["config"]["tile_size"] == 64 and ckpt["config"]["tile_stride"] == 48
     assert ckpt["train_config"]["tile_size"] == 64 and ckpt["train_config"]["tile_stride"] == 48  # a resume keeps it

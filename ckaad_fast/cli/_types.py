@@ -106,7 +106,8 @@ def add_tiling_arguments(p: argparse.ArgumentParser, sets: bool) -> None:
                             "(default: 500; 0: the mean of the map's top-k values instead, which export needs)")
         g.add_argument("--memory-norm-cell", type=nonneg_int, default=None, metavar="PX",
                        help="with the feature memory, pick its cells from the map normalised per position by the "
-                            "training images' own maps, in cells of PX pixels (default: 16; 0: the map as it is)")
+                            "training images' own maps, in cells of PX pixels: for aligned objects (16 lifted a "
+                            "plate's image AUROC from 59-75 to 74-90); textures do better without (the default)")
 
 
 def given(**options) -> dict:
