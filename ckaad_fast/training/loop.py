@@ -116,10 +116,7 @@ def train(
     dinfo = ddp.init_distributed(device)  # a no-op outside torchrun
     run = _Run(cfg, Path(out_dir), ddp.local_device(device), dinfo.world_size, dinfo.is_main, progress)
     ddp.run_on_main(lambda: run.check_files(resume, overwrite))  # rank 0's files decide; every rank raises
-    full_size_train = train_set  # the feature memory's images: each whole, at its own size
-    if cfg.model_config().memory_norm_cell and train_set is not None and len(train_set) < 2:
-        raise ValueError("TrainConfig.memory_norm_cell needs at least two training images (the statistics of their "
-                         "maps); set it to 0 to pick the feature memory's cells from the map as it is")
+    full_size_train = _MemoryImages(cfg, train_set, run.device, progress and run.main)  # each whole image
     train_set, anomaly_set = _tiles(cfg, train_set, anomaly_set)
     _check_inputs(cfg, train_set, anomaly_set, eval_set, run.world)
     if run.main:
@@ -128,20 +125,13 @@ def train(
         for name in (CHECKPOINT_NAME, LOG_NAME):
             remove_stale_temporaries(run.out, name)
     model, trainer, history, start_epoch = run.start(resume)
-    if model.config.memory_candidates and model.memory is None:
-        # The backbone is frozen, so the memory is the same before the first epoch as after the
-        # last: fitted once, every evaluation and checkpoint of the run decides by it.
-        model.fit_memory(_MemoryImages(full_size_train, run.device, progress and run.main))
+    full_size_train.fit_memory_of(model)
     curves = Curves(run.out, start_epoch, run.main)  # TensorBoard's files, when it is installed
     batches = _EpochBatches(cfg, train_set, anomaly_set, run.world)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         record = run.epoch(epoch, trainer, batches)
         evaluates = eval_set is not None and cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs)
-        if model.config.memory_norm_cell and (evaluates or epoch == cfg.epochs):
-            # The statistics of the trained auto-encoder's maps: fitted where they are used, for
-            # an evaluation and for the last checkpoint (an earlier one keeps the last fitted).
-            model.fit_memory_normalization(_MemoryImages(full_size_train, run.device, progress and run.main),
-                                           batch=cfg.batch_size)
+        full_size_train.fit_statistics_of(model, evaluates or epoch == cfg.epochs, cfg.batch_size)
         if evaluates:
             t1 = time.perf_counter()
             # Sharded in whole batches of the single-process size: the same maps, the same metrics.
@@ -157,14 +147,32 @@ def train(
 
 
 class _MemoryImages:
-    """The training set's images, one at a time on ``device``, with a progress bar: what the
-    feature memory is fitted on (a sequence, so that its size is known after the first)."""
+    """The training set's full-size images, one at a time on ``device``, with a progress bar:
+    what the feature memory and the statistics of its maps are fitted on (a sequence, so that
+    its size is known after the first)."""
 
-    def __init__(self, dataset, device, progress: bool):
+    def __init__(self, cfg: TrainConfig, dataset, device, progress: bool):
+        if cfg.model_config().memory_norm_cell and dataset is not None and len(dataset) < 2:
+            raise ValueError("TrainConfig.memory_norm_cell needs at least two training images (the statistics of "
+                             "their maps); set it to 0 to pick the feature memory's cells from the map as it is")
         self.dataset, self.device, self.progress = dataset, device, progress
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def fit_memory_of(self, model) -> None:
+        """The model's feature memory, where it decides by one and has none yet. The backbone is
+        frozen, so the memory is the same before the first epoch as after the last: fitted once,
+        every evaluation and checkpoint of the run decides by it."""
+        if model.config.memory_candidates and model.memory is None:
+            model.fit_memory(self)
+
+    def fit_statistics_of(self, model, now: bool, batch: int) -> None:
+        """The statistics of the trained auto-encoder's maps (``memory_norm_cell``), fitted where
+        they are used (``now``): for an evaluation and for the last checkpoint (an earlier one
+        keeps the last fitted)."""
+        if model.config.memory_norm_cell and now:
+            model.fit_memory_normalization(self, batch=batch)
 
     def __iter__(self):
         from tqdm.auto import tqdm
