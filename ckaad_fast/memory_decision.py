@@ -26,9 +26,10 @@ MAX_MEMORY_BYTES = 2 << 30
 MEMORY_NORM_KEYS = ("memory_norm_mean", "memory_norm_spread")
 
 
-def check_memory(kind: str, candidates, edge, tile_size) -> tuple[int | None, int]:
+def check_memory(kind: str, candidates, edge, tile_size, norm_cell=None) -> tuple[int | None, int]:
     """(memory_candidates, memory_edge) checked: None or an int >= 1 (0 is read as None: no
-    memory), only for a tiled model; an edge of 0 or more cells."""
+    memory), only for a tiled model; an edge of 0 or more cells; ``norm_cell`` None or an int
+    >= 1 with a memory."""
     if candidates == 0 and is_int(candidates):
         candidates = None
     if candidates is not None:
@@ -39,6 +40,9 @@ def check_memory(kind: str, candidates, edge, tile_size) -> tuple[int | None, in
                       "decides for tiled models)", candidates)
     if not is_int(edge) or edge < 0:
         raise bad(kind, "memory_edge", "be an int >= 0 (grid cells)", edge)
+    if norm_cell is not None and (not is_int(norm_cell) or norm_cell < 1 or candidates is None):
+        raise bad(kind, "memory_norm_cell", "be None or an int >= 1 (pixels) with a feature memory "
+                  "(memory_candidates)", norm_cell)
     return (None if candidates is None else int(candidates)), int(edge)
 
 

@@ -30,7 +30,7 @@ from .feature_memory import DEFAULT_EDGE
 from .memory_decision import MAX_MEMORY_BYTES, MEMORY_KEY, MEMORY_NORM_KEYS, MemoryDecision, check_memory
 from .records import PlainConfig
 from .tiling import Tiling, tiling_of
-from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_int, is_number
+from .validation import bad, check_choice, check_image_size, check_layers, check_topk, is_number
 
 __all__ = ["Detector", "ModelConfig", "PlainConfig", "DEFAULT_TOPK", "CHECKPOINT_NAME", "checkpoint_file", "fingerprint", "save_checkpoint", "load_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "checkpoint_fingerprint", "fill_from_checkpoint", "TRAINING_ONLY_PREFIXES", "check_tiling", "check_recorded_tiling", "MEMORY_KEY",
@@ -97,11 +97,7 @@ class ModelConfig(PlainConfig):
             raise bad(_KIND, "extra", "be a mapping", self.extra)
         self.tile_size, self.tile_stride = check_tiling(self.tile_size, self.tile_stride, self.image_size)
         self.memory_candidates, self.memory_edge = check_memory(_KIND, self.memory_candidates, self.memory_edge,
-                                                                self.tile_size)
-        if self.memory_norm_cell is not None and (not is_int(self.memory_norm_cell) or self.memory_norm_cell < 1
-                                                  or not self.memory_candidates):
-            raise bad(_KIND, "memory_norm_cell", "be None or an int >= 1 (pixels) with a feature memory "
-                      "(memory_candidates)", self.memory_norm_cell)
+                                                                self.tile_size, self.memory_norm_cell)
 
     @property
     def memory_scale(self) -> float:
